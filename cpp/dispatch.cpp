@@ -1,0 +1,193 @@
+// dispatch.cpp — CPU detection (CPUID + XGETBV on x86-64, hwcaps on aarch64), the kernel table chosen once,
+// the thread count, and the public entry points. Compiled with no ISA flag: it must run on every CPU.
+#include <atomic>
+#include <cstdint>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "groupnorm/groupnorm.h"
+#include "kernels/kernel_table.h"
+
+namespace groupnorm {
+namespace {
+
+#if defined(__x86_64__) || defined(_M_X64)
+struct X86Features {
+  bool avx2 = false;    // AVX2 + FMA + F16C, with the OS saving ymm state
+  bool avx512 = false;  // AVX-512 F, BW, DQ, VL, with the OS saving opmask and zmm state
+};
+
+uint64_t read_xcr0() {
+  uint32_t eax = 0, edx = 0;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (uint64_t(edx) << 32) | eax;
+}
+
+X86Features detect_x86() {
+  X86Features f;
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return f;
+  const bool fma = ecx & (1u << 12), osxsave = ecx & (1u << 27), avx = ecx & (1u << 28),
+             f16c = ecx & (1u << 29);
+  if (!(osxsave && avx)) return f;
+  const uint64_t xcr0 = read_xcr0();
+  const bool os_ymm = (xcr0 & 0x6) == 0x6, os_zmm = (xcr0 & 0xe6) == 0xe6;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return f;
+  const bool avx2 = ebx & (1u << 5), avx512f = ebx & (1u << 16), avx512dq = ebx & (1u << 17),
+             avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31);
+  f.avx2 = os_ymm && avx2 && fma && f16c;
+  f.avx512 = f.avx2 && os_zmm && avx512f && avx512dq && avx512bw && avx512vl;
+  return f;
+}
+#endif
+
+bool cpu_has(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return true;
+#if defined(__x86_64__) || defined(_M_X64)
+    case Isa::kAvx2:
+      return detect_x86().avx2;
+    case Isa::kAvx512:
+      return detect_x86().avx512;
+#endif
+#if defined(__aarch64__)
+    case Isa::kNeon:
+#if defined(__linux__)
+      return getauxval(AT_HWCAP) & HWCAP_ASIMD;
+#else
+      return true;
+#endif
+#endif
+    default:
+      return false;
+  }
+}
+
+const KernelTable* compiled_table(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return scalar::kernel_table();
+#ifdef GROUPNORM_HAVE_AVX2
+    case Isa::kAvx2:
+      return avx2::kernel_table();
+#endif
+#ifdef GROUPNORM_HAVE_AVX512
+    case Isa::kAvx512:
+      return avx512::kernel_table();
+#endif
+#ifdef GROUPNORM_HAVE_NEON
+    case Isa::kNeon:
+      return neon::kernel_table();
+#endif
+    default:
+      return nullptr;
+  }
+}
+
+// -1 until the first use picks isa_best(); then the level every call runs.
+std::atomic<int> g_isa{-1};
+std::atomic<int> g_num_threads{0};
+
+Isa current_isa() {
+  int isa = g_isa.load(std::memory_order_acquire);
+  if (isa < 0) {
+    int expected = -1;
+    g_isa.compare_exchange_strong(expected, int(isa_best()), std::memory_order_acq_rel);
+    isa = g_isa.load(std::memory_order_acquire);
+  }
+  return Isa(isa);
+}
+
+bool valid(const Problem& p) {
+  if (p.N < 0 || p.C < 0 || p.HxW < 0 || p.G <= 0) return false;
+  if (p.C % p.G != 0) return false;
+  if (!(p.eps >= 0.0)) return false;
+  if (p.layout != Layout::kChannelsFirst && p.layout != Layout::kChannelsLast) return false;
+  return p.activation == Activation::kNone || p.activation == Activation::kSilu;
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return "scalar";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kNeon:
+      return "neon";
+  }
+  return "unknown";
+}
+
+bool isa_compiled(Isa isa) { return compiled_table(isa) != nullptr; }
+bool isa_supported(Isa isa) { return cpu_has(isa); }
+
+Isa isa_best() {
+  const Isa preferred[] = {Isa::kAvx512, Isa::kAvx2, Isa::kNeon};
+  for (Isa isa : preferred)
+    if (isa_compiled(isa) && isa_supported(isa)) return isa;
+  return Isa::kScalar;
+}
+
+Isa isa_current() { return current_isa(); }
+
+Status isa_select(Isa isa) {
+  if (!isa_compiled(isa) || !isa_supported(isa)) return kUnsupported;
+  g_isa.store(int(isa), std::memory_order_release);
+  return kOk;
+}
+
+bool openmp_enabled() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+int get_num_threads() {
+  const int n = g_num_threads.load(std::memory_order_relaxed);
+  if (n > 0) return n;
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+void set_num_threads(int n) { g_num_threads.store(n > 0 ? n : 0, std::memory_order_relaxed); }
+
+Status group_norm_forward(const Problem& problem, DType dtype, const void* x, const void* weight,
+                          const void* bias, void* y, void* mean_out, void* rstd_out) {
+  if (!valid(problem)) return kInvalidArgument;
+  const bool empty = problem.N == 0 || problem.C == 0 || problem.HxW == 0;
+  if (!empty && (x == nullptr || y == nullptr)) return kInvalidArgument;
+  Problem p = problem;
+  if (p.num_threads <= 0) p.num_threads = get_num_threads();
+  const KernelTable* table = compiled_table(current_isa());
+  switch (dtype) {
+    case DType::kFloat32:
+      return table->forward_f32(p, static_cast<const float*>(x), static_cast<const float*>(weight),
+                                static_cast<const float*>(bias), static_cast<float*>(y),
+                                static_cast<float*>(mean_out), static_cast<float*>(rstd_out));
+    case DType::kFloat64:
+      return table->forward_f64(p, static_cast<const double*>(x), static_cast<const double*>(weight),
+                                static_cast<const double*>(bias), static_cast<double*>(y),
+                                static_cast<double*>(mean_out), static_cast<double*>(rstd_out));
+  }
+  return kInvalidArgument;
+}
+
+}  // namespace groupnorm

@@ -1,0 +1,55 @@
+// groupnorm.h — the plain C++ API: status codes, the problem descriptor, entry points and ISA control.
+// Only pointers, sizes and plain enums cross this boundary; no vector type and no exception ever does.
+// Semantics are torch.nn.functional.group_norm's, with the biased variance.
+#pragma once
+
+#include <cstdint>
+
+namespace groupnorm {
+
+enum Status : int {
+  kOk = 0,
+  kInvalidArgument = 1,  // a descriptor the caller should have rejected (the Python layer does)
+  kUnsupported = 2,      // an ISA level the build or the CPU lacks
+  kOutOfMemory = 3,      // scratch could not be allocated
+};
+
+// Memory layout of an (N, C, HxW) tensor: kChannelsFirst is NC(HW) contiguous, kChannelsLast is N(HW)C.
+enum class Layout : int { kChannelsFirst = 0, kChannelsLast = 1 };
+enum class Activation : int { kNone = 0, kSilu = 1 };
+enum class DType : int { kFloat32 = 0, kFloat64 = 1 };
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3 };
+constexpr int kIsaCount = 4;
+
+// One group-norm problem. Shape names follow the paper: C channels in G groups of D = C/G, HxW positions.
+struct Problem {
+  int64_t N = 0;
+  int64_t C = 0;
+  int64_t G = 1;
+  int64_t HxW = 1;
+  Layout layout = Layout::kChannelsFirst;
+  Activation activation = Activation::kNone;
+  double eps = 1e-5;
+  int num_threads = 0;  // <= 0: groupnorm::get_num_threads()
+};
+
+// y = act((x - mean) * rstd * weight + bias) per (n, group); weight, bias, mean_out, rstd_out may be null.
+// x and y hold the same layout and may be the same pointer (in place); they must not otherwise overlap.
+// mean_out / rstd_out receive N*G values of the data type (float for float32 data, double for float64).
+Status group_norm_forward(const Problem& problem, DType dtype, const void* x, const void* weight,
+                          const void* bias, void* y, void* mean_out, void* rstd_out);
+
+// Thread count used when Problem::num_threads <= 0: the value given to set_num_threads, else OpenMP's
+// omp_get_max_threads() in the calling thread (OMP_NUM_THREADS, threadpoolctl). n <= 0 resets.
+int get_num_threads();
+void set_num_threads(int n);
+bool openmp_enabled();
+
+const char* isa_name(Isa isa);
+bool isa_compiled(Isa isa);   // a kernel table for this level is in the binary
+bool isa_supported(Isa isa);  // the CPU and the OS (XGETBV) can run it
+Isa isa_best();               // the best level that is both compiled and supported
+Isa isa_current();
+Status isa_select(Isa isa);   // kUnsupported unless compiled and supported
+
+}  // namespace groupnorm

@@ -1,0 +1,100 @@
+// vec/avx2.h — Vec<T> on AVX2 + FMA: 8 float or 4 double lanes in a ymm register.
+// Tails go through a small stack buffer (the scalar-epilogue rule), so no byte outside [p, p + n) is touched.
+// Include only from a translation unit compiled with the AVX2 flags (cpp/kernels/isa/avx2.cpp).
+#pragma once
+
+#include <immintrin.h>
+#include <cstdint>
+
+namespace groupnorm {
+namespace avx2 {
+
+struct VecF32 {
+  using Scalar = float;
+  static constexpr int kWidth = 8;
+  __m256 v;
+
+  static VecF32 zero() { return {_mm256_setzero_ps()}; }
+  static VecF32 broadcast(float a) { return {_mm256_set1_ps(a)}; }
+  static VecF32 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static void store(float* p, VecF32 a) { _mm256_storeu_ps(p, a.v); }
+  static VecF32 load_tail(const float* p, int64_t n, float fill) {
+    alignas(32) float buf[kWidth];
+    for (int i = 0; i < kWidth; ++i) buf[i] = i < n ? p[i] : fill;
+    return {_mm256_load_ps(buf)};
+  }
+  static void store_tail(float* p, VecF32 a, int64_t n) {
+    alignas(32) float buf[kWidth];
+    _mm256_store_ps(buf, a.v);
+    for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
+  }
+
+  friend VecF32 operator+(VecF32 a, VecF32 b) { return {_mm256_add_ps(a.v, b.v)}; }
+  friend VecF32 operator-(VecF32 a, VecF32 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+  friend VecF32 operator*(VecF32 a, VecF32 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend VecF32 operator/(VecF32 a, VecF32 b) { return {_mm256_div_ps(a.v, b.v)}; }
+  friend VecF32 fma(VecF32 a, VecF32 b, VecF32 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  friend VecF32 min(VecF32 a, VecF32 b) { return {_mm256_min_ps(a.v, b.v)}; }
+  friend VecF32 max(VecF32 a, VecF32 b) { return {_mm256_max_ps(a.v, b.v)}; }
+  friend VecF32 round_nearest(VecF32 a) {
+    return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  }
+  friend VecF32 ldexp_int(VecF32 a, VecF32 n) {
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
+    return {_mm256_mul_ps(a.v, _mm256_castsi256_ps(bits))};
+  }
+  float reduce_sum() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+struct VecF64 {
+  using Scalar = double;
+  static constexpr int kWidth = 4;
+  __m256d v;
+
+  static VecF64 zero() { return {_mm256_setzero_pd()}; }
+  static VecF64 broadcast(double a) { return {_mm256_set1_pd(a)}; }
+  static VecF64 load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  static void store(double* p, VecF64 a) { _mm256_storeu_pd(p, a.v); }
+  static VecF64 load_tail(const double* p, int64_t n, double fill) {
+    alignas(32) double buf[kWidth];
+    for (int i = 0; i < kWidth; ++i) buf[i] = i < n ? p[i] : fill;
+    return {_mm256_load_pd(buf)};
+  }
+  static void store_tail(double* p, VecF64 a, int64_t n) {
+    alignas(32) double buf[kWidth];
+    _mm256_store_pd(buf, a.v);
+    for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
+  }
+
+  friend VecF64 operator+(VecF64 a, VecF64 b) { return {_mm256_add_pd(a.v, b.v)}; }
+  friend VecF64 operator-(VecF64 a, VecF64 b) { return {_mm256_sub_pd(a.v, b.v)}; }
+  friend VecF64 operator*(VecF64 a, VecF64 b) { return {_mm256_mul_pd(a.v, b.v)}; }
+  friend VecF64 operator/(VecF64 a, VecF64 b) { return {_mm256_div_pd(a.v, b.v)}; }
+  friend VecF64 fma(VecF64 a, VecF64 b, VecF64 c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
+  friend VecF64 min(VecF64 a, VecF64 b) { return {_mm256_min_pd(a.v, b.v)}; }
+  friend VecF64 max(VecF64 a, VecF64 b) { return {_mm256_max_pd(a.v, b.v)}; }
+  friend VecF64 round_nearest(VecF64 a) {
+    return {_mm256_round_pd(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  }
+  // 1.5 * 2^52 puts the integer n into the low mantissa bits; AVX2 has no double -> int64 conversion.
+  friend VecF64 ldexp_int(VecF64 a, VecF64 n) {
+    const __m256d magic = _mm256_set1_pd(6755399441055744.0);
+    const __m256i n_i64 = _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(n.v, magic)),
+                                           _mm256_castpd_si256(magic));
+    const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(n_i64, _mm256_set1_epi64x(1023)), 52);
+    return {_mm256_mul_pd(a.v, _mm256_castsi256_pd(bits))};
+  }
+  double reduce_sum() const {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
+  }
+};
+
+}  // namespace avx2
+}  // namespace groupnorm

@@ -1,0 +1,71 @@
+// vec/avx512.h — Vec<T> on AVX-512 (F, BW, DQ, VL): 16 float or 8 double lanes in a zmm register.
+// Tails use masked loads and stores, so no byte outside [p, p + n) is ever touched.
+// Include only from a translation unit compiled with the AVX-512 flags (cpp/kernels/isa/avx512.cpp).
+#pragma once
+
+#include <immintrin.h>
+#include <cstdint>
+
+namespace groupnorm {
+namespace avx512 {
+
+struct VecF32 {
+  using Scalar = float;
+  static constexpr int kWidth = 16;
+  __m512 v;
+
+  static __mmask16 mask(int64_t n) { return __mmask16((1u << n) - 1u); }
+  static VecF32 zero() { return {_mm512_setzero_ps()}; }
+  static VecF32 broadcast(float a) { return {_mm512_set1_ps(a)}; }
+  static VecF32 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static void store(float* p, VecF32 a) { _mm512_storeu_ps(p, a.v); }
+  static VecF32 load_tail(const float* p, int64_t n, float fill) {
+    return {_mm512_mask_loadu_ps(_mm512_set1_ps(fill), mask(n), p)};
+  }
+  static void store_tail(float* p, VecF32 a, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), a.v); }
+
+  friend VecF32 operator+(VecF32 a, VecF32 b) { return {_mm512_add_ps(a.v, b.v)}; }
+  friend VecF32 operator-(VecF32 a, VecF32 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  friend VecF32 operator*(VecF32 a, VecF32 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend VecF32 operator/(VecF32 a, VecF32 b) { return {_mm512_div_ps(a.v, b.v)}; }
+  friend VecF32 fma(VecF32 a, VecF32 b, VecF32 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  friend VecF32 min(VecF32 a, VecF32 b) { return {_mm512_min_ps(a.v, b.v)}; }
+  friend VecF32 max(VecF32 a, VecF32 b) { return {_mm512_max_ps(a.v, b.v)}; }
+  friend VecF32 round_nearest(VecF32 a) {
+    return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  }
+  friend VecF32 ldexp_int(VecF32 a, VecF32 n) { return {_mm512_scalef_ps(a.v, n.v)}; }
+  float reduce_sum() const { return _mm512_reduce_add_ps(v); }
+};
+
+struct VecF64 {
+  using Scalar = double;
+  static constexpr int kWidth = 8;
+  __m512d v;
+
+  static __mmask8 mask(int64_t n) { return __mmask8((1u << n) - 1u); }
+  static VecF64 zero() { return {_mm512_setzero_pd()}; }
+  static VecF64 broadcast(double a) { return {_mm512_set1_pd(a)}; }
+  static VecF64 load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  static void store(double* p, VecF64 a) { _mm512_storeu_pd(p, a.v); }
+  static VecF64 load_tail(const double* p, int64_t n, double fill) {
+    return {_mm512_mask_loadu_pd(_mm512_set1_pd(fill), mask(n), p)};
+  }
+  static void store_tail(double* p, VecF64 a, int64_t n) { _mm512_mask_storeu_pd(p, mask(n), a.v); }
+
+  friend VecF64 operator+(VecF64 a, VecF64 b) { return {_mm512_add_pd(a.v, b.v)}; }
+  friend VecF64 operator-(VecF64 a, VecF64 b) { return {_mm512_sub_pd(a.v, b.v)}; }
+  friend VecF64 operator*(VecF64 a, VecF64 b) { return {_mm512_mul_pd(a.v, b.v)}; }
+  friend VecF64 operator/(VecF64 a, VecF64 b) { return {_mm512_div_pd(a.v, b.v)}; }
+  friend VecF64 fma(VecF64 a, VecF64 b, VecF64 c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
+  friend VecF64 min(VecF64 a, VecF64 b) { return {_mm512_min_pd(a.v, b.v)}; }
+  friend VecF64 max(VecF64 a, VecF64 b) { return {_mm512_max_pd(a.v, b.v)}; }
+  friend VecF64 round_nearest(VecF64 a) {
+    return {_mm512_roundscale_pd(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  }
+  friend VecF64 ldexp_int(VecF64 a, VecF64 n) { return {_mm512_scalef_pd(a.v, n.v)}; }
+  double reduce_sum() const { return _mm512_reduce_add_pd(v); }
+};
+
+}  // namespace avx512
+}  // namespace groupnorm

@@ -1,0 +1,48 @@
+// vec/scalar.h — Vec<T> of one lane in plain C++: the portable fallback and the reference for every ISA.
+// No fused multiply-add: a*b+c rounds twice here, as the build compiles with -ffp-contract=off.
+#pragma once
+
+#include <cstdint>
+
+namespace groupnorm {
+namespace scalar {
+
+template <class T>
+struct ScalarVec {
+  using Scalar = T;
+  static constexpr int kWidth = 1;
+  T v;
+
+  static ScalarVec zero() { return {T(0)}; }
+  static ScalarVec broadcast(T a) { return {a}; }
+  static ScalarVec load(const T* p) { return {*p}; }
+  static void store(T* p, ScalarVec a) { *p = a.v; }
+  // One lane never leaves a tail; kept so the kernel templates compile unchanged.
+  static ScalarVec load_tail(const T* p, int64_t n, T fill) { return {n > 0 ? *p : fill}; }
+  static void store_tail(T* p, ScalarVec a, int64_t n) {
+    if (n > 0) *p = a.v;
+  }
+
+  friend ScalarVec operator+(ScalarVec a, ScalarVec b) { return {a.v + b.v}; }
+  friend ScalarVec operator-(ScalarVec a, ScalarVec b) { return {a.v - b.v}; }
+  friend ScalarVec operator*(ScalarVec a, ScalarVec b) { return {a.v * b.v}; }
+  friend ScalarVec operator/(ScalarVec a, ScalarVec b) { return {a.v / b.v}; }
+  friend ScalarVec fma(ScalarVec a, ScalarVec b, ScalarVec c) { return {a.v * b.v + c.v}; }
+  friend ScalarVec min(ScalarVec a, ScalarVec b) { return {b.v < a.v ? b.v : a.v}; }
+  friend ScalarVec max(ScalarVec a, ScalarVec b) { return {a.v < b.v ? b.v : a.v}; }
+  friend ScalarVec round_nearest(ScalarVec a) {
+    return {sizeof(T) == 4 ? T(__builtin_nearbyintf(float(a.v))) : T(__builtin_nearbyint(double(a.v)))};
+  }
+  // a * 2^n for an integer-valued n inside the normal exponent range.
+  friend ScalarVec ldexp_int(ScalarVec a, ScalarVec n) {
+    return {sizeof(T) == 4 ? T(__builtin_ldexpf(float(a.v), int(n.v)))
+                           : T(__builtin_ldexp(double(a.v), int(n.v)))};
+  }
+  T reduce_sum() const { return v; }
+};
+
+using VecF32 = ScalarVec<float>;
+using VecF64 = ScalarVec<double>;
+
+}  // namespace scalar
+}  // namespace groupnorm

@@ -1,0 +1,460 @@
+// forward_impl.h — GroupNorm forward, written once against Vec<T> and compiled once per ISA.
+// Statistics: each fixed-size chunk sums (x - K), (x - K)^2 with K a sample of the chunk, in short vector runs
+// flushed to double; chunks (and, channels-last, channels) merge with Chan's formula in a fixed order, so
+// the result is bitwise identical for every thread count. Apply: y = (x - mean_hi) * s + t, with s = rstd*w
+// and t = b - mean_lo*s carrying the low part of the double mean, so a large offset costs no accuracy.
+// Included by cpp/kernels/isa/<isa>.cpp after defining GROUPNORM_ISA; everything lands in that namespace.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernel_table.h"
+
+#ifndef GROUPNORM_ISA
+#error "define GROUPNORM_ISA (the ISA namespace) before including forward_impl.h"
+#endif
+
+namespace groupnorm {
+namespace GROUPNORM_ISA {
+
+// Blocking: fixed by the shape alone, never by the thread count.
+constexpr int64_t kChunkMinElems = 16384;  // small enough to stay in L2, large enough to amortise a task
+constexpr int64_t kChunksMax = 64;         // per group (channels-first) or per sample (channels-last)
+constexpr int kFlushIters = 16;            // vector iterations summed in T before flushing into double
+constexpr int64_t kSerialElems = 32768;    // below this per thread, a thread costs more than it saves
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max_i64(int64_t a, int64_t b) { return a < b ? b : a; }
+
+// Count, mean and sum of squared deviations of a set of values.
+struct Moments {
+  double count;
+  double mean;
+  double m2;
+};
+
+// Chan et al.'s pairwise merge: exact in the absence of rounding, and free of cancellation.
+inline Moments moments_merge(const Moments& a, const Moments& b) {
+  const double count = a.count + b.count;
+  if (b.count == 0) return a;
+  if (a.count == 0) return b;
+  const double delta = b.mean - a.mean;
+  const double b_share = b.count / count;
+  return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
+}
+
+// Moments of n values whose shifted sums s1 = sum(x - shift), s2 = sum((x - shift)^2) are known.
+inline Moments moments_from_shifted(double n, double shift, double s1, double s2) {
+  if (n == 0) return {0.0, 0.0, 0.0};
+  const double m2 = s2 - s1 * (s1 / n);
+  return {n, shift + s1 / n, m2 > 0.0 ? m2 : (m2 == m2 ? 0.0 : m2)};
+}
+
+// Moments of a contiguous run x[0, n), n >= 1, shifted by its first element.
+template <class V, class S>
+Moments run_moments(const S* x, int64_t n) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  constexpr int64_t kBlock = 2 * W * kFlushIters;
+  const T shift = T(x[0]);
+  const V shift_v = V::broadcast(shift);
+  double s1 = 0.0, s2 = 0.0;
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    V sum_a = V::zero(), sq_a = V::zero(), sum_b = V::zero(), sq_b = V::zero();
+    for (int64_t k = 0; k < kBlock; k += 2 * W) {
+      const V da = V::load(x + i + k) - shift_v;
+      const V db = V::load(x + i + k + W) - shift_v;
+      sum_a = sum_a + da;
+      sq_a = fma(da, da, sq_a);
+      sum_b = sum_b + db;
+      sq_b = fma(db, db, sq_b);
+    }
+    s1 += double((sum_a + sum_b).reduce_sum());
+    s2 += double((sq_a + sq_b).reduce_sum());
+  }
+  V sum = V::zero(), sq = V::zero();
+  for (; i + W <= n; i += W) {
+    const V d = V::load(x + i) - shift_v;
+    sum = sum + d;
+    sq = fma(d, d, sq);
+  }
+  if (i < n) {
+    const V d = V::load_tail(x + i, n - i, shift) - shift_v;  // filled lanes give d = 0
+    sum = sum + d;
+    sq = fma(d, d, sq);
+  }
+  s1 += double(sum.reduce_sum());
+  s2 += double(sq.reduce_sum());
+  return moments_from_shifted(double(n), double(shift), s1, s2);
+}
+
+// exp(x) for the SiLU: Cody-Waite reduction by ln 2 and a Taylor polynomial good to ~1 ulp of T.
+template <class V>
+V exp_approx(V x) {
+  using T = typename V::Scalar;
+  constexpr bool kF32 = sizeof(T) == 4;
+  const V limit = V::broadcast(kF32 ? T(87.0) : T(708.0));
+  x = min(max(x, V::zero() - limit), limit);
+  const V n = round_nearest(x * V::broadcast(T(1.4426950408889634)));
+  V r = fma(n, V::broadcast(T(-0.693145751953125)), x);  // ln 2 split: hi has few bits, so n*hi is exact
+  r = fma(n, V::broadcast(T(-1.4286068203094172321e-6)), r);
+  constexpr int kDegree = kF32 ? 7 : 13;
+  double inv_factorial[kDegree + 1];
+  inv_factorial[0] = 1.0;
+  for (int k = 1; k <= kDegree; ++k) inv_factorial[k] = inv_factorial[k - 1] / k;
+  V p = V::broadcast(T(inv_factorial[kDegree]));
+  for (int k = kDegree - 1; k >= 0; --k) p = fma(p, r, V::broadcast(T(inv_factorial[k])));
+  return ldexp_int(p, n);
+}
+
+// y * sigmoid(y), written as y / (1 + exp(-y)): a NaN stays NaN, large |y| give y and -0.
+template <class V, bool kSilu>
+V activate(V y) {
+  if constexpr (kSilu) {
+    const V one = V::broadcast(typename V::Scalar(1));
+    return y / (one + exp_approx(V::zero() - y));
+  } else {
+    return y;
+  }
+}
+
+// Per-channel affine coefficients of the apply step: y = (x - mean_hi) * scale + shift.
+template <class T>
+struct Coeffs {
+  T mean_hi;
+  T scale;
+  T shift;
+};
+
+template <class T, class S>
+Coeffs<T> channel_coeffs(double mean, double rstd, const S* weight, const S* bias, int64_t c) {
+  const double scale = rstd * (weight ? double(weight[c]) : 1.0);
+  const double b = bias ? double(bias[c]) : 0.0;
+  const T mean_hi = T(mean);
+  const double mean_lo = mean - double(mean_hi);
+  return {mean_hi, T(scale), T(b - mean_lo * scale)};
+}
+
+// Applies one channel's coefficients to a contiguous run x[0, n) -> y[0, n).
+template <class V, class S, bool kSilu>
+void apply_run(const S* x, S* y, int64_t n, Coeffs<typename V::Scalar> k) {
+  constexpr int64_t W = V::kWidth;
+  const V mean_hi = V::broadcast(k.mean_hi), scale = V::broadcast(k.scale), shift = V::broadcast(k.shift);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const V ya = fma(V::load(x + i) - mean_hi, scale, shift);
+    const V yb = fma(V::load(x + i + W) - mean_hi, scale, shift);
+    V::store(y + i, activate<V, kSilu>(ya));
+    V::store(y + i + W, activate<V, kSilu>(yb));
+  }
+  for (; i + W <= n; i += W) V::store(y + i, activate<V, kSilu>(fma(V::load(x + i) - mean_hi, scale, shift)));
+  if (i < n) {
+    const V yt = fma(V::load_tail(x + i, n - i, typename V::Scalar(0)) - mean_hi, scale, shift);
+    V::store_tail(y + i, activate<V, kSilu>(yt), n - i);
+  }
+}
+
+// Mean and 1/sqrt(var + eps) of one group, from its moments.
+struct GroupStats {
+  double mean;
+  double rstd;
+};
+
+inline GroupStats finish_stats(const Moments& m, double eps) {
+  if (m.count == 0) return {__builtin_nan(""), __builtin_nan("")};
+  double var = m.m2 / m.count;
+  if (var < 0.0) var = 0.0;
+  return {m.mean, 1.0 / __builtin_sqrt(var + eps)};
+}
+
+// Heap scratch owned by one call or one thread; malloc/free only, no std template in an ISA TU.
+template <class E>
+struct Scratch {
+  E* data = nullptr;
+  explicit Scratch(int64_t count) : data(static_cast<E*>(std::malloc(sizeof(E) * size_t(max_i64(count, 1))))) {}
+  ~Scratch() { std::free(data); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+inline int team_size(int requested, int64_t total_elems, int64_t work_items) {
+  int64_t nt = requested < 1 ? 1 : requested;
+  nt = min_i64(nt, max_i64(1, total_elems / kSerialElems));
+  nt = min_i64(nt, max_i64(1, work_items));
+  return int(nt);
+}
+
+template <class T>
+void store_group_stats(const GroupStats* stats, int64_t count, T* mean_out, T* rstd_out) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (mean_out) mean_out[i] = T(stats[i].mean);
+    if (rstd_out) rstd_out[i] = T(stats[i].rstd);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Channels-first (NCHW): a group is one contiguous run of D*HxW elements, cut into fixed chunks.
+
+template <class V, class S, bool kSilu>
+Status forward_channels_first(const Problem& p, const S* x, const S* weight, const S* bias, S* y,
+                              GroupStats* stats) {
+  const int64_t D = p.C / p.G, group_len = D * p.HxW, groups = p.N * p.G;
+  const int64_t chunk_len = ceil_div(max_i64(ceil_div(group_len, kChunksMax), kChunkMinElems), 64) * 64;
+  const int64_t nchunks = ceil_div(group_len, chunk_len);
+  const int64_t units = groups * nchunks;
+  Scratch<Moments> partial(units);
+  if (!partial.data) return kOutOfMemory;
+
+  auto chunk_moments = [&](int64_t unit) {
+    const int64_t ng = unit / nchunks, k = unit % nchunks;
+    const int64_t begin = k * chunk_len;
+    partial.data[unit] = run_moments<V>(x + ng * group_len + begin, min_i64(chunk_len, group_len - begin));
+  };
+  auto group_finish = [&](int64_t ng) {
+    Moments m = partial.data[ng * nchunks];
+    for (int64_t k = 1; k < nchunks; ++k) m = moments_merge(m, partial.data[ng * nchunks + k]);
+    stats[ng] = finish_stats(m, p.eps);
+  };
+  // Applies elements [begin, end) of group ng, channel by channel.
+  auto group_apply = [&](int64_t ng, int64_t begin, int64_t end) {
+    const int64_t g = ng % p.G;
+    const int64_t base = ng * group_len;
+    for (int64_t d = begin / p.HxW; d * p.HxW < end; ++d) {
+      const int64_t lo = max_i64(begin, d * p.HxW), hi = min_i64(end, (d + 1) * p.HxW);
+      const auto coeffs = channel_coeffs<typename V::Scalar>(stats[ng].mean, stats[ng].rstd, weight, bias,
+                                                             g * D + d);
+      apply_run<V, S, kSilu>(x + base + lo, y + base + lo, hi - lo, coeffs);
+    }
+  };
+
+  const int nt = team_size(p.num_threads, groups * group_len, units);
+  // Whole groups per thread keep a group in cache between its two passes; split groups when too few.
+  const bool whole_groups = nt == 1 || groups % nt == 0 || groups >= 8 * int64_t(nt);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    if (whole_groups) {
+#pragma omp for schedule(static)
+      for (int64_t ng = 0; ng < groups; ++ng) {
+        for (int64_t k = 0; k < nchunks; ++k) chunk_moments(ng * nchunks + k);
+        group_finish(ng);
+        group_apply(ng, 0, group_len);
+      }
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t unit = 0; unit < units; ++unit) chunk_moments(unit);
+#pragma omp for schedule(static)
+      for (int64_t ng = 0; ng < groups; ++ng) group_finish(ng);
+#pragma omp for schedule(static)
+      for (int64_t unit = 0; unit < units; ++unit) {
+        const int64_t k = unit % nchunks;
+        group_apply(unit / nchunks, k * chunk_len, min_i64((k + 1) * chunk_len, group_len));
+      }
+    }
+  }
+  return kOk;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Channels-last (N, HxW, C): a sample is HxW rows of C channels; rows are cut into fixed chunks, each chunk
+// accumulates per-channel shifted sums (vectorised across C), then channels merge into their group.
+
+// Per-thread buffers of the channels-last kernel, C rounded up to whole vectors.
+template <class T>
+struct RowBuffers {
+  int64_t padded;
+  Scratch<T> shift, sum, sq;         // per channel: shift K, short-run sums in T
+  Scratch<double> sum_d, sq_d;       // per channel: flushed sums in double
+  Scratch<T> mean_hi, scale, bias;   // per channel: apply coefficients of the current sample
+  explicit RowBuffers(int64_t c_padded)
+      : padded(c_padded), shift(c_padded), sum(c_padded), sq(c_padded), sum_d(c_padded), sq_d(c_padded),
+        mean_hi(c_padded), scale(c_padded), bias(c_padded) {}
+  bool ok() const {
+    return shift.data && sum.data && sq.data && sum_d.data && sq_d.data && mean_hi.data && scale.data &&
+           bias.data;
+  }
+};
+
+// Moments of rows [r0, r1) of one sample, per group, into out[G].
+template <class V, class S>
+void rows_moments(const Problem& p, const S* sample, int64_t r0, int64_t r1, RowBuffers<typename V::Scalar>& b,
+                  Moments* out) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  const int64_t C = p.C, D = C / p.G, c_full = C / W * W;
+  for (int64_t c = 0; c < C; ++c) {
+    b.shift.data[c] = T(sample[r0 * C + c]);
+    b.sum_d.data[c] = 0.0;
+    b.sq_d.data[c] = 0.0;
+  }
+  for (int64_t c = C; c < b.padded; ++c) b.shift.data[c] = T(0);
+  for (int64_t rb = r0; rb < r1; rb += kFlushIters) {
+    const int64_t re = min_i64(r1, rb + kFlushIters);
+    for (int64_t c = 0; c < C; c += W) {
+      V::store(b.sum.data + c, V::zero());
+      V::store(b.sq.data + c, V::zero());
+    }
+    for (int64_t r = rb; r < re; ++r) {
+      const S* row = sample + r * C;
+      int64_t c = 0;
+      for (; c < c_full; c += W) {
+        const V d = V::load(row + c) - V::load(b.shift.data + c);
+        V::store(b.sum.data + c, V::load(b.sum.data + c) + d);
+        V::store(b.sq.data + c, fma(d, d, V::load(b.sq.data + c)));
+      }
+      if (c < C) {
+        const V d = V::load_tail(row + c, C - c, T(0)) - V::load(b.shift.data + c);
+        V::store(b.sum.data + c, V::load(b.sum.data + c) + d);
+        V::store(b.sq.data + c, fma(d, d, V::load(b.sq.data + c)));
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      b.sum_d.data[c] += double(b.sum.data[c]);
+      b.sq_d.data[c] += double(b.sq.data[c]);
+    }
+  }
+  const double rows = double(r1 - r0);
+  for (int64_t g = 0; g < p.G; ++g) {
+    Moments m = {0.0, 0.0, 0.0};
+    for (int64_t c = g * D; c < (g + 1) * D; ++c)
+      m = moments_merge(m, moments_from_shifted(rows, double(b.shift.data[c]), b.sum_d.data[c], b.sq_d.data[c]));
+    out[g] = m;
+  }
+}
+
+// Loads sample n's per-channel coefficients into the thread's buffers.
+template <class T, class S>
+void sample_coeffs(const Problem& p, const GroupStats* stats, const S* weight, const S* bias, RowBuffers<T>& b) {
+  const int64_t D = p.C / p.G;
+  for (int64_t c = 0; c < p.C; ++c) {
+    const GroupStats& s = stats[c / D];
+    const Coeffs<T> k = channel_coeffs<T>(s.mean, s.rstd, weight, bias, c);
+    b.mean_hi.data[c] = k.mean_hi;
+    b.scale.data[c] = k.scale;
+    b.bias.data[c] = k.shift;
+  }
+  for (int64_t c = p.C; c < b.padded; ++c) b.mean_hi.data[c] = b.scale.data[c] = b.bias.data[c] = T(0);
+}
+
+template <class V, class S, bool kSilu>
+void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, const RowBuffers<typename V::Scalar>& b) {
+  constexpr int64_t W = V::kWidth;
+  const int64_t C = p.C, c_full = C / W * W;
+  for (int64_t r = r0; r < r1; ++r) {
+    const S* xr = x + r * C;
+    S* yr = y + r * C;
+    int64_t c = 0;
+    for (; c < c_full; c += W) {
+      const V v = fma(V::load(xr + c) - V::load(b.mean_hi.data + c), V::load(b.scale.data + c),
+                      V::load(b.bias.data + c));
+      V::store(yr + c, activate<V, kSilu>(v));
+    }
+    if (c < C) {
+      const V v = fma(V::load_tail(xr + c, C - c, typename V::Scalar(0)) - V::load(b.mean_hi.data + c),
+                      V::load(b.scale.data + c), V::load(b.bias.data + c));
+      V::store_tail(yr + c, activate<V, kSilu>(v), C - c);
+    }
+  }
+}
+
+template <class V, class S, bool kSilu>
+Status forward_channels_last(const Problem& p, const S* x, const S* weight, const S* bias, S* y,
+                             GroupStats* stats) {
+  using T = typename V::Scalar;
+  const int64_t rows = p.HxW, C = p.C, G = p.G, sample_len = rows * C;
+  const int64_t chunk_rows = max_i64(ceil_div(kChunkMinElems, C), ceil_div(rows, kChunksMax));
+  const int64_t nchunks = ceil_div(rows, chunk_rows);
+  const int64_t units = p.N * nchunks;
+  const int64_t c_padded = ceil_div(C, V::kWidth) * V::kWidth;
+  Scratch<Moments> partial(units * G);
+  if (!partial.data) return kOutOfMemory;
+
+  auto chunk_moments = [&](int64_t unit, RowBuffers<T>& b) {
+    const int64_t n = unit / nchunks, k = unit % nchunks;
+    rows_moments<V>(p, x + n * sample_len, k * chunk_rows, min_i64(rows, (k + 1) * chunk_rows), b,
+                    partial.data + unit * G);
+  };
+  auto sample_finish = [&](int64_t n) {
+    for (int64_t g = 0; g < G; ++g) {
+      Moments m = partial.data[n * nchunks * G + g];
+      for (int64_t k = 1; k < nchunks; ++k) m = moments_merge(m, partial.data[(n * nchunks + k) * G + g]);
+      stats[n * G + g] = finish_stats(m, p.eps);
+    }
+  };
+  auto chunk_apply = [&](int64_t n, int64_t k, const RowBuffers<T>& b) {
+    rows_apply<V, S, kSilu>(p, x + n * sample_len, y + n * sample_len, k * chunk_rows,
+                            min_i64(rows, (k + 1) * chunk_rows), b);
+  };
+
+  const int nt = team_size(p.num_threads, p.N * sample_len, units);
+  const bool whole_samples = nt == 1 || p.N % nt == 0 || p.N >= 8 * int64_t(nt);
+  int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
+  {
+    RowBuffers<T> b(c_padded);
+    const bool ok = b.ok();
+    failed |= ok ? 0 : 1;
+    if (whole_samples) {
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < p.N; ++n) {
+        if (!ok) continue;
+        for (int64_t k = 0; k < nchunks; ++k) chunk_moments(n * nchunks + k, b);
+        sample_finish(n);
+        sample_coeffs(p, stats + n * G, weight, bias, b);
+        for (int64_t k = 0; k < nchunks; ++k) chunk_apply(n, k, b);
+      }
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t unit = 0; unit < units; ++unit)
+        if (ok) chunk_moments(unit, b);
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < p.N; ++n) sample_finish(n);
+      int64_t coeffs_of = -1;
+#pragma omp for schedule(static)
+      for (int64_t unit = 0; unit < units; ++unit) {
+        if (!ok) continue;
+        const int64_t n = unit / nchunks;
+        if (n != coeffs_of) {
+          sample_coeffs(p, stats + n * G, weight, bias, b);
+          coeffs_of = n;
+        }
+        chunk_apply(n, unit % nchunks, b);
+      }
+    }
+  }
+  return failed ? kOutOfMemory : kOk;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+template <class V, class S>
+Status group_norm_forward_impl(const Problem& p, const S* x, const S* weight, const S* bias, S* y, S* mean_out,
+                               S* rstd_out) {
+  const int64_t groups = p.N * p.G;
+  if (groups == 0) return kOk;
+  Scratch<GroupStats> stats(groups);
+  if (!stats.data) return kOutOfMemory;
+  Status status = kOk;
+  if (p.HxW == 0 || p.C == 0) {
+    for (int64_t i = 0; i < groups; ++i) stats.data[i] = finish_stats({0.0, 0.0, 0.0}, p.eps);
+  } else {
+    const bool silu = p.activation == Activation::kSilu;
+    if (p.layout == Layout::kChannelsFirst)
+      status = silu ? forward_channels_first<V, S, true>(p, x, weight, bias, y, stats.data)
+                    : forward_channels_first<V, S, false>(p, x, weight, bias, y, stats.data);
+    else
+      status = silu ? forward_channels_last<V, S, true>(p, x, weight, bias, y, stats.data)
+                    : forward_channels_last<V, S, false>(p, x, weight, bias, y, stats.data);
+  }
+  if (status == kOk) store_group_stats(stats.data, groups, mean_out, rstd_out);
+  return status;
+}
+
+}  // namespace GROUPNORM_ISA
+}  // namespace groupnorm

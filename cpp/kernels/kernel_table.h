@@ -1,0 +1,30 @@
+// kernel_table.h — the function table each ISA translation unit exports, and the ISA getters dispatch.cpp calls.
+// Only plain pointers and the Problem descriptor cross it, so no ISA-specific type leaks out of an ISA TU.
+#pragma once
+
+#include "groupnorm/groupnorm.h"
+
+namespace groupnorm {
+
+struct KernelTable {
+  Status (*forward_f32)(const Problem&, const float* x, const float* weight, const float* bias, float* y,
+                        float* mean_out, float* rstd_out);
+  Status (*forward_f64)(const Problem&, const double* x, const double* weight, const double* bias,
+                        double* y, double* mean_out, double* rstd_out);
+};
+
+namespace scalar { const KernelTable* kernel_table(); }
+namespace avx2 { const KernelTable* kernel_table(); }
+namespace avx512 { const KernelTable* kernel_table(); }
+namespace neon { const KernelTable* kernel_table(); }
+
+}  // namespace groupnorm
+
+// Defines GROUPNORM_ISA::kernel_table() from the templates of forward_impl.h; used once per ISA TU,
+// inside namespace groupnorm::GROUPNORM_ISA.
+#define GROUPNORM_DEFINE_KERNEL_TABLE(VecF32, VecF64)                                   \
+  const KernelTable* kernel_table() {                                                   \
+    static constexpr KernelTable table = {&group_norm_forward_impl<VecF32, float>,      \
+                                          &group_norm_forward_impl<VecF64, double>};    \
+    return &table;                                                                      \
+  }
