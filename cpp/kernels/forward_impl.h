@@ -174,14 +174,25 @@ inline GroupStats finish_stats(const Moments& m, double eps) {
   return {m.mean, 1.0 / __builtin_sqrt(var + eps)};
 }
 
-// Heap scratch owned by one call or one thread; malloc/free only, no std template in an ISA TU.
+// Scratch owned by one call or one thread: on the stack when small (tiny calls pay no malloc), else from
+// malloc/free; no std template is instantiated in an ISA TU.
 template <class E>
 struct Scratch {
+  static constexpr int64_t kInlineBytes = 1024;
   E* data = nullptr;
-  explicit Scratch(int64_t count) : data(static_cast<E*>(std::malloc(sizeof(E) * size_t(max_i64(count, 1))))) {}
-  ~Scratch() { std::free(data); }
+  explicit Scratch(int64_t count) {
+    const size_t bytes = sizeof(E) * size_t(max_i64(count, 1));
+    data = bytes <= size_t(kInlineBytes) ? reinterpret_cast<E*>(inline_buffer)
+                                         : static_cast<E*>(std::malloc(bytes));
+  }
+  ~Scratch() {
+    if (data != reinterpret_cast<E*>(inline_buffer)) std::free(data);
+  }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
+
+ private:
+  alignas(64) unsigned char inline_buffer[kInlineBytes];
 };
 
 inline int team_size(int requested, int64_t total_elems, int64_t work_items) {
@@ -234,18 +245,24 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
     }
   };
 
+  auto whole_group = [&](int64_t ng) {
+    for (int64_t k = 0; k < nchunks; ++k) chunk_moments(ng * nchunks + k);
+    group_finish(ng);
+    group_apply(ng, 0, group_len);
+  };
+
   const int nt = team_size(p.num_threads, groups * group_len, units);
+  if (nt == 1) {  // no OpenMP region at all: a tiny call must not pay for a team
+    for (int64_t ng = 0; ng < groups; ++ng) whole_group(ng);
+    return kOk;
+  }
   // Whole groups per thread keep a group in cache between its two passes; split groups when too few.
-  const bool whole_groups = nt == 1 || groups % nt == 0 || groups >= 8 * int64_t(nt);
-#pragma omp parallel num_threads(nt) if (nt > 1)
+  const bool whole_groups = groups % nt == 0 || groups >= 8 * int64_t(nt);
+#pragma omp parallel num_threads(nt)
   {
     if (whole_groups) {
 #pragma omp for schedule(static)
-      for (int64_t ng = 0; ng < groups; ++ng) {
-        for (int64_t k = 0; k < nchunks; ++k) chunk_moments(ng * nchunks + k);
-        group_finish(ng);
-        group_apply(ng, 0, group_len);
-      }
+      for (int64_t ng = 0; ng < groups; ++ng) whole_group(ng);
     } else {
 #pragma omp for schedule(static)
       for (int64_t unit = 0; unit < units; ++unit) chunk_moments(unit);
@@ -265,81 +282,104 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
 // Channels-last (N, HxW, C): a sample is HxW rows of C channels; rows are cut into fixed chunks, each chunk
 // accumulates per-channel shifted sums (vectorised across C), then channels merge into their group.
 
-// Per-thread buffers of the channels-last kernel, C rounded up to whole vectors.
+// Per-thread buffers of the channels-last kernel, C rounded up to whole vectors, carved from one block.
 template <class T>
 struct RowBuffers {
   int64_t padded;
-  Scratch<T> shift, sum, sq;         // per channel: shift K, short-run sums in T
-  Scratch<double> sum_d, sq_d;       // per channel: flushed sums in double
-  Scratch<T> mean_hi, scale, bias;   // per channel: apply coefficients of the current sample
-  explicit RowBuffers(int64_t c_padded)
-      : padded(c_padded), shift(c_padded), sum(c_padded), sq(c_padded), sum_d(c_padded), sq_d(c_padded),
-        mean_hi(c_padded), scale(c_padded), bias(c_padded) {}
-  bool ok() const {
-    return shift.data && sum.data && sq.data && sum_d.data && sq_d.data && mean_hi.data && scale.data &&
-           bias.data;
+  Scratch<double> block;
+  T *shift, *sum, *sq;           // per channel: shift K, short-run sums in T
+  double *sum_d, *sq_d;          // per channel: flushed sums in double
+  T *mean_hi, *scale, *bias;     // per channel: apply coefficients of the current sample
+  explicit RowBuffers(int64_t c_padded) : padded(c_padded), block(8 * c_padded) {
+    double* base = block.data;  // each array gets c_padded doubles of room, enough for any T
+    shift = reinterpret_cast<T*>(base);
+    sum = reinterpret_cast<T*>(base + c_padded);
+    sq = reinterpret_cast<T*>(base + 2 * c_padded);
+    sum_d = base + 3 * c_padded;
+    sq_d = base + 4 * c_padded;
+    mean_hi = reinterpret_cast<T*>(base + 5 * c_padded);
+    scale = reinterpret_cast<T*>(base + 6 * c_padded);
+    bias = reinterpret_cast<T*>(base + 7 * c_padded);
   }
+  bool ok() const { return block.data != nullptr; }
 };
 
-// Moments of rows [r0, r1) of one sample, per group, into out[G].
+// Moments of rows [r0, r1) of one sample, per group, into out[G]. Every channel of a group is shifted by
+// the same sample of that group (its first channel in row r0), so channel sums add up to group sums.
 template <class V, class S>
 void rows_moments(const Problem& p, const S* sample, int64_t r0, int64_t r1, RowBuffers<typename V::Scalar>& b,
                   Moments* out) {
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   const int64_t C = p.C, D = C / p.G, c_full = C / W * W;
-  for (int64_t c = 0; c < C; ++c) {
-    b.shift.data[c] = T(sample[r0 * C + c]);
-    b.sum_d.data[c] = 0.0;
-    b.sq_d.data[c] = 0.0;
+  if (r1 - r0 == 1) {  // one row: each group is a contiguous run of D channels
+    for (int64_t g = 0; g < p.G; ++g) out[g] = run_moments<V>(sample + r0 * C + g * D, D);
+    return;
   }
-  for (int64_t c = C; c < b.padded; ++c) b.shift.data[c] = T(0);
+  for (int64_t c = 0; c < C; ++c) {
+    b.shift[c] = T(sample[r0 * C + c / D * D]);
+    b.sum_d[c] = 0.0;
+    b.sq_d[c] = 0.0;
+  }
+  for (int64_t c = C; c < b.padded; ++c) b.shift[c] = T(0);
   for (int64_t rb = r0; rb < r1; rb += kFlushIters) {
     const int64_t re = min_i64(r1, rb + kFlushIters);
     for (int64_t c = 0; c < C; c += W) {
-      V::store(b.sum.data + c, V::zero());
-      V::store(b.sq.data + c, V::zero());
+      V::store(b.sum + c, V::zero());
+      V::store(b.sq + c, V::zero());
     }
     for (int64_t r = rb; r < re; ++r) {
       const S* row = sample + r * C;
       int64_t c = 0;
       for (; c < c_full; c += W) {
-        const V d = V::load(row + c) - V::load(b.shift.data + c);
-        V::store(b.sum.data + c, V::load(b.sum.data + c) + d);
-        V::store(b.sq.data + c, fma(d, d, V::load(b.sq.data + c)));
+        const V d = V::load(row + c) - V::load(b.shift + c);
+        V::store(b.sum + c, V::load(b.sum + c) + d);
+        V::store(b.sq + c, fma(d, d, V::load(b.sq + c)));
       }
       if (c < C) {
-        const V d = V::load_tail(row + c, C - c, T(0)) - V::load(b.shift.data + c);
-        V::store(b.sum.data + c, V::load(b.sum.data + c) + d);
-        V::store(b.sq.data + c, fma(d, d, V::load(b.sq.data + c)));
+        const V d = V::load_tail(row + c, C - c, T(0)) - V::load(b.shift + c);  // padded lanes: 0 - 0
+        V::store(b.sum + c, V::load(b.sum + c) + d);
+        V::store(b.sq + c, fma(d, d, V::load(b.sq + c)));
       }
     }
     for (int64_t c = 0; c < C; ++c) {
-      b.sum_d.data[c] += double(b.sum.data[c]);
-      b.sq_d.data[c] += double(b.sq.data[c]);
+      b.sum_d[c] += double(b.sum[c]);
+      b.sq_d[c] += double(b.sq[c]);
     }
   }
-  const double rows = double(r1 - r0);
+  const double count = double(r1 - r0) * double(D);
   for (int64_t g = 0; g < p.G; ++g) {
-    Moments m = {0.0, 0.0, 0.0};
-    for (int64_t c = g * D; c < (g + 1) * D; ++c)
-      m = moments_merge(m, moments_from_shifted(rows, double(b.shift.data[c]), b.sum_d.data[c], b.sq_d.data[c]));
-    out[g] = m;
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      s1 += b.sum_d[c];
+      s2 += b.sq_d[c];
+    }
+    out[g] = moments_from_shifted(count, double(b.shift[g * D]), s1, s2);
   }
 }
 
-// Loads sample n's per-channel coefficients into the thread's buffers.
-template <class T, class S>
-void sample_coeffs(const Problem& p, const GroupStats* stats, const S* weight, const S* bias, RowBuffers<T>& b) {
+// Loads sample n's per-channel coefficients into the thread's buffers: per-group values spread over the
+// channels, then scale = rstd*w and shift = b - mean_lo*scale one vector at a time. weight_t / bias_t hold
+// the parameters in T, ones and zeros where absent, padded with zeros.
+template <class V>
+void sample_coeffs(const Problem& p, const GroupStats* stats, const typename V::Scalar* weight_t,
+                   const typename V::Scalar* bias_t, RowBuffers<typename V::Scalar>& b) {
+  using T = typename V::Scalar;
   const int64_t D = p.C / p.G;
-  for (int64_t c = 0; c < p.C; ++c) {
-    const GroupStats& s = stats[c / D];
-    const Coeffs<T> k = channel_coeffs<T>(s.mean, s.rstd, weight, bias, c);
-    b.mean_hi.data[c] = k.mean_hi;
-    b.scale.data[c] = k.scale;
-    b.bias.data[c] = k.shift;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const T mean_hi = T(stats[g].mean), mean_lo = T(stats[g].mean - double(mean_hi)), rstd = T(stats[g].rstd);
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      b.mean_hi[c] = mean_hi;
+      b.scale[c] = rstd;
+      b.bias[c] = mean_lo;
+    }
   }
-  for (int64_t c = p.C; c < b.padded; ++c) b.mean_hi.data[c] = b.scale.data[c] = b.bias.data[c] = T(0);
+  for (int64_t c = p.C; c < b.padded; ++c) b.mean_hi[c] = b.scale[c] = b.bias[c] = T(0);
+  for (int64_t c = 0; c < b.padded; c += V::kWidth) {
+    const V scale = V::load(b.scale + c) * V::load(weight_t + c);
+    V::store(b.scale + c, scale);
+    V::store(b.bias + c, V::load(bias_t + c) - V::load(b.bias + c) * scale);
+  }
 }
 
 template <class V, class S, bool kSilu>
@@ -351,13 +391,13 @@ void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, cons
     S* yr = y + r * C;
     int64_t c = 0;
     for (; c < c_full; c += W) {
-      const V v = fma(V::load(xr + c) - V::load(b.mean_hi.data + c), V::load(b.scale.data + c),
-                      V::load(b.bias.data + c));
+      const V v = fma(V::load(xr + c) - V::load(b.mean_hi + c), V::load(b.scale + c),
+                      V::load(b.bias + c));
       V::store(yr + c, activate<V, kSilu>(v));
     }
     if (c < C) {
-      const V v = fma(V::load_tail(xr + c, C - c, typename V::Scalar(0)) - V::load(b.mean_hi.data + c),
-                      V::load(b.scale.data + c), V::load(b.bias.data + c));
+      const V v = fma(V::load_tail(xr + c, C - c, typename V::Scalar(0)) - V::load(b.mean_hi + c),
+                      V::load(b.scale + c), V::load(b.bias + c));
       V::store_tail(yr + c, activate<V, kSilu>(v), C - c);
     }
   }
@@ -373,7 +413,14 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
   const int64_t units = p.N * nchunks;
   const int64_t c_padded = ceil_div(C, V::kWidth) * V::kWidth;
   Scratch<Moments> partial(units * G);
-  if (!partial.data) return kOutOfMemory;
+  Scratch<T> params(2 * c_padded);
+  if (!partial.data || !params.data) return kOutOfMemory;
+  T* const weight_t = params.data;
+  T* const bias_t = params.data + c_padded;
+  for (int64_t c = 0; c < c_padded; ++c) {
+    weight_t[c] = c >= C ? T(0) : weight ? T(weight[c]) : T(1);
+    bias_t[c] = c >= C ? T(0) : bias ? T(bias[c]) : T(0);
+  }
 
   auto chunk_moments = [&](int64_t unit, RowBuffers<T>& b) {
     const int64_t n = unit / nchunks, k = unit % nchunks;
@@ -392,23 +439,31 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
                             min_i64(rows, (k + 1) * chunk_rows), b);
   };
 
+  auto whole_sample = [&](int64_t n, RowBuffers<T>& b) {
+    for (int64_t k = 0; k < nchunks; ++k) chunk_moments(n * nchunks + k, b);
+    sample_finish(n);
+    sample_coeffs<V>(p, stats + n * G, weight_t, bias_t, b);
+    for (int64_t k = 0; k < nchunks; ++k) chunk_apply(n, k, b);
+  };
+
   const int nt = team_size(p.num_threads, p.N * sample_len, units);
-  const bool whole_samples = nt == 1 || p.N % nt == 0 || p.N >= 8 * int64_t(nt);
+  if (nt == 1) {  // no OpenMP region at all: a tiny call must not pay for a team
+    RowBuffers<T> b(c_padded);
+    if (!b.ok()) return kOutOfMemory;
+    for (int64_t n = 0; n < p.N; ++n) whole_sample(n, b);
+    return kOk;
+  }
+  const bool whole_samples = p.N % nt == 0 || p.N >= 8 * int64_t(nt);
   int failed = 0;
-#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
+#pragma omp parallel num_threads(nt) reduction(| : failed)
   {
     RowBuffers<T> b(c_padded);
     const bool ok = b.ok();
     failed |= ok ? 0 : 1;
     if (whole_samples) {
 #pragma omp for schedule(static)
-      for (int64_t n = 0; n < p.N; ++n) {
-        if (!ok) continue;
-        for (int64_t k = 0; k < nchunks; ++k) chunk_moments(n * nchunks + k, b);
-        sample_finish(n);
-        sample_coeffs(p, stats + n * G, weight, bias, b);
-        for (int64_t k = 0; k < nchunks; ++k) chunk_apply(n, k, b);
-      }
+      for (int64_t n = 0; n < p.N; ++n)
+        if (ok) whole_sample(n, b);
     } else {
 #pragma omp for schedule(static)
       for (int64_t unit = 0; unit < units; ++unit)
@@ -421,7 +476,7 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
         if (!ok) continue;
         const int64_t n = unit / nchunks;
         if (n != coeffs_of) {
-          sample_coeffs(p, stats + n * G, weight, bias, b);
+          sample_coeffs<V>(p, stats + n * G, weight_t, bias_t, b);
           coeffs_of = n;
         }
         chunk_apply(n, unit % nchunks, b);

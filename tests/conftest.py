@@ -1,0 +1,90 @@
+# conftest.py — shared fixtures: every ISA level (skipped with a reason where absent), fresh random data
+# whose seed is reported on failure (GROUPNORM_TEST_SEED=... replays it), and a thread-count reset.
+# The ISA fixture asserts the level really is in force, so no test can pass on a level it did not run.
+import contextlib
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from reference import ...` in any import mode
+
+import groupnorm as gn  # noqa: E402
+from groupnorm import _core  # noqa: E402
+
+ISA_LEVELS = ("scalar", "avx2", "avx512", "neon")
+DEFAULT_ISA = _core.get_isa()  # the level chosen at import (GROUPNORM_ISA or the best available)
+
+
+def isa_unavailable_reason(name):
+    """Why level `name` cannot run here, or None when it can."""
+    cfg = gn.config()
+    if name in cfg["isa_available"]:
+        return None
+    if name not in cfg["isa_compiled"]:
+        return f"ISA level {name!r}: not compiled into this build"
+    return f"ISA level {name!r}: CPU lacks it"
+
+
+# pytest.param with a skip mark: usable by fixtures and by @pytest.mark.parametrize under @given alike.
+ISA_PARAMS = [
+    pytest.param(name, id=name,
+                 marks=pytest.mark.skipif(isa_unavailable_reason(name) is not None,
+                                          reason=str(isa_unavailable_reason(name))))
+    for name in ISA_LEVELS
+]
+
+
+@contextlib.contextmanager
+def use_isa(name):
+    """Run the block at ISA level `name` (skipping if absent), checked before and after, then restore."""
+    reason = isa_unavailable_reason(name)
+    if reason is not None:
+        pytest.skip(reason)
+    _core.set_isa(name)
+    try:
+        assert _core.get_isa() == name, f"set_isa({name!r}) left get_isa() == {_core.get_isa()!r}"
+        yield name
+        assert _core.get_isa() == name, f"the level changed from {name!r} to {_core.get_isa()!r} during the test"
+    finally:
+        _core.set_isa(DEFAULT_ISA)
+
+
+@pytest.fixture(params=ISA_PARAMS)
+def isa(request):
+    """Every ISA level name; the test body runs with that level selected."""
+    with use_isa(request.param) as name:
+        yield name
+
+
+_SEED_KEY = pytest.StashKey[int]()
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh generator per test; its seed is printed in the report of a failing test."""
+    env_seed = os.environ.get("GROUPNORM_TEST_SEED")
+    seed = int(env_seed) if env_seed else int.from_bytes(os.urandom(8), "little")
+    request.node.stash[_SEED_KEY] = seed
+    return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    seed = item.stash.get(_SEED_KEY, None)
+    if seed is not None and report.failed:
+        report.sections.append(("random seed", f"replay with GROUPNORM_TEST_SEED={seed}"))
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """Every test starts and ends at the default thread count and the import-time ISA level."""
+    gn.set_num_threads(0)
+    yield
+    gn.set_num_threads(0)
+    leaked = _core.get_isa()
+    _core.set_isa(DEFAULT_ISA)
+    assert leaked == DEFAULT_ISA, f"a test left ISA level {leaked!r} selected"

@@ -1,0 +1,492 @@
+// kernel_check.cpp — checks group_norm_forward on every ISA level that is compiled and supported against a
+// long double reference: odd tails, both layouts, SiLU, affine or not, guard regions around every output,
+// bitwise thread determinism and a large-offset float input. Prints "N passed, M failed" as its last line.
+#include <chrono>
+#include <cstdarg>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "groupnorm/groupnorm.h"
+
+namespace {
+
+using groupnorm::Activation;
+using groupnorm::DType;
+using groupnorm::Isa;
+using groupnorm::Layout;
+using groupnorm::Problem;
+using groupnorm::Status;
+
+constexpr int64_t kGuard = 64;  // sentinel elements before and after every output buffer
+constexpr int kMaxPrintedFailures = 40;
+
+struct Shape {
+  int64_t N, C, G, HxW;
+  int64_t size() const { return N * C * HxW; }
+};
+
+template <class T>
+constexpr double tolerance() {
+  return sizeof(T) == 4 ? 2e-6 : 1e-12;
+}
+template <class T>
+constexpr DType dtype_of() {
+  return sizeof(T) == 4 ? DType::kFloat32 : DType::kFloat64;
+}
+template <class T>
+const char* dtype_name() {
+  return sizeof(T) == 4 ? "f32" : "f64";
+}
+const char* layout_name(Layout layout) { return layout == Layout::kChannelsFirst ? "NCHW" : "NHWC"; }
+const char* activation_name(Activation act) { return act == Activation::kSilu ? "silu" : "none"; }
+
+uint64_t g_master_seed = 0;
+double g_worst_ratio[2] = {0.0, 0.0};  // largest max|err| / bound seen for y, per dtype (f32, f64): the margin
+
+// Counts checks; prints the first failures with everything needed to reproduce them.
+struct Tally {
+  int64_t passed = 0;
+  int64_t failed = 0;
+  bool expect(bool ok, const std::string& what) {
+    if (ok) {
+      ++passed;
+    } else {
+      if (failed < kMaxPrintedFailures) std::printf("FAIL [seed=%llu] %s\n", (unsigned long long)g_master_seed, what.c_str());
+      ++failed;
+    }
+    return ok;
+  }
+};
+
+std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string format(const char* fmt, ...) {
+  char buf[1024];
+  va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(buf, sizeof buf, fmt, args);
+  va_end(args);
+  return buf;
+}
+
+std::string shape_label(const Shape& s) {
+  return format("N=%lld C=%lld G=%lld HxW=%lld", (long long)s.N, (long long)s.C, (long long)s.G, (long long)s.HxW);
+}
+
+template <class T>
+T sentinel() {
+  const uint64_t bits = sizeof(T) == 4 ? 0xC4A5A5A5u : 0xC0DEADBEEFCAFE42ull;  // finite, unlikely as a result
+  T value;
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+// An output buffer with kGuard sentinels on each side and a NaN-poisoned body.
+template <class T>
+struct Guarded {
+  std::vector<T> storage;
+  int64_t n;
+  explicit Guarded(int64_t count) : storage(size_t(count + 2 * kGuard)), n(count) { poison(); }
+  T* data() { return storage.data() + kGuard; }
+  const T* data() const { return storage.data() + kGuard; }
+  void poison() {
+    for (int64_t i = 0; i < kGuard; ++i) storage[i] = storage[kGuard + n + i] = sentinel<T>();
+    for (int64_t i = 0; i < n; ++i) data()[i] = std::numeric_limits<T>::quiet_NaN();
+  }
+  bool guards_intact() const {
+    const T s = sentinel<T>();
+    for (int64_t i = 0; i < kGuard; ++i)
+      if (std::memcmp(&storage[i], &s, sizeof(T)) != 0 || std::memcmp(&storage[kGuard + n + i], &s, sizeof(T)) != 0)
+        return false;
+    return true;
+  }
+  bool bitwise_equal(const Guarded& other) const {
+    return n == other.n && std::memcmp(data(), other.data(), sizeof(T) * size_t(n)) == 0;
+  }
+};
+
+int64_t element_offset(const Shape& s, Layout layout, int64_t n, int64_t c, int64_t i) {
+  return layout == Layout::kChannelsFirst ? (n * s.C + c) * s.HxW + i : (n * s.HxW + i) * s.C + c;
+}
+
+// Per-(n, group) mean and 1/sqrt(var + eps) in long double, two-pass.
+struct ReferenceStats {
+  std::vector<long double> mean, rstd;
+};
+
+template <class T>
+ReferenceStats reference_stats(const Shape& s, Layout layout, const T* x, double eps) {
+  const int64_t D = s.C / s.G;
+  ReferenceStats ref;
+  ref.mean.resize(size_t(s.N * s.G));
+  ref.rstd.resize(size_t(s.N * s.G));
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t g = 0; g < s.G; ++g) {
+      long double sum = 0;
+      for (int64_t c = g * D; c < (g + 1) * D; ++c)
+        for (int64_t i = 0; i < s.HxW; ++i) sum += x[element_offset(s, layout, n, c, i)];
+      const long double count = (long double)(D * s.HxW), mean = sum / count;
+      long double m2 = 0;
+      for (int64_t c = g * D; c < (g + 1) * D; ++c)
+        for (int64_t i = 0; i < s.HxW; ++i) {
+          const long double d = x[element_offset(s, layout, n, c, i)] - mean;
+          m2 += d * d;
+        }
+      ref.mean[size_t(n * s.G + g)] = mean;
+      ref.rstd[size_t(n * s.G + g)] = 1.0L / std::sqrt(m2 / count + (long double)eps);
+    }
+  return ref;
+}
+
+template <class T>
+std::vector<long double> reference_output(const Shape& s, Layout layout, Activation act, const T* x, const T* weight,
+                                          const T* bias, const ReferenceStats& ref) {
+  const int64_t D = s.C / s.G;
+  std::vector<long double> y(size_t(s.size()));
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t c = 0; c < s.C; ++c) {
+      const size_t ng = size_t(n * s.G + c / D);
+      const long double scale = ref.rstd[ng] * (weight ? (long double)weight[c] : 1.0L);
+      const long double shift = bias ? (long double)bias[c] : 0.0L;
+      for (int64_t i = 0; i < s.HxW; ++i) {
+        const int64_t k = element_offset(s, layout, n, c, i);
+        long double v = ((long double)x[k] - ref.mean[ng]) * scale + shift;
+        if (act == Activation::kSilu) v = v / (1.0L + std::exp(-v));
+        y[size_t(k)] = v;
+      }
+    }
+  return y;
+}
+
+template <class T>
+Status run_forward(const Problem& p, const T* x, const T* weight, const T* bias, T* y, T* mean, T* rstd) {
+  return groupnorm::group_norm_forward(p, dtype_of<T>(), x, weight, bias, y, mean, rstd);
+}
+
+// Compares y against the reference: max|y - y_ref| <= tol * max|y_ref|; NaN (unwritten poison) fails.
+template <class T>
+void expect_close_output(Tally& tally, const std::string& label, const Guarded<T>& y, const std::vector<long double>& y_ref) {
+  long double max_ref = 0, max_err = 0;
+  int64_t worst = -1, nan_count = 0;
+  for (int64_t k = 0; k < y.n; ++k) {
+    const long double ref = y_ref[size_t(k)];
+    max_ref = std::fmax(max_ref, std::fabs(ref));
+    const T v = y.data()[k];
+    if (std::isnan(v)) {
+      if (nan_count++ == 0) worst = k;
+      continue;
+    }
+    const long double err = std::fabs((long double)v - ref);
+    if (err > max_err) {
+      max_err = err;
+      if (nan_count == 0) worst = k;
+    }
+  }
+  const long double bound = (long double)tolerance<T>() * max_ref;
+  const bool ok = nan_count == 0 && max_err <= bound;
+  if (bound > 0) {
+    double& worst_ratio = g_worst_ratio[sizeof(T) == 4 ? 0 : 1];
+    worst_ratio = std::fmax(worst_ratio, double(max_err / bound));
+  }
+  tally.expect(ok, format("%s: y %s: max|err|=%.3Le bound=%.3Le (max|ref|=%.3Le) NaN/unwritten=%lld worst index=%lld "
+                          "y=%.9Le ref=%.9Le",
+                          label.c_str(), ok ? "ok" : "out of tolerance", max_err, bound, max_ref, (long long)nan_count,
+                          (long long)worst, worst >= 0 ? (long double)y.data()[worst] : 0.0L,
+                          worst >= 0 ? y_ref[size_t(worst)] : 0.0L));
+}
+
+template <class T>
+void expect_close_stats(Tally& tally, const std::string& label, const Guarded<T>& mean, const Guarded<T>& rstd,
+                        const ReferenceStats& ref) {
+  const long double tol = tolerance<T>();
+  int64_t bad_mean = -1, bad_rstd = -1;
+  for (int64_t i = 0; i < mean.n; ++i) {
+    const long double m_ref = ref.mean[size_t(i)], r_ref = ref.rstd[size_t(i)];
+    const long double mean_bound = tol * (std::fabs(m_ref) + 1.0L / r_ref);  // the group's scale: |mean| + std
+    if (bad_mean < 0 && !(std::fabs((long double)mean.data()[i] - m_ref) <= mean_bound)) bad_mean = i;
+    if (bad_rstd < 0 && !(std::fabs((long double)rstd.data()[i] - r_ref) <= tol * r_ref)) bad_rstd = i;
+  }
+  tally.expect(bad_mean < 0, format("%s: mean_out[%lld]=%.9Le ref=%.9Le", label.c_str(), (long long)bad_mean,
+                                    bad_mean >= 0 ? (long double)mean.data()[bad_mean] : 0.0L,
+                                    bad_mean >= 0 ? ref.mean[size_t(bad_mean)] : 0.0L));
+  tally.expect(bad_rstd < 0, format("%s: rstd_out[%lld]=%.9Le ref=%.9Le", label.c_str(), (long long)bad_rstd,
+                                    bad_rstd >= 0 ? (long double)rstd.data()[bad_rstd] : 0.0L,
+                                    bad_rstd >= 0 ? ref.rstd[size_t(bad_rstd)] : 0.0L));
+}
+
+// One forward call on the current ISA, checked for status, guards, accuracy, statistics and, optionally, that
+// the in-place call (x == y) gives the same bits.
+template <class T>
+void check_forward(Tally& tally, const std::string& label, const Problem& p, const std::vector<T>& x, const T* weight,
+                   const T* bias, bool want_stats, bool check_in_place, const ReferenceStats& ref,
+                   const std::vector<long double>& y_ref) {
+  const Shape s{p.N, p.C, p.G, p.HxW};
+  Guarded<T> y(s.size()), mean(s.N * s.G), rstd(s.N * s.G);
+  const Status status = run_forward<T>(p, x.data(), weight, bias, y.data(), want_stats ? mean.data() : nullptr,
+                                       want_stats ? rstd.data() : nullptr);
+  if (!tally.expect(status == groupnorm::kOk, format("%s: status %d", label.c_str(), int(status)))) return;
+  tally.expect(y.guards_intact(), label + ": y guard region overwritten");
+  expect_close_output(tally, label, y, y_ref);
+  if (want_stats) {
+    tally.expect(mean.guards_intact() && rstd.guards_intact(), label + ": mean_out/rstd_out guard region overwritten");
+    expect_close_stats(tally, label, mean, rstd, ref);
+  }
+  if (check_in_place) {
+    Guarded<T> inout(s.size());
+    std::memcpy(inout.data(), x.data(), sizeof(T) * x.size());
+    const Status st = run_forward<T>(p, inout.data(), weight, bias, inout.data(), nullptr, nullptr);
+    tally.expect(st == groupnorm::kOk && inout.guards_intact() && inout.bitwise_equal(y),
+                 label + ": in-place result differs from out-of-place (or guards overwritten)");
+  }
+}
+
+template <class T>
+std::vector<T> normal_data(std::mt19937_64& rng, int64_t count, double offset, double scale) {
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<T> v(static_cast<size_t>(count));
+  for (auto& e : v) e = T(offset + scale * normal(rng));
+  return v;
+}
+
+template <class T>
+std::vector<T> uniform_data(std::mt19937_64& rng, int64_t count, double lo, double hi) {
+  std::uniform_real_distribution<double> uniform(lo, hi);
+  std::vector<T> v(static_cast<size_t>(count));
+  for (auto& e : v) e = T(uniform(rng));
+  return v;
+}
+
+struct Levels {
+  std::vector<Isa> tested;
+};
+
+bool select_level(Tally& tally, Isa isa) {
+  const Status st = groupnorm::isa_select(isa);
+  return tally.expect(st == groupnorm::kOk && groupnorm::isa_current() == isa,
+                      format("isa_select(%s) -> status %d, isa_current()=%s", groupnorm::isa_name(isa), int(st),
+                             groupnorm::isa_name(groupnorm::isa_current())));
+}
+
+// Which weight/bias pointers a case passes; mean_out/rstd_out are requested in some combinations only.
+struct AffineMode {
+  bool weight, bias, stats;
+  const char* name;
+};
+constexpr AffineMode kAffineModes[] = {
+    {false, false, true, "plain"}, {true, true, true, "w+b"}, {true, false, false, "w"}, {false, true, false, "b"}};
+
+// Accuracy over every layout, activation and affine mode, on every tested level, for one shape.
+template <class T>
+void check_shape(Tally& tally, const Levels& levels, const Shape& s, std::mt19937_64& master, double offset,
+                 double spread, bool all_affine_modes, bool check_in_place) {
+  const uint64_t case_seed = master();
+  std::mt19937_64 rng(case_seed);
+  const std::vector<T> x = normal_data<T>(rng, s.size(), offset, spread);
+  const std::vector<T> weight = uniform_data<T>(rng, s.C, -2.0, 2.0);
+  const std::vector<T> bias = normal_data<T>(rng, s.C, 0.0, 1.0);
+  for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
+    Problem p;
+    p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout, p.eps = 1e-5;
+    const ReferenceStats ref = reference_stats(s, layout, x.data(), p.eps);
+    for (Activation act : {Activation::kNone, Activation::kSilu}) {
+      p.activation = act;
+      for (const AffineMode& mode : kAffineModes) {
+        if (!all_affine_modes && !(mode.weight && mode.bias)) continue;
+        const T* w = mode.weight ? weight.data() : nullptr;
+        const T* b = mode.bias ? bias.data() : nullptr;
+        const std::vector<long double> y_ref = reference_output(s, layout, act, x.data(), w, b, ref);
+        for (Isa isa : levels.tested) {
+          if (!select_level(tally, isa)) continue;
+          const std::string label =
+              format("isa=%s %s %s act=%s affine=%s %s offset=%g case_seed=%llu", groupnorm::isa_name(isa),
+                     dtype_name<T>(), layout_name(layout), activation_name(act), mode.name, shape_label(s).c_str(),
+                     offset, (unsigned long long)case_seed);
+          check_forward(tally, label, p, x, w, b, mode.stats, check_in_place, ref, y_ref);
+        }
+      }
+    }
+  }
+}
+
+std::vector<int64_t> group_counts(int64_t C) {
+  std::vector<int64_t> gs{1};
+  for (int64_t g = 2; g < C; ++g)
+    if (C % g == 0) {
+      gs.push_back(g);  // the smallest proper divisor > 1, so a middle D is covered too
+      break;
+    }
+  if (C > 1) gs.push_back(C);
+  return gs;
+}
+
+template <class T>
+void check_tails(Tally& tally, const Levels& levels, std::mt19937_64& master) {
+  const int64_t tails[] = {1, 3, 7, 15, 16, 17, 31, 33, 63, 65};
+  for (int64_t N = 1; N <= 3; ++N)
+    for (int64_t C : tails)
+      for (int64_t HxW : tails)
+        for (int64_t G : group_counts(C)) check_shape<T>(tally, levels, {N, C, G, HxW}, master, 0.5, 1.5, true, true);
+}
+
+template <class T>
+void check_large(Tally& tally, const Levels& levels, std::mt19937_64& master, double offset, double spread) {
+  const Shape shapes[] = {
+      {1, 1, 1, 16384},        {1, 1, 1, 16383},        {2, 1, 1, 16385},         {2, 3, 1, 3 * 16384 + 5},
+      {1, 3, 3, 3 * 16384 + 5}, {3, 4, 2, 16384},        {1, 2, 1, 600001},       // > 64 chunks per group
+      {2, 32, 8, 49},          {1, 64, 32, 17},         {2, 320, 32, 7},          {1, 2048, 32, 9},
+      {1, 96, 1, 1},           {3, 6, 2, 1},            {1, 256, 16, 65},         {2, 5, 5, 1023},
+  };
+  for (const Shape& s : shapes) check_shape<T>(tally, levels, s, master, offset, spread, false, false);
+}
+
+// Same bits for num_threads = 1, 2, 3, 5 (and the set_num_threads default), on shapes large enough to split.
+template <class T>
+void check_thread_determinism(Tally& tally, const Levels& levels, std::mt19937_64& master) {
+  const Shape shapes[] = {
+      {1, 4, 1, 65536 + 33},  // one group: chunks split across threads
+      {2, 6, 3, 30007},       // 6 groups: whole groups for 2 and 3 threads, split for 5
+      {16, 32, 8, 1031},      // many groups: whole groups
+      {1, 7, 7, 50001},       // channels-last, one sample: row chunks split across threads
+      {3, 33, 3, 4099},
+  };
+  const int thread_counts[] = {2, 3, 5};
+  for (const Shape& s : shapes) {
+    const uint64_t case_seed = master();
+    std::mt19937_64 rng(case_seed);
+    const std::vector<T> x = normal_data<T>(rng, s.size(), -0.7, 2.0);
+    const std::vector<T> weight = uniform_data<T>(rng, s.C, -2.0, 2.0);
+    const std::vector<T> bias = normal_data<T>(rng, s.C, 0.0, 1.0);
+    for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
+      Problem p;
+      p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout;
+      const ReferenceStats ref = reference_stats(s, layout, x.data(), p.eps);
+      for (Activation act : {Activation::kNone, Activation::kSilu}) {
+        p.activation = act;
+        const std::vector<long double> y_ref = reference_output(s, layout, act, x.data(), weight.data(), bias.data(), ref);
+        for (Isa isa : levels.tested) {
+          if (!select_level(tally, isa)) continue;
+          const std::string label = format("threads isa=%s %s %s act=%s %s case_seed=%llu", groupnorm::isa_name(isa),
+                                           dtype_name<T>(), layout_name(layout), activation_name(act),
+                                           shape_label(s).c_str(), (unsigned long long)case_seed);
+          p.num_threads = 1;
+          check_forward(tally, label + " num_threads=1", p, x, weight.data(), bias.data(), true, false, ref, y_ref);
+          Guarded<T> y1(s.size()), mean1(s.N * s.G), rstd1(s.N * s.G);
+          run_forward<T>(p, x.data(), weight.data(), bias.data(), y1.data(), mean1.data(), rstd1.data());
+          auto expect_same_bits = [&](const std::string& which) {
+            Guarded<T> y(s.size()), mean(s.N * s.G), rstd(s.N * s.G);
+            const Status st = run_forward<T>(p, x.data(), weight.data(), bias.data(), y.data(), mean.data(), rstd.data());
+            tally.expect(st == groupnorm::kOk && y.guards_intact() && y.bitwise_equal(y1) && mean.bitwise_equal(mean1) &&
+                             rstd.bitwise_equal(rstd1),
+                         label + " " + which + ": result differs bitwise from num_threads=1 (or status/guards)");
+          };
+          for (int nt : thread_counts) {
+            p.num_threads = nt;
+            expect_same_bits(format("num_threads=%d", nt));
+          }
+          groupnorm::set_num_threads(3);
+          p.num_threads = 0;
+          expect_same_bits("num_threads=0 after set_num_threads(3)");
+          groupnorm::set_num_threads(0);
+        }
+      }
+    }
+  }
+}
+
+// Empty problems succeed without touching y; malformed descriptors are rejected.
+void check_edge_cases(Tally& tally, const Levels& levels) {
+  for (Isa isa : levels.tested) {
+    if (!select_level(tally, isa)) continue;
+    const Shape empties[] = {{0, 4, 2, 5}, {2, 0, 1, 5}, {2, 4, 2, 0}};
+    for (const Shape& s : empties) {
+      Problem p;
+      p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW;
+      Guarded<float> y(0), mean(s.N * s.G), rstd(s.N * s.G);
+      const std::vector<float> x(1, 1.0f);
+      const Status st = run_forward<float>(p, x.data(), nullptr, nullptr, y.data(), mean.data(), rstd.data());
+      tally.expect(st == groupnorm::kOk && y.guards_intact() && mean.guards_intact() && rstd.guards_intact(),
+                   format("empty isa=%s %s: status %d or guards overwritten", groupnorm::isa_name(isa),
+                          shape_label(s).c_str(), int(st)));
+    }
+    Problem bad;
+    bad.N = 1, bad.C = 6, bad.G = 4, bad.HxW = 3;
+    std::vector<float> x(18, 1.0f), y(18);
+    tally.expect(run_forward<float>(bad, x.data(), nullptr, nullptr, y.data(), nullptr, nullptr) ==
+                     groupnorm::kInvalidArgument,
+                 "C % G != 0 must give kInvalidArgument");
+    bad.G = 0;
+    tally.expect(run_forward<float>(bad, x.data(), nullptr, nullptr, y.data(), nullptr, nullptr) ==
+                     groupnorm::kInvalidArgument,
+                 "G == 0 must give kInvalidArgument");
+  }
+}
+
+Levels detect_levels(Tally& tally) {
+  Levels levels;
+  for (int i = 0; i < groupnorm::kIsaCount; ++i) {
+    const Isa isa = Isa(i);
+    const bool compiled = groupnorm::isa_compiled(isa), supported = groupnorm::isa_supported(isa);
+    if (compiled && supported) {
+      levels.tested.push_back(isa);
+      std::printf("level %-7s tested\n", groupnorm::isa_name(isa));
+    } else {
+      std::printf("level %-7s skipped: %s\n", groupnorm::isa_name(isa),
+                  !compiled ? "not compiled into this build" : "not supported by this CPU/OS");
+      tally.expect(groupnorm::isa_select(isa) == groupnorm::kUnsupported,
+                   format("isa_select(%s) must give kUnsupported", groupnorm::isa_name(isa)));
+    }
+  }
+  return levels;
+}
+
+uint64_t choose_seed(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::strncmp(argv[i], "--seed=", 7) == 0) return std::strtoull(argv[i] + 7, nullptr, 10);
+  if (const char* env = std::getenv("GROUPNORM_CHECK_SEED")) return std::strtoull(env, nullptr, 10);
+  std::random_device device;
+  return (uint64_t(device()) << 32) ^ device();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const auto start = std::chrono::steady_clock::now();
+  g_master_seed = choose_seed(argc, argv);
+  std::printf("kernel_check: seed=%llu (rerun with --seed=%llu), openmp=%s, default threads=%d, best level=%s\n",
+              (unsigned long long)g_master_seed, (unsigned long long)g_master_seed,
+              groupnorm::openmp_enabled() ? "on" : "off", groupnorm::get_num_threads(),
+              groupnorm::isa_name(groupnorm::isa_best()));
+  std::mt19937_64 master(g_master_seed);
+  Tally tally;
+  const Levels levels = detect_levels(tally);
+
+  auto section = [&](const char* name, auto&& body) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const int64_t failed_before = tally.failed;
+    body();
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("%-28s %6.2f s  %s\n", name, secs, tally.failed == failed_before ? "ok" : "FAILURES");
+    std::fflush(stdout);
+  };
+  section("tails f32", [&] { check_tails<float>(tally, levels, master); });
+  section("tails f64", [&] { check_tails<double>(tally, levels, master); });
+  section("large shapes f32", [&] { check_large<float>(tally, levels, master, 0.5, 1.5); });
+  section("large shapes f64", [&] { check_large<double>(tally, levels, master, 0.5, 1.5); });
+  section("large offset f32 (1e4+N(0,1))", [&] { check_large<float>(tally, levels, master, 1e4, 1.0); });
+  section("thread determinism f32", [&] { check_thread_determinism<float>(tally, levels, master); });
+  section("thread determinism f64", [&] { check_thread_determinism<double>(tally, levels, master); });
+  section("edge cases", [&] { check_edge_cases(tally, levels); });
+  groupnorm::isa_select(groupnorm::isa_best());
+
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("total %.2f s, seed=%llu; worst max|err|/bound: f32 %.3f, f64 %.3f\n", secs,
+              (unsigned long long)g_master_seed, g_worst_ratio[0], g_worst_ratio[1]);
+  std::printf("%lld passed, %lld failed\n", (long long)tally.passed, (long long)tally.failed);
+  return tally.failed == 0 ? 0 : 1;
+}

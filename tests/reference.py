@@ -1,0 +1,144 @@
+# reference.py — the float64 NumPy reference GroupNorm (long double for float64 input), two-pass statistics,
+# and the helpers every accuracy test shares: the tolerance rule, arrays in a given memory layout, and a
+# checked call that also runs the poisoned out= path and proves the input untouched.
+import numpy as np
+
+import groupnorm as gn
+
+# max|y - y_ref| <= TOLERANCE * max|y_ref|: the issue's float32 target, and float64 a few hundred ulp.
+TOLERANCE = {
+    (np.dtype(np.float32), False): 2e-6,
+    (np.dtype(np.float32), True): 4e-6,  # SiLU: a polynomial exp and one division on top of the norm
+    (np.dtype(np.float64), False): 1e-12,
+    (np.dtype(np.float64), True): 1e-12,
+}
+
+LAYOUTS = ("contiguous", "channels_last", "fortran", "sliced_spatial", "sliced_channels", "negative_strides",
+           "all_reversed", "batch_strided", "broadcast")
+
+
+def accumulator_dtype(dtype):
+    """float64 for float32 data; long double (at least float64) for float64 data."""
+    return np.dtype(np.longdouble) if np.dtype(dtype) == np.float64 else np.dtype(np.float64)
+
+
+def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, channel_axis=1):
+    """torch.nn.functional.group_norm semantics in high precision; returns the accumulator-dtype result."""
+    x = np.asarray(x)
+    acc = accumulator_dtype(x.dtype)
+    xc = np.moveaxis(x, channel_axis, 1).astype(acc)
+    N, C = xc.shape[:2]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if xc.size == 0:
+            y = xc.copy()
+        else:
+            groups = xc.reshape(N, num_groups, xc.size // (N * num_groups))
+            mean = groups.mean(axis=2, keepdims=True)
+            var = np.square(groups - mean).mean(axis=2, keepdims=True)
+            y = ((groups - mean) / np.sqrt(var + acc.type(eps))).reshape(xc.shape)
+        per_channel = (1, C) + (1,) * (xc.ndim - 2)
+        if weight is not None:
+            y = y * np.asarray(weight).astype(acc).reshape(per_channel)
+        if bias is not None:
+            y = y + np.asarray(bias).astype(acc).reshape(per_channel)
+        if activation == "silu":
+            y = y / (1 + np.exp(-y))
+    return np.moveaxis(y, 1, channel_axis)
+
+
+def assert_matches_reference(y, y_ref, *, activation=None, what="group_norm"):
+    """y has y_ref's shape, NaNs exactly where y_ref has them, and max error within TOLERANCE."""
+    y = np.asarray(y)
+    y_ref = np.asarray(y_ref)
+    assert y.shape == y_ref.shape, f"{what}: shape {y.shape} != reference {y_ref.shape}"
+    tol = TOLERANCE[(y.dtype, activation == "silu")]
+    nan_y, nan_ref = np.isnan(y), np.isnan(y_ref)
+    if not np.array_equal(nan_y, nan_ref):
+        bad = np.argwhere(nan_y != nan_ref)
+        raise AssertionError(f"{what}: NaN pattern differs from the reference at {len(bad)} element(s), "
+                             f"first at index {tuple(bad[0])}: got {y[tuple(bad[0])]!r}, "
+                             f"expected {y_ref[tuple(bad[0])]!r}")
+    if y.size == 0 or nan_ref.all():
+        return
+    finite = ~nan_ref
+    err = np.abs(y.astype(y_ref.dtype) - y_ref)
+    err[~finite] = 0
+    scale = np.abs(y_ref[finite]).max()
+    bound = tol * scale if scale > 0 else tol
+    worst = np.unravel_index(np.argmax(err), err.shape)
+    assert err.max() <= bound, (
+        f"{what}: max|y - y_ref| = {float(err.max()):.3e} > {tol:g} * max|y_ref| = {float(bound):.3e} "
+        f"(ratio {float(err.max() / max(scale, 1e-300)):.2e}) at index {tuple(int(i) for i in worst)}: "
+        f"got {y[worst]!r}, expected {float(y_ref[worst])!r}; dtype {y.dtype}, shape {y.shape}")
+
+
+def random_array(rng, shape, dtype, layout="contiguous", *, offset=0.0, scale=1.0):
+    """Standard normal data (times scale, plus offset) of logical shape (N, C, *) in the named memory layout."""
+    shape = tuple(shape)
+
+    def fill(physical_shape):
+        return (offset + scale * rng.standard_normal(physical_shape)).astype(dtype)
+
+    if layout == "contiguous":
+        return fill(shape)
+    if layout == "channels_last":  # e.g. x_nhwc.transpose(0, 3, 1, 2)
+        return np.moveaxis(fill((shape[0],) + shape[2:] + (shape[1],)), -1, 1)
+    if layout == "fortran":
+        return np.asfortranarray(fill(shape))
+    if layout == "sliced_spatial":  # every other position along the last axis
+        return fill(shape[:-1] + (2 * shape[-1],))[..., ::2]
+    if layout == "sliced_channels":
+        return fill((shape[0], 2 * shape[1]) + shape[2:])[:, 1::2]
+    if layout == "negative_strides":
+        return fill(shape)[..., ::-1]
+    if layout == "all_reversed":
+        return fill(shape)[(slice(None, None, -1),) * len(shape)]
+    if layout == "batch_strided":
+        return fill((2 * shape[0] + 1,) + shape[1:])[1::2]
+    if layout == "broadcast":  # zero strides along the batch axis, read-only
+        return np.broadcast_to(fill((1,) + shape[1:]), shape)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def empty_like_layout(x, fill_value=np.nan):
+    """A writeable array of x's shape and dtype, filled with a sentinel, in x's memory order."""
+    out = np.empty_like(x)
+    out[...] = fill_value
+    return out
+
+
+def same_bits(a, b):
+    """Bitwise equality (NaN payloads included) of two arrays of one dtype and shape."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = np.uint32 if a.dtype.itemsize == 4 else np.uint64
+    return np.array_equal(np.ascontiguousarray(a).view(view), np.ascontiguousarray(b).view(view))
+
+
+def check_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None, channel_axis=1,
+                     y_ref=None):
+    """Run group_norm with and without a NaN-poisoned out=, check both against the reference, the two results
+    bitwise equal, and x, weight and bias unmodified. Returns the result of the call without out=."""
+    x_before = np.array(x, copy=True)
+    params_before = [None if p is None else np.array(p, copy=True) for p in (weight, bias)]
+    if y_ref is None:
+        y_ref = group_norm_reference(x, num_groups, weight, bias, eps, activation, channel_axis)
+
+    y = gn.group_norm(x, num_groups, weight, bias, eps, activation=activation, channel_axis=channel_axis)
+    assert type(y) is np.ndarray, f"result is a {type(y).__name__}, not an ndarray"
+    assert y.dtype == x.dtype, f"result dtype {y.dtype} != input dtype {x.dtype}"
+    assert_matches_reference(y, y_ref, activation=activation, what="group_norm(x)")
+
+    out = empty_like_layout(x, np.nan)
+    returned = gn.group_norm(x, num_groups, weight, bias, eps, activation=activation, channel_axis=channel_axis,
+                             out=out)
+    assert returned is out, "out= given: the same object must be returned"
+    assert_matches_reference(out, y_ref, activation=activation, what="group_norm(x, out=poisoned)")
+    assert same_bits(out, y), "the out= path and the allocating path differ bitwise"
+
+    assert same_bits(x, x_before), "the input was modified"
+    for p, before in zip((weight, bias), params_before):
+        if p is not None:
+            assert same_bits(p, before), "weight or bias was modified"
+    return y

@@ -1,0 +1,269 @@
+# test_forward.py — group_norm against the float64 reference on every ISA level: odd tails around each vector
+# width, 2-D to 6-D shapes, sizes that cross the 16384-element chunk and the thread split, large offsets,
+# a 4M-element group, SiLU, eps, NaN isolation and constant groups. Every call also runs a poisoned out=.
+import numpy as np
+import pytest
+
+import groupnorm as gn
+from reference import (assert_matches_reference, check_group_norm, empty_like_layout, group_norm_reference,
+                       random_array, same_bits)
+
+DTYPES = [np.float32, np.float64]
+TAILS = (1, 3, 7, 15, 16, 17, 31, 33, 63, 65)
+AFFINE = ("none", "weight", "bias", "both")
+CHUNK = 16384  # the kernels' minimum chunk, in elements
+
+
+def affine_params(rng, C, dtype, affine):
+    weight = rng.standard_normal(C).astype(dtype) if affine in ("weight", "both") else None
+    bias = rng.standard_normal(C).astype(dtype) if affine in ("bias", "both") else None
+    return weight, bias
+
+
+def _group_choices(C):
+    """G = 1, G = C and one proper divisor in between when C has one."""
+    middle = [C // d for d in range(2, C) if C % d == 0][:1]
+    return sorted({1, C, *middle})
+
+
+# (shape, num_groups): tails along the group length / HxW (channels-first) and along C (channels-last).
+TAIL_CASES = ([((1, 1, n), 1) for n in TAILS] + [((2, 6, n), 3) for n in TAILS]
+              + [((2, c, 5), g) for c in TAILS for g in _group_choices(c)])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(TAIL_CASES)),
+                         ids=[f"{s}-G{g}".replace(" ", "") for s, g in TAIL_CASES])
+def test_tails(isa, rng, case, dtype, layout):
+    shape, G = TAIL_CASES[case]
+    x = random_array(rng, shape, dtype, layout)
+    weight, bias = affine_params(rng, shape[1], dtype, AFFINE[case % len(AFFINE)])
+    check_group_norm(x, G, weight, bias)
+
+
+@pytest.mark.parametrize("affine", AFFINE)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_affine_combinations(isa, rng, dtype, layout, affine):
+    x = random_array(rng, (3, 12, 9, 11), dtype, layout)
+    weight, bias = affine_params(rng, 12, dtype, affine)
+    check_group_norm(x, 4, weight, bias)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, G", [((5, 12), 4), ((7, 1), 1), ((3, 12, 7), 3), ((2, 12, 5, 7), 6),
+                                      ((2, 8, 3, 5, 7), 2), ((1, 4, 2, 3, 3, 2), 2)],
+                         ids=["2d", "2d-C1", "3d", "4d", "5d", "6d"])
+def test_dimensions(isa, rng, shape, G, dtype, layout):
+    x = random_array(rng, shape, dtype, layout)
+    weight, bias = affine_params(rng, shape[1], dtype, "both")
+    check_group_norm(x, G, weight, bias)
+
+
+# Shapes around the chunk size (channels-first: 16384 elements of a group; channels-last: ceil(16384 / C)
+# rows of a sample) and both thread-split regimes (N*G below and above the thread count).
+BIG_CASES = [
+    ((1, 1, CHUNK - 1), 1),
+    ((1, 1, CHUNK), 1),
+    ((1, 1, CHUNK + 1), 1),
+    ((2, 2, 3 * CHUNK + 5), 1),
+    ((1, 3, 3 * CHUNK + 5), 3),
+    ((2, 3, 3 * 5462 + 1), 3),
+    ((1, 5, 3 * 3277 + 2), 1),
+    ((1, 3, 128, 129), 1),
+    ((3, 6, 129, 127), 3),
+    ((8, 4, 64, 65), 4),
+    ((1, 64, 65, 63), 32),
+    ((2, 17, 97, 101), 17),
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, G", BIG_CASES, ids=[f"{s}-G{g}".replace(" ", "") for s, g in BIG_CASES])
+def test_large_shapes(isa, rng, shape, G, dtype, layout):
+    x = random_array(rng, shape, dtype, layout)
+    weight, bias = affine_params(rng, shape[1], dtype, "both")
+    check_group_norm(x, G, weight, bias)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_four_million_element_group(isa, rng, layout):
+    x = random_array(rng, (1, 4, 1024, 1024), np.float32, layout, offset=3.0)
+    weight, bias = affine_params(rng, 4, np.float32, "both")
+    check_group_norm(x, 1, weight, bias)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [1e4, 100.0, -3e3])
+@pytest.mark.parametrize("shape, G", [((2, 8, 33, 31), 4), ((1, 4, 130, 130), 1)], ids=["small", "chunked"])
+def test_large_offset(isa, rng, shape, G, offset, dtype, layout):
+    """|mean| >> std: the classic cancellation trap; the issue's float32 target must still hold."""
+    x = random_array(rng, shape, dtype, layout, offset=offset)
+    weight, bias = affine_params(rng, shape[1], dtype, "both")
+    check_group_norm(x, G, weight, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1e-6, 1e6])
+def test_magnitudes(isa, rng, scale, dtype):
+    x = random_array(rng, (2, 6, 40), dtype, "contiguous", scale=scale)
+    weight, bias = affine_params(rng, 6, dtype, "both")
+    check_group_norm(x, 2, weight, bias, eps=1e-5 * scale * scale)
+    check_group_norm(x, 2, weight, bias)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_scale", [1.0, 30.0], ids=["unit", "wide"])
+@pytest.mark.parametrize("shape, G", [((2, 6, 17), 3), ((2, 33, 5), 11), ((1, 4, 130, 130), 2)],
+                         ids=["cf-tail", "cl-tail", "chunked"])
+def test_silu(isa, rng, shape, G, weight_scale, dtype, layout):
+    """Fused y * sigmoid(y); the wide weights push y far into both saturated ends of the sigmoid."""
+    x = random_array(rng, shape, dtype, layout)
+    weight = (weight_scale * rng.standard_normal(shape[1])).astype(dtype)
+    bias = rng.standard_normal(shape[1]).astype(dtype)
+    check_group_norm(x, G, weight, bias, activation="silu")
+    check_group_norm(x, G, None, None, activation="silu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_is_norm_times_sigmoid(isa, rng, dtype):
+    x = random_array(rng, (2, 8, 31), dtype)
+    y = gn.group_norm(x, 4).astype(np.float64)
+    silu = gn.group_norm(x, 4, activation="silu")
+    tol = 4e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(silu, y / (1 + np.exp(-y)), rtol=0, atol=tol * np.abs(y).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps", [0.0, 1e-12, 1e-3, 1.0, 1e3])
+def test_eps(isa, rng, eps, dtype):
+    x = random_array(rng, (2, 6, 9, 7), dtype)
+    weight, bias = affine_params(rng, 6, dtype, "both")
+    check_group_norm(x, 3, weight, bias, eps=eps)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_stays_in_its_group(isa, rng, dtype, layout):
+    N, C, G = 2, 6, 3
+    x = random_array(rng, (N, C, 5, 7), dtype, layout)
+    x[1, 2, 3, 4] = np.nan  # sample 1, group 1 (channels 2 and 3)
+    weight, bias = affine_params(rng, C, dtype, "both")
+    out = empty_like_layout(x, -12345.0)
+    y = gn.group_norm(x, G, weight, bias, out=out)
+    assert y is out
+    assert np.isnan(y[1, 2:4]).all(), "every element of the group holding the NaN must be NaN"
+    assert not np.isnan(y[0]).any() and not np.isnan(y[1, :2]).any() and not np.isnan(y[1, 4:]).any()
+    assert_matches_reference(y, group_norm_reference(x, G, weight, bias))
+    assert_matches_reference(gn.group_norm(x, G, weight, bias), group_norm_reference(x, G, weight, bias))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", [3.25, 1e4], ids=["small", "offset"])
+def test_constant_group_gives_bias(isa, rng, value, dtype, layout):
+    """A group with zero variance normalises to exactly 0, so its output is exactly the bias."""
+    x = random_array(rng, (2, 6, 4, 5), dtype, layout)
+    x[1, 2:4] = value
+    weight, bias = affine_params(rng, 6, dtype, "both")
+    y = check_group_norm(x, 3, weight, bias)
+    np.testing.assert_array_equal(y[1, 2:4], np.broadcast_to(bias[2:4, None, None], (2, 4, 5)))
+    y_plain = gn.group_norm(x, 3)
+    assert (y_plain[1, 2:4] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_of_one_element(isa, rng, dtype):
+    """HxW = 1 and G = C: every group is a single value, normalised to 0, so y = bias."""
+    x = random_array(rng, (3, 5), dtype)
+    weight, bias = affine_params(rng, 5, dtype, "both")
+    y = check_group_norm(x, 5, weight, bias)
+    np.testing.assert_array_equal(y, np.broadcast_to(bias, (3, 5)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_hand_computed_values(isa, dtype):
+    x = np.arange(8, dtype=dtype).reshape(1, 4, 2)
+    y = gn.group_norm(x, 2, eps=0.0)
+    expected = np.array([-3, -1, 1, 3] * 2, dtype=np.float64).reshape(1, 4, 2) / np.sqrt(5.0)
+    np.testing.assert_allclose(y, expected, rtol=2e-6 if dtype == np.float32 else 1e-14)
+
+
+def test_list_input_gives_float64():
+    y = gn.group_norm([[1.0, 2.0], [3.0, 4.0]], 1)
+    assert type(y) is np.ndarray and y.dtype == np.float64 and y.shape == (2, 2)
+    assert_matches_reference(y, group_norm_reference(np.array([[1.0, 2.0], [3.0, 4.0]]), 1))
+
+
+def test_nested_list_with_weight_and_bias_lists(rng):
+    x = rng.standard_normal((2, 4, 3))
+    weight, bias = rng.standard_normal(4), rng.standard_normal(4)
+    y = gn.group_norm(x.tolist(), 2, weight.tolist(), bias.tolist())
+    assert y.dtype == np.float64
+    assert_matches_reference(y, group_norm_reference(x, 2, weight, bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numpy_integer_num_groups(rng, dtype):
+    x = random_array(rng, (2, 6, 5), dtype)
+    assert same_bits(gn.group_norm(x, np.int64(3)), gn.group_norm(x, 3))
+    assert same_bits(gn.group_norm(x, np.int32(3)), gn.group_norm(x, 3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_defaults_match_explicit_arguments(rng, dtype):
+    x = random_array(rng, (2, 6, 5, 3), dtype)
+    y = gn.group_norm(x, 3)
+    assert same_bits(y, gn.group_norm(x, 3, None, None, 1e-5, activation=None, channel_axis=1, out=None))
+    assert same_bits(y, gn.group_norm(input=x, num_groups=3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_of_another_dtype_is_converted(rng, dtype):
+    x = random_array(rng, (2, 6, 5), dtype)
+    other = np.float64 if dtype == np.float32 else np.float32
+    weight, bias = rng.standard_normal(6).astype(other), rng.standard_normal(6).astype(other)
+    y = gn.group_norm(x, 3, weight, bias)
+    assert y.dtype == dtype
+    assert_matches_reference(y, group_norm_reference(x, 3, weight.astype(dtype), bias.astype(dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_read_only_input(isa, rng, dtype):
+    x = random_array(rng, (2, 6, 33), dtype)
+    x.flags.writeable = False
+    check_group_norm(x, 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unaligned_input_and_output(isa, rng, dtype):
+    """Arrays at an odd byte address: the kernels must not assume element alignment."""
+    shape, itemsize = (2, 6, 37), np.dtype(dtype).itemsize
+    size = int(np.prod(shape))
+    x = np.frombuffer(bytearray(size * itemsize + 1), dtype=dtype, count=size, offset=1).reshape(shape)
+    assert not x.flags.aligned
+    x[...] = random_array(rng, shape, dtype)
+    out = np.frombuffer(bytearray(size * itemsize + 3), dtype=dtype, count=size, offset=3).reshape(shape)
+    out[...] = np.nan
+    y = gn.group_norm(x, 3, out=out)
+    assert y is out
+    assert_matches_reference(out, group_norm_reference(x, 3))
+    assert_matches_reference(gn.group_norm(x, 3), group_norm_reference(x, 3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_byte_swapped_input_is_correct_or_refused(rng, dtype):
+    """Non-native byte order may be refused (TypeError / ValueError) but must never be misread."""
+    x = random_array(rng, (2, 6, 5), dtype)
+    swapped = x.astype(x.dtype.newbyteorder())
+    try:
+        y = gn.group_norm(swapped, 3)
+    except (TypeError, ValueError) as exc:
+        assert "input" in str(exc) or "dtype" in str(exc)
+    else:
+        assert_matches_reference(np.asarray(y, dtype=dtype), group_norm_reference(x, 3))
