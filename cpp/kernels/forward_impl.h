@@ -304,6 +304,32 @@ struct RowBuffers {
   bool ok() const { return block.data != nullptr; }
 };
 
+// Shifted sums of K vectors of channels starting at c over rows [r0, r1), held in registers and stored to
+// b.sum / b.sq; with kTail, one vector of which only `count` channels exist (the rest read as 0 - 0).
+template <class V, int K, bool kTail, class S>
+void column_sums(const S* sample, int64_t C, int64_t c, int64_t count, int64_t r0, int64_t r1,
+                 RowBuffers<typename V::Scalar>& b) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  V shift[K], sum[K], sq[K];
+  for (int i = 0; i < K; ++i) {
+    shift[i] = V::load(b.shift + c + i * W);
+    sum[i] = sq[i] = V::zero();
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const S* row = sample + r * C + c;
+    for (int i = 0; i < K; ++i) {
+      const V d = (kTail ? V::load_tail(row, count, T(0)) : V::load(row + i * W)) - shift[i];
+      sum[i] = sum[i] + d;
+      sq[i] = fma(d, d, sq[i]);
+    }
+  }
+  for (int i = 0; i < K; ++i) {
+    V::store(b.sum + c + i * W, sum[i]);
+    V::store(b.sq + c + i * W, sq[i]);
+  }
+}
+
 // Moments of rows [r0, r1) of one sample, per group, into out[G]. Every channel of a group is shifted by
 // the same sample of that group (its first channel in row r0), so channel sums add up to group sums.
 template <class V, class S>
@@ -324,24 +350,10 @@ void rows_moments(const Problem& p, const S* sample, int64_t r0, int64_t r1, Row
   for (int64_t c = C; c < b.padded; ++c) b.shift[c] = T(0);
   for (int64_t rb = r0; rb < r1; rb += kFlushIters) {
     const int64_t re = min_i64(r1, rb + kFlushIters);
-    for (int64_t c = 0; c < C; c += W) {
-      V::store(b.sum + c, V::zero());
-      V::store(b.sq + c, V::zero());
-    }
-    for (int64_t r = rb; r < re; ++r) {
-      const S* row = sample + r * C;
-      int64_t c = 0;
-      for (; c < c_full; c += W) {
-        const V d = V::load(row + c) - V::load(b.shift + c);
-        V::store(b.sum + c, V::load(b.sum + c) + d);
-        V::store(b.sq + c, fma(d, d, V::load(b.sq + c)));
-      }
-      if (c < C) {
-        const V d = V::load_tail(row + c, C - c, T(0)) - V::load(b.shift + c);  // padded lanes: 0 - 0
-        V::store(b.sum + c, V::load(b.sum + c) + d);
-        V::store(b.sq + c, fma(d, d, V::load(b.sq + c)));
-      }
-    }
+    int64_t c = 0;
+    for (; c + 4 * W <= c_full; c += 4 * W) column_sums<V, 4, false>(sample, C, c, C, rb, re, b);
+    for (; c < c_full; c += W) column_sums<V, 1, false>(sample, C, c, C, rb, re, b);
+    if (c < C) column_sums<V, 1, true>(sample, C, c, C - c, rb, re, b);
     for (int64_t c = 0; c < C; ++c) {
       b.sum_d[c] += double(b.sum[c]);
       b.sq_d[c] += double(b.sq[c]);

@@ -1,0 +1,494 @@
+"""Forward-pass benchmark: groupnorm vs torch.nn.functional.group_norm vs a plain copy of the same bytes.
+
+All contenders run in one process, interleaved round by round, with the same thread count; each figure
+is the median over rounds of (time of a batch of k calls) / k, k calibrated so a batch lasts >= ~1 ms.
+The copy floor is the faster of a single-threaded np.copyto and torch's multithreaded Tensor.copy_.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+try:
+    import torch
+    import torch.nn.functional as torch_functional
+except ImportError:  # pragma: no cover - the benchmark is meaningless without torch
+    sys.exit("bench_forward.py needs torch: pip install torch==2.13.0 (the pinned CPU wheel)")
+
+import groupnorm as gn
+
+ONE_MILLION = 1_000_000
+CONTENDERS = ("torch", "gn_out", "gn_alloc", "copy_numpy", "copy_torch")
+
+# (shape, num_groups); every 4-D case is also run channels-last.
+CASE_SPECS = [
+    ((4, 256, 28, 28), 32),
+    ((2, 512, 14, 14), 32),
+    ((1, 64, 32, 32), 8),
+    ((1, 320, 64, 64), 32),
+    ((1, 128, 256, 256), 32),
+    ((8, 64, 4096), 16),
+    ((1, 256, 56, 56), 1),
+    ((1, 256, 56, 56), 256),
+    ((16, 32), 4),
+]
+QUICK_CASE_IDS = [
+    "4x256x28x28-g32",
+    "1x320x64x64-g32",
+    "1x128x256x256-g32",
+    "1x256x56x56-g1",
+    "16x32-g4",
+]
+TARGETS = {
+    "never_slower_than_torch": "groupnorm never slower than torch (every case)",
+    "geomean_speedup_2x": "groupnorm >= 2x faster than torch in geometric mean",
+    "out_within_1p3x_copy": "groupnorm (out=) within 1.3x of the copy on every case >= 1M elements",
+    "tiny_call_2us": "[16,32] G4 call <= 2 us",
+}
+
+
+@dataclass
+class Case:
+    """One benchmark case: its arrays, torch views of the same memory, and the timed callables."""
+
+    case_id: str
+    shape: tuple
+    num_groups: int
+    layout: str
+    x: np.ndarray
+    storage: np.ndarray  # the contiguous memory behind x, flattened (what the copy floor moves)
+    callables: dict = field(default_factory=dict)
+    batch_size: dict = field(default_factory=dict)
+    samples_ns: dict = field(default_factory=dict)
+    check: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.case_id}:{self.layout.lower()}"
+
+    @property
+    def elements(self) -> int:
+        return int(self.x.size)
+
+
+def case_id_of(shape, num_groups) -> str:
+    """The case name used on the command line and in the table, e.g. '4x256x28x28-g32'."""
+    return "x".join(str(d) for d in shape) + f"-g{num_groups}"
+
+
+def contiguous_layout_name(ndim: int) -> str:
+    """NC, NCL, NCHW, NCDHW for a contiguous array of this rank."""
+    return {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}.get(ndim, f"contig{ndim}d")
+
+
+def all_case_specs() -> list:
+    """(case_id, shape, num_groups, layout) for every known case, channels-last after each 4-D one."""
+    specs = []
+    for shape, num_groups in CASE_SPECS:
+        layouts = [contiguous_layout_name(len(shape))] + (["NHWC"] if len(shape) == 4 else [])
+        for layout in layouts:
+            specs.append((case_id_of(shape, num_groups), shape, num_groups, layout))
+    return specs
+
+
+def selected_specs(args) -> list:
+    """The cases the command line asks for: --cases, else the --quick subset, else all."""
+    wanted = None
+    if args.cases:
+        wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+    elif args.quick:
+        wanted = QUICK_CASE_IDS
+    all_specs = all_case_specs()
+    if wanted is None:
+        return all_specs
+    known = {spec[0] for spec in all_specs} | {f"{spec[0]}:{spec[3].lower()}" for spec in all_specs}
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        sys.exit(f"--cases: unknown case(s) {unknown}; run with --list to see the names")
+    return [s for s in all_specs if s[0] in wanted or f"{s[0]}:{s[3].lower()}" in wanted]
+
+
+def build_case(case_id, shape, num_groups, layout, dtype, rng) -> Case:
+    """Allocate the input, weight, bias, out buffers and torch views, and bind every contender."""
+    x_nchw = rng.standard_normal(shape).astype(dtype) * 2.0 + 0.5
+    if layout == "NHWC":
+        storage_array = np.ascontiguousarray(x_nchw.transpose(0, 2, 3, 1))
+        x = storage_array.transpose(0, 3, 1, 2)
+    else:
+        storage_array = x_nchw
+        x = x_nchw
+    channels = shape[1]
+    weight = rng.standard_normal(channels).astype(dtype)
+    bias = rng.standard_normal(channels).astype(dtype)
+    out = np.empty_like(x)  # empty_like keeps the channels-last strides
+    assert out.strides == x.strides
+
+    x_torch = torch.from_numpy(x)
+    if layout == "NHWC":
+        x_torch = x_torch.contiguous(memory_format=torch.channels_last)
+    weight_torch = torch.from_numpy(weight)
+    bias_torch = torch.from_numpy(bias)
+
+    storage = storage_array.reshape(-1)
+    copy_destination = np.empty_like(storage)
+    storage_torch = torch.from_numpy(storage)
+    copy_destination_torch = torch.from_numpy(copy_destination)
+
+    case = Case(case_id, tuple(shape), num_groups, layout, x, storage)
+    case.check["torch_shares_memory"] = x_torch.data_ptr() == x.ctypes.data
+    case.callables = {
+        "torch": functools.partial(torch_functional.group_norm, x_torch, num_groups, weight_torch,
+                                   bias_torch, 1e-5),
+        "gn_out": functools.partial(gn.group_norm, x, num_groups, weight, bias, 1e-5, out=out),
+        "gn_alloc": functools.partial(gn.group_norm, x, num_groups, weight, bias, 1e-5),
+        "copy_numpy": functools.partial(np.copyto, copy_destination, storage),
+        "copy_torch": functools.partial(copy_destination_torch.copy_, storage_torch),
+    }
+    case._out = out  # kept alive for the sanity check
+    case._torch_args = (x_torch, weight_torch, bias_torch)
+    return case
+
+
+def verify_case(case: Case, tolerance: float) -> None:
+    """Check once that groupnorm (both variants) matches torch to `tolerance` relative, and the layout."""
+    y_torch = case.callables["torch"]().numpy()
+    y_out = case.callables["gn_out"]()
+    y_alloc = case.callables["gn_alloc"]()
+    scale = max(1.0, float(np.max(np.abs(y_torch))))
+    err_out = float(np.max(np.abs(y_out.astype(np.float64) - y_torch))) / scale
+    err_alloc = float(np.max(np.abs(y_alloc.astype(np.float64) - y_torch))) / scale
+    case.check.update({
+        "max_rel_err_out": err_out,
+        "max_rel_err_alloc": err_alloc,
+        "tolerance": tolerance,
+        "out_is_buffer": y_out is case._out,
+        "alloc_keeps_layout": y_alloc.strides == case.x.strides,
+        "ok": err_out <= tolerance and err_alloc <= tolerance and y_out is case._out,
+    })
+
+
+def time_batch_ns(fn, k: int) -> int:
+    """Wall time in ns of k back-to-back calls of fn."""
+    loop = range(k)
+    start = time.perf_counter_ns()
+    for _ in loop:
+        fn()
+    return time.perf_counter_ns() - start
+
+
+def calibrate(fn, min_batch_ns: int) -> int:
+    """The smallest k (roughly) for which a batch of k calls takes at least min_batch_ns."""
+    fn()
+    fn()
+    k = 1
+    while True:
+        elapsed = time_batch_ns(fn, k)
+        if elapsed >= min_batch_ns:
+            return k
+        grow = min_batch_ns / max(elapsed, 1) * 1.2
+        k = max(k + 1, int(math.ceil(k * min(grow, 100.0))))
+
+
+def run_rounds(cases: list, rounds: int, min_batch_ns: int, progress: bool) -> None:
+    """Calibrate each contender once per case, then time every contender on every case once per round."""
+    for case in cases:
+        for name in CONTENDERS:
+            case.batch_size[name] = calibrate(case.callables[name], min_batch_ns)
+            case.samples_ns[name] = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for round_index in range(rounds):
+            # Rotate the order so no contender always runs first (cold-ish caches) or last.
+            order = CONTENDERS[round_index % len(CONTENDERS):] + CONTENDERS[:round_index % len(CONTENDERS)]
+            for case in cases:
+                for name in order:
+                    k = case.batch_size[name]
+                    case.samples_ns[name].append(time_batch_ns(case.callables[name], k) / k)
+            if progress:
+                print(f"  round {round_index + 1}/{rounds} done", file=sys.stderr, flush=True)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def summarise_case(case: Case) -> dict:
+    """Per-call medians (us) and the derived ratios for one case."""
+    def stats(samples):
+        ordered = sorted(samples)
+        q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
+        return {"median_us": statistics.median(ordered) / 1e3, "min_us": ordered[0] / 1e3,
+                "p25_us": q[0] / 1e3, "p75_us": q[2] / 1e3, "rounds": len(ordered)}
+
+    timing = {name: stats(case.samples_ns[name]) for name in CONTENDERS}
+    for name in CONTENDERS:
+        timing[name]["batch_calls"] = case.batch_size[name]
+    med = {name: timing[name]["median_us"] for name in CONTENDERS}
+    copy_source = "np.copyto" if med["copy_numpy"] <= med["copy_torch"] else "torch.Tensor.copy_"
+    copy_us = min(med["copy_numpy"], med["copy_torch"])
+    return {
+        "case": case.case_id,
+        "layout": case.layout,
+        "shape": list(case.shape),
+        "num_groups": case.num_groups,
+        "elements": case.elements,
+        "bytes_read": int(case.x.nbytes),
+        "torch_us": med["torch"],
+        "gn_out_us": med["gn_out"],
+        "gn_alloc_us": med["gn_alloc"],
+        "copy_us": copy_us,
+        "copy_source": copy_source,
+        "gn_out_over_copy": med["gn_out"] / copy_us,
+        "torch_over_copy": med["torch"] / copy_us,
+        "speedup": med["torch"] / med["gn_alloc"],
+        "speedup_out": med["torch"] / med["gn_out"],
+        "timing": timing,
+        "check": {k: v for k, v in case.check.items()},
+    }
+
+
+def geometric_mean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def summarise(rows: list) -> dict:
+    """Aggregate figures and PASS/FAIL for each issue target (None where no case covers it)."""
+    speedups = [r["speedup"] for r in rows]
+    big = [r for r in rows if r["elements"] >= ONE_MILLION]
+    tiny = [r for r in rows if r["shape"] == [16, 32] and r["num_groups"] == 4]
+    worst = min(rows, key=lambda r: r["speedup"]) if rows else None
+    worst_big = max(big, key=lambda r: r["gn_out_over_copy"]) if big else None
+    summary = {
+        "geomean_speedup": geometric_mean(speedups),
+        "geomean_speedup_out": geometric_mean(r["speedup_out"] for r in rows),
+        "min_speedup": worst["speedup"] if worst else None,
+        "min_speedup_case": f"{worst['case']} {worst['layout']}" if worst else None,
+        "max_gn_out_over_copy_ge_1M": worst_big["gn_out_over_copy"] if worst_big else None,
+        "max_gn_out_over_copy_ge_1M_case": f"{worst_big['case']} {worst_big['layout']}" if worst_big else None,
+        "tiny_gn_out_us": tiny[0]["gn_out_us"] if tiny else None,
+        "tiny_gn_alloc_us": tiny[0]["gn_alloc_us"] if tiny else None,
+        "all_checks_ok": all(r["check"]["ok"] for r in rows),
+    }
+    summary["targets"] = {
+        "never_slower_than_torch": None if not rows else all(s >= 1.0 for s in speedups),
+        "geomean_speedup_2x": None if not rows else summary["geomean_speedup"] >= 2.0,
+        "out_within_1p3x_copy": None if not big else all(r["gn_out_over_copy"] <= 1.3 for r in big),
+        "tiny_call_2us": None if not tiny else tiny[0]["gn_out_us"] <= 2.0,
+    }
+    return summary
+
+
+def cpu_model() -> str:
+    """The CPU model name from lscpu, falling back to platform.processor()."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        for line in text.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_header(args, threads: int) -> dict:
+    """Everything a reader needs to place the numbers: machine, threads, versions, date, command line."""
+    config = gn.config()
+    return {
+        "machine": cpu_model(),
+        "platform_processor": platform.processor(),
+        "logical_cpus": os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "threads": threads,
+        "groupnorm_num_threads": config.get("num_threads"),
+        "torch_num_threads": torch.get_num_threads(),
+        "groupnorm_version": config.get("version"),
+        "groupnorm_isa": config.get("isa"),
+        "groupnorm_openmp": config.get("openmp"),
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "python_version": platform.python_version(),
+        "dtype": args.dtype,
+        "rounds": args.rounds,
+        "min_batch_ms": args.min_batch_ms,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
+        "speedup_definition": "torch us / gn us (alloc): both allocate their result",
+        "copy_definition": "faster of np.copyto (1 thread) and torch Tensor.copy_ (multithreaded) "
+                           "moving the input's bytes into a preallocated buffer",
+    }
+
+
+TABLE_COLUMNS = ["case", "layout", "elements", "torch us", "gn us (out=)", "gn us (alloc)", "copy us",
+                 "gn/copy", "torch/copy", "speedup (torch/gn)"]
+
+
+def table_cells(row: dict) -> list:
+    copy_tag = "np" if row["copy_source"] == "np.copyto" else "pt"
+    flag = "" if row["check"]["ok"] else " MISMATCH"
+    return [row["case"] + flag, row["layout"], f"{row['elements']:,}", f"{row['torch_us']:.1f}",
+            f"{row['gn_out_us']:.1f}", f"{row['gn_alloc_us']:.1f}", f"{row['copy_us']:.1f} {copy_tag}",
+            f"{row['gn_out_over_copy']:.2f}", f"{row['torch_over_copy']:.2f}", f"{row['speedup']:.2f}x"]
+
+
+def format_text_table(rows: list) -> str:
+    cells = [TABLE_COLUMNS] + [table_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(TABLE_COLUMNS))]
+    lines = []
+    for index, line in enumerate(cells):
+        parts = [line[i].ljust(widths[i]) if i < 2 else line[i].rjust(widths[i]) for i in range(len(line))]
+        lines.append("  ".join(parts))
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown_table(rows: list) -> str:
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
+             "|" + "|".join(["---", "---"] + ["---:"] * (len(TABLE_COLUMNS) - 2)) + "|"]
+    lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt(value, spec=".2f", suffix="") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def summary_lines(summary: dict) -> list:
+    s = summary
+    lines = [
+        f"geometric mean speedup (torch / gn alloc): {fmt(s['geomean_speedup'])}x"
+        f"   (torch / gn out=: {fmt(s['geomean_speedup_out'])}x)",
+        f"min speedup: {fmt(s['min_speedup'])}x ({s['min_speedup_case']})",
+        f"max gn(out=)/copy over cases >= 1M elements: {fmt(s['max_gn_out_over_copy_ge_1M'])}"
+        + (f" ({s['max_gn_out_over_copy_ge_1M_case']})" if s["max_gn_out_over_copy_ge_1M_case"] else ""),
+        f"[16,32] G4 gn call: {fmt(s['tiny_gn_out_us'], '.2f', ' us')} with out=, "
+        f"{fmt(s['tiny_gn_alloc_us'], '.2f', ' us')} allocating",
+        f"sanity (gn vs torch to the tolerance, out= returns the buffer): "
+        f"{'all ok' if s['all_checks_ok'] else 'FAILURES, see MISMATCH rows'}",
+    ]
+    return lines
+
+
+def target_lines(summary: dict) -> list:
+    lines = []
+    for key, text in TARGETS.items():
+        verdict = summary["targets"][key]
+        word = "N/A " if verdict is None else ("PASS" if verdict else "FAIL")
+        lines.append(f"{word}  {text}")
+    return lines
+
+
+def header_lines(header: dict) -> list:
+    h = header
+    load = h["load_average_at_start"]
+    return [
+        f"machine:    {h['machine']} ({h['logical_cpus']} logical CPUs"
+        + (f", load average {load[0]:.2f}" if load else "") + ")",
+        f"threads:    {h['threads']} (groupnorm {h['groupnorm_num_threads']}, torch {h['torch_num_threads']};"
+        " np.copyto is single-threaded)",
+        f"groupnorm:  {h['groupnorm_version']}, ISA {h['groupnorm_isa']}, OpenMP {h['groupnorm_openmp']}",
+        f"torch:      {h['torch_version']}    numpy: {h['numpy_version']}    python: {h['python_version']}",
+        f"dtype:      {h['dtype']}    rounds: {h['rounds']}    batch >= {h['min_batch_ms']} ms",
+        f"date:       {h['date']}",
+        f"command:    {h['command']}",
+        "timings:    median per-call us over interleaved rounds; speedup = torch / gn (alloc);"
+        " copy = faster of np.copyto (np) / torch copy_ (pt)",
+    ]
+
+
+def write_markdown(path: str, header: dict, rows: list, summary: dict) -> None:
+    """A self-contained section for bench/RESULTS.md: header, table, summary, targets."""
+    parts = [f"## Forward, {header['dtype']}, {header['threads']} threads — {header['date']}", ""]
+    parts += [f"- {line}" for line in header_lines(header)]
+    parts += ["", format_markdown_table(rows), ""]
+    parts += [f"- {line}" for line in summary_lines(summary)]
+    parts += ["", "Targets:", ""]
+    parts += [f"- {line}" for line in target_lines(summary)]
+    parts.append("")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(parts))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="threads for groupnorm and torch alike")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 21; 3 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="3 rounds and a subset of the cases")
+    parser.add_argument("--cases", default=None,
+                        help="comma list of case names (e.g. 4x256x28x28-g32, or 4x256x28x28-g32:nhwc for one layout)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--min-batch-ms", type=float, default=1.0, help="calibrate batches to at least this long")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="sanity check: max |gn - torch| / max(1, max|torch|)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write header, rows and summary as JSON")
+    parser.add_argument("--markdown", default=None, metavar="PATH", help="write a markdown section (header, table, summary)")
+    parser.add_argument("--list", action="store_true", help="list the case names and exit")
+    parser.add_argument("--progress", action="store_true", help="report each finished round on stderr")
+    args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 21
+    if args.rounds < 1 or args.threads < 1 or args.min_batch_ms <= 0:
+        parser.error("--rounds and --threads must be >= 1 and --min-batch-ms > 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for case_id, _shape, _groups, layout in all_case_specs():
+            print(f"{case_id}:{layout.lower()}")
+        return 0
+
+    gn.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    header = machine_header(args, args.threads)
+    for line in header_lines(header):
+        print(line)
+    print(flush=True)
+
+    dtype = np.dtype(args.dtype)
+    rng = np.random.default_rng(20240611)
+    cases = [build_case(*spec, dtype, rng) for spec in selected_specs(args)]
+    with torch.inference_mode():
+        for case in cases:
+            verify_case(case, args.tolerance)
+        run_rounds(cases, args.rounds, int(args.min_batch_ms * 1e6), args.progress)
+
+    rows = [summarise_case(case) for case in cases]
+    summary = summarise(rows)
+    print(format_text_table(rows))
+    print()
+    for line in summary_lines(summary):
+        print(line)
+    print()
+    for line in target_lines(summary):
+        print(line)
+    for row in rows:
+        if not row["check"]["ok"]:
+            print(f"MISMATCH {row['case']} {row['layout']}: {row['check']}", file=sys.stderr)
+
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"header": header, "rows": rows, "summary": summary}, handle, indent=2)
+    if args.markdown:
+        write_markdown(args.markdown, header, rows, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
