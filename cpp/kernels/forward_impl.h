@@ -27,6 +27,7 @@ constexpr int64_t kChunkMinElems = 16384;  // small enough to stay in L2, large 
 constexpr int64_t kChunksMax = 64;         // per group (channels-first) or per sample (channels-last)
 constexpr int kFlushIters = 16;            // vector iterations summed in T before flushing into double
 constexpr int64_t kSerialElems = 32768;    // below this per thread, a thread costs more than it saves
+constexpr int64_t kL1TileBytes = 16384;    // rows of a channels-last block kept in L1 across channel tiles
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -56,13 +57,16 @@ inline Moments moments_from_shifted(double n, double shift, double s1, double s2
   return {n, shift + s1 / n, m2 > 0.0 ? m2 : (m2 == m2 ? 0.0 : m2)};
 }
 
-// Moments of a contiguous run x[0, n), n >= 1, shifted by its first element.
+// Sums of (x - shift) and (x - shift)^2 over a contiguous run x[0, n).
+struct ShiftedSums {
+  double s1;
+  double s2;
+};
+
 template <class V, class S>
-Moments run_moments(const S* x, int64_t n) {
-  using T = typename V::Scalar;
+ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift) {
   constexpr int64_t W = V::kWidth;
   constexpr int64_t kBlock = 2 * W * kFlushIters;
-  const T shift = T(x[0]);
   const V shift_v = V::broadcast(shift);
   double s1 = 0.0, s2 = 0.0;
   int64_t i = 0;
@@ -92,7 +96,16 @@ Moments run_moments(const S* x, int64_t n) {
   }
   s1 += double(sum.reduce_sum());
   s2 += double(sq.reduce_sum());
-  return moments_from_shifted(double(n), double(shift), s1, s2);
+  return {s1, s2};
+}
+
+// Moments of a contiguous run x[0, n), n >= 1, shifted by its first element.
+template <class V, class S>
+Moments run_moments(const S* x, int64_t n) {
+  using T = typename V::Scalar;
+  const T shift = T(x[0]);
+  const ShiftedSums sums = run_shifted_sums<V>(x, n, shift);
+  return moments_from_shifted(double(n), double(shift), sums.s1, sums.s2);
 }
 
 // exp(x) for the SiLU: Cody-Waite reduction by ln 2 and a Taylor polynomial good to ~1 ulp of T.
@@ -330,23 +343,24 @@ void column_sums(const S* sample, int64_t C, int64_t c, int64_t count, int64_t r
   }
 }
 
-// Moments of rows [r0, r1) of one sample, per group, into out[G]. Every channel of a group is shifted by
-// the same sample of that group (its first channel in row r0), so channel sums add up to group sums.
+// Shifted sums of rows [r0, r1) of one sample, per group, into out[G]. Every channel of group g is shifted
+// by the same value, the group's first channel in the sample's row 0, so chunk sums add up without
+// per-chunk divisions and channel sums add up to group sums.
 template <class V, class S>
-void rows_moments(const Problem& p, const S* sample, int64_t r0, int64_t r1, RowBuffers<typename V::Scalar>& b,
-                  Moments* out) {
+void rows_shifted_sums(const Problem& p, const S* sample, int64_t r0, int64_t r1,
+                       RowBuffers<typename V::Scalar>& b, ShiftedSums* out) {
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   const int64_t C = p.C, D = C / p.G, c_full = C / W * W;
   if (r1 - r0 == 1) {  // one row: each group is a contiguous run of D channels
-    for (int64_t g = 0; g < p.G; ++g) out[g] = run_moments<V>(sample + r0 * C + g * D, D);
+    for (int64_t g = 0; g < p.G; ++g) out[g] = run_shifted_sums<V>(sample + r0 * C + g * D, D, T(sample[g * D]));
     return;
   }
-  for (int64_t c = 0; c < C; ++c) {
-    b.shift[c] = T(sample[r0 * C + c / D * D]);
-    b.sum_d[c] = 0.0;
-    b.sq_d[c] = 0.0;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const T shift = T(sample[g * D]);
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) b.shift[c] = shift;
   }
+  for (int64_t c = 0; c < C; ++c) b.sum_d[c] = b.sq_d[c] = 0.0;
   for (int64_t c = C; c < b.padded; ++c) b.shift[c] = T(0);
   for (int64_t rb = r0; rb < r1; rb += kFlushIters) {
     const int64_t re = min_i64(r1, rb + kFlushIters);
@@ -359,14 +373,13 @@ void rows_moments(const Problem& p, const S* sample, int64_t r0, int64_t r1, Row
       b.sq_d[c] += double(b.sq[c]);
     }
   }
-  const double count = double(r1 - r0) * double(D);
   for (int64_t g = 0; g < p.G; ++g) {
     double s1 = 0.0, s2 = 0.0;
     for (int64_t c = g * D; c < (g + 1) * D; ++c) {
       s1 += b.sum_d[c];
       s2 += b.sq_d[c];
     }
-    out[g] = moments_from_shifted(count, double(b.shift[g * D]), s1, s2);
+    out[g] = {s1, s2};
   }
 }
 
@@ -394,24 +407,46 @@ void sample_coeffs(const Problem& p, const GroupStats* stats, const typename V::
   }
 }
 
+// Applies K vectors of channel coefficients starting at c to rows [r0, r1), the coefficients held in
+// registers; with kTail, one vector of which only `count` channels exist.
+template <class V, int K, bool kTail, bool kSilu, class S>
+void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t r0, int64_t r1,
+                  const RowBuffers<typename V::Scalar>& b) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  V mean_hi[K], scale[K], shift[K];
+  for (int i = 0; i < K; ++i) {
+    mean_hi[i] = V::load(b.mean_hi + c + i * W);
+    scale[i] = V::load(b.scale + c + i * W);
+    shift[i] = V::load(b.bias + c + i * W);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const S* xr = x + r * C + c;
+    S* yr = y + r * C + c;
+    for (int i = 0; i < K; ++i) {
+      const V v = (kTail ? V::load_tail(xr, count, T(0)) : V::load(xr + i * W)) - mean_hi[i];
+      const V out = activate<V, kSilu>(fma(v, scale[i], shift[i]));
+      if (kTail)
+        V::store_tail(yr, out, count);
+      else
+        V::store(yr + i * W, out);
+    }
+  }
+}
+
+// Applies the sample's coefficients to rows [r0, r1) in blocks of rows that stay in L1 across the tiles.
 template <class V, class S, bool kSilu>
 void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, const RowBuffers<typename V::Scalar>& b) {
-  constexpr int64_t W = V::kWidth;
+  // Channel vectors whose coefficients stay in registers: three registers each, so 2 on 16-register ISAs.
+  constexpr int64_t W = V::kWidth, K = V::kRegisters >= 32 ? 4 : 2;
   const int64_t C = p.C, c_full = C / W * W;
-  for (int64_t r = r0; r < r1; ++r) {
-    const S* xr = x + r * C;
-    S* yr = y + r * C;
+  const int64_t rows_per_block = max_i64(1, kL1TileBytes / int64_t(sizeof(S) * C));
+  for (int64_t rb = r0; rb < r1; rb += rows_per_block) {
+    const int64_t re = min_i64(r1, rb + rows_per_block);
     int64_t c = 0;
-    for (; c < c_full; c += W) {
-      const V v = fma(V::load(xr + c) - V::load(b.mean_hi + c), V::load(b.scale + c),
-                      V::load(b.bias + c));
-      V::store(yr + c, activate<V, kSilu>(v));
-    }
-    if (c < C) {
-      const V v = fma(V::load_tail(xr + c, C - c, typename V::Scalar(0)) - V::load(b.mean_hi + c),
-                      V::load(b.scale + c), V::load(b.bias + c));
-      V::store_tail(yr + c, activate<V, kSilu>(v), C - c);
-    }
+    for (; c + K * W <= c_full; c += K * W) column_apply<V, K, false, kSilu>(x, y, C, c, C, rb, re, b);
+    for (; c < c_full; c += W) column_apply<V, 1, false, kSilu>(x, y, C, c, C, rb, re, b);
+    if (c < C) column_apply<V, 1, true, kSilu>(x, y, C, c, C - c, rb, re, b);
   }
 }
 
@@ -424,7 +459,7 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
   const int64_t nchunks = ceil_div(rows, chunk_rows);
   const int64_t units = p.N * nchunks;
   const int64_t c_padded = ceil_div(C, V::kWidth) * V::kWidth;
-  Scratch<Moments> partial(units * G);
+  Scratch<ShiftedSums> partial(units * G);
   Scratch<T> params(2 * c_padded);
   if (!partial.data || !params.data) return kOutOfMemory;
   T* const weight_t = params.data;
@@ -436,14 +471,18 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
 
   auto chunk_moments = [&](int64_t unit, RowBuffers<T>& b) {
     const int64_t n = unit / nchunks, k = unit % nchunks;
-    rows_moments<V>(p, x + n * sample_len, k * chunk_rows, min_i64(rows, (k + 1) * chunk_rows), b,
-                    partial.data + unit * G);
+    rows_shifted_sums<V>(p, x + n * sample_len, k * chunk_rows, min_i64(rows, (k + 1) * chunk_rows), b,
+                         partial.data + unit * G);
   };
   auto sample_finish = [&](int64_t n) {
     for (int64_t g = 0; g < G; ++g) {
-      Moments m = partial.data[n * nchunks * G + g];
-      for (int64_t k = 1; k < nchunks; ++k) m = moments_merge(m, partial.data[(n * nchunks + k) * G + g]);
-      stats[n * G + g] = finish_stats(m, p.eps);
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t k = 0; k < nchunks; ++k) {
+        s1 += partial.data[(n * nchunks + k) * G + g].s1;
+        s2 += partial.data[(n * nchunks + k) * G + g].s2;
+      }
+      const double shift = double(T(x[n * sample_len + g * (C / G)]));
+      stats[n * G + g] = finish_stats(moments_from_shifted(double(rows) * double(C / G), shift, s1, s2), p.eps);
     }
   };
   auto chunk_apply = [&](int64_t n, int64_t k, const RowBuffers<T>& b) {

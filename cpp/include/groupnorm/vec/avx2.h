@@ -12,6 +12,7 @@ namespace avx2 {
 struct VecF32 {
   using Scalar = float;
   static constexpr int kWidth = 8;
+  static constexpr int kRegisters = 16;  // architectural vector registers
   __m256 v;
 
   static VecF32 zero() { return {_mm256_setzero_ps()}; }
@@ -54,6 +55,7 @@ struct VecF32 {
 struct VecF64 {
   using Scalar = double;
   static constexpr int kWidth = 4;
+  static constexpr int kRegisters = 16;  // architectural vector registers
   __m256d v;
 
   static VecF64 zero() { return {_mm256_setzero_pd()}; }

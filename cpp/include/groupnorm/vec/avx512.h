@@ -12,6 +12,7 @@ namespace avx512 {
 struct VecF32 {
   using Scalar = float;
   static constexpr int kWidth = 16;
+  static constexpr int kRegisters = 32;  // architectural vector registers
   __m512 v;
 
   static __mmask16 mask(int64_t n) { return __mmask16((1u << n) - 1u); }
@@ -41,6 +42,7 @@ struct VecF32 {
 struct VecF64 {
   using Scalar = double;
   static constexpr int kWidth = 8;
+  static constexpr int kRegisters = 32;  // architectural vector registers
   __m512d v;
 
   static __mmask8 mask(int64_t n) { return __mmask8((1u << n) - 1u); }

@@ -12,6 +12,7 @@ namespace neon {
 struct VecF32 {
   using Scalar = float;
   static constexpr int kWidth = 4;
+  static constexpr int kRegisters = 32;  // architectural vector registers
   float32x4_t v;
 
   static VecF32 zero() { return {vdupq_n_f32(0.0f)}; }
@@ -47,6 +48,7 @@ struct VecF32 {
 struct VecF64 {
   using Scalar = double;
   static constexpr int kWidth = 2;
+  static constexpr int kRegisters = 32;  // architectural vector registers
   float64x2_t v;
 
   static VecF64 zero() { return {vdupq_n_f64(0.0)}; }

@@ -11,6 +11,7 @@ template <class T>
 struct ScalarVec {
   using Scalar = T;
   static constexpr int kWidth = 1;
+  static constexpr int kRegisters = 16;  // architectural vector registers
   T v;
 
   static ScalarVec zero() { return {T(0)}; }
