@@ -285,6 +285,9 @@ def summarise(rows: list) -> dict:
         "tiny_gn_alloc_us": tiny[0]["gn_alloc_us"] if tiny else None,
         "all_checks_ok": all(r["check"]["ok"] for r in rows),
     }
+    spread = worst_spread(rows)
+    summary["worst_spread"] = spread[0] if spread else None
+    summary["worst_spread_where"] = spread[1] if spread else None
     summary["targets"] = {
         "never_slower_than_torch": None if not rows else all(s >= 1.0 for s in speedups),
         "geomean_speedup_2x": None if not rows else summary["geomean_speedup"] >= 2.0,
@@ -292,6 +295,19 @@ def summarise(rows: list) -> dict:
         "tiny_call_2us": None if not tiny else tiny[0]["gn_out_us"] <= 2.0,
     }
     return summary
+
+
+def worst_spread(rows: list):
+    """The largest (p75 - p25) / median over every reported figure, and where it occurred."""
+    worst = None
+    for r in rows:
+        copy_name = "copy_numpy" if r["copy_source"] == "np.copyto" else "copy_torch"
+        for name in ("torch", "gn_out", "gn_alloc", copy_name):
+            t = r["timing"][name]
+            value = (t["p75_us"] - t["p25_us"]) / t["median_us"]
+            if worst is None or value > worst[0]:
+                worst = (value, f"{r['case']} {r['layout']} {name}")
+    return worst
 
 
 def cpu_model() -> str:
@@ -304,6 +320,17 @@ def cpu_model() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return platform.processor() or platform.machine()
+
+
+def loaded_openmp_runtimes() -> list:
+    """Paths of the OpenMP runtimes mapped into this process (Linux); two of them would oversubscribe."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split()[-1] for line in maps if "/" in line}
+    except OSError:
+        return []
+    names = ("libgomp", "libiomp", "libomp")
+    return sorted(p for p in paths if os.path.basename(p).startswith(names))
 
 
 def machine_header(args, threads: int) -> dict:
@@ -320,6 +347,7 @@ def machine_header(args, threads: int) -> dict:
         "groupnorm_version": config.get("version"),
         "groupnorm_isa": config.get("isa"),
         "groupnorm_openmp": config.get("openmp"),
+        "openmp_runtimes": loaded_openmp_runtimes(),
         "torch_version": torch.__version__,
         "numpy_version": np.__version__,
         "python_version": platform.python_version(),
@@ -379,6 +407,9 @@ def summary_lines(summary: dict) -> list:
         + (f" ({s['max_gn_out_over_copy_ge_1M_case']})" if s["max_gn_out_over_copy_ge_1M_case"] else ""),
         f"[16,32] G4 gn call: {fmt(s['tiny_gn_out_us'], '.2f', ' us')} with out=, "
         f"{fmt(s['tiny_gn_alloc_us'], '.2f', ' us')} allocating",
+        f"timing spread: worst (p75 - p25) / median = {fmt(s['worst_spread'], '.0%')}"
+        + (f" ({s['worst_spread_where']})" if s["worst_spread_where"] else "")
+        + "; above ~10% the machine was too noisy for these figures",
         f"sanity (gn vs torch to the tolerance, out= returns the buffer): "
         f"{'all ok' if s['all_checks_ok'] else 'FAILURES, see MISMATCH rows'}",
     ]
@@ -403,6 +434,8 @@ def header_lines(header: dict) -> list:
         f"threads:    {h['threads']} (groupnorm {h['groupnorm_num_threads']}, torch {h['torch_num_threads']};"
         " np.copyto is single-threaded)",
         f"groupnorm:  {h['groupnorm_version']}, ISA {h['groupnorm_isa']}, OpenMP {h['groupnorm_openmp']}",
+        f"openmp:     {', '.join(h['openmp_runtimes']) or 'none found'}"
+        + ("  (MORE THAN ONE RUNTIME: threads oversubscribe)" if len(h["openmp_runtimes"]) > 1 else ""),
         f"torch:      {h['torch_version']}    numpy: {h['numpy_version']}    python: {h['python_version']}",
         f"dtype:      {h['dtype']}    rounds: {h['rounds']}    batch >= {h['min_batch_ms']} ms",
         f"date:       {h['date']}",
@@ -454,6 +487,7 @@ def main(argv=None) -> int:
             print(f"{case_id}:{layout.lower()}")
         return 0
 
+    specs = selected_specs(args)
     gn.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     header = machine_header(args, args.threads)
@@ -463,7 +497,7 @@ def main(argv=None) -> int:
 
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(20240611)
-    cases = [build_case(*spec, dtype, rng) for spec in selected_specs(args)]
+    cases = [build_case(*spec, dtype, rng) for spec in specs]
     with torch.inference_mode():
         for case in cases:
             verify_case(case, args.tolerance)

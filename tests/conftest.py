@@ -1,7 +1,6 @@
 # conftest.py — shared fixtures: every ISA level (skipped with a reason where absent), fresh random data
 # whose seed is reported on failure (GROUPNORM_TEST_SEED=... replays it), and a thread-count reset.
 # The ISA fixture asserts the level really is in force, so no test can pass on a level it did not run.
-import contextlib
 import os
 import sys
 
@@ -12,43 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from referenc
 
 import groupnorm as gn  # noqa: E402
 from groupnorm import _core  # noqa: E402
-
-ISA_LEVELS = ("scalar", "avx2", "avx512", "neon")
-DEFAULT_ISA = _core.get_isa()  # the level chosen at import (GROUPNORM_ISA or the best available)
-
-
-def isa_unavailable_reason(name):
-    """Why level `name` cannot run here, or None when it can."""
-    cfg = gn.config()
-    if name in cfg["isa_available"]:
-        return None
-    if name not in cfg["isa_compiled"]:
-        return f"ISA level {name!r}: not compiled into this build"
-    return f"ISA level {name!r}: CPU lacks it"
-
-
-# pytest.param with a skip mark: usable by fixtures and by @pytest.mark.parametrize under @given alike.
-ISA_PARAMS = [
-    pytest.param(name, id=name,
-                 marks=pytest.mark.skipif(isa_unavailable_reason(name) is not None,
-                                          reason=str(isa_unavailable_reason(name))))
-    for name in ISA_LEVELS
-]
-
-
-@contextlib.contextmanager
-def use_isa(name):
-    """Run the block at ISA level `name` (skipping if absent), checked before and after, then restore."""
-    reason = isa_unavailable_reason(name)
-    if reason is not None:
-        pytest.skip(reason)
-    _core.set_isa(name)
-    try:
-        assert _core.get_isa() == name, f"set_isa({name!r}) left get_isa() == {_core.get_isa()!r}"
-        yield name
-        assert _core.get_isa() == name, f"the level changed from {name!r} to {_core.get_isa()!r} during the test"
-    finally:
-        _core.set_isa(DEFAULT_ISA)
+from isa_levels import DEFAULT_ISA, ISA_PARAMS, use_isa  # noqa: E402
 
 
 @pytest.fixture(params=ISA_PARAMS)

@@ -77,6 +77,11 @@ BIG_CASES = [
     ((8, 4, 64, 65), 4),
     ((1, 64, 65, 63), 32),
     ((2, 17, 97, 101), 17),
+    ((2, 1030, 5, 7), 10),           # wide C with a tail: channels-last rows of 1030
+    ((64, 64, 4, 4), 32),            # 2048 small groups
+    ((2048, 96), 8),                 # HxW = 1, many samples
+    ((1, 1, 64 * CHUNK + 13), 1),    # more than 64 minimum chunks: the chunk grows, odd tail
+    ((1, 4, 64 * 4096 + 7), 2),      # channels-last: more than 64 row chunks of ceil(16384 / 4)
 ]
 
 
@@ -108,8 +113,9 @@ def test_large_offset(isa, rng, shape, G, offset, dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("scale", [1e-6, 1e6])
+@pytest.mark.parametrize("scale", [1e-6, 1e6, 1e17])
 def test_magnitudes(isa, rng, scale, dtype):
+    """Tiny and huge data; 1e17 keeps float32 squares of deviations (and short sums of them) finite."""
     x = random_array(rng, (2, 6, 40), dtype, "contiguous", scale=scale)
     weight, bias = affine_params(rng, 6, dtype, "both")
     check_group_norm(x, 2, weight, bias, eps=1e-5 * scale * scale)
@@ -147,12 +153,14 @@ def test_eps(isa, rng, eps, dtype):
     check_group_norm(x, 3, weight, bias, eps=eps)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nan_stays_in_its_group(isa, rng, dtype, layout):
+def test_nan_stays_in_its_group(isa, rng, dtype, layout, bad):
+    """A NaN (or an infinity, whose group's variance is NaN) poisons its own group and no other."""
     N, C, G = 2, 6, 3
     x = random_array(rng, (N, C, 5, 7), dtype, layout)
-    x[1, 2, 3, 4] = np.nan  # sample 1, group 1 (channels 2 and 3)
+    x[1, 2, 3, 4] = bad  # sample 1, group 1 (channels 2 and 3)
     weight, bias = affine_params(rng, C, dtype, "both")
     out = empty_like_layout(x, -12345.0)
     y = gn.group_norm(x, G, weight, bias, out=out)

@@ -15,7 +15,7 @@ import pytest
 
 import groupnorm as gn
 from groupnorm import _core
-from conftest import DEFAULT_ISA, ISA_LEVELS, ISA_PARAMS, isa_unavailable_reason
+from isa_levels import DEFAULT_ISA, ISA_LEVELS, ISA_PARAMS, isa_unavailable_reason
 from reference import assert_matches_reference, group_norm_reference
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import groupnorm as gn
-from reference import (LAYOUTS, assert_matches_reference, check_group_norm, empty_like_layout,
-                       group_norm_reference, random_array, same_bits)
+from reference import (LAYOUTS, assert_matches_reference, check_group_norm, group_norm_reference, random_array,
+                       same_bits)
 
 DTYPES = [np.float32, np.float64]
 SHAPES = [((2, 6, 7, 9), 3), ((2, 6, 33), 2), ((2, 4, 3, 5, 6), 4), ((3, 10), 5)]
@@ -111,6 +111,34 @@ def test_out_is_a_strided_view(isa, rng, dtype):
     outside = np.ones(buffer.shape, dtype=bool)
     outside[:, ::2, :, 1::2] = False
     assert (buffer[outside] == 7.5).all(), "elements outside the out= view were written"
+
+
+def _overlapping_pairs(buffer):
+    """(x, out) views of one buffer that overlap without being the same view."""
+    return {
+        "shifted_sample": (buffer[0:2], buffer[1:3]),
+        "shifted_position": (buffer[0:2, :, :-1], buffer[0:2, :, 1:]),
+        "reversed": (buffer[0:2], buffer[0:2, :, ::-1]),
+        "channels_reversed": (buffer[0:2], buffer[0:2, ::-1]),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pair", ["shifted_sample", "shifted_position", "reversed", "channels_reversed"])
+def test_out_partially_overlapping_the_input(isa, rng, pair, dtype):
+    """out= sharing memory with the input but not the same view: the result is as if the input were read
+    first (as NumPy's ufuncs guarantee), or the call is refused with a ValueError naming out."""
+    buffer = rng.standard_normal((3, 6, 41)).astype(dtype)
+    x, out = _overlapping_pairs(buffer)[pair]
+    weight = rng.standard_normal(6).astype(dtype)
+    y_ref = group_norm_reference(x.copy(), 3, weight)
+    try:
+        y = gn.group_norm(x, 3, weight, out=out)
+    except ValueError as exc:
+        assert "out" in str(exc)
+        return
+    assert y is out
+    assert_matches_reference(out, y_ref)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -2,6 +2,7 @@
 # memory layouts (axis permutations, reversals, steps), dtype, affine parameters, eps, channel_axis, SiLU and
 # the out= mode (none, same layout, other layout, in place); every case must match the reference on every ISA.
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -9,8 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import groupnorm as gn
-from conftest import ISA_PARAMS, use_isa
+from isa_levels import ISA_PARAMS, use_isa
 from reference import assert_matches_reference, group_norm_reference, mean_rounding_floor, same_bits
+
+# On a failure Hypothesis's pytest plugin imports its patch writer (libcst); an old libcst warns on import, and
+# under -W error that warning turns the failure report into an INTERNALERROR. Import it once, quietly, now.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    try:
+        import hypothesis.extra._patching  # noqa: F401
+    except ImportError:
+        pass
 
 
 @dataclasses.dataclass

@@ -1,8 +1,9 @@
 // forward_impl.h — GroupNorm forward, written once against Vec<T> and compiled once per ISA.
-// Statistics: each fixed-size chunk sums (x - K), (x - K)^2 with K a sample of the chunk, in short vector runs
-// flushed to double; chunks (and, channels-last, channels) merge with Chan's formula in a fixed order, so
-// the result is bitwise identical for every thread count. Apply: y = (x - mean_hi) * s + t, with s = rstd*w
-// and t = b - mean_lo*s carrying the low part of the double mean, so a large offset costs no accuracy.
+// Statistics: every fixed-size chunk of a group sums (x - K), (x - K)^2, K one sample of the group, in short
+// vector runs flushed to double; chunk sums add up in a fixed order, so the result is bitwise identical for
+// every thread count, and the shift keeps the variance free of cancellation. The mean is kept as a double
+// plus its rounding error. Apply: y = (x - mean_hi) * s + t, with s = rstd*w and t = b - mean_lo*s carrying
+// the low part of the mean, so a large offset costs no accuracy.
 // Included by cpp/kernels/isa/<isa>.cpp after defining GROUPNORM_ISA; everything lands in that namespace.
 #pragma once
 
@@ -33,28 +34,24 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max_i64(int64_t a, int64_t b) { return a < b ? b : a; }
 
-// Count, mean and sum of squared deviations of a set of values.
-struct Moments {
-  double count;
+// Mean (as mean + mean_lo, the second its rounding error) and 1/sqrt(var + eps) of one group.
+struct GroupStats {
   double mean;
-  double m2;
+  double mean_lo;
+  double rstd;
 };
 
-// Chan et al.'s pairwise merge: exact in the absence of rounding, and free of cancellation.
-inline Moments moments_merge(const Moments& a, const Moments& b) {
-  const double count = a.count + b.count;
-  if (b.count == 0) return a;
-  if (a.count == 0) return b;
-  const double delta = b.mean - a.mean;
-  const double b_share = b.count / count;
-  return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
-}
-
-// Moments of n values whose shifted sums s1 = sum(x - shift), s2 = sum((x - shift)^2) are known.
-inline Moments moments_from_shifted(double n, double shift, double s1, double s2) {
-  if (n == 0) return {0.0, 0.0, 0.0};
-  const double m2 = s2 - s1 * (s1 / n);
-  return {n, shift + s1 / n, m2 > 0.0 ? m2 : (m2 == m2 ? 0.0 : m2)};
+// Statistics of `count` values from s1 = sum(x - shift) and s2 = sum((x - shift)^2). The variance is
+// clamped at 0 (a NaN stays NaN); TwoSum recovers the rounding error of shift + s1/count.
+inline GroupStats group_stats(double count, double shift, double s1, double s2, double eps) {
+  if (count == 0) return {__builtin_nan(""), 0.0, __builtin_nan("")};
+  const double q = s1 / count;
+  const double mean = shift + q;
+  const double q_part = mean - shift;
+  const double mean_lo = (shift - (mean - q_part)) + (q - q_part);
+  double var = (s2 - s1 * q) / count;
+  if (var < 0.0) var = 0.0;
+  return {mean, mean_lo, 1.0 / __builtin_sqrt(var + eps)};
 }
 
 // Sums of (x - shift) and (x - shift)^2 over a contiguous run x[0, n).
@@ -80,8 +77,8 @@ ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift) {
       sum_b = sum_b + db;
       sq_b = fma(db, db, sq_b);
     }
-    s1 += double((sum_a + sum_b).reduce_sum());
-    s2 += double((sq_a + sq_b).reduce_sum());
+    s1 += sum_a.reduce_sum() + sum_b.reduce_sum();
+    s2 += sq_a.reduce_sum() + sq_b.reduce_sum();
   }
   V sum = V::zero(), sq = V::zero();
   for (; i + W <= n; i += W) {
@@ -94,18 +91,9 @@ ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift) {
     sum = sum + d;
     sq = fma(d, d, sq);
   }
-  s1 += double(sum.reduce_sum());
-  s2 += double(sq.reduce_sum());
+  s1 += sum.reduce_sum();
+  s2 += sq.reduce_sum();
   return {s1, s2};
-}
-
-// Moments of a contiguous run x[0, n), n >= 1, shifted by its first element.
-template <class V, class S>
-Moments run_moments(const S* x, int64_t n) {
-  using T = typename V::Scalar;
-  const T shift = T(x[0]);
-  const ShiftedSums sums = run_shifted_sums<V>(x, n, shift);
-  return moments_from_shifted(double(n), double(shift), sums.s1, sums.s2);
 }
 
 // exp(x) for the SiLU: Cody-Waite reduction by ln 2 and a Taylor polynomial good to ~1 ulp of T.
@@ -147,11 +135,11 @@ struct Coeffs {
 };
 
 template <class T, class S>
-Coeffs<T> channel_coeffs(double mean, double rstd, const S* weight, const S* bias, int64_t c) {
-  const double scale = rstd * (weight ? double(weight[c]) : 1.0);
+Coeffs<T> channel_coeffs(const GroupStats& s, const S* weight, const S* bias, int64_t c) {
+  const double scale = s.rstd * (weight ? double(weight[c]) : 1.0);
   const double b = bias ? double(bias[c]) : 0.0;
-  const T mean_hi = T(mean);
-  const double mean_lo = mean - double(mean_hi);
+  const T mean_hi = T(s.mean);
+  const double mean_lo = (s.mean - double(mean_hi)) + s.mean_lo;
   return {mean_hi, T(scale), T(b - mean_lo * scale)};
 }
 
@@ -172,19 +160,6 @@ void apply_run(const S* x, S* y, int64_t n, Coeffs<typename V::Scalar> k) {
     const V yt = fma(V::load_tail(x + i, n - i, typename V::Scalar(0)) - mean_hi, scale, shift);
     V::store_tail(y + i, activate<V, kSilu>(yt), n - i);
   }
-}
-
-// Mean and 1/sqrt(var + eps) of one group, from its moments.
-struct GroupStats {
-  double mean;
-  double rstd;
-};
-
-inline GroupStats finish_stats(const Moments& m, double eps) {
-  if (m.count == 0) return {__builtin_nan(""), __builtin_nan("")};
-  double var = m.m2 / m.count;
-  if (var < 0.0) var = 0.0;
-  return {m.mean, 1.0 / __builtin_sqrt(var + eps)};
 }
 
 // Scratch owned by one call or one thread: on the stack when small (tiny calls pay no malloc), else from
@@ -229,22 +204,27 @@ void store_group_stats(const GroupStats* stats, int64_t count, T* mean_out, T* r
 template <class V, class S, bool kSilu>
 Status forward_channels_first(const Problem& p, const S* x, const S* weight, const S* bias, S* y,
                               GroupStats* stats) {
+  using T = typename V::Scalar;
   const int64_t D = p.C / p.G, group_len = D * p.HxW, groups = p.N * p.G;
   const int64_t chunk_len = ceil_div(max_i64(ceil_div(group_len, kChunksMax), kChunkMinElems), 64) * 64;
   const int64_t nchunks = ceil_div(group_len, chunk_len);
   const int64_t units = groups * nchunks;
-  Scratch<Moments> partial(units);
+  Scratch<ShiftedSums> partial(units);
   if (!partial.data) return kOutOfMemory;
 
   auto chunk_moments = [&](int64_t unit) {
     const int64_t ng = unit / nchunks, k = unit % nchunks;
     const int64_t begin = k * chunk_len;
-    partial.data[unit] = run_moments<V>(x + ng * group_len + begin, min_i64(chunk_len, group_len - begin));
+    const S* group = x + ng * group_len;
+    partial.data[unit] = run_shifted_sums<V>(group + begin, min_i64(chunk_len, group_len - begin), T(group[0]));
   };
   auto group_finish = [&](int64_t ng) {
-    Moments m = partial.data[ng * nchunks];
-    for (int64_t k = 1; k < nchunks; ++k) m = moments_merge(m, partial.data[ng * nchunks + k]);
-    stats[ng] = finish_stats(m, p.eps);
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t k = 0; k < nchunks; ++k) {
+      s1 += partial.data[ng * nchunks + k].s1;
+      s2 += partial.data[ng * nchunks + k].s2;
+    }
+    stats[ng] = group_stats(double(group_len), double(T(x[ng * group_len])), s1, s2, p.eps);
   };
   // Applies elements [begin, end) of group ng, channel by channel.
   auto group_apply = [&](int64_t ng, int64_t begin, int64_t end) {
@@ -252,8 +232,7 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
     const int64_t base = ng * group_len;
     for (int64_t d = begin / p.HxW; d * p.HxW < end; ++d) {
       const int64_t lo = max_i64(begin, d * p.HxW), hi = min_i64(end, (d + 1) * p.HxW);
-      const auto coeffs = channel_coeffs<typename V::Scalar>(stats[ng].mean, stats[ng].rstd, weight, bias,
-                                                             g * D + d);
+      const auto coeffs = channel_coeffs<T>(stats[ng], weight, bias, g * D + d);
       apply_run<V, S, kSilu>(x + base + lo, y + base + lo, hi - lo, coeffs);
     }
   };
@@ -392,7 +371,8 @@ void sample_coeffs(const Problem& p, const GroupStats* stats, const typename V::
   using T = typename V::Scalar;
   const int64_t D = p.C / p.G;
   for (int64_t g = 0; g < p.G; ++g) {
-    const T mean_hi = T(stats[g].mean), mean_lo = T(stats[g].mean - double(mean_hi)), rstd = T(stats[g].rstd);
+    const T mean_hi = T(stats[g].mean), rstd = T(stats[g].rstd);
+    const T mean_lo = T((stats[g].mean - double(mean_hi)) + stats[g].mean_lo);
     for (int64_t c = g * D; c < (g + 1) * D; ++c) {
       b.mean_hi[c] = mean_hi;
       b.scale[c] = rstd;
@@ -482,7 +462,7 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
         s2 += partial.data[(n * nchunks + k) * G + g].s2;
       }
       const double shift = double(T(x[n * sample_len + g * (C / G)]));
-      stats[n * G + g] = finish_stats(moments_from_shifted(double(rows) * double(C / G), shift, s1, s2), p.eps);
+      stats[n * G + g] = group_stats(double(rows) * double(C / G), shift, s1, s2, p.eps);
     }
   };
   auto chunk_apply = [&](int64_t n, int64_t k, const RowBuffers<T>& b) {
@@ -548,7 +528,7 @@ Status group_norm_forward_impl(const Problem& p, const S* x, const S* weight, co
   if (!stats.data) return kOutOfMemory;
   Status status = kOk;
   if (p.HxW == 0 || p.C == 0) {
-    for (int64_t i = 0; i < groups; ++i) stats.data[i] = finish_stats({0.0, 0.0, 0.0}, p.eps);
+    for (int64_t i = 0; i < groups; ++i) stats.data[i] = group_stats(0.0, 0.0, 0.0, 0.0, p.eps);
   } else {
     const bool silu = p.activation == Activation::kSilu;
     if (p.layout == Layout::kChannelsFirst)

@@ -36,7 +36,12 @@ struct VecF32 {
     return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
   }
   friend VecF32 ldexp_int(VecF32 a, VecF32 n) { return {_mm512_scalef_ps(a.v, n.v)}; }
-  float reduce_sum() const { return _mm512_reduce_add_ps(v); }
+  // The lanes' sum, widened to double first so 16 large partial sums cannot overflow float.
+  double reduce_sum() const {
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+    return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+  }
 };
 
 struct VecF64 {

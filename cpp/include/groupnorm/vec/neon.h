@@ -42,7 +42,10 @@ struct VecF32 {
     const int32x4_t bits = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n.v), vdupq_n_s32(127)), 23);
     return {vmulq_f32(a.v, vreinterpretq_f32_s32(bits))};
   }
-  float reduce_sum() const { return vaddvq_f32(v); }
+  // The lanes' sum, widened to double first so 4 large partial sums cannot overflow float.
+  double reduce_sum() const {
+    return vaddvq_f64(vaddq_f64(vcvt_f64_f32(vget_low_f32(v)), vcvt_high_f64_f32(v)));
+  }
 };
 
 struct VecF64 {

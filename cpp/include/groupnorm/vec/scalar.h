@@ -39,7 +39,7 @@ struct ScalarVec {
     return {sizeof(T) == 4 ? T(__builtin_ldexpf(float(a.v), int(n.v)))
                            : T(__builtin_ldexp(double(a.v), int(n.v)))};
   }
-  T reduce_sum() const { return v; }
+  double reduce_sum() const { return double(v); }  // the lanes' sum, in double
 };
 
 using VecF32 = ScalarVec<float>;
