@@ -54,6 +54,22 @@ inline GroupStats group_stats(double count, double shift, double s1, double s2, 
   return {mean, mean_lo, 1.0 / __builtin_sqrt(var + eps)};
 }
 
+// The middle one of three values: the shift of a group is the median of three of its samples, so one
+// outlier (a zero-padded border pixel, say) cannot become the shift.
+template <class T>
+T median3(T a, T b, T c) {
+  const T lo = a < b ? a : b, hi = a < b ? b : a;
+  return c < lo ? lo : (hi < c ? hi : c);
+}
+
+// True when the shift lies more than two standard deviations from the mean: the sums in T then carry too
+// much cancellation for the float32 target, and the group is summed again around its mean (rare: the
+// median of three samples is that far off for well under 1% of Gaussian groups). False for NaN.
+inline bool shift_too_far(double count, double s1, double s2) {
+  const double q = s1 / count;
+  return q * q > 4.0 * ((s2 - s1 * q) / count);
+}
+
 // Sums of (x - shift) and (x - shift)^2 over a contiguous run x[0, n).
 struct ShiftedSums {
   double s1;
@@ -211,20 +227,35 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
   const int64_t units = groups * nchunks;
   Scratch<ShiftedSums> partial(units);
   if (!partial.data) return kOutOfMemory;
+  auto group_shift = [&](const S* group) {
+    return median3(T(group[0]), T(group[group_len / 2]), T(group[group_len - 1]));
+  };
 
   auto chunk_moments = [&](int64_t unit) {
     const int64_t ng = unit / nchunks, k = unit % nchunks;
     const int64_t begin = k * chunk_len;
     const S* group = x + ng * group_len;
-    partial.data[unit] = run_shifted_sums<V>(group + begin, min_i64(chunk_len, group_len - begin), T(group[0]));
+    partial.data[unit] = run_shifted_sums<V>(group + begin, min_i64(chunk_len, group_len - begin),
+                                             group_shift(group));
   };
   auto group_finish = [&](int64_t ng) {
+    const S* group = x + ng * group_len;
+    T shift = group_shift(group);
     double s1 = 0.0, s2 = 0.0;
     for (int64_t k = 0; k < nchunks; ++k) {
       s1 += partial.data[ng * nchunks + k].s1;
       s2 += partial.data[ng * nchunks + k].s2;
     }
-    stats[ng] = group_stats(double(group_len), double(T(x[ng * group_len])), s1, s2, p.eps);
+    if (shift_too_far(double(group_len), s1, s2)) {
+      shift = T(double(shift) + s1 / double(group_len));
+      s1 = s2 = 0.0;
+      for (int64_t begin = 0; begin < group_len; begin += chunk_len) {
+        const ShiftedSums sums = run_shifted_sums<V>(group + begin, min_i64(chunk_len, group_len - begin), shift);
+        s1 += sums.s1;
+        s2 += sums.s2;
+      }
+    }
+    stats[ng] = group_stats(double(group_len), double(shift), s1, s2, p.eps);
   };
   // Applies elements [begin, end) of group ng, channel by channel.
   auto group_apply = [&](int64_t ng, int64_t begin, int64_t end) {
@@ -322,9 +353,17 @@ void column_sums(const S* sample, int64_t C, int64_t c, int64_t count, int64_t r
   }
 }
 
+// The shift of group g of a channels-last sample: the median of its first, middle and last values.
+template <class T, class S>
+T sample_group_shift(const Problem& p, const S* sample, int64_t g) {
+  const int64_t C = p.C, D = C / p.G, rows = p.HxW;
+  return median3(T(sample[g * D]), T(sample[(rows / 2) * C + g * D + D / 2]),
+                 T(sample[(rows - 1) * C + (g + 1) * D - 1]));
+}
+
 // Shifted sums of rows [r0, r1) of one sample, per group, into out[G]. Every channel of group g is shifted
-// by the same value, the group's first channel in the sample's row 0, so chunk sums add up without
-// per-chunk divisions and channel sums add up to group sums.
+// by the same value, sample_group_shift, so chunk sums add up without per-chunk divisions and channel sums
+// add up to group sums.
 template <class V, class S>
 void rows_shifted_sums(const Problem& p, const S* sample, int64_t r0, int64_t r1,
                        RowBuffers<typename V::Scalar>& b, ShiftedSums* out) {
@@ -332,11 +371,12 @@ void rows_shifted_sums(const Problem& p, const S* sample, int64_t r0, int64_t r1
   constexpr int64_t W = V::kWidth;
   const int64_t C = p.C, D = C / p.G, c_full = C / W * W;
   if (r1 - r0 == 1) {  // one row: each group is a contiguous run of D channels
-    for (int64_t g = 0; g < p.G; ++g) out[g] = run_shifted_sums<V>(sample + r0 * C + g * D, D, T(sample[g * D]));
+    for (int64_t g = 0; g < p.G; ++g)
+      out[g] = run_shifted_sums<V>(sample + r0 * C + g * D, D, sample_group_shift<T>(p, sample, g));
     return;
   }
   for (int64_t g = 0; g < p.G; ++g) {
-    const T shift = T(sample[g * D]);
+    const T shift = sample_group_shift<T>(p, sample, g);
     for (int64_t c = g * D; c < (g + 1) * D; ++c) b.shift[c] = shift;
   }
   for (int64_t c = 0; c < C; ++c) b.sum_d[c] = b.sq_d[c] = 0.0;
@@ -461,8 +501,20 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
         s1 += partial.data[(n * nchunks + k) * G + g].s1;
         s2 += partial.data[(n * nchunks + k) * G + g].s2;
       }
-      const double shift = double(T(x[n * sample_len + g * (C / G)]));
-      stats[n * G + g] = group_stats(double(rows) * double(C / G), shift, s1, s2, p.eps);
+      const S* sample = x + n * sample_len;
+      const int64_t D = C / G;
+      const double count = double(rows) * double(D);
+      T shift = sample_group_shift<T>(p, sample, g);
+      if (shift_too_far(count, s1, s2)) {
+        shift = T(double(shift) + s1 / count);
+        s1 = s2 = 0.0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const ShiftedSums sums = run_shifted_sums<V>(sample + r * C + g * D, D, shift);
+          s1 += sums.s1;
+          s2 += sums.s2;
+        }
+      }
+      stats[n * G + g] = group_stats(count, double(shift), s1, s2, p.eps);
     }
   };
   auto chunk_apply = [&](int64_t n, int64_t k, const RowBuffers<T>& b) {
