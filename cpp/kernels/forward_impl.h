@@ -365,19 +365,18 @@ T sample_group_shift(const Problem& p, const S* sample, int64_t g) {
 // by the same value, sample_group_shift, so chunk sums add up without per-chunk divisions and channel sums
 // add up to group sums.
 template <class V, class S>
-void rows_shifted_sums(const Problem& p, const S* sample, int64_t r0, int64_t r1,
+void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scalar* shifts, int64_t r0, int64_t r1,
                        RowBuffers<typename V::Scalar>& b, ShiftedSums* out) {
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   const int64_t C = p.C, D = C / p.G, c_full = C / W * W;
   if (r1 - r0 == 1) {  // one row: each group is a contiguous run of D channels
     for (int64_t g = 0; g < p.G; ++g)
-      out[g] = run_shifted_sums<V>(sample + r0 * C + g * D, D, sample_group_shift<T>(p, sample, g));
+      out[g] = run_shifted_sums<V>(sample + r0 * C + g * D, D, shifts[g]);
     return;
   }
   for (int64_t g = 0; g < p.G; ++g) {
-    const T shift = sample_group_shift<T>(p, sample, g);
-    for (int64_t c = g * D; c < (g + 1) * D; ++c) b.shift[c] = shift;
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) b.shift[c] = shifts[g];
   }
   for (int64_t c = 0; c < C; ++c) b.sum_d[c] = b.sq_d[c] = 0.0;
   for (int64_t c = C; c < b.padded; ++c) b.shift[c] = T(0);
@@ -481,7 +480,10 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
   const int64_t c_padded = ceil_div(C, V::kWidth) * V::kWidth;
   Scratch<ShiftedSums> partial(units * G);
   Scratch<T> params(2 * c_padded);
-  if (!partial.data || !params.data) return kOutOfMemory;
+  Scratch<T> shifts(p.N * G);  // read once here: three far-apart loads per group, not per chunk
+  if (!partial.data || !params.data || !shifts.data) return kOutOfMemory;
+  for (int64_t n = 0; n < p.N; ++n)
+    for (int64_t g = 0; g < G; ++g) shifts.data[n * G + g] = sample_group_shift<T>(p, x + n * sample_len, g);
   T* const weight_t = params.data;
   T* const bias_t = params.data + c_padded;
   for (int64_t c = 0; c < c_padded; ++c) {
@@ -491,8 +493,8 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
 
   auto chunk_moments = [&](int64_t unit, RowBuffers<T>& b) {
     const int64_t n = unit / nchunks, k = unit % nchunks;
-    rows_shifted_sums<V>(p, x + n * sample_len, k * chunk_rows, min_i64(rows, (k + 1) * chunk_rows), b,
-                         partial.data + unit * G);
+    rows_shifted_sums<V>(p, x + n * sample_len, shifts.data + n * G, k * chunk_rows,
+                         min_i64(rows, (k + 1) * chunk_rows), b, partial.data + unit * G);
   };
   auto sample_finish = [&](int64_t n) {
     for (int64_t g = 0; g < G; ++g) {
@@ -504,7 +506,7 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
       const S* sample = x + n * sample_len;
       const int64_t D = C / G;
       const double count = double(rows) * double(D);
-      T shift = sample_group_shift<T>(p, sample, g);
+      T shift = shifts.data[n * G + g];
       if (shift_too_far(count, s1, s2)) {
         shift = T(double(shift) + s1 / count);
         s1 = s2 = 0.0;
