@@ -2,6 +2,7 @@
 // the thread count, and the public entry points. Compiled with no ISA flag: it must run on every CPU.
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -107,6 +108,27 @@ Isa current_isa() {
   return Isa(isa);
 }
 
+// Size of the last-level cache that CPU 0 sees, read once from sysfs (sysconf can report a whole
+// package's L3 inside a VM, ten times what one core reaches); 32 MiB where the system does not say.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t size = 0;
+    for (int index = 3; index >= 2 && size <= 0; --index) {
+      char path[64];
+      std::snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
+      if (std::FILE* f = std::fopen(path, "r")) {
+        long value = 0;
+        char unit = 0;
+        if (std::fscanf(f, "%ld%c", &value, &unit) >= 1)
+          size = int64_t(value) * (unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1);
+        std::fclose(f);
+      }
+    }
+    return size > 0 ? size : int64_t(32) << 20;
+  }();
+  return bytes;
+}
+
 bool valid(const Problem& p) {
   if (p.N < 0 || p.C < 0 || p.HxW < 0 || p.G <= 0) return false;
   if (p.C % p.G != 0) return false;
@@ -176,6 +198,7 @@ Status group_norm_forward(const Problem& problem, DType dtype, const void* x, co
   if (!empty && (x == nullptr || y == nullptr)) return kInvalidArgument;
   Problem p = problem;
   if (p.num_threads <= 0) p.num_threads = get_num_threads();
+  if (p.stream_threshold_bytes == 0) p.stream_threshold_bytes = last_level_cache_bytes();
   const KernelTable* table = compiled_table(current_isa());
   switch (dtype) {
     case DType::kFloat32:

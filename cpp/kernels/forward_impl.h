@@ -159,23 +159,30 @@ Coeffs<T> channel_coeffs(const GroupStats& s, const S* weight, const S* bias, in
   return {mean_hi, T(scale), T(b - mean_lo * scale)};
 }
 
-// Applies one channel's coefficients to a contiguous run x[0, n) -> y[0, n).
-template <class V, class S, bool kSilu>
+// Applies one channel's coefficients to a contiguous run x[0, n) -> y[0, n). With kStream, the aligned
+// middle of the run goes out with non-temporal stores: for outputs larger than the cache they skip the
+// read-for-ownership of y, a third of the traffic.
+template <class V, class S, bool kSilu, bool kStream>
 void apply_run(const S* x, S* y, int64_t n, Coeffs<typename V::Scalar> k) {
+  using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   const V mean_hi = V::broadcast(k.mean_hi), scale = V::broadcast(k.scale), shift = V::broadcast(k.shift);
+  auto value = [&](const V& v) { return activate<V, kSilu>(fma(v - mean_hi, scale, shift)); };
   int64_t i = 0;
+  if (kStream) {
+    const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(y) % sizeof(V)) / int64_t(sizeof(S));
+    const int64_t head = min_i64(n, misaligned ? W - misaligned : 0);
+    if (head > 0) V::store_tail(y, value(V::load_tail(x, head, T(0))), head);
+    for (i = head; i + W <= n; i += W) V::store_stream(y + i, value(V::load(x + i)));
+  }
   for (; i + 2 * W <= n; i += 2 * W) {
-    const V ya = fma(V::load(x + i) - mean_hi, scale, shift);
-    const V yb = fma(V::load(x + i + W) - mean_hi, scale, shift);
-    V::store(y + i, activate<V, kSilu>(ya));
-    V::store(y + i + W, activate<V, kSilu>(yb));
+    const V ya = value(V::load(x + i));
+    const V yb = value(V::load(x + i + W));
+    V::store(y + i, ya);
+    V::store(y + i + W, yb);
   }
-  for (; i + W <= n; i += W) V::store(y + i, activate<V, kSilu>(fma(V::load(x + i) - mean_hi, scale, shift)));
-  if (i < n) {
-    const V yt = fma(V::load_tail(x + i, n - i, typename V::Scalar(0)) - mean_hi, scale, shift);
-    V::store_tail(y + i, activate<V, kSilu>(yt), n - i);
-  }
+  for (; i + W <= n; i += W) V::store(y + i, value(V::load(x + i)));
+  if (i < n) V::store_tail(y + i, value(V::load_tail(x + i, n - i, T(0))), n - i);
 }
 
 // Scratch owned by one call or one thread: on the stack when small (tiny calls pay no malloc), else from
@@ -198,6 +205,12 @@ struct Scratch {
  private:
   alignas(64) unsigned char inline_buffer[kInlineBytes];
 };
+
+// Non-temporal stores pay off once input and output together overflow the last-level cache.
+inline bool streams_output(const Problem& p, size_t elem_bytes) {
+  const double bytes = 2.0 * double(elem_bytes) * double(p.N) * double(p.C) * double(p.HxW);
+  return p.stream_threshold_bytes > 0 && bytes > double(p.stream_threshold_bytes);
+}
 
 inline int team_size(int requested, int64_t total_elems, int64_t work_items) {
   int64_t nt = requested < 1 ? 1 : requested;
@@ -227,6 +240,7 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
   const int64_t units = groups * nchunks;
   Scratch<ShiftedSums> partial(units);
   if (!partial.data) return kOutOfMemory;
+  const bool stream = streams_output(p, sizeof(S));
   auto group_shift = [&](const S* group) {
     return median3(T(group[0]), T(group[group_len / 2]), T(group[group_len - 1]));
   };
@@ -264,7 +278,10 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
     for (int64_t d = begin / p.HxW; d * p.HxW < end; ++d) {
       const int64_t lo = max_i64(begin, d * p.HxW), hi = min_i64(end, (d + 1) * p.HxW);
       const auto coeffs = channel_coeffs<T>(stats[ng], weight, bias, g * D + d);
-      apply_run<V, S, kSilu>(x + base + lo, y + base + lo, hi - lo, coeffs);
+      if (stream)
+        apply_run<V, S, kSilu, true>(x + base + lo, y + base + lo, hi - lo, coeffs);
+      else
+        apply_run<V, S, kSilu, false>(x + base + lo, y + base + lo, hi - lo, coeffs);
     }
   };
 
@@ -277,6 +294,7 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
   const int nt = team_size(p.num_threads, groups * group_len, units);
   if (nt == 1) {  // no OpenMP region at all: a tiny call must not pay for a team
     for (int64_t ng = 0; ng < groups; ++ng) whole_group(ng);
+    if (stream) V::stream_fence();
     return kOk;
   }
   // Whole groups per thread keep a group in cache between its two passes; split groups when too few.
@@ -297,6 +315,7 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
         group_apply(unit / nchunks, k * chunk_len, min_i64((k + 1) * chunk_len, group_len));
       }
     }
+    if (stream) V::stream_fence();
   }
   return kOk;
 }
@@ -428,7 +447,7 @@ void sample_coeffs(const Problem& p, const GroupStats* stats, const typename V::
 
 // Applies K vectors of channel coefficients starting at c to rows [r0, r1), the coefficients held in
 // registers; with kTail, one vector of which only `count` channels exist.
-template <class V, int K, bool kTail, bool kSilu, class S>
+template <class V, int K, bool kTail, bool kSilu, bool kStream, class S>
 void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t r0, int64_t r1,
                   const RowBuffers<typename V::Scalar>& b) {
   using T = typename V::Scalar;
@@ -447,6 +466,8 @@ void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t
       const V out = activate<V, kSilu>(fma(v, scale[i], shift[i]));
       if (kTail)
         V::store_tail(yr, out, count);
+      else if (kStream)
+        V::store_stream(yr + i * W, out);
       else
         V::store(yr + i * W, out);
     }
@@ -454,18 +475,23 @@ void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t
 }
 
 // Applies the sample's coefficients to rows [r0, r1) in blocks of rows that stay in L1 across the tiles.
-template <class V, class S, bool kSilu>
+// kStream: non-temporal stores; every row of y then starts `head` channels before a vector boundary (rows
+// are a whole number of vectors long), and those channels go first, with plain stores.
+template <class V, class S, bool kSilu, bool kStream>
 void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, const RowBuffers<typename V::Scalar>& b) {
   // Channel vectors whose coefficients stay in registers: three registers each, so 2 on 16-register ISAs.
   constexpr int64_t W = V::kWidth, K = V::kRegisters >= 32 ? 4 : 2;
-  const int64_t C = p.C, c_full = C / W * W;
+  const int64_t C = p.C;
+  const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(y) % sizeof(V)) / int64_t(sizeof(S));
+  const int64_t head = kStream && misaligned ? min_i64(C, W - misaligned) : 0;
   const int64_t rows_per_block = max_i64(1, kL1TileBytes / int64_t(sizeof(S) * C));
   for (int64_t rb = r0; rb < r1; rb += rows_per_block) {
     const int64_t re = min_i64(r1, rb + rows_per_block);
-    int64_t c = 0;
-    for (; c + K * W <= c_full; c += K * W) column_apply<V, K, false, kSilu>(x, y, C, c, C, rb, re, b);
-    for (; c < c_full; c += W) column_apply<V, 1, false, kSilu>(x, y, C, c, C, rb, re, b);
-    if (c < C) column_apply<V, 1, true, kSilu>(x, y, C, c, C - c, rb, re, b);
+    if (head > 0) column_apply<V, 1, true, kSilu, false>(x, y, C, 0, head, rb, re, b);
+    int64_t c = head;
+    for (; c + K * W <= C; c += K * W) column_apply<V, K, false, kSilu, kStream>(x, y, C, c, C, rb, re, b);
+    for (; c + W <= C; c += W) column_apply<V, 1, false, kSilu, kStream>(x, y, C, c, C, rb, re, b);
+    if (c < C) column_apply<V, 1, true, kSilu, false>(x, y, C, c, C - c, rb, re, b);
   }
 }
 
@@ -477,7 +503,8 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
   const int64_t chunk_rows = max_i64(ceil_div(kChunkMinElems, C), ceil_div(rows, kChunksMax));
   const int64_t nchunks = ceil_div(rows, chunk_rows);
   const int64_t units = p.N * nchunks;
-  const int64_t c_padded = ceil_div(C, V::kWidth) * V::kWidth;
+  // One spare vector: a streaming apply reads coefficient vectors from an unaligned channel offset.
+  const int64_t c_padded = (ceil_div(C, V::kWidth) + 1) * V::kWidth;
   Scratch<ShiftedSums> partial(units * G);
   Scratch<T> params(2 * c_padded);
   Scratch<T> shifts(p.N * G);  // read once here: three far-apart loads per group, not per chunk
@@ -519,9 +546,13 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
       stats[n * G + g] = group_stats(count, double(shift), s1, s2, p.eps);
     }
   };
+  const bool stream = streams_output(p, sizeof(S)) && (C * int64_t(sizeof(S))) % int64_t(sizeof(V)) == 0;
   auto chunk_apply = [&](int64_t n, int64_t k, const RowBuffers<T>& b) {
-    rows_apply<V, S, kSilu>(p, x + n * sample_len, y + n * sample_len, k * chunk_rows,
-                            min_i64(rows, (k + 1) * chunk_rows), b);
+    const int64_t r0 = k * chunk_rows, r1 = min_i64(rows, (k + 1) * chunk_rows);
+    if (stream)
+      rows_apply<V, S, kSilu, true>(p, x + n * sample_len, y + n * sample_len, r0, r1, b);
+    else
+      rows_apply<V, S, kSilu, false>(p, x + n * sample_len, y + n * sample_len, r0, r1, b);
   };
 
   auto whole_sample = [&](int64_t n, RowBuffers<T>& b) {
@@ -536,6 +567,7 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
     RowBuffers<T> b(c_padded);
     if (!b.ok()) return kOutOfMemory;
     for (int64_t n = 0; n < p.N; ++n) whole_sample(n, b);
+    if (stream) V::stream_fence();
     return kOk;
   }
   const bool whole_samples = p.N % nt == 0 || p.N >= 8 * int64_t(nt);
@@ -567,6 +599,7 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
         chunk_apply(n, unit % nchunks, b);
       }
     }
+    if (stream) V::stream_fence();
   }
   return failed ? kOutOfMemory : kOk;
 }

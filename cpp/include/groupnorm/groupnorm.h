@@ -31,6 +31,9 @@ struct Problem {
   Activation activation = Activation::kNone;
   double eps = 1e-5;
   int num_threads = 0;  // <= 0: groupnorm::get_num_threads()
+  // Outputs whose input + output bytes exceed this go out with non-temporal stores; 0: the last-level
+  // cache size (the default), < 0: never.
+  int64_t stream_threshold_bytes = 0;
 };
 
 // y = act((x - mean) * rstd * weight + bias) per (n, group); weight, bias, mean_out, rstd_out may be null.

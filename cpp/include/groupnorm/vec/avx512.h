@@ -20,6 +20,9 @@ struct VecF32 {
   static VecF32 broadcast(float a) { return {_mm512_set1_ps(a)}; }
   static VecF32 load(const float* p) { return {_mm512_loadu_ps(p)}; }
   static void store(float* p, VecF32 a) { _mm512_storeu_ps(p, a.v); }
+  // Non-temporal store to a 64-byte aligned p; stream_fence orders such stores before later ones.
+  static void store_stream(float* p, VecF32 a) { _mm512_stream_ps(p, a.v); }
+  static void stream_fence() { _mm_sfence(); }
   static VecF32 load_tail(const float* p, int64_t n, float fill) {
     return {_mm512_mask_loadu_ps(_mm512_set1_ps(fill), mask(n), p)};
   }
@@ -55,6 +58,8 @@ struct VecF64 {
   static VecF64 broadcast(double a) { return {_mm512_set1_pd(a)}; }
   static VecF64 load(const double* p) { return {_mm512_loadu_pd(p)}; }
   static void store(double* p, VecF64 a) { _mm512_storeu_pd(p, a.v); }
+  static void store_stream(double* p, VecF64 a) { _mm512_stream_pd(p, a.v); }
+  static void stream_fence() { _mm_sfence(); }
   static VecF64 load_tail(const double* p, int64_t n, double fill) {
     return {_mm512_mask_loadu_pd(_mm512_set1_pd(fill), mask(n), p)};
   }

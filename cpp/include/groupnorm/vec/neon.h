@@ -19,6 +19,8 @@ struct VecF32 {
   static VecF32 broadcast(float a) { return {vdupq_n_f32(a)}; }
   static VecF32 load(const float* p) { return {vld1q_f32(p)}; }
   static void store(float* p, VecF32 a) { vst1q_f32(p, a.v); }
+  static void store_stream(float* p, VecF32 a) { vst1q_f32(p, a.v); }  // plain store: no NT hint here
+  static void stream_fence() {}
   static VecF32 load_tail(const float* p, int64_t n, float fill) {
     float buf[kWidth];
     for (int i = 0; i < kWidth; ++i) buf[i] = i < n ? p[i] : fill;
@@ -58,6 +60,8 @@ struct VecF64 {
   static VecF64 broadcast(double a) { return {vdupq_n_f64(a)}; }
   static VecF64 load(const double* p) { return {vld1q_f64(p)}; }
   static void store(double* p, VecF64 a) { vst1q_f64(p, a.v); }
+  static void store_stream(double* p, VecF64 a) { vst1q_f64(p, a.v); }
+  static void stream_fence() {}
   static VecF64 load_tail(const double* p, int64_t n, double fill) {
     double buf[kWidth];
     for (int i = 0; i < kWidth; ++i) buf[i] = i < n ? p[i] : fill;

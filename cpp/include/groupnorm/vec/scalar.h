@@ -18,6 +18,8 @@ struct ScalarVec {
   static ScalarVec broadcast(T a) { return {a}; }
   static ScalarVec load(const T* p) { return {*p}; }
   static void store(T* p, ScalarVec a) { *p = a.v; }
+  static void store_stream(T* p, ScalarVec a) { *p = a.v; }  // no non-temporal store in plain C++
+  static void stream_fence() {}
   // One lane never leaves a tail; kept so the kernel templates compile unchanged.
   static ScalarVec load_tail(const T* p, int64_t n, T fill) { return {n > 0 ? *p : fill}; }
   static void store_tail(T* p, ScalarVec a, int64_t n) {
