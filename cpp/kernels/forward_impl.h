@@ -41,15 +41,15 @@ struct GroupStats {
   double rstd;
 };
 
-// Statistics of `count` values from s1 = sum(x - shift) and s2 = sum((x - shift)^2). The variance is
-// clamped at 0 (a NaN stays NaN); TwoSum recovers the rounding error of shift + s1/count.
-inline GroupStats group_stats(double count, double shift, double s1, double s2, double eps) {
+// Statistics of `count` values (inv_count = 1/count) from s1 = sum(x - shift) and s2 = sum((x - shift)^2).
+// The variance is clamped at 0 (a NaN stays NaN); TwoSum recovers the rounding error of shift + s1/count.
+inline GroupStats group_stats(double count, double inv_count, double shift, double s1, double s2, double eps) {
   if (count == 0) return {__builtin_nan(""), 0.0, __builtin_nan("")};
-  const double q = s1 / count;
+  const double q = s1 * inv_count;
   const double mean = shift + q;
   const double q_part = mean - shift;
   const double mean_lo = (shift - (mean - q_part)) + (q - q_part);
-  double var = (s2 - s1 * q) / count;
+  double var = (s2 - s1 * q) * inv_count;
   if (var < 0.0) var = 0.0;
   return {mean, mean_lo, 1.0 / __builtin_sqrt(var + eps)};
 }
@@ -65,9 +65,9 @@ T median3(T a, T b, T c) {
 // True when the shift lies more than two standard deviations from the mean: the sums in T then carry too
 // much cancellation for the float32 target, and the group is summed again around its mean (rare: the
 // median of three samples is that far off for well under 1% of Gaussian groups). False for NaN.
-inline bool shift_too_far(double count, double s1, double s2) {
-  const double q = s1 / count;
-  return q * q > 4.0 * ((s2 - s1 * q) / count);
+inline bool shift_too_far(double inv_count, double s1, double s2) {
+  const double q = s1 * inv_count;
+  return q * q > 4.0 * ((s2 - s1 * q) * inv_count);
 }
 
 // Sums of (x - shift) and (x - shift)^2 over a contiguous run x[0, n).
@@ -252,6 +252,7 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
     partial.data[unit] = run_shifted_sums<V>(group + begin, min_i64(chunk_len, group_len - begin),
                                              group_shift(group));
   };
+  const double inv_group_len = 1.0 / double(group_len);
   auto group_finish = [&](int64_t ng) {
     const S* group = x + ng * group_len;
     T shift = group_shift(group);
@@ -260,8 +261,8 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
       s1 += partial.data[ng * nchunks + k].s1;
       s2 += partial.data[ng * nchunks + k].s2;
     }
-    if (shift_too_far(double(group_len), s1, s2)) {
-      shift = T(double(shift) + s1 / double(group_len));
+    if (shift_too_far(inv_group_len, s1, s2)) {
+      shift = T(double(shift) + s1 * inv_group_len);
       s1 = s2 = 0.0;
       for (int64_t begin = 0; begin < group_len; begin += chunk_len) {
         const ShiftedSums sums = run_shifted_sums<V>(group + begin, min_i64(chunk_len, group_len - begin), shift);
@@ -269,7 +270,7 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
         s2 += sums.s2;
       }
     }
-    stats[ng] = group_stats(double(group_len), double(shift), s1, s2, p.eps);
+    stats[ng] = group_stats(double(group_len), inv_group_len, double(shift), s1, s2, p.eps);
   };
   // Applies elements [begin, end) of group ng, channel by channel.
   auto group_apply = [&](int64_t ng, int64_t begin, int64_t end) {
@@ -334,6 +335,7 @@ struct RowBuffers {
   T *mean_hi, *scale, *bias;     // per channel: apply coefficients of the current sample
   explicit RowBuffers(int64_t c_padded) : padded(c_padded), block(8 * c_padded) {
     double* base = block.data;  // each array gets c_padded doubles of room, enough for any T
+    if (base) std::memset(base, 0, sizeof(double) * size_t(8 * c_padded));  // padding lanes stay 0
     shift = reinterpret_cast<T*>(base);
     sum = reinterpret_cast<T*>(base + c_padded);
     sq = reinterpret_cast<T*>(base + 2 * c_padded);
@@ -386,7 +388,6 @@ T sample_group_shift(const Problem& p, const S* sample, int64_t g) {
 template <class V, class S>
 void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scalar* shifts, int64_t r0, int64_t r1,
                        RowBuffers<typename V::Scalar>& b, ShiftedSums* out) {
-  using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   const int64_t C = p.C, D = C / p.G, c_full = C / W * W;
   if (r1 - r0 == 1) {  // one row: each group is a contiguous run of D channels
@@ -398,7 +399,6 @@ void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scal
     for (int64_t c = g * D; c < (g + 1) * D; ++c) b.shift[c] = shifts[g];
   }
   for (int64_t c = 0; c < C; ++c) b.sum_d[c] = b.sq_d[c] = 0.0;
-  for (int64_t c = C; c < b.padded; ++c) b.shift[c] = T(0);
   for (int64_t rb = r0; rb < r1; rb += kFlushIters) {
     const int64_t re = min_i64(r1, rb + kFlushIters);
     int64_t c = 0;
@@ -420,28 +420,34 @@ void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scal
   }
 }
 
-// Loads sample n's per-channel coefficients into the thread's buffers: per-group values spread over the
-// channels, then scale = rstd*w and shift = b - mean_lo*scale one vector at a time. weight_t / bias_t hold
-// the parameters in T, ones and zeros where absent, padded with zeros.
+// Loads sample n's per-channel coefficients into the thread's buffers: for each group, scale = rstd*w and
+// shift = b - mean_lo*scale, one vector (or the group's last, partial vector) at a time, so no vector is
+// ever read back from scalar stores. weight_t / bias_t hold the parameters in T (ones and zeros where
+// absent), padded with zeros.
 template <class V>
 void sample_coeffs(const Problem& p, const GroupStats* stats, const typename V::Scalar* weight_t,
                    const typename V::Scalar* bias_t, RowBuffers<typename V::Scalar>& b) {
   using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
   const int64_t D = p.C / p.G;
   for (int64_t g = 0; g < p.G; ++g) {
-    const T mean_hi = T(stats[g].mean), rstd = T(stats[g].rstd);
-    const T mean_lo = T((stats[g].mean - double(mean_hi)) + stats[g].mean_lo);
-    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-      b.mean_hi[c] = mean_hi;
-      b.scale[c] = rstd;
-      b.bias[c] = mean_lo;
+    const T mean_hi_s = T(stats[g].mean);
+    const V mean_hi = V::broadcast(mean_hi_s), rstd = V::broadcast(T(stats[g].rstd));
+    const V mean_lo = V::broadcast(T((stats[g].mean - double(mean_hi_s)) + stats[g].mean_lo));
+    for (int64_t c = g * D; c < (g + 1) * D; c += W) {
+      const int64_t n = min_i64(W, (g + 1) * D - c);
+      if (n == W) {
+        const V scale = rstd * V::load(weight_t + c);
+        V::store(b.mean_hi + c, mean_hi);
+        V::store(b.scale + c, scale);
+        V::store(b.bias + c, V::load(bias_t + c) - mean_lo * scale);
+      } else {
+        const V scale = rstd * V::load_tail(weight_t + c, n, T(0));
+        V::store_tail(b.mean_hi + c, mean_hi, n);
+        V::store_tail(b.scale + c, scale, n);
+        V::store_tail(b.bias + c, V::load_tail(bias_t + c, n, T(0)) - mean_lo * scale, n);
+      }
     }
-  }
-  for (int64_t c = p.C; c < b.padded; ++c) b.mean_hi[c] = b.scale[c] = b.bias[c] = T(0);
-  for (int64_t c = 0; c < b.padded; c += V::kWidth) {
-    const V scale = V::load(b.scale + c) * V::load(weight_t + c);
-    V::store(b.scale + c, scale);
-    V::store(b.bias + c, V::load(bias_t + c) - V::load(b.bias + c) * scale);
   }
 }
 
@@ -523,6 +529,7 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
     rows_shifted_sums<V>(p, x + n * sample_len, shifts.data + n * G, k * chunk_rows,
                          min_i64(rows, (k + 1) * chunk_rows), b, partial.data + unit * G);
   };
+  const double count = double(rows) * double(C / G), inv_count = 1.0 / count;
   auto sample_finish = [&](int64_t n) {
     for (int64_t g = 0; g < G; ++g) {
       double s1 = 0.0, s2 = 0.0;
@@ -532,10 +539,9 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
       }
       const S* sample = x + n * sample_len;
       const int64_t D = C / G;
-      const double count = double(rows) * double(D);
       T shift = shifts.data[n * G + g];
-      if (shift_too_far(count, s1, s2)) {
-        shift = T(double(shift) + s1 / count);
+      if (shift_too_far(inv_count, s1, s2)) {
+        shift = T(double(shift) + s1 * inv_count);
         s1 = s2 = 0.0;
         for (int64_t r = 0; r < rows; ++r) {
           const ShiftedSums sums = run_shifted_sums<V>(sample + r * C + g * D, D, shift);
@@ -543,7 +549,7 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
           s2 += sums.s2;
         }
       }
-      stats[n * G + g] = group_stats(count, double(shift), s1, s2, p.eps);
+      stats[n * G + g] = group_stats(count, inv_count, double(shift), s1, s2, p.eps);
     }
   };
   const bool stream = streams_output(p, sizeof(S)) && (C * int64_t(sizeof(S))) % int64_t(sizeof(V)) == 0;
@@ -615,7 +621,7 @@ Status group_norm_forward_impl(const Problem& p, const S* x, const S* weight, co
   if (!stats.data) return kOutOfMemory;
   Status status = kOk;
   if (p.HxW == 0 || p.C == 0) {
-    for (int64_t i = 0; i < groups; ++i) stats.data[i] = group_stats(0.0, 0.0, 0.0, 0.0, p.eps);
+    for (int64_t i = 0; i < groups; ++i) stats.data[i] = group_stats(0.0, 0.0, 0.0, 0.0, 0.0, p.eps);
   } else {
     const bool silu = p.activation == Activation::kSilu;
     if (p.layout == Layout::kChannelsFirst)
