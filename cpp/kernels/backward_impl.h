@@ -134,19 +134,16 @@ void param_grads(const Problem& p, int64_t c, const GradSums& sums, const GroupG
 }
 
 // Adds chunk partials in chunk order: partial slot (outer, k, i), k < nchunks, i < inner, into out (outer, i).
+// k runs outermost so every sweep is sequential (a stride of `inner` doubles thrashes L1 sets).
 inline void merge_chunks(const GradSums& partial, const GradSums& out, int64_t outer, int64_t nchunks,
                          int64_t inner) {
-  for (int64_t i = 0; i < inner; ++i) {
-    const int64_t first = outer * nchunks * inner + i;
-    double s_dy = partial.dy[first], s_dy_xc = partial.dy_xc[first], s_xc = partial.xc[first];
-    for (int64_t k = 1; k < nchunks; ++k) {
-      s_dy += partial.dy[first + k * inner];
-      s_dy_xc += partial.dy_xc[first + k * inner];
-      s_xc += partial.xc[first + k * inner];
-    }
-    out.dy[outer * inner + i] = s_dy;
-    out.dy_xc[outer * inner + i] = s_dy_xc;
-    out.xc[outer * inner + i] = s_xc;
+  double* const dst[3] = {out.dy + outer * inner, out.dy_xc + outer * inner, out.xc + outer * inner};
+  const double* const src[3] = {partial.dy + outer * nchunks * inner, partial.dy_xc + outer * nchunks * inner,
+                                partial.xc + outer * nchunks * inner};
+  for (int a = 0; a < 3; ++a) {
+    for (int64_t i = 0; i < inner; ++i) dst[a][i] = src[a][i];
+    for (int64_t k = 1; k < nchunks; ++k)
+      for (int64_t i = 0; i < inner; ++i) dst[a][i] += src[a][k * inner + i];
   }
 }
 
@@ -167,29 +164,32 @@ Status backward_channels_first(const Problem& p, const S* dy, const S* x, const 
   const GradSums partial = nchunks > 1 ? grad_sums_in(chunk_block.data, units) : sums;
   const bool want_params = dweight || dbias;
 
-  auto chunk_sums = [&](int64_t unit) {
-    const int64_t nc = unit / nchunks, begin = unit % nchunks * chunk_len;
-    run_grad_sums<V>(dy + nc * HxW + begin, x + nc * HxW + begin, min_i64(chunk_len, HxW - begin),
-                     T(mean[nc / D]), partial.dy + unit, partial.dy_xc + unit, partial.xc + unit);
+  // Chunk k of channel nc (in group ng); callers pass all three so small channels pay no division.
+  auto chunk_sums = [&](int64_t nc, int64_t k, int64_t ng) {
+    const int64_t unit = nc * nchunks + k, begin = k * chunk_len;
+    run_grad_sums<V>(dy + nc * HxW + begin, x + nc * HxW + begin, min_i64(chunk_len, HxW - begin), T(mean[ng]),
+                     partial.dy + unit, partial.dy_xc + unit, partial.xc + unit);
   };
   auto channel_merge = [&](int64_t nc) {
     if (nchunks > 1) merge_chunks(partial, sums, nc, nchunks, 1);
   };
   auto group_finish = [&](int64_t ng) { coeffs[ng] = group_grad_coeffs<T>(p, ng, sums, mean, rstd, weight); };
-  auto chunk_apply = [&](int64_t unit) {
-    const int64_t nc = unit / nchunks, begin = unit % nchunks * chunk_len;
-    const GroupGradCoeffs<T>& k = coeffs[nc / D];
-    const T scale = T(k.rstd * (weight ? double(weight[nc % p.C]) : 1.0));
+  auto chunk_apply = [&](int64_t nc, int64_t k, int64_t ng, int64_t c) {
+    const int64_t begin = k * chunk_len;
+    const GroupGradCoeffs<T>& coeff = coeffs[ng];
+    const T scale = T(coeff.rstd * (weight ? double(weight[c]) : 1.0));
     grad_apply_run<V>(dy + nc * HxW + begin, x + nc * HxW + begin, dx + nc * HxW + begin,
-                      min_i64(chunk_len, HxW - begin), scale, k);
+                      min_i64(chunk_len, HxW - begin), scale, coeff);
   };
   auto whole_group = [&](int64_t ng) {
     for (int64_t nc = ng * D; nc < (ng + 1) * D; ++nc) {
-      for (int64_t k = 0; k < nchunks; ++k) chunk_sums(nc * nchunks + k);
+      for (int64_t k = 0; k < nchunks; ++k) chunk_sums(nc, k, ng);
       channel_merge(nc);
     }
     group_finish(ng);
-    for (int64_t unit = ng * D * nchunks; unit < (ng + 1) * D * nchunks; ++unit) chunk_apply(unit);
+    const int64_t c0 = ng % p.G * D;
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t k = 0; k < nchunks; ++k) chunk_apply(ng * D + d, k, ng, c0 + d);
   };
 
   const int nt = team_size(p.num_threads, 2 * channels * HxW, units);
@@ -208,13 +208,16 @@ Status backward_channels_first(const Problem& p, const S* dy, const S* x, const 
       for (int64_t ng = 0; ng < groups; ++ng) whole_group(ng);
     } else {
 #pragma omp for schedule(static)
-      for (int64_t unit = 0; unit < units; ++unit) chunk_sums(unit);
+      for (int64_t unit = 0; unit < units; ++unit) chunk_sums(unit / nchunks, unit % nchunks, unit / nchunks / D);
 #pragma omp for schedule(static)
       for (int64_t nc = 0; nc < channels; ++nc) channel_merge(nc);
 #pragma omp for schedule(static)
       for (int64_t ng = 0; ng < groups; ++ng) group_finish(ng);
 #pragma omp for schedule(static)
-      for (int64_t unit = 0; unit < units; ++unit) chunk_apply(unit);
+      for (int64_t unit = 0; unit < units; ++unit) {
+        const int64_t nc = unit / nchunks;
+        chunk_apply(nc, unit % nchunks, nc / D, nc % p.C);
+      }
     }
     if (want_params) {
 #pragma omp for schedule(static)
@@ -298,7 +301,8 @@ void rows_grad_sums(const Problem& p, const S* dy, const S* x, int64_t r0, int64
 template <class T, class S>
 void sample_means(const Problem& p, const S* mean, int64_t n, GradRowBuffers<T>& b) {
   const int64_t D = p.C / p.G;
-  for (int64_t c = 0; c < p.C; ++c) b.mean_hi[c] = T(mean[n * p.G + c / D]);
+  for (int64_t g = 0; g < p.G; ++g)
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) b.mean_hi[c] = T(mean[n * p.G + g]);
   for (int64_t c = p.C; c < b.padded; ++c) b.mean_hi[c] = T(0);
 }
 
@@ -306,12 +310,14 @@ void sample_means(const Problem& p, const S* mean, int64_t n, GradRowBuffers<T>&
 template <class T, class S>
 void sample_grad_coeffs(const Problem& p, const GroupGradCoeffs<T>* coeffs, const S* weight, GradRowBuffers<T>& b) {
   const int64_t D = p.C / p.G;
-  for (int64_t c = 0; c < p.C; ++c) {
-    const GroupGradCoeffs<T>& k = coeffs[c / D];
-    b.mean_hi[c] = k.mean_hi;
-    b.scale[c] = T(k.rstd * (weight ? double(weight[c]) : 1.0));
-    b.c2[c] = k.c2;
-    b.shift[c] = k.shift;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const GroupGradCoeffs<T>& k = coeffs[g];
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      b.mean_hi[c] = k.mean_hi;
+      b.scale[c] = T(k.rstd * (weight ? double(weight[c]) : 1.0));
+      b.c2[c] = k.c2;
+      b.shift[c] = k.shift;
+    }
   }
   for (int64_t c = p.C; c < b.padded; ++c) b.mean_hi[c] = b.scale[c] = b.c2[c] = b.shift[c] = T(0);
 }
