@@ -213,4 +213,28 @@ Status group_norm_forward(const Problem& problem, DType dtype, const void* x, co
   return kInvalidArgument;
 }
 
+Status group_norm_backward(const Problem& problem, DType dtype, const void* dy, const void* x, const void* mean,
+                           const void* rstd, const void* weight, void* dx, void* dweight, void* dbias) {
+  if (!valid(problem)) return kInvalidArgument;
+  const bool empty = problem.N == 0 || problem.C == 0 || problem.HxW == 0;
+  if (!empty && (dy == nullptr || x == nullptr || mean == nullptr || rstd == nullptr || dx == nullptr))
+    return kInvalidArgument;
+  Problem p = problem;
+  if (p.num_threads <= 0) p.num_threads = get_num_threads();
+  const KernelTable* table = compiled_table(current_isa());
+  switch (dtype) {
+    case DType::kFloat32:
+      return table->backward_f32(p, static_cast<const float*>(dy), static_cast<const float*>(x),
+                                 static_cast<const float*>(mean), static_cast<const float*>(rstd),
+                                 static_cast<const float*>(weight), static_cast<float*>(dx),
+                                 static_cast<float*>(dweight), static_cast<float*>(dbias));
+    case DType::kFloat64:
+      return table->backward_f64(p, static_cast<const double*>(dy), static_cast<const double*>(x),
+                                 static_cast<const double*>(mean), static_cast<const double*>(rstd),
+                                 static_cast<const double*>(weight), static_cast<double*>(dx),
+                                 static_cast<double*>(dweight), static_cast<double*>(dbias));
+  }
+  return kInvalidArgument;
+}
+
 }  // namespace groupnorm

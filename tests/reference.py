@@ -143,3 +143,82 @@ def check_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activat
         if p is not None:
             assert same_bits(p, before), "weight or bias was modified"
     return y
+
+
+# Gradients: max|g - g_ref| <= GRAD_TOLERANCE * max|g_ref| for each of grad_input, grad_weight, grad_bias, the
+# issue's target. Where the reference value itself is the residue of a cancellation, max|g_ref| gives way to
+# the scale of the terms that cancel (term_scales): grad_input sums three terms that cancel almost exactly in
+# a group of 1 or 2 elements (which normalises to a constant), so there it is max|rstd*w*dy|; grad_weight and
+# grad_bias are sums whose typical size is the root of the sum of squares of their terms, which a handful
+# of terms of one channel can undercut by chance. With more than a few elements per group and per channel
+# these scales do not exceed max|g_ref| by more than a small factor, so the target is unchanged.
+GRAD_TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+
+
+def group_norm_backward_reference(grad_output, x, num_groups, weight=None, eps=1e-5, *, with_scales=False):
+    """(grad_input, grad_weight, grad_bias) of group_norm (no activation) in the accumulator dtype, from x itself:
+    dx = rstd*(w*dy - mean_g(w*dy) - x_hat*mean_g(w*dy*x_hat)), dw = sum dy*x_hat, db = sum dy. With_scales, a 4th
+    item: the term scales of the three (see GRAD_TOLERANCE)."""
+    x = np.asarray(x)
+    acc = accumulator_dtype(x.dtype)
+    N, C = x.shape[:2]
+    if x.size == 0:
+        zeros = (np.zeros(x.shape, acc), np.zeros(C, acc), np.zeros(C, acc))
+        return zeros + ((0.0, 0.0, 0.0),) if with_scales else zeros
+    groups = x.astype(acc).reshape(N, num_groups, -1)
+    dy = np.asarray(grad_output).astype(acc).reshape(N, C, -1)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        mean = groups.mean(axis=2, keepdims=True)
+        rstd = 1 / np.sqrt(np.square(groups - mean).mean(axis=2, keepdims=True) + acc.type(eps))
+        x_hat = (groups - mean) * rstd
+        w = np.ones(C, acc) if weight is None else np.asarray(weight).astype(acc)
+        w_dy = (dy * w[None, :, None]).reshape(groups.shape)
+        dx = rstd * (w_dy - w_dy.mean(axis=2, keepdims=True)
+                     - x_hat * (w_dy * x_hat).mean(axis=2, keepdims=True))
+        dy_x_hat = dy * x_hat.reshape(dy.shape)
+        dweight = dy_x_hat.sum(axis=(0, 2))
+        dbias = dy.sum(axis=(0, 2))
+        scales = tuple(float(np.nan_to_num(s).max()) for s in (
+            np.abs(rstd * w_dy), np.sqrt(np.square(dy_x_hat).sum(axis=(0, 2))), np.sqrt(np.square(dy).sum(axis=(0, 2)))))
+    grads = (dx.reshape(x.shape), dweight, dbias)
+    return grads + (scales,) if with_scales else grads
+
+
+def group_stats_reference(x, num_groups, eps=1e-5):
+    """(mean, rstd) of each (sample, group), shape (N, G), in the accumulator dtype."""
+    x = np.asarray(x)
+    acc = accumulator_dtype(x.dtype)
+    groups = x.astype(acc).reshape(x.shape[0], num_groups, -1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = groups.mean(axis=2)
+        rstd = 1 / np.sqrt(np.square(groups - mean[..., None]).mean(axis=2) + acc.type(eps))
+    return mean, rstd
+
+
+def assert_grads_match(grads, grads_ref, dtype, what="group_norm_backward"):
+    """Each gradient has its reference's shape, no NaN, and max error within GRAD_TOLERANCE * max|g_ref| (or times
+    its term scale where larger, when grads_ref carries the term scales as a 4th item)."""
+    tol = GRAD_TOLERANCE[np.dtype(dtype)]
+    term_scales = grads_ref[3] if len(grads_ref) > 3 else (0.0, 0.0, 0.0)
+    for name, g, g_ref, term_scale in zip(("grad_input", "grad_weight", "grad_bias"), grads, grads_ref[:3],
+                                          term_scales):
+        g = np.asarray(g)
+        assert g.dtype == dtype, f"{what}: {name} has dtype {g.dtype}, expected {np.dtype(dtype)}"
+        assert g.shape == g_ref.shape, f"{what}: {name} shape {g.shape} != reference {g_ref.shape}"
+        if g.size == 0:
+            continue
+        assert not np.isnan(g).any(), f"{what}: {name} holds NaN at {np.argwhere(np.isnan(g))[0]}"
+        err = np.abs(g.astype(g_ref.dtype) - g_ref)
+        scale = max(float(np.abs(g_ref).max()), term_scale)
+        bound = tol * scale if scale > 0 else tol
+        worst = np.unravel_index(np.argmax(err), err.shape)
+        assert err.max() <= bound, (
+            f"{what}: {name}: max|g - g_ref| = {float(err.max()):.3e} > {tol:g} * {scale:.3e} = {bound:.3e} "
+            f"(max|g_ref| {float(np.abs(g_ref).max()):.3e}, term scale {term_scale:.3e}; "
+            f"ratio {float(err.max()) / max(scale, 1e-300):.2e}) at {tuple(int(i) for i in worst)}: "
+            f"got {g[worst]!r}, expected {float(g_ref[worst])!r}; dtype {g.dtype}, shape {g.shape}")
+
+
+def same_memory_order(a, b):
+    """a and b lay their elements out alike: equal strides on every axis longer than 1."""
+    return a.shape == b.shape and all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.strides, b.strides))

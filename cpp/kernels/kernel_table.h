@@ -11,6 +11,10 @@ struct KernelTable {
                         float* mean_out, float* rstd_out);
   Status (*forward_f64)(const Problem&, const double* x, const double* weight, const double* bias,
                         double* y, double* mean_out, double* rstd_out);
+  Status (*backward_f32)(const Problem&, const float* dy, const float* x, const float* mean, const float* rstd,
+                         const float* weight, float* dx, float* dweight, float* dbias);
+  Status (*backward_f64)(const Problem&, const double* dy, const double* x, const double* mean,
+                         const double* rstd, const double* weight, double* dx, double* dweight, double* dbias);
 };
 
 namespace scalar { const KernelTable* kernel_table(); }
@@ -20,11 +24,13 @@ namespace neon { const KernelTable* kernel_table(); }
 
 }  // namespace groupnorm
 
-// Defines GROUPNORM_ISA::kernel_table() from the templates of forward_impl.h; used once per ISA TU,
-// inside namespace groupnorm::GROUPNORM_ISA.
+// Defines GROUPNORM_ISA::kernel_table() from the templates of forward_impl.h and backward_impl.h; used once
+// per ISA TU, inside namespace groupnorm::GROUPNORM_ISA.
 #define GROUPNORM_DEFINE_KERNEL_TABLE(VecF32, VecF64)                                   \
   const KernelTable* kernel_table() {                                                   \
     static constexpr KernelTable table = {&group_norm_forward_impl<VecF32, float>,      \
-                                          &group_norm_forward_impl<VecF64, double>};    \
+                                          &group_norm_forward_impl<VecF64, double>,     \
+                                          &group_norm_backward_impl<VecF32, float>,     \
+                                          &group_norm_backward_impl<VecF64, double>};   \
     return &table;                                                                      \
   }

@@ -16,6 +16,21 @@ def group_norm(
     channel_axis: int = ...,
     out: Optional[npt.NDArray[Any]] = ...,
 ) -> npt.NDArray[Any]: ...
+def group_norm_forward(
+    input: npt.ArrayLike,
+    num_groups: int,
+    weight: Optional[npt.ArrayLike] = ...,
+    bias: Optional[npt.ArrayLike] = ...,
+    eps: float = ...,
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
+def group_norm_backward(
+    grad_output: npt.ArrayLike,
+    input: npt.ArrayLike,
+    mean: npt.ArrayLike,
+    rstd: npt.ArrayLike,
+    num_groups: int,
+    weight: Optional[npt.ArrayLike] = ...,
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
 def get_num_threads() -> int: ...
 def set_num_threads(n: Optional[int]) -> None: ...
 def set_isa(name: Literal["scalar", "avx2", "avx512", "neon"]) -> None: ...

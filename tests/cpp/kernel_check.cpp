@@ -1,6 +1,7 @@
-// kernel_check.cpp — checks group_norm_forward on every ISA level that is compiled and supported against a long
-// double reference: odd tails, both layouts, SiLU, affine or not, NaN-poisoned outputs inside sentinel guards,
-// in-place calls, large offsets, dark borders, bitwise thread determinism. Last line: "N passed, M failed".
+// kernel_check.cpp — checks group_norm_forward and group_norm_backward on every ISA level that is compiled and
+// supported against a long double reference: odd tails, both layouts, SiLU, affine or not, NaN-poisoned outputs
+// inside sentinel guards, in-place calls, large offsets, dark borders, bitwise thread determinism.
+// Last line: "N passed, M failed".
 #include <chrono>
 #include <cstdarg>
 #include <cmath>
@@ -188,8 +189,8 @@ Status run_forward(const Problem& p, const T* x, const T* weight, const T* bias,
 }
 
 // Largest error / bound seen, per dtype and quantity: the headroom the tolerances leave.
-enum Quantity { kOutput = 0, kOutputSilu, kMean, kRstd, kQuantityCount };
-const char* const kQuantityNames[kQuantityCount] = {"y", "silu(y)", "mean", "rstd"};
+enum Quantity { kOutput = 0, kOutputSilu, kMean, kRstd, kGradInput, kGradWeight, kGradBias, kQuantityCount };
+const char* const kQuantityNames[kQuantityCount] = {"y", "silu(y)", "mean", "rstd", "dx", "dw", "db"};
 double g_margin[2][kQuantityCount] = {};
 
 template <class T>
@@ -511,6 +512,203 @@ void check_edge_cases(Tally& tally, const Levels& levels) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Backward
+
+template <class T>
+constexpr double grad_tolerance() {
+  return sizeof(T) == 4 ? 1e-5 : 1e-10;
+}
+
+// Reference gradients and the scale each is judged against: max|g_ref|, widened to the size of the terms that
+// cancel where the reference value is itself a residue (dx of a 1- or 2-element group; a sum of few terms).
+struct ReferenceGrads {
+  std::vector<long double> dx, dw, db;
+  long double dx_scale = 0, dw_scale = 0, db_scale = 0;
+};
+
+template <class T>
+ReferenceGrads reference_grads(const Shape& s, Layout layout, const T* dy, const T* x, const T* weight,
+                               const ReferenceStats& ref) {
+  const int64_t D = s.C / s.G;
+  const long double M = (long double)(D * s.HxW);
+  ReferenceGrads g;
+  g.dx.resize(size_t(s.size()));
+  g.dw.assign(size_t(s.C), 0.0L);
+  g.db.assign(size_t(s.C), 0.0L);
+  std::vector<long double> dw_sq(size_t(s.C), 0.0L), db_sq(size_t(s.C), 0.0L);
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t gr = 0; gr < s.G; ++gr) {
+      const size_t ng = size_t(n * s.G + gr);
+      const long double mean = ref.mean[ng], rstd = ref.rstd[ng];
+      long double sum_wdy = 0, sum_wdy_xhat = 0;
+      for (int64_t c = gr * D; c < (gr + 1) * D; ++c)
+        for (int64_t i = 0; i < s.HxW; ++i) {
+          const int64_t k = element_offset(s, layout, n, c, i);
+          const long double w = weight ? (long double)weight[c] : 1.0L, xhat = ((long double)x[k] - mean) * rstd;
+          sum_wdy += w * dy[k];
+          sum_wdy_xhat += w * dy[k] * xhat;
+        }
+      for (int64_t c = gr * D; c < (gr + 1) * D; ++c)
+        for (int64_t i = 0; i < s.HxW; ++i) {
+          const int64_t k = element_offset(s, layout, n, c, i);
+          const long double w = weight ? (long double)weight[c] : 1.0L, xhat = ((long double)x[k] - mean) * rstd;
+          g.dx[size_t(k)] = rstd * (w * dy[k] - sum_wdy / M - xhat * sum_wdy_xhat / M);
+          g.dx_scale = std::fmax(g.dx_scale, std::fabs(rstd * w * dy[k]));
+          g.dw[size_t(c)] += dy[k] * xhat;
+          g.db[size_t(c)] += dy[k];
+          dw_sq[size_t(c)] += (dy[k] * xhat) * (dy[k] * xhat);
+          db_sq[size_t(c)] += (long double)dy[k] * dy[k];
+        }
+    }
+  for (int64_t c = 0; c < s.C; ++c) {
+    g.dw_scale = std::fmax(g.dw_scale, std::fmax(std::fabs(g.dw[size_t(c)]), std::sqrt(dw_sq[size_t(c)])));
+    g.db_scale = std::fmax(g.db_scale, std::fmax(std::fabs(g.db[size_t(c)]), std::sqrt(db_sq[size_t(c)])));
+  }
+  for (long double v : g.dx) g.dx_scale = std::fmax(g.dx_scale, std::fabs(v));
+  return g;
+}
+
+template <class T>
+Status run_backward(const Problem& p, const T* dy, const T* x, const T* mean, const T* rstd, const T* weight, T* dx,
+                    T* dweight, T* dbias) {
+  return groupnorm::group_norm_backward(p, dtype_of<T>(), dy, x, mean, rstd, weight, dx, dweight, dbias);
+}
+
+// max |g - g_ref| <= tol * scale, no NaN (unwritten poison), guards intact.
+template <class T>
+void expect_close_grad(Tally& tally, const std::string& label, const char* name, Quantity q, const Guarded<T>& g,
+                       const std::vector<long double>& ref, long double scale) {
+  const long double bound = grad_tolerance<T>() * (scale > 0 ? scale : 1.0L);
+  long double worst_ratio = 0;
+  int64_t worst = 0;
+  for (int64_t k = 0; k < g.n; ++k) {
+    const long double ratio = std::fabs((long double)g.data()[k] - ref[size_t(k)]) / bound;
+    if (!(ratio <= worst_ratio)) worst_ratio = std::isnan(ratio) ? INFINITY : ratio, worst = k;
+  }
+  record_margin<T>(q, worst_ratio);
+  tally.expect(g.guards_intact(), label + ": " + name + " guard region overwritten");
+  tally.expect(worst_ratio <= 1, format("%s: %s[%lld]=%.9Le ref=%.9Le (|err|/bound=%.3Lf, scale=%.3Le)",
+                                        label.c_str(), name, (long long)worst,
+                                        g.n ? (long double)g.data()[worst] : 0.0L, g.n ? ref[size_t(worst)] : 0.0L,
+                                        worst_ratio, scale));
+}
+
+// Forward (for mean and rstd) then backward on the current ISA: accuracy, guards, the same dx without
+// dweight/dbias, and in place (dx == dy).
+template <class T>
+void check_backward_case(Tally& tally, const std::string& label, const Problem& p, const std::vector<T>& dy,
+                         const std::vector<T>& x, const T* weight, const ReferenceGrads& ref) {
+  const Shape s{p.N, p.C, p.G, p.HxW};
+  std::vector<T> y(size_t(s.size())), mean(size_t(s.N * s.G)), rstd(size_t(s.N * s.G));
+  Status st = run_forward<T>(p, x.data(), weight, nullptr, y.data(), mean.data(), rstd.data());
+  if (!tally.expect(st == groupnorm::kOk, format("%s: forward status %d", label.c_str(), int(st)))) return;
+  Guarded<T> dx(s.size()), dw(s.C), db(s.C);
+  st = run_backward<T>(p, dy.data(), x.data(), mean.data(), rstd.data(), weight, dx.data(), dw.data(), db.data());
+  if (!tally.expect(st == groupnorm::kOk, format("%s: backward status %d", label.c_str(), int(st)))) return;
+  expect_close_grad(tally, label, "dx", kGradInput, dx, ref.dx, ref.dx_scale);
+  expect_close_grad(tally, label, "dweight", kGradWeight, dw, ref.dw, ref.dw_scale);
+  expect_close_grad(tally, label, "dbias", kGradBias, db, ref.db, ref.db_scale);
+  Guarded<T> dx_only(s.size());
+  st = run_backward<T>(p, dy.data(), x.data(), mean.data(), rstd.data(), weight, dx_only.data(), nullptr, nullptr);
+  tally.expect(st == groupnorm::kOk && dx_only.guards_intact() && dx_only.bitwise_equal(dx),
+               label + ": dx without dweight/dbias differs");
+  Guarded<T> inout(s.size());
+  std::memcpy(inout.data(), dy.data(), sizeof(T) * dy.size());
+  st = run_backward<T>(p, inout.data(), x.data(), mean.data(), rstd.data(), weight, inout.data(), nullptr, nullptr);
+  tally.expect(st == groupnorm::kOk && inout.guards_intact() && inout.bitwise_equal(dx),
+               label + ": in-place dx (dx == dy) differs from out-of-place");
+}
+
+template <class T>
+void check_backward_shape(Tally& tally, const Levels& levels, const Shape& s, std::mt19937_64& master, double offset) {
+  const uint64_t case_seed = master();
+  std::mt19937_64 rng(case_seed);
+  const std::vector<T> x = normal_data<T>(rng, s.size(), offset, 1.5);
+  const std::vector<T> dy = normal_data<T>(rng, s.size(), 0.0, 1.0);
+  const std::vector<T> weight = uniform_data<T>(rng, s.C, -2.0, 2.0);
+  for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
+    Problem p;
+    p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout;
+    const ReferenceStats stats = reference_stats(s, layout, x.data(), p.eps);
+    for (bool with_weight : {false, true}) {
+      const T* w = with_weight ? weight.data() : nullptr;
+      const ReferenceGrads ref = reference_grads(s, layout, dy.data(), x.data(), w, stats);
+      for (Isa isa : levels.tested) {
+        if (!select_level(tally, isa)) continue;
+        check_backward_case(tally,
+                            format("backward isa=%s %s %s weight=%d %s offset=%g case_seed=%llu",
+                                   groupnorm::isa_name(isa), dtype_name<T>(), layout_name(layout), int(with_weight),
+                                   shape_label(s).c_str(), offset, (unsigned long long)case_seed),
+                            p, dy, x, w, ref);
+      }
+    }
+  }
+}
+
+template <class T>
+void check_backward_all(Tally& tally, const Levels& levels, std::mt19937_64& master) {
+  const int64_t tails[] = {1, 3, 7, 15, 16, 17, 31, 33, 63, 65};
+  for (int64_t C : tails)
+    for (int64_t HxW : tails)
+      for (int64_t G : group_counts(C)) check_backward_shape<T>(tally, levels, {2, C, G, HxW}, master, 0.5);
+  const Shape shapes[] = {{1, 1, 1, 16385}, {2, 3, 1, 3 * 16384 + 5}, {1, 2, 1, 600001}, {1, 320, 32, 37},
+                          {3, 64, 32, 17},  {1, 7, 7, 50001},         {2, 5, 5, 1023}};
+  for (const Shape& s : shapes) check_backward_shape<T>(tally, levels, s, master, 0.5);
+  for (const Shape& s : shapes) check_backward_shape<T>(tally, levels, s, master, 1e4);
+}
+
+// Same bits of dx, dweight, dbias for num_threads = 1, 2, 3, 5.
+template <class T>
+void check_backward_determinism(Tally& tally, const Levels& levels, std::mt19937_64& master) {
+  const Shape shapes[] = {{1, 4, 1, 65536 + 33}, {2, 6, 3, 30007}, {16, 32, 8, 1031}, {1, 7, 7, 50001}};
+  for (const Shape& s : shapes) {
+    const uint64_t case_seed = master();
+    std::mt19937_64 rng(case_seed);
+    const std::vector<T> x = normal_data<T>(rng, s.size(), -0.7, 2.0), dy = normal_data<T>(rng, s.size(), 0.0, 1.0);
+    const std::vector<T> weight = uniform_data<T>(rng, s.C, -2.0, 2.0);
+    for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
+      Problem p;
+      p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout, p.num_threads = 1;
+      std::vector<T> y(size_t(s.size())), mean(size_t(s.N * s.G)), rstd(size_t(s.N * s.G));
+      for (Isa isa : levels.tested) {
+        if (!select_level(tally, isa)) continue;
+        p.num_threads = 1;
+        run_forward<T>(p, x.data(), weight.data(), nullptr, y.data(), mean.data(), rstd.data());
+        Guarded<T> dx1(s.size()), dw1(s.C), db1(s.C);
+        run_backward<T>(p, dy.data(), x.data(), mean.data(), rstd.data(), weight.data(), dx1.data(), dw1.data(),
+                        db1.data());
+        for (int nt : {2, 3, 5}) {
+          p.num_threads = nt;
+          Guarded<T> dx(s.size()), dw(s.C), db(s.C);
+          const Status st = run_backward<T>(p, dy.data(), x.data(), mean.data(), rstd.data(), weight.data(),
+                                            dx.data(), dw.data(), db.data());
+          tally.expect(st == groupnorm::kOk && dx.bitwise_equal(dx1) && dw.bitwise_equal(dw1) && db.bitwise_equal(db1),
+                       format("backward threads isa=%s %s %s %s num_threads=%d case_seed=%llu: differs from 1 thread",
+                              groupnorm::isa_name(isa), dtype_name<T>(), layout_name(layout), shape_label(s).c_str(),
+                              nt, (unsigned long long)case_seed));
+        }
+      }
+    }
+  }
+}
+
+// Empty problems give zero dweight/dbias and leave dx alone.
+void check_backward_edge_cases(Tally& tally, const Levels& levels) {
+  for (Isa isa : levels.tested) {
+    if (!select_level(tally, isa)) continue;
+    Problem p;
+    p.N = 2, p.C = 4, p.G = 2, p.HxW = 0;
+    Guarded<float> dx(0), dw(4), db(4);
+    const Status st = run_backward<float>(p, nullptr, nullptr, nullptr, nullptr, nullptr, dx.data(), dw.data(),
+                                          db.data());
+    bool zeros = true;
+    for (int c = 0; c < 4; ++c) zeros = zeros && dw.data()[c] == 0.0f && db.data()[c] == 0.0f;
+    tally.expect(st == groupnorm::kOk && zeros && dx.guards_intact() && dw.guards_intact() && db.guards_intact(),
+                 format("backward empty isa=%s: status %d, zero grads %d", groupnorm::isa_name(isa), int(st), int(zeros)));
+  }
+}
+
 Levels detect_levels(Tally& tally) {
   Levels levels;
   for (int i = 0; i < groupnorm::kIsaCount; ++i) {
@@ -581,6 +779,11 @@ int main(int argc, char** argv) {
   section("thread determinism f32", [&] { check_thread_determinism<float>(tally, levels, master); });
   section("thread determinism f64", [&] { check_thread_determinism<double>(tally, levels, master); });
   section("edge cases", [&] { check_edge_cases(tally, levels); });
+  section("backward f32", [&] { check_backward_all<float>(tally, levels, master); });
+  section("backward f64", [&] { check_backward_all<double>(tally, levels, master); });
+  section("backward determinism f32", [&] { check_backward_determinism<float>(tally, levels, master); });
+  section("backward determinism f64", [&] { check_backward_determinism<double>(tally, levels, master); });
+  section("backward edge cases", [&] { check_backward_edge_cases(tally, levels); });
   groupnorm::isa_select(groupnorm::isa_best());
 
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

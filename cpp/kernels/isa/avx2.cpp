@@ -2,6 +2,7 @@
 #define GROUPNORM_ISA avx2
 #include "groupnorm/vec/avx2.h"
 #include "../forward_impl.h"
+#include "../backward_impl.h"
 
 namespace groupnorm {
 namespace avx2 {

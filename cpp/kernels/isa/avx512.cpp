@@ -2,6 +2,7 @@
 #define GROUPNORM_ISA avx512
 #include "groupnorm/vec/avx512.h"
 #include "../forward_impl.h"
+#include "../backward_impl.h"
 
 namespace groupnorm {
 namespace avx512 {

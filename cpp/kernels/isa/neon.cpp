@@ -2,6 +2,7 @@
 #define GROUPNORM_ISA neon
 #include "groupnorm/vec/neon.h"
 #include "../forward_impl.h"
+#include "../backward_impl.h"
 
 namespace groupnorm {
 namespace neon {

@@ -2,6 +2,7 @@
 #define GROUPNORM_ISA scalar
 #include "groupnorm/vec/scalar.h"
 #include "../forward_impl.h"
+#include "../backward_impl.h"
 
 namespace groupnorm {
 namespace scalar {

@@ -1,0 +1,468 @@
+// backward_impl.h — GroupNorm backward (grad_input, grad_weight, grad_bias), written once against Vec<T> and
+// compiled once per ISA. Pass 1 sums, per (n, c), dy, dy*(x - mean_hi) and (x - mean_hi) in short vector runs
+// flushed to double; the last sum recovers the low part mean_lo that a float32 mean drops, so the centered
+// sums stay accurate when |mean| >> std. Pass 2 writes dx = dy*(rstd*w) + (x - mean_hi)*c2 + (c3 - c2*mean_lo)
+// in one fused sweep. Chunks, channels and samples merge in a fixed order: bitwise identical for every thread
+// count, with no atomics. Included by cpp/kernels/isa/<isa>.cpp after forward_impl.h's shared helpers.
+#pragma once
+
+#include "forward_impl.h"
+
+namespace groupnorm {
+namespace GROUPNORM_ISA {
+
+// Per-(n, c) sums of pass 1, one array of N*C (or N*nchunks*C) doubles each.
+struct GradSums {
+  double* dy;     // sum dy
+  double* dy_xc;  // sum dy * (x - mean_hi)
+  double* xc;     // sum (x - mean_hi)
+};
+
+// Carves three arrays of `count` doubles out of one block of 3*count.
+inline GradSums grad_sums_in(double* block, int64_t count) { return {block, block + count, block + 2 * count}; }
+
+// What pass 2 and the parameter gradients need of one (n, group).
+template <class T>
+struct GroupGradCoeffs {
+  T mean_hi;       // the mean as given, in T: pass 1 centers on it
+  T c2;            // -ds * rstd^3 / M
+  T shift;         // c3 - c2 * mean_lo, with c3 = -db * rstd / M
+  double mean_lo;  // true group mean - mean_hi, from sum (x - mean_hi)
+  double rstd;
+};
+
+// Sums of a contiguous run of n >= 1 pairs (dy, x), centered on mean_hi, written to *sum_dy, *sum_dy_xc, *sum_xc.
+template <class V, class S>
+void run_grad_sums(const S* dy, const S* x, int64_t n, typename V::Scalar mean_hi, double* sum_dy,
+                   double* sum_dy_xc, double* sum_xc) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  constexpr int64_t kBlock = 2 * W * kFlushIters;
+  const V m = V::broadcast(mean_hi);
+  double s_dy = 0.0, s_dy_xc = 0.0, s_xc = 0.0;
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    V g_a = V::zero(), gx_a = V::zero(), x_a = V::zero(), g_b = V::zero(), gx_b = V::zero(), x_b = V::zero();
+    for (int64_t k = 0; k < kBlock; k += 2 * W) {
+      const V ga = V::load(dy + i + k), xa = V::load(x + i + k) - m;
+      const V gb = V::load(dy + i + k + W), xb = V::load(x + i + k + W) - m;
+      g_a = g_a + ga;
+      gx_a = fma(ga, xa, gx_a);
+      x_a = x_a + xa;
+      g_b = g_b + gb;
+      gx_b = fma(gb, xb, gx_b);
+      x_b = x_b + xb;
+    }
+    s_dy += double((g_a + g_b).reduce_sum());
+    s_dy_xc += double((gx_a + gx_b).reduce_sum());
+    s_xc += double((x_a + x_b).reduce_sum());
+  }
+  V g_s = V::zero(), gx_s = V::zero(), x_s = V::zero();
+  for (; i + W <= n; i += W) {
+    const V g = V::load(dy + i), xc = V::load(x + i) - m;
+    g_s = g_s + g;
+    gx_s = fma(g, xc, gx_s);
+    x_s = x_s + xc;
+  }
+  if (i < n) {  // filled lanes give dy = 0 and x - mean_hi = 0
+    const V g = V::load_tail(dy + i, n - i, T(0)), xc = V::load_tail(x + i, n - i, mean_hi) - m;
+    g_s = g_s + g;
+    gx_s = fma(g, xc, gx_s);
+    x_s = x_s + xc;
+  }
+  *sum_dy = s_dy + double(g_s.reduce_sum());
+  *sum_dy_xc = s_dy_xc + double(gx_s.reduce_sum());
+  *sum_xc = s_xc + double(x_s.reduce_sum());
+}
+
+// Pass 2 over one contiguous run of one channel: dx = dy*scale + (x - mean_hi)*c2 + shift.
+template <class V, class S>
+void grad_apply_run(const S* dy, const S* x, S* dx, int64_t n, typename V::Scalar scale_t,
+                    const GroupGradCoeffs<typename V::Scalar>& k) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  const V m = V::broadcast(k.mean_hi), scale = V::broadcast(scale_t), c2 = V::broadcast(k.c2),
+          shift = V::broadcast(k.shift);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const V a = fma(V::load(dy + i), scale, fma(V::load(x + i) - m, c2, shift));
+    const V b = fma(V::load(dy + i + W), scale, fma(V::load(x + i + W) - m, c2, shift));
+    V::store(dx + i, a);
+    V::store(dx + i + W, b);
+  }
+  for (; i + W <= n; i += W) V::store(dx + i, fma(V::load(dy + i), scale, fma(V::load(x + i) - m, c2, shift)));
+  if (i < n) {
+    const V t = fma(V::load_tail(dy + i, n - i, T(0)), scale, fma(V::load_tail(x + i, n - i, T(0)) - m, c2, shift));
+    V::store_tail(dx + i, t, n - i);
+  }
+}
+
+// Group (n, g)'s coefficients from its channels' sums in `sums` (indexed n*C + c).
+template <class T, class S>
+GroupGradCoeffs<T> group_grad_coeffs(const Problem& p, int64_t ng, const GradSums& sums, const S* mean,
+                                     const S* rstd, const S* weight) {
+  const int64_t D = p.C / p.G, c0 = ng / p.G * p.C + ng % p.G * D;
+  const double M = double(D) * double(p.HxW);
+  double sum_xc = 0.0;
+  for (int64_t d = 0; d < D; ++d) sum_xc += sums.xc[c0 + d];
+  const double mean_lo = sum_xc / M;
+  double ds = 0.0, db = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double w = weight ? double(weight[ng % p.G * D + d]) : 1.0;
+    ds += w * (sums.dy_xc[c0 + d] - mean_lo * sums.dy[c0 + d]);
+    db += w * sums.dy[c0 + d];
+  }
+  const double r = double(rstd[ng]);
+  const double c2 = -ds * r * r * r / M, c3 = -db * r / M;
+  return {T(mean[ng]), T(c2), T(c3 - c2 * mean_lo), mean_lo, r};
+}
+
+// grad_weight[c] = sum_n dy*(x - mean)*rstd and grad_bias[c] = sum_n dy, over n in order.
+template <class T, class S>
+void param_grads(const Problem& p, int64_t c, const GradSums& sums, const GroupGradCoeffs<T>* coeffs, S* dweight,
+                 S* dbias) {
+  const int64_t g = c / (p.C / p.G);
+  double dw = 0.0, db = 0.0;
+  for (int64_t n = 0; n < p.N; ++n) {
+    const int64_t nc = n * p.C + c;
+    const GroupGradCoeffs<T>& k = coeffs[n * p.G + g];
+    dw += (sums.dy_xc[nc] - k.mean_lo * sums.dy[nc]) * k.rstd;
+    db += sums.dy[nc];
+  }
+  if (dweight) dweight[c] = S(dw);
+  if (dbias) dbias[c] = S(db);
+}
+
+// Adds chunk partials in chunk order: partial slot (outer, k, i), k < nchunks, i < inner, into out (outer, i).
+// k runs outermost so every sweep is sequential (a stride of `inner` doubles thrashes L1 sets).
+inline void merge_chunks(const GradSums& partial, const GradSums& out, int64_t outer, int64_t nchunks,
+                         int64_t inner) {
+  double* const dst[3] = {out.dy + outer * inner, out.dy_xc + outer * inner, out.xc + outer * inner};
+  const double* const src[3] = {partial.dy + outer * nchunks * inner, partial.dy_xc + outer * nchunks * inner,
+                                partial.xc + outer * nchunks * inner};
+  for (int a = 0; a < 3; ++a) {
+    for (int64_t i = 0; i < inner; ++i) dst[a][i] = src[a][i];
+    for (int64_t k = 1; k < nchunks; ++k)
+      for (int64_t i = 0; i < inner; ++i) dst[a][i] += src[a][k * inner + i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Channels-first (NCHW): channel (n, c) is one contiguous run of HxW elements, cut into fixed chunks.
+
+template <class V, class S>
+Status backward_channels_first(const Problem& p, const S* dy, const S* x, const S* mean, const S* rstd,
+                               const S* weight, S* dx, S* dweight, S* dbias, const GradSums& sums,
+                               GroupGradCoeffs<typename V::Scalar>* coeffs) {
+  using T = typename V::Scalar;
+  const int64_t D = p.C / p.G, HxW = p.HxW, groups = p.N * p.G, channels = p.N * p.C;
+  const int64_t chunk_len = ceil_div(max_i64(ceil_div(HxW, kChunksMax), kChunkMinElems), 64) * 64;
+  const int64_t nchunks = ceil_div(HxW, chunk_len);
+  const int64_t units = channels * nchunks;
+  Scratch<double> chunk_block(nchunks > 1 ? 3 * units : 0);
+  if (!chunk_block.data) return kOutOfMemory;
+  const GradSums partial = nchunks > 1 ? grad_sums_in(chunk_block.data, units) : sums;
+  const bool want_params = dweight || dbias;
+
+  // Chunk k of channel nc (in group ng); callers pass all three so small channels pay no division.
+  auto chunk_sums = [&](int64_t nc, int64_t k, int64_t ng) {
+    const int64_t unit = nc * nchunks + k, begin = k * chunk_len;
+    run_grad_sums<V>(dy + nc * HxW + begin, x + nc * HxW + begin, min_i64(chunk_len, HxW - begin), T(mean[ng]),
+                     partial.dy + unit, partial.dy_xc + unit, partial.xc + unit);
+  };
+  auto channel_merge = [&](int64_t nc) {
+    if (nchunks > 1) merge_chunks(partial, sums, nc, nchunks, 1);
+  };
+  auto group_finish = [&](int64_t ng) { coeffs[ng] = group_grad_coeffs<T>(p, ng, sums, mean, rstd, weight); };
+  auto chunk_apply = [&](int64_t nc, int64_t k, int64_t ng, int64_t c) {
+    const int64_t begin = k * chunk_len;
+    const GroupGradCoeffs<T>& coeff = coeffs[ng];
+    const T scale = T(coeff.rstd * (weight ? double(weight[c]) : 1.0));
+    grad_apply_run<V>(dy + nc * HxW + begin, x + nc * HxW + begin, dx + nc * HxW + begin,
+                      min_i64(chunk_len, HxW - begin), scale, coeff);
+  };
+  auto whole_group = [&](int64_t ng) {
+    for (int64_t nc = ng * D; nc < (ng + 1) * D; ++nc) {
+      for (int64_t k = 0; k < nchunks; ++k) chunk_sums(nc, k, ng);
+      channel_merge(nc);
+    }
+    group_finish(ng);
+    const int64_t c0 = ng % p.G * D;
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t k = 0; k < nchunks; ++k) chunk_apply(ng * D + d, k, ng, c0 + d);
+  };
+
+  const int nt = team_size(p.num_threads, 2 * channels * HxW, units);
+  if (nt == 1) {  // no OpenMP region at all: a tiny call must not pay for a team
+    for (int64_t ng = 0; ng < groups; ++ng) whole_group(ng);
+    if (want_params)
+      for (int64_t c = 0; c < p.C; ++c) param_grads(p, c, sums, coeffs, dweight, dbias);
+    return kOk;
+  }
+  // Whole groups per thread keep a group in cache between its two passes; split groups when too few.
+  const bool whole_groups = groups % nt == 0 || groups >= 8 * int64_t(nt);
+#pragma omp parallel num_threads(nt)
+  {
+    if (whole_groups) {
+#pragma omp for schedule(static)
+      for (int64_t ng = 0; ng < groups; ++ng) whole_group(ng);
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t unit = 0; unit < units; ++unit) chunk_sums(unit / nchunks, unit % nchunks, unit / nchunks / D);
+#pragma omp for schedule(static)
+      for (int64_t nc = 0; nc < channels; ++nc) channel_merge(nc);
+#pragma omp for schedule(static)
+      for (int64_t ng = 0; ng < groups; ++ng) group_finish(ng);
+#pragma omp for schedule(static)
+      for (int64_t unit = 0; unit < units; ++unit) {
+        const int64_t nc = unit / nchunks;
+        chunk_apply(nc, unit % nchunks, nc / D, nc % p.C);
+      }
+    }
+    if (want_params) {
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < p.C; ++c) param_grads(p, c, sums, coeffs, dweight, dbias);
+    }
+  }
+  return kOk;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Channels-last (N, HxW, C): a sample is HxW rows of C channels, cut into fixed chunks of rows; pass 1 keeps
+// per-channel sums vectorised across C, pass 2 applies per-channel coefficients row by row.
+
+// Per-thread buffers of the channels-last backward, C rounded up to whole vectors, carved from one block.
+template <class T>
+struct GradRowBuffers {
+  int64_t padded;
+  Scratch<double> block;
+  T *mean_hi, *sum_dy, *sum_dy_xc, *sum_xc;  // pass 1: centering value, short-run sums in T
+  T *scale, *c2, *shift;                     // pass 2: per-channel coefficients of the current sample
+  explicit GradRowBuffers(int64_t c_padded) : padded(c_padded), block(7 * c_padded) {
+    double* base = block.data;  // each array gets c_padded doubles of room, enough for any T
+    T** arrays[] = {&mean_hi, &sum_dy, &sum_dy_xc, &sum_xc, &scale, &c2, &shift};
+    for (int i = 0; i < 7; ++i) *arrays[i] = reinterpret_cast<T*>(base + i * c_padded);
+  }
+  bool ok() const { return block.data != nullptr; }
+};
+
+// Sums over rows [r0, r1) of K vectors of channels starting at c, held in registers and stored to b's
+// short-run sums; with kTail, one vector of which only `count` channels exist (the rest read as 0 - 0).
+template <class V, int K, bool kTail, class S>
+void column_grad_sums(const S* dy, const S* x, int64_t C, int64_t c, int64_t count, int64_t r0, int64_t r1,
+                      GradRowBuffers<typename V::Scalar>& b) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  V m[K], s_dy[K], s_dy_xc[K], s_xc[K];
+  for (int i = 0; i < K; ++i) {
+    m[i] = V::load(b.mean_hi + c + i * W);
+    s_dy[i] = s_dy_xc[i] = s_xc[i] = V::zero();
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const S* dy_row = dy + r * C + c;
+    const S* x_row = x + r * C + c;
+    for (int i = 0; i < K; ++i) {
+      const V g = kTail ? V::load_tail(dy_row, count, T(0)) : V::load(dy_row + i * W);
+      const V xc = (kTail ? V::load_tail(x_row, count, T(0)) : V::load(x_row + i * W)) - m[i];
+      s_dy[i] = s_dy[i] + g;
+      s_dy_xc[i] = fma(g, xc, s_dy_xc[i]);
+      s_xc[i] = s_xc[i] + xc;
+    }
+  }
+  for (int i = 0; i < K; ++i) {
+    V::store(b.sum_dy + c + i * W, s_dy[i]);
+    V::store(b.sum_dy_xc + c + i * W, s_dy_xc[i]);
+    V::store(b.sum_xc + c + i * W, s_xc[i]);
+  }
+}
+
+// Per-channel sums of rows [r0, r1) of one sample into out[0, C); b.mean_hi holds the sample's group means.
+template <class V, class S>
+void rows_grad_sums(const Problem& p, const S* dy, const S* x, int64_t r0, int64_t r1,
+                    GradRowBuffers<typename V::Scalar>& b, const GradSums& out) {
+  constexpr int64_t W = V::kWidth;
+  const int64_t C = p.C, c_full = C / W * W;
+  for (int64_t c = 0; c < C; ++c) out.dy[c] = out.dy_xc[c] = out.xc[c] = 0.0;
+  for (int64_t rb = r0; rb < r1; rb += kFlushIters) {
+    const int64_t re = min_i64(r1, rb + kFlushIters);
+    int64_t c = 0;
+    for (; c + 4 * W <= c_full; c += 4 * W) column_grad_sums<V, 4, false>(dy, x, C, c, C, rb, re, b);
+    for (; c < c_full; c += W) column_grad_sums<V, 1, false>(dy, x, C, c, C, rb, re, b);
+    if (c < C) column_grad_sums<V, 1, true>(dy, x, C, c, C - c, rb, re, b);
+    for (int64_t c = 0; c < C; ++c) {
+      out.dy[c] += double(b.sum_dy[c]);
+      out.dy_xc[c] += double(b.sum_dy_xc[c]);
+      out.xc[c] += double(b.sum_xc[c]);
+    }
+  }
+}
+
+// Spreads sample n's group means over its channels (padding 0), for pass 1.
+template <class T, class S>
+void sample_means(const Problem& p, const S* mean, int64_t n, GradRowBuffers<T>& b) {
+  const int64_t D = p.C / p.G;
+  for (int64_t g = 0; g < p.G; ++g)
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) b.mean_hi[c] = T(mean[n * p.G + g]);
+  for (int64_t c = p.C; c < b.padded; ++c) b.mean_hi[c] = T(0);
+}
+
+// Spreads sample n's group coefficients over its channels (padding 0), for pass 2.
+template <class T, class S>
+void sample_grad_coeffs(const Problem& p, const GroupGradCoeffs<T>* coeffs, const S* weight, GradRowBuffers<T>& b) {
+  const int64_t D = p.C / p.G;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const GroupGradCoeffs<T>& k = coeffs[g];
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      b.mean_hi[c] = k.mean_hi;
+      b.scale[c] = T(k.rstd * (weight ? double(weight[c]) : 1.0));
+      b.c2[c] = k.c2;
+      b.shift[c] = k.shift;
+    }
+  }
+  for (int64_t c = p.C; c < b.padded; ++c) b.mean_hi[c] = b.scale[c] = b.c2[c] = b.shift[c] = T(0);
+}
+
+template <class V, class S>
+void rows_grad_apply(const Problem& p, const S* dy, const S* x, S* dx, int64_t r0, int64_t r1,
+                     const GradRowBuffers<typename V::Scalar>& b) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  const int64_t C = p.C, c_full = C / W * W;
+  for (int64_t r = r0; r < r1; ++r) {
+    const S* dy_row = dy + r * C;
+    const S* x_row = x + r * C;
+    S* dx_row = dx + r * C;
+    int64_t c = 0;
+    for (; c < c_full; c += W) {
+      const V xc = V::load(x_row + c) - V::load(b.mean_hi + c);
+      V::store(dx_row + c, fma(V::load(dy_row + c), V::load(b.scale + c), fma(xc, V::load(b.c2 + c), V::load(b.shift + c))));
+    }
+    if (c < C) {
+      const V xc = V::load_tail(x_row + c, C - c, T(0)) - V::load(b.mean_hi + c);
+      const V v = fma(V::load_tail(dy_row + c, C - c, T(0)), V::load(b.scale + c),
+                      fma(xc, V::load(b.c2 + c), V::load(b.shift + c)));
+      V::store_tail(dx_row + c, v, C - c);
+    }
+  }
+}
+
+template <class V, class S>
+Status backward_channels_last(const Problem& p, const S* dy, const S* x, const S* mean, const S* rstd,
+                              const S* weight, S* dx, S* dweight, S* dbias, const GradSums& sums,
+                              GroupGradCoeffs<typename V::Scalar>* coeffs) {
+  using T = typename V::Scalar;
+  const int64_t rows = p.HxW, C = p.C, G = p.G, sample_len = rows * C;
+  const int64_t chunk_rows = max_i64(ceil_div(kChunkMinElems, C), ceil_div(rows, kChunksMax));
+  const int64_t nchunks = ceil_div(rows, chunk_rows);
+  const int64_t units = p.N * nchunks;
+  const int64_t c_padded = ceil_div(C, V::kWidth) * V::kWidth;
+  Scratch<double> chunk_block(nchunks > 1 ? 3 * units * C : 0);
+  if (!chunk_block.data) return kOutOfMemory;
+  const GradSums partial = nchunks > 1 ? grad_sums_in(chunk_block.data, units * C) : sums;
+  const bool want_params = dweight || dbias;
+
+  // b.mean_hi must hold sample unit / nchunks's means.
+  auto chunk_sums = [&](int64_t unit, GradRowBuffers<T>& b) {
+    const int64_t n = unit / nchunks, k = unit % nchunks;
+    const GradSums out = {partial.dy + unit * C, partial.dy_xc + unit * C, partial.xc + unit * C};
+    rows_grad_sums<V>(p, dy + n * sample_len, x + n * sample_len, k * chunk_rows,
+                      min_i64(rows, (k + 1) * chunk_rows), b, out);
+  };
+  auto sample_finish = [&](int64_t n) {
+    if (nchunks > 1) merge_chunks(partial, sums, n, nchunks, C);
+    for (int64_t ng = n * G; ng < (n + 1) * G; ++ng)
+      coeffs[ng] = group_grad_coeffs<T>(p, ng, sums, mean, rstd, weight);
+  };
+  auto chunk_apply = [&](int64_t n, int64_t k, const GradRowBuffers<T>& b) {
+    rows_grad_apply<V>(p, dy + n * sample_len, x + n * sample_len, dx + n * sample_len, k * chunk_rows,
+                       min_i64(rows, (k + 1) * chunk_rows), b);
+  };
+  auto whole_sample = [&](int64_t n, GradRowBuffers<T>& b) {
+    sample_means(p, mean, n, b);
+    for (int64_t k = 0; k < nchunks; ++k) chunk_sums(n * nchunks + k, b);
+    sample_finish(n);
+    sample_grad_coeffs(p, coeffs + n * G, weight, b);
+    for (int64_t k = 0; k < nchunks; ++k) chunk_apply(n, k, b);
+  };
+
+  const int nt = team_size(p.num_threads, 2 * p.N * sample_len, units);
+  if (nt == 1) {  // no OpenMP region at all: a tiny call must not pay for a team
+    GradRowBuffers<T> b(c_padded);
+    if (!b.ok()) return kOutOfMemory;
+    for (int64_t n = 0; n < p.N; ++n) whole_sample(n, b);
+    if (want_params)
+      for (int64_t c = 0; c < C; ++c) param_grads(p, c, sums, coeffs, dweight, dbias);
+    return kOk;
+  }
+  const bool whole_samples = p.N % nt == 0 || p.N >= 8 * int64_t(nt);
+  int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+  {
+    GradRowBuffers<T> b(c_padded);
+    const bool ok = b.ok();
+    failed |= ok ? 0 : 1;
+    if (whole_samples) {
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < p.N; ++n)
+        if (ok) whole_sample(n, b);
+    } else {
+      int64_t means_of = -1;
+#pragma omp for schedule(static)
+      for (int64_t unit = 0; unit < units; ++unit) {
+        if (!ok) continue;
+        const int64_t n = unit / nchunks;
+        if (n != means_of) {
+          sample_means(p, mean, n, b);
+          means_of = n;
+        }
+        chunk_sums(unit, b);
+      }
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < p.N; ++n) sample_finish(n);
+      int64_t coeffs_of = -1;
+#pragma omp for schedule(static)
+      for (int64_t unit = 0; unit < units; ++unit) {
+        if (!ok) continue;
+        const int64_t n = unit / nchunks;
+        if (n != coeffs_of) {
+          sample_grad_coeffs(p, coeffs + n * G, weight, b);
+          coeffs_of = n;
+        }
+        chunk_apply(n, unit % nchunks, b);
+      }
+    }
+    if (want_params) {  // after a failed buffer the sums are garbage, but the status reports it
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < C; ++c) param_grads(p, c, sums, coeffs, dweight, dbias);
+    }
+  }
+  return failed ? kOutOfMemory : kOk;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+// dx (same layout as dy and x; may be dy or x itself), dweight and dbias (each may be null) from the saved
+// mean and rstd of the forward (N*G values each, of the data type).
+template <class V, class S>
+Status group_norm_backward_impl(const Problem& p, const S* dy, const S* x, const S* mean, const S* rstd,
+                                const S* weight, S* dx, S* dweight, S* dbias) {
+  using T = typename V::Scalar;
+  if (p.N == 0 || p.C == 0 || p.HxW == 0) {  // every sum is empty
+    for (int64_t c = 0; c < p.C; ++c) {
+      if (dweight) dweight[c] = S(0);
+      if (dbias) dbias[c] = S(0);
+    }
+    return kOk;
+  }
+  const int64_t channels = p.N * p.C;
+  Scratch<double> sums_block(3 * channels);
+  Scratch<GroupGradCoeffs<T>> coeffs(p.N * p.G);
+  if (!sums_block.data || !coeffs.data) return kOutOfMemory;
+  const GradSums sums = grad_sums_in(sums_block.data, channels);
+  if (p.layout == Layout::kChannelsFirst)
+    return backward_channels_first<V>(p, dy, x, mean, rstd, weight, dx, dweight, dbias, sums, coeffs.data);
+  return backward_channels_last<V>(p, dy, x, mean, rstd, weight, dx, dweight, dbias, sums, coeffs.data);
+}
+
+}  // namespace GROUPNORM_ISA
+}  // namespace groupnorm
