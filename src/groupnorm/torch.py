@@ -1,0 +1,150 @@
+"""groupnorm.torch: PyTorch drop-ins on groupnorm's kernels, with autograd.
+
+``group_norm`` is a ``torch.autograd.Function`` with the signature of ``torch.nn.functional.group_norm``;
+``GroupNorm`` is an ``nn.Module`` that replaces ``torch.nn.GroupNorm`` (same constructor, parameters,
+``state_dict`` keys, ``reset_parameters`` and ``extra_repr``). Tensors cross into the kernels without a
+copy through DLPack, and results come back the same way, in the input's memory format (a channels_last
+tensor stays channels_last). Importing this module imports torch; the rest of groupnorm never does.
+"""
+import numpy as np
+import torch
+
+from . import _core
+
+__all__ = ["group_norm", "GroupNorm"]
+
+
+def _as_array(tensor, name):
+    """A NumPy view of a CPU tensor (no copy), or a clear error for tensors the kernels cannot serve."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise RuntimeError(
+            f"{name} is on device {tensor.device}; groupnorm's kernels serve CPU tensors only "
+            f"(this build has no CUDA backend): move it with .cpu() or use torch.nn.GroupNorm there")
+    if tensor.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} has dtype {tensor.dtype}; groupnorm.torch supports torch.float32 and torch.float64")
+    return np.from_dlpack(tensor.detach())
+
+
+def _as_tensor(array):
+    return torch.from_dlpack(array)
+
+
+class _GroupNormFunction(torch.autograd.Function):
+    """y = group_norm(x) with the backward pass of groupnorm's kernels; not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, input, num_groups, weight, bias, eps):
+        x = _as_array(input, "input")
+        for name, param in (("weight", weight), ("bias", bias)):
+            if param is not None and isinstance(param, torch.Tensor) and param.dtype != input.dtype:
+                raise TypeError(f"{name} has dtype {param.dtype} but input has {input.dtype}; they must match")
+        w = None if weight is None else _as_array(weight, "weight")
+        b = None if bias is None else _as_array(bias, "bias")
+        y, mean, rstd = _core.group_norm_forward(x, num_groups, w, b, eps)
+        ctx.num_groups = num_groups
+        ctx.has_weight = weight is not None
+        ctx.save_for_backward(input, weight, _as_tensor(mean), _as_tensor(rstd))
+        return _as_tensor(y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        input, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _core.group_norm_backward(
+            _as_array(grad_output, "grad_output"), _as_array(input, "input"), mean.numpy(), rstd.numpy(),
+            ctx.num_groups, None if weight is None else _as_array(weight, "weight"))
+        grad_input = _as_tensor(dx) if ctx.needs_input_grad[0] else None
+        grad_weight = _as_tensor(dw) if ctx.needs_input_grad[2] else None
+        grad_bias = _as_tensor(db) if ctx.needs_input_grad[3] else None
+        return grad_input, None, grad_weight, grad_bias, None
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    """``torch.nn.functional.group_norm`` on groupnorm's kernels, differentiable in input, weight and bias.
+
+    Parameters
+    ----------
+    input : torch.Tensor, shape (N, C, *)
+        A CPU tensor of float32 or float64, contiguous, channels_last or any other layout.
+    num_groups : int
+        Number of groups; it must divide C.
+    weight, bias : torch.Tensor, shape (C,), optional
+        Per-channel scale and shift, of the input's dtype.
+    eps : float, default 1e-5
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape, dtype and memory format as ``input``.
+
+    Examples
+    --------
+    >>> import torch, groupnorm.torch as gnt
+    >>> x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    >>> y = gnt.group_norm(x, 2)
+    >>> torch.allclose(y, torch.nn.functional.group_norm(x, 2), atol=1e-6)
+    True
+    >>> y.sum().backward(); x.grad.shape
+    torch.Size([2, 4, 3, 3])
+    """
+    return _GroupNormFunction.apply(input, num_groups, weight, bias, eps)
+
+
+class GroupNorm(torch.nn.Module):
+    """Drop-in for ``torch.nn.GroupNorm`` running groupnorm's kernels.
+
+    Parameters
+    ----------
+    num_groups : int
+        Number of groups to separate the channels into; it must divide ``num_channels``.
+    num_channels : int
+        Number of channels C expected in the input of shape (N, C, *).
+    eps : float, default 1e-5
+    affine : bool, default True
+        Learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+    device, dtype
+        As for ``torch.nn.GroupNorm``.
+
+    Examples
+    --------
+    >>> import torch, groupnorm.torch as gnt
+    >>> m = gnt.GroupNorm(2, 4)
+    >>> m
+    GroupNorm(2, 4, eps=1e-05, affine=True)
+    >>> sorted(m.state_dict()) == sorted(torch.nn.GroupNorm(2, 4).state_dict())
+    True
+    >>> m(torch.randn(3, 4, 5)).shape
+    torch.Size([3, 4, 5])
+    """
+
+    __constants__ = ["num_groups", "num_channels", "eps", "affine"]
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
+        super().__init__()
+        if num_channels % num_groups != 0:
+            raise ValueError(f"num_channels={num_channels} must be divisible by num_groups={num_groups}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = torch.nn.Parameter(torch.empty(num_channels, **factory))
+            self.bias = torch.nn.Parameter(torch.empty(num_channels, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.affine:
+            torch.nn.init.ones_(self.weight)
+            torch.nn.init.zeros_(self.bias)
+
+    def forward(self, input):
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self):
+        return "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)
