@@ -212,6 +212,23 @@ inline bool streams_output(const Problem& p, size_t elem_bytes) {
   return p.stream_threshold_bytes > 0 && bytes > double(p.stream_threshold_bytes);
 }
 
+// The calling OpenMP thread's share [begin, end) of `count` work items split evenly over its team.
+struct ThreadRange {
+  int64_t begin;
+  int64_t end;
+};
+
+inline ThreadRange thread_range(int64_t count) {
+#ifdef _OPENMP
+  const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+  const int64_t t = 0, nt = 1;
+#endif
+  const int64_t per = count / nt, extra = count % nt;
+  const int64_t begin = t * per + min_i64(t, extra);
+  return {begin, begin + per + (t < extra ? 1 : 0)};
+}
+
 inline int team_size(int requested, int64_t total_elems, int64_t work_items) {
   int64_t nt = requested < 1 ? 1 : requested;
   nt = min_i64(nt, max_i64(1, total_elems / kSerialElems));
@@ -306,12 +323,13 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
 #pragma omp for schedule(static)
       for (int64_t ng = 0; ng < groups; ++ng) whole_group(ng);
     } else {
-#pragma omp for schedule(static)
-      for (int64_t unit = 0; unit < units; ++unit) chunk_moments(unit);
+      // Each thread applies its own chunks, last summed first: those are still in its cache.
+      const ThreadRange mine = thread_range(units);
+      for (int64_t unit = mine.begin; unit < mine.end; ++unit) chunk_moments(unit);
+#pragma omp barrier
 #pragma omp for schedule(static)
       for (int64_t ng = 0; ng < groups; ++ng) group_finish(ng);
-#pragma omp for schedule(static)
-      for (int64_t unit = 0; unit < units; ++unit) {
+      for (int64_t unit = mine.end - 1; unit >= mine.begin; --unit) {
         const int64_t k = unit % nchunks;
         group_apply(unit / nchunks, k * chunk_len, min_i64((k + 1) * chunk_len, group_len));
       }
@@ -588,14 +606,15 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
       for (int64_t n = 0; n < p.N; ++n)
         if (ok) whole_sample(n, b);
     } else {
-#pragma omp for schedule(static)
-      for (int64_t unit = 0; unit < units; ++unit)
+      // Each thread applies its own chunks, last summed first: those are still in its cache.
+      const ThreadRange mine = thread_range(units);
+      for (int64_t unit = mine.begin; unit < mine.end; ++unit)
         if (ok) chunk_moments(unit, b);
+#pragma omp barrier
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < p.N; ++n) sample_finish(n);
       int64_t coeffs_of = -1;
-#pragma omp for schedule(static)
-      for (int64_t unit = 0; unit < units; ++unit) {
+      for (int64_t unit = mine.end - 1; unit >= mine.begin; --unit) {
         if (!ok) continue;
         const int64_t n = unit / nchunks;
         if (n != coeffs_of) {
