@@ -70,24 +70,49 @@ inline bool shift_too_far(double inv_count, double s1, double s2) {
   return q * q > 4.0 * ((s2 - s1 * q) * inv_count);
 }
 
+// A second look at a group's sums: a shift more than two standard deviations from the mean is replaced by
+// the mean, and sums that left T's normal range (float32 deviations beyond ~1e19, or below ~1e-15) are
+// summed again with every difference scaled into range. resum(shift, scale, s1, s2)
+// sums the group again.
+template <class T, class Resum>
+void refine_sums(double inv_count, T& shift, double& s1, double& s2, Resum&& resum) {
+  if (shift_too_far(inv_count, s1, s2)) {
+    shift = T(double(shift) + s1 * inv_count);
+    resum(shift, T(1), s1, s2);
+  }
+  constexpr bool kF32 = sizeof(T) == 4;
+  // inf or NaN: lane sums of huge finite values overflow too (a NaN or inf in x stays NaN after the retry).
+  const bool overflow = !(s2 < __builtin_inf() && s1 - s1 == 0.0);
+  const bool underflow = s2 * inv_count < (kF32 ? 0x1p-100 : 0x1p-900) && (s1 != 0.0 || s2 != 0.0);
+  if (overflow || underflow) {
+    const T scale = overflow ? T(kF32 ? 0x1p-64 : 0x1p-512) : T(kF32 ? 0x1p64 : 0x1p512);
+    resum(shift, scale, s1, s2);
+    s1 = s1 / double(scale);
+    s2 = s2 / double(scale) / double(scale);
+  }
+}
+
 // Sums of (x - shift) and (x - shift)^2 over a contiguous run x[0, n).
 struct ShiftedSums {
   double s1;
   double s2;
 };
 
-template <class V, class S>
-ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift) {
+// kScaled multiplies every difference by `scale` first, for groups whose squares overflow T.
+template <class V, bool kScaled = false, class S>
+ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift,
+                             typename V::Scalar scale = typename V::Scalar(1)) {
   constexpr int64_t W = V::kWidth;
   constexpr int64_t kBlock = 2 * W * kFlushIters;
-  const V shift_v = V::broadcast(shift);
+  const V shift_v = V::broadcast(shift), scale_v = V::broadcast(scale);
+  auto diff = [&](const V& v) { return kScaled ? (v - shift_v) * scale_v : v - shift_v; };
   double s1 = 0.0, s2 = 0.0;
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
     V sum_a = V::zero(), sq_a = V::zero(), sum_b = V::zero(), sq_b = V::zero();
     for (int64_t k = 0; k < kBlock; k += 2 * W) {
-      const V da = V::load(x + i + k) - shift_v;
-      const V db = V::load(x + i + k + W) - shift_v;
+      const V da = diff(V::load(x + i + k));
+      const V db = diff(V::load(x + i + k + W));
       sum_a = sum_a + da;
       sq_a = fma(da, da, sq_a);
       sum_b = sum_b + db;
@@ -98,12 +123,12 @@ ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift) {
   }
   V sum = V::zero(), sq = V::zero();
   for (; i + W <= n; i += W) {
-    const V d = V::load(x + i) - shift_v;
+    const V d = diff(V::load(x + i));
     sum = sum + d;
     sq = fma(d, d, sq);
   }
   if (i < n) {
-    const V d = V::load_tail(x + i, n - i, shift) - shift_v;  // filled lanes give d = 0
+    const V d = diff(V::load_tail(x + i, n - i, shift));  // filled lanes give d = 0
     sum = sum + d;
     sq = fma(d, d, sq);
   }
@@ -278,15 +303,15 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
       s1 += partial.data[ng * nchunks + k].s1;
       s2 += partial.data[ng * nchunks + k].s2;
     }
-    if (shift_too_far(inv_group_len, s1, s2)) {
-      shift = T(double(shift) + s1 * inv_group_len);
-      s1 = s2 = 0.0;
+    refine_sums(inv_group_len, shift, s1, s2, [&](T k, T scale, double& r1, double& r2) {
+      r1 = r2 = 0.0;
       for (int64_t begin = 0; begin < group_len; begin += chunk_len) {
-        const ShiftedSums sums = run_shifted_sums<V>(group + begin, min_i64(chunk_len, group_len - begin), shift);
-        s1 += sums.s1;
-        s2 += sums.s2;
+        const ShiftedSums sums =
+            run_shifted_sums<V, true>(group + begin, min_i64(chunk_len, group_len - begin), k, scale);
+        r1 += sums.s1;
+        r2 += sums.s2;
       }
-    }
+    });
     stats[ng] = group_stats(double(group_len), inv_group_len, double(shift), s1, s2, p.eps);
   };
   // Applies elements [begin, end) of group ng, channel by channel.
@@ -558,15 +583,14 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
       const S* sample = x + n * sample_len;
       const int64_t D = C / G;
       T shift = shifts.data[n * G + g];
-      if (shift_too_far(inv_count, s1, s2)) {
-        shift = T(double(shift) + s1 * inv_count);
-        s1 = s2 = 0.0;
+      refine_sums(inv_count, shift, s1, s2, [&](T k, T scale, double& r1, double& r2) {
+        r1 = r2 = 0.0;
         for (int64_t r = 0; r < rows; ++r) {
-          const ShiftedSums sums = run_shifted_sums<V>(sample + r * C + g * D, D, shift);
-          s1 += sums.s1;
-          s2 += sums.s2;
+          const ShiftedSums sums = run_shifted_sums<V, true>(sample + r * C + g * D, D, k, scale);
+          r1 += sums.s1;
+          r2 += sums.s2;
         }
-      }
+      });
       stats[n * G + g] = group_stats(count, inv_count, double(shift), s1, s2, p.eps);
     }
   };
