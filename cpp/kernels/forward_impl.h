@@ -70,18 +70,26 @@ inline bool shift_too_far(double inv_count, double s1, double s2) {
   return q * q > 4.0 * ((s2 - s1 * q) * inv_count);
 }
 
-// A second look at a group's sums: a shift more than two standard deviations from the mean is replaced by
-// the mean, and sums that left T's normal range (float32 deviations beyond ~1e19, or below ~1e-15) are
-// summed again with every difference scaled into range. resum(shift, scale, s1, s2)
-// sums the group again.
+// The float sums of a group need a second look: the shift lies more than two standard deviations from
+// the mean (shift_too_far), or the sums left T's normal range (float32 deviations beyond ~1e19, or below
+// ~1e-15; inf or NaN also when x holds one, which then stays NaN). Rare, and cheap to test.
+template <class T>
+bool needs_refine(double inv_count, double s1, double s2) {
+  const bool out_of_range = !(s2 < __builtin_inf() && s1 - s1 == 0.0) ||
+                            (s2 * inv_count < (sizeof(T) == 4 ? 0x1p-100 : 0x1p-900) && (s1 != 0.0 || s2 != 0.0));
+  return out_of_range || shift_too_far(inv_count, s1, s2);
+}
+
+// The second look: a shift far from the mean is replaced by the mean, and sums out of range are redone with
+// every difference scaled into range. resum(shift, scale, s1, s2) sums the group again. Kept out of line so
+// the common path's loop over groups stays free of it.
 template <class T, class Resum>
-void refine_sums(double inv_count, T& shift, double& s1, double& s2, Resum&& resum) {
+__attribute__((noinline)) void refine_sums(double inv_count, T& shift, double& s1, double& s2, Resum resum) {
   if (shift_too_far(inv_count, s1, s2)) {
     shift = T(double(shift) + s1 * inv_count);
     resum(shift, T(1), s1, s2);
   }
   constexpr bool kF32 = sizeof(T) == 4;
-  // inf or NaN: lane sums of huge finite values overflow too (a NaN or inf in x stays NaN after the retry).
   const bool overflow = !(s2 < __builtin_inf() && s1 - s1 == 0.0);
   const bool underflow = s2 * inv_count < (kF32 ? 0x1p-100 : 0x1p-900) && (s1 != 0.0 || s2 != 0.0);
   if (overflow || underflow) {
@@ -214,7 +222,7 @@ void apply_run(const S* x, S* y, int64_t n, Coeffs<typename V::Scalar> k) {
 // malloc/free; no std template is instantiated in an ISA TU.
 template <class E>
 struct Scratch {
-  static constexpr int64_t kInlineBytes = 1024;
+  static constexpr int64_t kInlineBytes = 4096;
   E* data = nullptr;
   explicit Scratch(int64_t count) {
     const size_t bytes = sizeof(E) * size_t(max_i64(count, 1));
@@ -303,7 +311,8 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
       s1 += partial.data[ng * nchunks + k].s1;
       s2 += partial.data[ng * nchunks + k].s2;
     }
-    refine_sums(inv_group_len, shift, s1, s2, [&](T k, T scale, double& r1, double& r2) {
+    if (needs_refine<T>(inv_group_len, s1, s2))
+      refine_sums(inv_group_len, shift, s1, s2, [&](T k, T scale, double& r1, double& r2) {
       r1 = r2 = 0.0;
       for (int64_t begin = 0; begin < group_len; begin += chunk_len) {
         const ShiftedSums sums =
@@ -583,7 +592,8 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
       const S* sample = x + n * sample_len;
       const int64_t D = C / G;
       T shift = shifts.data[n * G + g];
-      refine_sums(inv_count, shift, s1, s2, [&](T k, T scale, double& r1, double& r2) {
+      if (needs_refine<T>(inv_count, s1, s2))
+        refine_sums(inv_count, shift, s1, s2, [&](T k, T scale, double& r1, double& r2) {
         r1 = r2 = 0.0;
         for (int64_t r = 0; r < rows; ++r) {
           const ShiftedSums sums = run_shifted_sums<V, true>(sample + r * C + g * D, D, k, scale);
