@@ -3,15 +3,23 @@
 ``group_norm`` is a ``torch.autograd.Function`` with the signature of ``torch.nn.functional.group_norm``;
 ``GroupNorm`` is an ``nn.Module`` that replaces ``torch.nn.GroupNorm`` (same constructor, parameters,
 ``state_dict`` keys, ``reset_parameters`` and ``extra_repr``). Tensors cross into the kernels without a
-copy through DLPack, and results come back the same way, in the input's memory format (a channels_last
-tensor stays channels_last). Importing this module imports torch; the rest of groupnorm never does.
+copy, as NumPy views of their memory (the exchange DLPack makes, without its per-call cost), and results come
+back the same way, in the input's memory format (a channels_last tensor stays channels_last). Importing this
+module imports torch; the rest of groupnorm never does.
 """
-import numpy as np
+import inspect
+
 import torch
 
 from . import _core
 
 __all__ = ["group_norm", "GroupNorm"]
+
+# torch.nn.GroupNorm grew a keyword-only `bias` flag (and shows it in its repr); mirror the installed torch.
+_TORCH_GROUPNORM_HAS_BIAS_FLAG = "bias" in inspect.signature(torch.nn.GroupNorm.__init__).parameters
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def _as_array(tensor, name):
@@ -22,13 +30,15 @@ def _as_array(tensor, name):
         raise RuntimeError(
             f"{name} is on device {tensor.device}; groupnorm's kernels serve CPU tensors only "
             f"(this build has no CUDA backend): move it with .cpu() or use torch.nn.GroupNorm there")
-    if tensor.dtype not in (torch.float32, torch.float64):
+    if tensor.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"{name} has dtype {tensor.dtype}; groupnorm.torch supports torch.float32 and torch.float64")
-    return np.from_dlpack(tensor.detach())
+    return _view(tensor)
 
 
-def _as_tensor(array):
-    return torch.from_dlpack(array)
+def _view(tensor):
+    """The NumPy view of a validated CPU tensor's memory: what np.from_dlpack gives, at a third of its cost
+    (torch's Python-level __dlpack__ dominates a small call)."""
+    return tensor.detach().numpy()
 
 
 class _GroupNormFunction(torch.autograd.Function):
@@ -37,28 +47,28 @@ class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, num_groups, weight, bias, eps):
         x = _as_array(input, "input")
-        for name, param in (("weight", weight), ("bias", bias)):
-            if param is not None and isinstance(param, torch.Tensor) and param.dtype != input.dtype:
-                raise TypeError(f"{name} has dtype {param.dtype} but input has {input.dtype}; they must match")
         w = None if weight is None else _as_array(weight, "weight")
         b = None if bias is None else _as_array(bias, "bias")
+        for name, param in (("weight", weight), ("bias", bias)):
+            if param is not None and param.dtype != input.dtype:
+                raise TypeError(f"{name} has dtype {param.dtype} but input has {input.dtype}; they must match")
         y, mean, rstd = _core.group_norm_forward(x, num_groups, w, b, eps)
         ctx.num_groups = num_groups
-        ctx.has_weight = weight is not None
-        ctx.save_for_backward(input, weight, _as_tensor(mean), _as_tensor(rstd))
-        return _as_tensor(y)
+        ctx.mean, ctx.rstd = mean, rstd  # private to this node: plain arrays, no tensor round trip
+        ctx.save_for_backward(input, weight)
+        return torch.from_numpy(y)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        input, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _core.group_norm_backward(
-            _as_array(grad_output, "grad_output"), _as_array(input, "input"), mean.numpy(), rstd.numpy(),
-            ctx.num_groups, None if weight is None else _as_array(weight, "weight"))
-        grad_input = _as_tensor(dx) if ctx.needs_input_grad[0] else None
-        grad_weight = _as_tensor(dw) if ctx.needs_input_grad[2] else None
-        grad_bias = _as_tensor(db) if ctx.needs_input_grad[3] else None
-        return grad_input, None, grad_weight, grad_bias, None
+        # Autograd hands back a gradient of the output's dtype and device; the inputs were checked in forward.
+        input, weight = ctx.saved_tensors
+        dx, dw, db = _core.group_norm_backward(_view(grad_output), _view(input), ctx.mean, ctx.rstd,
+                                               ctx.num_groups, None if weight is None else _view(weight))
+        needs_input_grad = ctx.needs_input_grad
+        return (torch.from_numpy(dx) if needs_input_grad[0] else None, None,
+                torch.from_numpy(dw) if needs_input_grad[2] else None,
+                torch.from_numpy(db) if needs_input_grad[3] else None, None)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -106,13 +116,15 @@ class GroupNorm(torch.nn.Module):
         Learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
     device, dtype
         As for ``torch.nn.GroupNorm``.
+    bias : bool, default True, keyword-only
+        With ``affine``, also learn the ``bias`` (else it is None), as ``torch.nn.GroupNorm(..., bias=)``.
 
     Examples
     --------
     >>> import torch, groupnorm.torch as gnt
     >>> m = gnt.GroupNorm(2, 4)
-    >>> m
-    GroupNorm(2, 4, eps=1e-05, affine=True)
+    >>> repr(m) == repr(torch.nn.GroupNorm(2, 4))
+    True
     >>> sorted(m.state_dict()) == sorted(torch.nn.GroupNorm(2, 4).state_dict())
     True
     >>> m(torch.randn(3, 4, 5)).shape
@@ -121,7 +133,7 @@ class GroupNorm(torch.nn.Module):
 
     __constants__ = ["num_groups", "num_channels", "eps", "affine"]
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *, bias=True):
         super().__init__()
         if num_channels % num_groups != 0:
             raise ValueError(f"num_channels={num_channels} must be divisible by num_groups={num_groups}")
@@ -132,7 +144,10 @@ class GroupNorm(torch.nn.Module):
         self.affine = affine
         if affine:
             self.weight = torch.nn.Parameter(torch.empty(num_channels, **factory))
-            self.bias = torch.nn.Parameter(torch.empty(num_channels, **factory))
+            if bias:
+                self.bias = torch.nn.Parameter(torch.empty(num_channels, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -141,10 +156,14 @@ class GroupNorm(torch.nn.Module):
     def reset_parameters(self):
         if self.affine:
             torch.nn.init.ones_(self.weight)
-            torch.nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                torch.nn.init.zeros_(self.bias)
 
     def forward(self, input):
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self):
-        return "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)
+        text = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        if _TORCH_GROUPNORM_HAS_BIAS_FLAG:
+            text += f", bias={self.bias is not None}"
+        return text

@@ -1,0 +1,462 @@
+"""groupnorm.torch against torch: gradcheck in float64, agreement with torch.nn.functional.group_norm in float32
+(NCHW, channels_last, 2-D to 5-D), zero-copy through DLPack, the nn.Module drop-in for torch.nn.GroupNorm, clear
+errors for devices and dtypes the kernels cannot serve, and a short training run that follows torch's step by step.
+"""
+import copy
+import doctest
+import inspect
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as torch_functional  # noqa: E402
+
+import groupnorm  # noqa: E402
+import groupnorm.torch as gnt  # noqa: E402
+
+# float32 results agree with torch's to this fraction of the largest magnitude of torch's result.
+FLOAT32_RTOL = 1e-5
+# Losses of the two training runs agree to this relative difference at every step.
+TRAINING_RTOL = 1e-5
+
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def tensor(rng, shape, dtype=torch.float32, memory_format=None, offset=0.0, scale=1.0):
+    """Fresh standard-normal data (from the test's seeded generator) as a tensor in the given memory format."""
+    values = torch.from_numpy(rng.standard_normal(shape) * scale + offset).to(dtype)
+    return values if memory_format is None else values.contiguous(memory_format=memory_format)
+
+
+def layout_of(shape, layout):
+    """The torch memory format for a layout name: 'contiguous' or 'channels_last' (4-D and 5-D)."""
+    return CHANNELS_LAST[len(shape)] if layout == "channels_last" else None
+
+
+def assert_matches(actual, expected, what, rtol=FLOAT32_RTOL):
+    """|actual - expected| <= rtol * max|expected| everywhere (float rounding, not a looser tolerance)."""
+    assert actual.shape == expected.shape, what
+    assert actual.dtype == expected.dtype, what
+    scale = max(float(expected.abs().max()), np.finfo(np.float32).tiny)
+    error = float((actual.double() - expected.double()).abs().max()) / scale
+    assert error <= rtol, f"{what}: max |groupnorm - torch| / max|torch| = {error:.3g} > {rtol:g}"
+
+
+# ------------------------------------------------------------------------------------------- the package
+
+def test_import_groupnorm_does_not_import_torch():
+    code = "import groupnorm, sys; assert 'torch' not in sys.modules, 'import groupnorm imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_docstring_examples():
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    tests = finder.find(gnt, gnt.__name__, globs={"groupnorm": groupnorm})
+    assert sum(len(t.examples) for t in tests) > 0, "no docstring examples found in groupnorm.torch"
+    for test in tests:
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
+
+
+# ------------------------------------------------------------------------------------- gradcheck, float64
+
+GRADCHECK_CASES = [  # (shape, num_groups, layout)
+    ((2, 6, 3, 4), 3, "contiguous"),
+    ((2, 6, 3, 4), 3, "channels_last"),
+    ((3, 4, 5), 2, "contiguous"),
+    ((2, 4, 2, 3, 2), 2, "contiguous"),
+    ((2, 4, 2, 3, 2), 4, "channels_last"),
+    ((3, 6), 3, "contiguous"),
+    ((2, 4, 1, 1), 1, "channels_last"),
+]
+AFFINE_MODES = ["weight_and_bias", "weight_only", "no_affine", "params_only"]
+
+
+@pytest.mark.parametrize("affine", AFFINE_MODES)
+@pytest.mark.parametrize("shape, num_groups, layout", GRADCHECK_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_gradcheck_float64(isa, rng, shape, num_groups, layout, affine):
+    x = tensor(rng, shape, torch.float64, layout_of(shape, layout), offset=0.5, scale=2.0)
+    x.requires_grad_(affine != "params_only")
+    channels = shape[1]
+    weight = bias = None
+    if affine != "no_affine":
+        weight = tensor(rng, (channels,), torch.float64).requires_grad_()
+    if affine in ("weight_and_bias", "params_only"):
+        bias = tensor(rng, (channels,), torch.float64).requires_grad_()
+    inputs = tuple(t for t in (x, weight, bias) if t is not None)
+
+    def function(*args):
+        it = iter(args)
+        return gnt.group_norm(next(it), num_groups, next(it) if weight is not None else None,
+                              next(it) if bias is not None else None, 0.25)  # eps large enough to matter
+
+    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_second_derivative_raises_instead_of_lying(rng):
+    x = tensor(rng, (2, 4, 3), torch.float64).requires_grad_()
+    y = gnt.group_norm(x, 2)
+    (grad_x,) = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.sum().backward()
+
+
+# ------------------------------------------------------------------------------ float32 against torch
+
+FLOAT32_CASES = [  # (shape, num_groups, layout)
+    ((4, 32, 9, 7), 8, "contiguous"),
+    ((4, 32, 9, 7), 8, "channels_last"),
+    ((1, 320, 16, 16), 32, "contiguous"),
+    ((1, 320, 16, 16), 32, "channels_last"),
+    ((2, 64, 17), 16, "contiguous"),
+    ((2, 16, 3, 5, 4), 4, "contiguous"),
+    ((2, 16, 3, 5, 4), 4, "channels_last"),
+    ((8, 32), 4, "contiguous"),
+    ((2, 33, 7, 5), 11, "channels_last"),
+    ((1, 256, 7, 7), 1, "channels_last"),
+    ((1, 256, 7, 7), 256, "contiguous"),
+]
+
+
+def torch_reference(x, num_groups, weight, bias, grad):
+    """torch.nn.functional.group_norm's output and gradients on copies of the same tensors."""
+    leaves = [t.detach().clone(memory_format=torch.preserve_format).requires_grad_(t.requires_grad)
+              if t is not None else None for t in (x, weight, bias)]
+    y = torch_functional.group_norm(leaves[0], num_groups, leaves[1], leaves[2], 1e-5)
+    torch.autograd.backward(y, grad)
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("grad_layout", ["like_output", "contiguous"])
+@pytest.mark.parametrize("shape, num_groups, layout", FLOAT32_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_float32_matches_torch(isa, rng, shape, num_groups, layout, grad_layout):
+    memory_format = layout_of(shape, layout)
+    x = tensor(rng, shape, memory_format=memory_format, offset=1.5, scale=3.0).requires_grad_()
+    weight = tensor(rng, (shape[1],)).requires_grad_()
+    bias = tensor(rng, (shape[1],)).requires_grad_()
+    grad = tensor(rng, shape, memory_format=memory_format if grad_layout == "like_output" else None)
+
+    y = gnt.group_norm(x, num_groups, weight, bias)
+    torch.autograd.backward(y, grad)
+    y_ref, (dx_ref, dw_ref, db_ref) = torch_reference(x, num_groups, weight, bias, grad)
+
+    assert_matches(y.detach(), y_ref, "output")
+    assert_matches(x.grad, dx_ref, "grad_input")
+    assert_matches(weight.grad, dw_ref, "grad_weight")
+    assert_matches(bias.grad, db_ref, "grad_bias")
+    # Layouts: the output and the input's gradient keep the input's memory format, as torch's do.
+    if memory_format is not None:
+        assert y.is_contiguous(memory_format=memory_format)
+        assert x.grad.is_contiguous(memory_format=memory_format)
+    else:
+        assert y.is_contiguous() and x.grad.is_contiguous()
+    assert y.stride() == y_ref.stride()
+    assert x.grad.stride() == x.stride() == dx_ref.stride()
+
+
+def test_float32_without_affine_and_weight_only_match_torch(rng):
+    x = tensor(rng, (3, 12, 5, 4), memory_format=torch.channels_last).requires_grad_()
+    weight = tensor(rng, (12,)).requires_grad_()
+    grad = tensor(rng, x.shape)
+    for params in ((None, None), (weight, None)):
+        for t in (x, weight):
+            t.grad = None
+        y = gnt.group_norm(x, 4, *params)
+        torch.autograd.backward(y, grad)
+        y_ref, grads_ref = torch_reference(x, 4, *params, grad)
+        assert_matches(y.detach(), y_ref, "output")
+        assert_matches(x.grad, grads_ref[0], "grad_input")
+        if params[0] is not None:
+            assert_matches(weight.grad, grads_ref[1], "grad_weight")
+
+
+def test_odd_layout_input_matches_torch(rng):
+    """A strided view (every other row) is read through its strides, not assumed contiguous."""
+    base = tensor(rng, (2, 8, 10, 6), offset=-2.0)
+    x = base[:, :, ::2].requires_grad_()
+    assert not x.is_contiguous()
+    grad = tensor(rng, x.shape)
+    y = gnt.group_norm(x, 4)
+    torch.autograd.backward(y, grad)
+    y_ref, (dx_ref, _, _) = torch_reference(x, 4, None, None, grad)
+    assert_matches(y.detach(), y_ref, "output")
+    assert_matches(x.grad, dx_ref, "grad_input")
+
+
+def test_gradient_only_for_what_requires_it(rng):
+    x = tensor(rng, (2, 8, 5))
+    weight = tensor(rng, (8,)).requires_grad_()
+    bias = tensor(rng, (8,))
+    grad = tensor(rng, x.shape)
+    torch.autograd.backward(gnt.group_norm(x, 2, weight, bias), grad)
+    _, (dx_ref, dw_ref, db_ref) = torch_reference(x, 2, weight, bias, grad)
+    assert x.grad is None and bias.grad is None and dx_ref is None and db_ref is None
+    assert_matches(weight.grad, dw_ref, "grad_weight")
+
+
+def test_backward_again_with_retained_graph(rng):
+    x = tensor(rng, (2, 8, 5), memory_format=None).requires_grad_()
+    weight = tensor(rng, (8,)).requires_grad_()
+    grad = tensor(rng, x.shape)
+    y = gnt.group_norm(x, 2, weight)
+    torch.autograd.backward(y, grad, retain_graph=True)
+    first = (x.grad.clone(), weight.grad.clone())
+    x.grad = weight.grad = None
+    torch.autograd.backward(y, grad)
+    assert torch.equal(x.grad, first[0]) and torch.equal(weight.grad, first[1])
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.backward(y, grad)
+
+
+def test_runs_without_autograd(rng):
+    x = tensor(rng, (2, 8, 5))
+    with torch.inference_mode():
+        y = gnt.group_norm(x, 2)
+    assert not y.requires_grad
+    assert_matches(y, torch_functional.group_norm(x, 2), "output")
+    with torch.no_grad():
+        y = gnt.group_norm(x.requires_grad_(), 2)
+    assert y.grad_fn is None
+
+
+# ---------------------------------------------------------------------------------------------- zero copy
+
+class _RecordingCore:
+    """Stands in for groupnorm._core inside groupnorm.torch and keeps what each kernel call saw and returned."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def group_norm_forward(self, *args):
+        result = groupnorm.group_norm_forward(*args)
+        self.calls["forward"] = (args, result)
+        return result
+
+    def group_norm_backward(self, *args):
+        result = groupnorm.group_norm_backward(*args)
+        self.calls["backward"] = (args, result)
+        return result
+
+
+def data_address(array):
+    return array.__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_tensors_cross_without_a_copy(rng, monkeypatch, layout):
+    core = _RecordingCore()
+    monkeypatch.setattr(gnt, "_core", core)
+    shape = (2, 8, 6, 5)
+    x = tensor(rng, shape, memory_format=layout_of(shape, layout)).requires_grad_()
+    weight = tensor(rng, (8,)).requires_grad_()
+    bias = tensor(rng, (8,)).requires_grad_()
+    grad = tensor(rng, shape, memory_format=layout_of(shape, layout))
+    seen_grad_input = []
+    x.register_hook(seen_grad_input.append)
+
+    y = gnt.group_norm(x, 4, weight, bias)
+    (x_arg, _, w_arg, b_arg, _), (y_array, _, _) = core.calls["forward"]
+    assert data_address(x_arg) == x.data_ptr() and x_arg.strides == tuple(4 * s for s in x.stride())
+    assert data_address(w_arg) == weight.data_ptr() and data_address(b_arg) == bias.data_ptr()
+    assert y.data_ptr() == data_address(y_array), "the output tensor is not the kernel's result array"
+
+    torch.autograd.backward(y, grad)
+    (dy_arg, x_again, _, _, _, w_again), (dx_array, dw_array, db_array) = core.calls["backward"]
+    assert data_address(dy_arg) == grad.data_ptr()
+    assert data_address(x_again) == x.data_ptr() and data_address(w_again) == weight.data_ptr()
+    assert seen_grad_input[0].data_ptr() == data_address(dx_array)
+    assert weight.grad.data_ptr() == data_address(dw_array)
+    assert bias.grad.data_ptr() == data_address(db_array)
+
+
+# -------------------------------------------------------------------------------------------- the module
+
+def signature_of(function):
+    """(name, kind, default) of each parameter: what a caller can rely on, annotations aside."""
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+
+MODULE_CONFIGS = [  # (args, kwargs)
+    ((4, 16), {}),
+    ((1, 6), {"eps": 1e-3}),
+    ((3, 6), {"affine": False}),
+    ((2, 8), {"bias": False}),
+    ((8, 8), {"eps": 0.0, "dtype": torch.float64}),
+]
+
+
+def test_module_constructor_signature_is_torchs():
+    assert signature_of(gnt.GroupNorm.__init__) == signature_of(torch.nn.GroupNorm.__init__)
+    assert gnt.GroupNorm.__constants__ == torch.nn.GroupNorm.__constants__
+
+
+@pytest.mark.parametrize("args, kwargs", MODULE_CONFIGS, ids=lambda v: str(v))
+def test_module_mirrors_torch(args, kwargs):
+    ours, theirs = gnt.GroupNorm(*args, **kwargs), torch.nn.GroupNorm(*args, **kwargs)
+    assert repr(ours) == repr(theirs)
+    assert ours.extra_repr() == theirs.extra_repr()
+    for name in ("num_groups", "num_channels", "eps", "affine"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [name for name, _ in ours.named_parameters()] == [name for name, _ in theirs.named_parameters()]
+    for (name, mine), (_, reference) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert mine.dtype == reference.dtype and torch.equal(mine, reference), name
+    for name in ("weight", "bias"):
+        assert (getattr(ours, name) is None) == (getattr(theirs, name) is None), name
+
+
+def test_module_state_dict_round_trips_with_torch(rng):
+    theirs = torch.nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        theirs.weight.copy_(tensor(rng, (16,)))
+        theirs.bias.copy_(tensor(rng, (16,)))
+    ours = gnt.GroupNorm(4, 16)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
+
+    with torch.no_grad():
+        ours.weight.mul_(-2.0)
+        ours.bias.add_(3.0)
+    back = torch.nn.GroupNorm(4, 16)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    assert torch.equal(back.weight, ours.weight) and torch.equal(back.bias, ours.bias)
+
+    x = tensor(rng, (2, 16, 5, 5))
+    assert_matches(ours(x).detach(), back(x).detach(), "module output after the round trip")
+
+
+def test_module_reset_parameters(rng):
+    module = gnt.GroupNorm(2, 6)
+    with torch.no_grad():
+        module.weight.copy_(tensor(rng, (6,)))
+        module.bias.copy_(tensor(rng, (6,)))
+    weight_before = module.weight
+    module.reset_parameters()
+    assert module.weight is weight_before, "reset_parameters must reset in place, keeping the Parameter"
+    assert torch.equal(module.weight, torch.ones(6)) and torch.equal(module.bias, torch.zeros(6))
+    gnt.GroupNorm(2, 6, affine=False).reset_parameters()
+    gnt.GroupNorm(2, 6, bias=False).reset_parameters()
+
+
+def test_module_without_affine_has_no_parameters():
+    module = gnt.GroupNorm(2, 6, affine=False)
+    assert list(module.parameters()) == []
+    assert module.weight is None and module.bias is None
+    assert dict(module.state_dict()) == {}
+
+
+def test_module_rejects_groups_that_do_not_divide_channels():
+    with pytest.raises(ValueError, match="divisible"):
+        torch.nn.GroupNorm(5, 64)
+    with pytest.raises(ValueError, match="num_groups=5"):
+        gnt.GroupNorm(5, 64)
+
+
+def test_module_device_and_dtype_follow_torch():
+    module = gnt.GroupNorm(2, 6, dtype=torch.float64)
+    assert module.weight.dtype == torch.float64 and module.bias.dtype == torch.float64
+    on_meta = gnt.GroupNorm(2, 6, device="meta")
+    assert on_meta.weight.device.type == "meta"
+    converted = gnt.GroupNorm(2, 6).double()
+    assert converted.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_module_forward_and_backward_match_torch(rng, layout):
+    shape = (3, 12, 7, 6)
+    theirs = torch.nn.GroupNorm(3, 12, eps=0.1)  # an eps that shows: the module must pass it on
+    with torch.no_grad():
+        theirs.weight.copy_(tensor(rng, (12,)))
+        theirs.bias.copy_(tensor(rng, (12,)))
+    ours = gnt.GroupNorm(3, 12, eps=0.1)
+    ours.load_state_dict(theirs.state_dict())
+    x = tensor(rng, shape, memory_format=layout_of(shape, layout), offset=0.3, scale=0.5)
+    grad = tensor(rng, shape)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+    torch.autograd.backward(y_ours, grad)
+    torch.autograd.backward(y_theirs, grad)
+    assert_matches(y_ours.detach(), y_theirs.detach(), "module output")
+    assert_matches(x_ours.grad, x_theirs.grad, "grad_input")
+    assert_matches(ours.weight.grad, theirs.weight.grad, "grad_weight")
+    assert_matches(ours.bias.grad, theirs.bias.grad, "grad_bias")
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+def test_device_the_kernels_cannot_serve_raises_a_clear_error():
+    x = torch.empty(2, 4, 3, device="meta")
+    with pytest.raises(RuntimeError, match=r"input is on device meta.*CPU"):
+        gnt.group_norm(x, 2)
+    with pytest.raises(RuntimeError, match=r"weight is on device meta"):
+        gnt.group_norm(torch.zeros(2, 4, 3), 2, torch.empty(4, device="meta"))
+    module = gnt.GroupNorm(2, 4, device="meta")
+    with pytest.raises(RuntimeError, match=r"device meta"):
+        module(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_raises_type_error(dtype):
+    x = torch.zeros(2, 4, 3, dtype=dtype)
+    with pytest.raises(TypeError, match=str(dtype)):
+        gnt.group_norm(x, 2)
+    with pytest.raises(TypeError, match=str(dtype)):
+        gnt.GroupNorm(2, 4, dtype=dtype)(x)
+
+
+def test_argument_errors_name_the_argument():
+    x = torch.zeros(2, 4, 3)
+    with pytest.raises(TypeError, match=r"weight has dtype torch.float64.*input has torch.float32"):
+        gnt.group_norm(x, 2, torch.ones(4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        gnt.group_norm(np.zeros((2, 4, 3), np.float32), 2)
+    with pytest.raises(ValueError, match="num_groups=3"):
+        gnt.group_norm(x, 3)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def make_model(norm_class, memory_format):
+    """conv -> GroupNorm -> SiLU -> linear, deterministic initial weights."""
+    torch.manual_seed(1234)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, kernel_size=3, padding=1),
+        norm_class(4, 16),
+        torch.nn.SiLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 8 * 8, 10),
+    )
+    return model.to(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_training_follows_torch_step_by_step(rng, memory_format):
+    reference = make_model(torch.nn.GroupNorm, memory_format)
+    ours = copy.deepcopy(reference)
+    ours[1] = gnt.GroupNorm(4, 16)
+    with torch.no_grad():  # GroupNorm starts at ones/zeros: make it non-trivial, identically in both
+        reference[1].weight.copy_(tensor(rng, (16,), scale=0.5, offset=1.0))
+        reference[1].bias.copy_(tensor(rng, (16,), scale=0.5))
+    ours[1].load_state_dict(reference[1].state_dict())
+    inputs = tensor(rng, (8, 3, 8, 8), memory_format=memory_format)
+    targets = torch.from_numpy(rng.integers(0, 10, size=8))
+    losses = {}
+    for name, model in (("torch", reference), ("groupnorm", ours)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        losses[name] = []
+        for _ in range(5):
+            optimizer.zero_grad()
+            loss = torch_functional.cross_entropy(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            losses[name].append(loss.item())
+    np.testing.assert_allclose(losses["groupnorm"], losses["torch"], rtol=TRAINING_RTOL, atol=0)
+    assert losses["torch"][-1] < losses["torch"][0], "the run did not train; the comparison would be vacuous"
+    for (name, mine), (_, theirs) in zip(ours.named_parameters(), reference.named_parameters()):
+        assert_matches(mine.detach(), theirs.detach(), f"parameter {name} after training", rtol=1e-4)
