@@ -311,16 +311,17 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
       s1 += partial.data[ng * nchunks + k].s1;
       s2 += partial.data[ng * nchunks + k].s2;
     }
-    if (needs_refine<T>(inv_group_len, s1, s2))
+    if (needs_refine<T>(inv_group_len, s1, s2)) {
       refine_sums(inv_group_len, shift, s1, s2, [&](T k, T scale, double& r1, double& r2) {
-      r1 = r2 = 0.0;
-      for (int64_t begin = 0; begin < group_len; begin += chunk_len) {
-        const ShiftedSums sums =
-            run_shifted_sums<V, true>(group + begin, min_i64(chunk_len, group_len - begin), k, scale);
-        r1 += sums.s1;
-        r2 += sums.s2;
-      }
-    });
+        r1 = r2 = 0.0;
+        for (int64_t begin = 0; begin < group_len; begin += chunk_len) {
+          const ShiftedSums sums =
+              run_shifted_sums<V, true>(group + begin, min_i64(chunk_len, group_len - begin), k, scale);
+          r1 += sums.s1;
+          r2 += sums.s2;
+        }
+      });
+    }
     stats[ng] = group_stats(double(group_len), inv_group_len, double(shift), s1, s2, p.eps);
   };
   // Applies elements [begin, end) of group ng, channel by channel.
@@ -440,6 +441,7 @@ T sample_group_shift(const Problem& p, const S* sample, int64_t g) {
 template <class V, class S>
 void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scalar* shifts, int64_t r0, int64_t r1,
                        RowBuffers<typename V::Scalar>& b, ShiftedSums* out) {
+  using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   const int64_t C = p.C, D = C / p.G, c_full = C / W * W;
   if (r1 - r0 == 1) {  // one row: each group is a contiguous run of D channels
@@ -447,8 +449,9 @@ void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scal
       out[g] = run_shifted_sums<V>(sample + r0 * C + g * D, D, shifts[g]);
     return;
   }
+  T* const shift = b.shift;
   for (int64_t g = 0; g < p.G; ++g) {
-    for (int64_t c = g * D; c < (g + 1) * D; ++c) b.shift[c] = shifts[g];
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) shift[c] = shifts[g];
   }
   for (int64_t c = 0; c < C; ++c) b.sum_d[c] = b.sq_d[c] = 0.0;
   for (int64_t rb = r0; rb < r1; rb += kFlushIters) {
@@ -462,11 +465,17 @@ void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scal
       b.sq_d[c] += double(b.sq[c]);
     }
   }
+  const double* const sum_d = b.sum_d;
+  const double* const sq_d = b.sq_d;
+  if (D == 1) {  // InstanceNorm: a channel is a group
+    for (int64_t c = 0; c < C; ++c) out[c] = {sum_d[c], sq_d[c]};
+    return;
+  }
   for (int64_t g = 0; g < p.G; ++g) {
     double s1 = 0.0, s2 = 0.0;
     for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-      s1 += b.sum_d[c];
-      s2 += b.sq_d[c];
+      s1 += sum_d[c];
+      s2 += sq_d[c];
     }
     out[g] = {s1, s2};
   }
@@ -583,24 +592,31 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
   };
   const double count = double(rows) * double(C / G), inv_count = 1.0 / count;
   auto sample_finish = [&](int64_t n) {
-    for (int64_t g = 0; g < G; ++g) {
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t k = 0; k < nchunks; ++k) {
-        s1 += partial.data[(n * nchunks + k) * G + g].s1;
-        s2 += partial.data[(n * nchunks + k) * G + g].s2;
+    // Chunk sums fold into chunk 0's row of G entries, chunk by chunk: each group still adds its chunks in
+    // order, and memory is read in sequence rather than G entries apart.
+    ShiftedSums* total = partial.data + n * nchunks * G;
+    for (int64_t k = 1; k < nchunks; ++k) {
+      const ShiftedSums* chunk = total + k * G;
+      for (int64_t g = 0; g < G; ++g) {
+        total[g].s1 += chunk[g].s1;
+        total[g].s2 += chunk[g].s2;
       }
-      const S* sample = x + n * sample_len;
-      const int64_t D = C / G;
+    }
+    const S* sample = x + n * sample_len;
+    const int64_t D = C / G;
+    for (int64_t g = 0; g < G; ++g) {
+      double s1 = total[g].s1, s2 = total[g].s2;
       T shift = shifts.data[n * G + g];
-      if (needs_refine<T>(inv_count, s1, s2))
+      if (needs_refine<T>(inv_count, s1, s2)) {
         refine_sums(inv_count, shift, s1, s2, [&](T k, T scale, double& r1, double& r2) {
-        r1 = r2 = 0.0;
-        for (int64_t r = 0; r < rows; ++r) {
-          const ShiftedSums sums = run_shifted_sums<V, true>(sample + r * C + g * D, D, k, scale);
-          r1 += sums.s1;
-          r2 += sums.s2;
-        }
-      });
+          r1 = r2 = 0.0;
+          for (int64_t r = 0; r < rows; ++r) {
+            const ShiftedSums sums = run_shifted_sums<V, true>(sample + r * C + g * D, D, k, scale);
+            r1 += sums.s1;
+            r2 += sums.s2;
+          }
+        });
+      }
       stats[n * G + g] = group_stats(count, inv_count, double(shift), s1, s2, p.eps);
     }
   };
