@@ -85,13 +85,14 @@ bool needs_refine(double inv_count, double s1, double s2) {
 // the common path's loop over groups stays free of it.
 template <class T, class Resum>
 __attribute__((noinline)) void refine_sums(double inv_count, T& shift, double& s1, double& s2, Resum resum) {
+  const bool varied = s1 != 0.0 || s2 != 0.0;  // recentring on the mean may leave both at exactly 0
   if (shift_too_far(inv_count, s1, s2)) {
     shift = T(double(shift) + s1 * inv_count);
     resum(shift, T(1), s1, s2);
   }
   constexpr bool kF32 = sizeof(T) == 4;
   const bool overflow = !(s2 < __builtin_inf() && s1 - s1 == 0.0);
-  const bool underflow = s2 * inv_count < (kF32 ? 0x1p-100 : 0x1p-900) && (s1 != 0.0 || s2 != 0.0);
+  const bool underflow = s2 * inv_count < (kF32 ? 0x1p-100 : 0x1p-900) && varied;
   if (overflow || underflow) {
     const T scale = overflow ? T(kF32 ? 0x1p-64 : 0x1p-512) : T(kF32 ? 0x1p64 : 0x1p512);
     resum(shift, scale, s1, s2);
