@@ -579,7 +579,7 @@ def parse_args(argv=None):
         parser.error("--plot needs matplotlib, which is not installed: pip install matplotlib")
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else None
     args.passes = ("forward",) if args.forward_only else PASSES
-    known = all_case_specs(QUICK_SPECS) + all_case_specs()
+    known = list({(s[0], s[3]): s for s in all_case_specs(QUICK_SPECS) + all_case_specs()}.values())
     if args.cases:
         wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
         names = {s[0] for s in known} | {f"{s[0]}:{s[3].lower()}" for s in known}
@@ -595,8 +595,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
-        for case_id, _shape, _groups, layout in all_case_specs() + all_case_specs(QUICK_SPECS):
-            print(f"{case_id}:{layout.lower()}")
+        quick = {(s[0], s[3]) for s in all_case_specs(QUICK_SPECS)}
+        every = {(s[0], s[3]): s for s in all_case_specs() + all_case_specs(QUICK_SPECS)}
+        for case_id, _shape, _groups, layout in every.values():
+            print(f"{case_id}:{layout.lower()}" + ("  (--quick)" if (case_id, layout) in quick else ""))
         print("peers installed:", ", ".join(available_peers()))
         return 0
     result = run(args)
