@@ -254,7 +254,9 @@ void run_case(const CaseSpec& spec, DType dtype, const std::vector<Isa>& isas, c
   p.G = spec.G;
   p.HxW = 1;
   for (size_t i = 2; i < spec.shape.size(); ++i) p.HxW *= spec.shape[i];
-  p.layout = spec.layout;
+  // With one position per channel both layouts are the same memory; like the Python layer, run the
+  // channels-last kernels there (they vectorise across C).
+  p.layout = p.HxW == 1 ? Layout::kChannelsLast : spec.layout;
   const int64_t n = p.N * p.C * p.HxW;
   const int64_t bytes = n * int64_t(sizeof(T));
 
