@@ -15,14 +15,11 @@ import datetime
 import functools
 import gc
 import json
-import math
 import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,23 +31,14 @@ except ImportError:  # pragma: no cover - the benchmark is meaningless without t
     sys.exit("bench_forward.py needs torch: pip install torch==2.13.0 (the pinned CPU wheel)")
 
 import groupnorm as gn
+# Case list, timing and machine helpers shared with `python -m groupnorm.bench`.
+from groupnorm.bench import (CASE_SPECS, all_case_specs, calibrate, case_id_of, contiguous_layout_name,  # noqa: F401
+                             cpu_model, geometric_mean, loaded_openmp_runtimes, time_batch_ns)
 
 ONE_MILLION = 1_000_000
 ISSUE_CHANNELS_LAST = {"1x320x64x64-g32"}  # the one channels-last case on the issue's list
 CONTENDERS = ("torch", "gn_out", "gn_alloc", "copy_numpy", "copy_torch")
 
-# (shape, num_groups); every 4-D case is also run channels-last.
-CASE_SPECS = [
-    ((4, 256, 28, 28), 32),
-    ((2, 512, 14, 14), 32),
-    ((1, 64, 32, 32), 8),
-    ((1, 320, 64, 64), 32),
-    ((1, 128, 256, 256), 32),
-    ((8, 64, 4096), 16),
-    ((1, 256, 56, 56), 1),
-    ((1, 256, 56, 56), 256),
-    ((16, 32), 4),
-]
 QUICK_CASE_IDS = [
     "4x256x28x28-g32",
     "1x320x64x64-g32",
@@ -90,24 +78,10 @@ class Case:
         return int(self.x.size)
 
 
-def case_id_of(shape, num_groups) -> str:
-    """The case name used on the command line and in the table, e.g. '4x256x28x28-g32'."""
-    return "x".join(str(d) for d in shape) + f"-g{num_groups}"
 
 
-def contiguous_layout_name(ndim: int) -> str:
-    """NC, NCL, NCHW, NCDHW for a contiguous array of this rank."""
-    return {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}.get(ndim, f"contig{ndim}d")
 
 
-def all_case_specs() -> list:
-    """(case_id, shape, num_groups, layout) for every known case, channels-last after each 4-D one."""
-    specs = []
-    for shape, num_groups in CASE_SPECS:
-        layouts = [contiguous_layout_name(len(shape))] + (["NHWC"] if len(shape) == 4 else [])
-        for layout in layouts:
-            specs.append((case_id_of(shape, num_groups), shape, num_groups, layout))
-    return specs
 
 
 def selected_specs(args) -> list:
@@ -186,26 +160,8 @@ def verify_case(case: Case, tolerance: float) -> None:
     })
 
 
-def time_batch_ns(fn, k: int) -> int:
-    """Wall time in ns of k back-to-back calls of fn."""
-    loop = range(k)
-    start = time.perf_counter_ns()
-    for _ in loop:
-        fn()
-    return time.perf_counter_ns() - start
 
 
-def calibrate(fn, min_batch_ns: int) -> int:
-    """The smallest k (roughly) for which a batch of k calls takes at least min_batch_ns."""
-    fn()
-    fn()
-    k = 1
-    while True:
-        elapsed = time_batch_ns(fn, k)
-        if elapsed >= min_batch_ns:
-            return k
-        grow = min_batch_ns / max(elapsed, 1) * 1.2
-        k = max(k + 1, int(math.ceil(k * min(grow, 100.0))))
 
 
 def run_rounds(cases: list, rounds: int, min_batch_ns: int, progress: bool) -> None:
@@ -269,9 +225,6 @@ def summarise_case(case: Case) -> dict:
     }
 
 
-def geometric_mean(values) -> float:
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
 def summarise(all_rows: list) -> dict:
@@ -322,27 +275,8 @@ def worst_spread(rows: list):
     return worst
 
 
-def cpu_model() -> str:
-    """The CPU model name from lscpu, falling back to platform.processor()."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        for line in text.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
-def loaded_openmp_runtimes() -> list:
-    """Paths of the OpenMP runtimes mapped into this process (Linux); two of them would oversubscribe."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as maps:
-            paths = {line.split()[-1] for line in maps if "/" in line}
-    except OSError:
-        return []
-    names = ("libgomp", "libiomp", "libomp")
-    return sorted(p for p in paths if os.path.basename(p).startswith(names))
 
 
 def machine_header(args, threads: int) -> dict:

@@ -1,0 +1,136 @@
+"""The benchmarks run and say what they measured: bench/groupnorm_bench (built through CMake, as
+test_cpp_kernels.py builds the kernel check) on a tiny case, and `python -m groupnorm.bench --quick` with
+whatever peers are installed, its JSON, its plot (when matplotlib is installed) and its error without it."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import groupnorm as gn
+from groupnorm import bench
+from test_cpp_kernels import ROOT, _cmake
+
+
+@pytest.fixture(scope="module")
+def bench_exe(tmp_path_factory):
+    """groupnorm_bench built once for this module from the source tree."""
+    if not (ROOT / "CMakeLists.txt").exists():
+        pytest.skip("needs the source tree")
+    cmake = _cmake()
+    if cmake is None or shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("cmake or a C++ compiler is not available")
+    build = tmp_path_factory.mktemp("bench") / "build"
+    configure = [cmake, "-S", str(ROOT), "-B", str(build), "-DGROUPNORM_BUILD_BENCH=ON",
+                 "-DCMAKE_BUILD_TYPE=Release"]
+    if shutil.which("ninja"):
+        configure += ["-G", "Ninja"]
+    subprocess.run(configure, check=True, capture_output=True, text=True)
+    subprocess.run([cmake, "--build", str(build), "--target", "groupnorm_bench", "-j", "2"],
+                   check=True, capture_output=True, text=True)
+    return next(build.rglob("groupnorm_bench"))
+
+
+def test_cpp_bench_tiny_case(bench_exe, tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([str(bench_exe), "--shape", "2,8,4,4", "--groups", "2", "--reps", "3",
+                             "--min-batch-ms", "0.05", "--threads", "1,2", "--backward", "--json", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "gn/copy" in result.stdout and "machine:" in result.stdout
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {r["isa"] for r in rows} == set(gn.config()["isa_available"])
+    assert {(r["pass"], r["threads"]) for r in rows} == {(p, t) for p in ("forward", "backward") for t in (1, 2)}
+    for r in rows:
+        assert r["case"] == "2x8x4x4-g2" and r["layout"] == "NCHW" and r["dtype"] == "f32"
+        assert r["reps"] == 3 and r["median_us"] > 0 and r["copy_us"] > 0 and r["gbps"] > 0
+        assert r["bytes"] == (2 if r["pass"] == "forward" else 3) * 2 * 8 * 4 * 4 * 4
+        assert r["over_copy"] == pytest.approx(r["median_us"] / r["copy_us"], rel=1e-3)
+    assert data["header"]["isa_best"] in gn.config()["isa_available"]
+
+
+def test_cpp_bench_quick_and_options(bench_exe, tmp_path):
+    out = tmp_path / "quick.json"
+    result = subprocess.run([str(bench_exe), "--quick", "--reps", "2", "--isa", "scalar", "--threads", "1",
+                             "--dtype", "f64", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["case"], r["layout"]) for r in rows] == [
+        ("4x256x28x28-g32", "NCHW"), ("1x320x64x64-g32", "NHWC"), ("16x32-g4", "NCHW")]
+    assert all(r["isa"] == "scalar" and r["dtype"] == "f64" and r["threads"] == 1 for r in rows)
+
+    bad = subprocess.run([str(bench_exe), "--shape", "2,8,4,4", "--groups", "3"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--groups must divide C" in bad.stderr
+
+
+def run_cli(*args):
+    """python -W error -m groupnorm.bench ARGS in a subprocess, so its thread settings stay there."""
+    result = subprocess.run([sys.executable, "-W", "error", "-m", "groupnorm.bench", *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_cli_quick_json(tmp_path):
+    out = tmp_path / "peers.json"
+    result = run_cli("--quick", "--threads", "2", "--json", str(out))
+    data = json.loads(out.read_text())
+    peers = data["header"]["peers"]
+    assert peers == bench.available_peers()
+    assert "groupnorm" in peers and "numpy" in peers
+    expected = {(s[0], s[3]) for s in bench.all_case_specs(bench.QUICK_SPECS)}
+    rows = data["rows"]
+    assert {(r["case"], r["layout"]) for r in rows if r["pass"] == "forward"} == expected
+    assert {(r["case"], r["layout"]) for r in rows if r["pass"] == "train"} == expected
+    for r in rows:
+        assert r["rounds"] == 2 and r["copy_us"] > 0 and r["copy_fraction"] > 0
+        assert r["median_us"]["groupnorm"] > 0
+        for peer, us in r["median_us"].items():
+            if peer != "groupnorm":
+                assert r["speedup"][peer] == pytest.approx(us / r["median_us"]["groupnorm"])
+        if r["pass"] == "forward":
+            assert "numpy" in r["median_us"]
+            assert all(err < r["tolerance"] for err in r["max_rel_err"].values()), r["max_rel_err"]
+        if "torch" in peers:
+            assert "torch" in r["median_us"]
+    for row in rows:
+        assert row["case"] in result.stdout
+    assert "MISMATCH" not in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+def test_cli_plot(tmp_path):
+    png = tmp_path / "peers.png"
+    run_cli("--quick", "--forward-only", "--cases", "16x32-g4,2x32x8x8-g8:nhwc", "--no-progress",
+            "--plot", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
+    real_installed = bench._installed
+    monkeypatch.setattr(bench, "_installed", lambda *m: "matplotlib" not in m and real_installed(*m))
+    with pytest.raises(SystemExit) as excinfo:
+        bench.parse_args(["--quick", "--plot", "x.png"])
+    assert excinfo.value.code == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_cli_rejects_unknown_case(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cases", "3x3-g1"])
+    assert "unknown case" in capsys.readouterr().err
+
+
+def test_plain_progress_bar(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_installed", lambda *m: False)
+    progress = bench.Progress(4, enabled=True)
+    for _ in range(4):
+        progress.update("step")
+    progress.close()
+    err = capsys.readouterr().err
+    assert "4/4" in err and "#" * 30 in err
