@@ -262,12 +262,13 @@ def summarise(all_rows: list) -> dict:
     return summary
 
 
-def worst_spread(rows: list):
-    """The largest (p75 - p25) / median over every reported figure, and where it occurred."""
+def worst_spread(rows: list, names=None):
+    """The largest (p75 - p25) / median over every reported figure (the contenders `names`, by default the
+    forward's), and where it occurred."""
     worst = None
     for r in rows:
-        copy_name = "copy_numpy" if r["copy_source"] == "np.copyto" else "copy_torch"
-        for name in ("torch", "gn_out", "gn_alloc", copy_name):
+        row_names = names or ("torch", "gn_out", "gn_alloc", "copy_numpy")
+        for name in row_names:
             t = r["timing"][name]
             value = (t["p75_us"] - t["p25_us"]) / t["median_us"]
             if worst is None or value > worst[0]:
@@ -279,8 +280,16 @@ def worst_spread(rows: list):
 
 
 
-def machine_header(args, threads: int) -> dict:
-    """Everything a reader needs to place the numbers: machine, threads, versions, date, command line."""
+FORWARD_DEFINITIONS = {
+    "speedup_definition": "torch us / gn us (alloc): both allocate their result",
+    "copy_definition": "np.copyto (1 thread) of the input's bytes into a preallocated buffer; torch's threaded "
+                       "Tensor.copy_ of the same bytes is reported beside it",
+}
+
+
+def machine_header(args, threads: int, definitions=None) -> dict:
+    """Everything a reader needs to place the numbers: machine, threads, versions, date, command line, and
+    what the derived figures mean (`definitions`, by default the forward's)."""
     config = gn.config()
     return {
         "machine": cpu_model(),
@@ -302,9 +311,7 @@ def machine_header(args, threads: int) -> dict:
         "min_batch_ms": args.min_batch_ms,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
-        "speedup_definition": "torch us / gn us (alloc): both allocate their result",
-        "copy_definition": "faster of np.copyto (1 thread) and torch Tensor.copy_ (multithreaded) "
-                           "moving the input's bytes into a preallocated buffer",
+        **(definitions or FORWARD_DEFINITIONS),
     }
 
 
@@ -321,9 +328,11 @@ def table_cells(row: dict) -> list:
             f"{row['speedup']:.2f}x"]
 
 
-def format_text_table(rows: list) -> str:
-    cells = [TABLE_COLUMNS] + [table_cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(TABLE_COLUMNS))]
+def format_text_table(rows: list, columns=None, cells_of=None) -> str:
+    """rows as an aligned text table (by default the forward's columns)."""
+    columns, cells_of = columns or TABLE_COLUMNS, cells_of or table_cells
+    cells = [columns] + [cells_of(r) for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = []
     for index, line in enumerate(cells):
         parts = [line[i].ljust(widths[i]) if i < 2 else line[i].rjust(widths[i]) for i in range(len(line))]
@@ -333,10 +342,12 @@ def format_text_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def format_markdown_table(rows: list) -> str:
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
-             "|" + "|".join(["---", "---"] + ["---:"] * (len(TABLE_COLUMNS) - 2)) + "|"]
-    lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
+def format_markdown_table(rows: list, columns=None, cells_of=None) -> str:
+    """rows as a markdown table (by default the forward's columns)."""
+    columns, cells_of = columns or TABLE_COLUMNS, cells_of or table_cells
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join(["---", "---"] + ["---:"] * (len(columns) - 2)) + "|"]
+    lines += ["| " + " | ".join(cells_of(r)) + " |" for r in rows]
     return "\n".join(lines)
 
 

@@ -45,7 +45,8 @@ import groupnorm.torch as gnt
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_forward import (ISSUE_CHANNELS_LAST, ONE_MILLION, QUICK_CASE_IDS, all_case_specs,  # noqa: E402
-                           calibrate, cpu_model, geometric_mean, loaded_openmp_runtimes, time_batch_ns)
+                           calibrate, fmt, format_markdown_table, format_text_table, geometric_mean,
+                           machine_header, time_batch_ns, worst_spread)
 
 CONTENDERS = ("torch", "gn", "fn_floor", "gn_bwd", "add_numpy", "add_alloc", "add_torch")
 CHANNELS_LAST_PAIR = "1x320x64x64-g32"  # the case whose channels-last and NCHW backward are compared
@@ -258,7 +259,7 @@ def summarise(all_rows: list) -> dict:
         "channels_last_vs_nchw": channels_last,
         "all_checks_ok": all(r["check"]["ok"] for r in all_rows),
     }
-    spread = worst_spread(all_rows)
+    spread = worst_spread(all_rows, SPREAD_NAMES)
     summary["worst_spread"], summary["worst_spread_where"] = spread if spread else (None, None)
     summary["targets"] = {
         "never_slower_than_torch": None if not rows else all(r["speedup"] >= 1.0 for r in rows),
@@ -270,43 +271,11 @@ def summarise(all_rows: list) -> dict:
     return summary
 
 
-def worst_spread(rows: list):
-    """The largest (p75 - p25) / median over every reported figure, and where it occurred."""
-    worst = None
-    for r in rows:
-        for name in ("torch", "gn", "gn_bwd", "add_numpy", "add_alloc"):
-            t = r["timing"][name]
-            value = (t["p75_us"] - t["p25_us"]) / t["median_us"]
-            if worst is None or value > worst[0]:
-                worst = (value, f"{r['case']} {r['layout']} {name}")
-    return worst
-
-
-def machine_header(args, threads: int) -> dict:
-    """Everything a reader needs to place the numbers: machine, threads, versions, date, command line."""
-    config = gn.config()
-    return {
-        "machine": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "threads": threads,
-        "groupnorm_num_threads": config.get("num_threads"),
-        "torch_num_threads": torch.get_num_threads(),
-        "groupnorm_version": config.get("version"),
-        "groupnorm_isa": config.get("isa"),
-        "groupnorm_openmp": config.get("openmp"),
-        "openmp_runtimes": loaded_openmp_runtimes(),
-        "torch_version": torch.__version__,
-        "numpy_version": np.__version__,
-        "python_version": platform.python_version(),
-        "dtype": args.dtype,
-        "rounds": args.rounds,
-        "min_batch_ms": args.min_batch_ms,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
-        "speedup_definition": "torch.nn.GroupNorm fwd+bwd us / groupnorm.torch.GroupNorm fwd+bwd us",
-        "floor_definition": "np.add(x, dy, out=dx), single-threaded: reads 2 tensors, writes 1, like the backward",
-    }
+TRAINING_DEFINITIONS = {
+    "speedup_definition": "torch.nn.GroupNorm fwd+bwd us / groupnorm.torch.GroupNorm fwd+bwd us",
+    "floor_definition": "np.add(x, dy, out=dx), single-threaded: reads 2 tensors, writes 1, like the backward",
+}
+SPREAD_NAMES = ("torch", "gn", "gn_bwd", "add_numpy", "add_alloc")
 
 
 TABLE_COLUMNS = ["case", "layout", "elements", "torch fwd+bwd us", "gn fwd+bwd us", "speedup",
@@ -324,29 +293,6 @@ def table_cells(row: dict) -> list:
             f"{row['floor_us']:.1f}", f"{row['floor_alloc_us']:.1f}", f"{row['floor_torch_us']:.1f}",
             f"{row['gn_bwd_over_floor']:.2f}", f"{row['gn_bwd_over_floor_alloc']:.2f}",
             "|".join(f"{row['faults_per_call'][name]:.0f}" for name in ("torch", "gn", "gn_bwd"))]
-
-
-def format_text_table(rows: list) -> str:
-    cells = [TABLE_COLUMNS] + [table_cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(TABLE_COLUMNS))]
-    lines = []
-    for index, line in enumerate(cells):
-        lines.append("  ".join(line[i].ljust(widths[i]) if i < 2 else line[i].rjust(widths[i])
-                               for i in range(len(line))))
-        if index == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def format_markdown_table(rows: list) -> str:
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
-             "|" + "|".join(["---", "---"] + ["---:"] * (len(TABLE_COLUMNS) - 2)) + "|"]
-    lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def fmt(value, spec=".2f", suffix="") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
 def summary_lines(summary: dict) -> list:
@@ -411,7 +357,7 @@ def write_markdown(path: str, header: dict, rows: list, summary: dict) -> None:
     """A self-contained section for bench/RESULTS.md: header, table, summary, targets."""
     parts = [f"## Training (forward+backward), {header['dtype']}, {header['threads']} threads — {header['date']}", ""]
     parts += [f"- {line}" for line in header_lines(header)]
-    parts += ["", format_markdown_table(rows), ""]
+    parts += ["", format_markdown_table(rows, TABLE_COLUMNS, table_cells), ""]
     parts += [f"- {line}" for line in summary_lines(summary)]
     parts += ["", "Targets:", ""]
     parts += [f"- {line}" for line in target_lines(summary)]
@@ -474,7 +420,7 @@ def main(argv=None) -> int:
     specs = selected_specs(args)
     gn.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
-    header = machine_header(args, args.threads)
+    header = machine_header(args, args.threads, TRAINING_DEFINITIONS)
     for line in header_lines(header):
         print(line)
     print(flush=True)
@@ -487,7 +433,7 @@ def main(argv=None) -> int:
 
     rows = [summarise_case(case) for case in cases]
     summary = summarise(rows)
-    print(format_text_table(rows))
+    print(format_text_table(rows, TABLE_COLUMNS, table_cells))
     print()
     for line in summary_lines(summary):
         print(line)

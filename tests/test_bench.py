@@ -3,36 +3,20 @@ test_cpp_kernels.py builds the kernel check) on a tiny case, and `python -m grou
 whatever peers are installed, its JSON, its plot (when matplotlib is installed) and its error without it."""
 import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import groupnorm as gn
 from groupnorm import bench
-from test_cpp_kernels import ROOT, _cmake
+from test_cpp_kernels import build_target
 
 
 @pytest.fixture(scope="module")
 def bench_exe(tmp_path_factory):
     """groupnorm_bench built once for this module from the source tree."""
-    if not (ROOT / "CMakeLists.txt").exists():
-        pytest.skip("needs the source tree")
-    cmake = _cmake()
-    if cmake is None or shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("cmake or a C++ compiler is not available")
-    build = tmp_path_factory.mktemp("bench") / "build"
-    configure = [cmake, "-S", str(ROOT), "-B", str(build), "-DGROUPNORM_BUILD_BENCH=ON",
-                 "-DCMAKE_BUILD_TYPE=Release"]
-    if shutil.which("ninja"):
-        configure += ["-G", "Ninja"]
-    subprocess.run(configure, check=True, capture_output=True, text=True)
-    subprocess.run([cmake, "--build", str(build), "--target", "groupnorm_bench", "-j", "2"],
-                   check=True, capture_output=True, text=True)
-    return next(build.rglob("groupnorm_bench"))
+    return build_target(tmp_path_factory.mktemp("bench") / "build", "groupnorm_bench", "GROUPNORM_BUILD_BENCH")
 
 
 def test_cpp_bench_tiny_case(bench_exe, tmp_path):

@@ -24,20 +24,25 @@ def _cmake():
     return exe
 
 
-@pytest.mark.skipif(not (ROOT / "CMakeLists.txt").exists(), reason="needs the source tree")
-def test_kernel_check(tmp_path):
+def build_target(build: Path, target: str, option: str) -> Path:
+    """Configures the source tree into `build` with `option` ON and builds `target`; skips the test when the
+    source tree, cmake or a C++ compiler is missing. Returns the executable."""
+    if not (ROOT / "CMakeLists.txt").exists():
+        pytest.skip("needs the source tree")
     cmake = _cmake()
     if cmake is None or shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("cmake or a C++ compiler is not available")
-    build = tmp_path / "build"
-    configure = [cmake, "-S", str(ROOT), "-B", str(build), "-DGROUPNORM_BUILD_TESTS=ON",
-                 "-DCMAKE_BUILD_TYPE=Release"]
+    configure = [cmake, "-S", str(ROOT), "-B", str(build), f"-D{option}=ON", "-DCMAKE_BUILD_TYPE=Release"]
     if shutil.which("ninja"):
         configure += ["-G", "Ninja"]
     subprocess.run(configure, check=True, capture_output=True, text=True)
-    subprocess.run([cmake, "--build", str(build), "--target", "groupnorm_kernel_check", "-j", "2"],
+    subprocess.run([cmake, "--build", str(build), "--target", target, "-j", "2"],
                    check=True, capture_output=True, text=True)
-    exe = next(build.rglob("groupnorm_kernel_check"))
+    return next(build.rglob(target))
+
+
+def test_kernel_check(tmp_path):
+    exe = build_target(tmp_path / "build", "groupnorm_kernel_check", "GROUPNORM_BUILD_TESTS")
     result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     sys.stdout.write(result.stdout[-2000:])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
