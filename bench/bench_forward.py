@@ -376,23 +376,31 @@ def summary_lines(summary: dict) -> list:
     return lines
 
 
-def target_lines(summary: dict) -> list:
+def target_lines(summary: dict, targets=None) -> list:
+    """A PASS / FAIL / N/A line per target (by default the forward's)."""
     lines = []
-    for key, text in TARGETS.items():
+    for key, text in (targets or TARGETS).items():
         verdict = summary["targets"][key]
         word = "N/A " if verdict is None else ("PASS" if verdict else "FAIL")
         lines.append(f"{word}  {text}")
     return lines
 
 
-def header_lines(header: dict) -> list:
+FORWARD_TIMINGS = ("median per-call us over interleaved rounds; speedup = torch / gn (alloc);"
+                   " copy = np.copyto into a preallocated buffer; copy_ = torch's threaded Tensor.copy_;"
+                   " targets judged on the issue's cases (rows marked (extra) are not on its list)")
+
+
+def header_lines(header: dict, floor: str = "np.copyto", timings: str = FORWARD_TIMINGS) -> list:
+    """The header as `key: value` lines; `floor` names the single-threaded yardstick, `timings` explains
+    the columns."""
     h = header
     load = h["load_average_at_start"]
     return [
         f"machine:    {h['machine']} ({h['logical_cpus']} logical CPUs"
         + (f", load average {load[0]:.2f}" if load else "") + ")",
         f"threads:    {h['threads']} (groupnorm {h['groupnorm_num_threads']}, torch {h['torch_num_threads']};"
-        " np.copyto is single-threaded)",
+        f" {floor} is single-threaded)",
         f"groupnorm:  {h['groupnorm_version']}, ISA {h['groupnorm_isa']}, OpenMP {h['groupnorm_openmp']}",
         f"openmp:     {', '.join(h['openmp_runtimes']) or 'none found'}"
         + ("  (MORE THAN ONE RUNTIME: threads oversubscribe)" if len(h["openmp_runtimes"]) > 1 else ""),
@@ -400,9 +408,7 @@ def header_lines(header: dict) -> list:
         f"dtype:      {h['dtype']}    rounds: {h['rounds']}    batch >= {h['min_batch_ms']} ms",
         f"date:       {h['date']}",
         f"command:    {h['command']}",
-        "timings:    median per-call us over interleaved rounds; speedup = torch / gn (alloc);"
-        " copy = np.copyto into a preallocated buffer; copy_ = torch's threaded Tensor.copy_;"
-        " targets judged on the issue's cases (rows marked (extra) are not on its list)",
+        f"timings:    {timings}",
     ]
 
 

@@ -46,7 +46,7 @@ import groupnorm.torch as gnt
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_forward import (ISSUE_CHANNELS_LAST, ONE_MILLION, QUICK_CASE_IDS, all_case_specs,  # noqa: E402
                            calibrate, fmt, format_markdown_table, format_text_table, geometric_mean,
-                           machine_header, time_batch_ns, worst_spread)
+                           header_lines, machine_header, target_lines, time_batch_ns, worst_spread)
 
 CONTENDERS = ("torch", "gn", "fn_floor", "gn_bwd", "add_numpy", "add_alloc", "add_torch")
 CHANNELS_LAST_PAIR = "1x320x64x64-g32"  # the case whose channels-last and NCHW backward are compared
@@ -320,47 +320,24 @@ def summary_lines(summary: dict) -> list:
     return lines
 
 
-def target_lines(summary: dict) -> list:
-    lines = []
-    for key, text in TARGETS.items():
-        verdict = summary["targets"][key]
-        word = "N/A " if verdict is None else ("PASS" if verdict else "FAIL")
-        lines.append(f"{word}  {text}")
-    return lines
-
-
-def header_lines(header: dict) -> list:
-    h = header
-    load = h["load_average_at_start"]
-    return [
-        f"machine:    {h['machine']} ({h['logical_cpus']} logical CPUs"
-        + (f", load average {load[0]:.2f}" if load else "") + ")",
-        f"threads:    {h['threads']} (groupnorm {h['groupnorm_num_threads']}, torch {h['torch_num_threads']};"
-        " np.add is single-threaded)",
-        f"groupnorm:  {h['groupnorm_version']}, ISA {h['groupnorm_isa']}, OpenMP {h['groupnorm_openmp']}",
-        f"openmp:     {', '.join(h['openmp_runtimes']) or 'none found'}"
-        + ("  (MORE THAN ONE RUNTIME: threads oversubscribe)" if len(h["openmp_runtimes"]) > 1 else ""),
-        f"torch:      {h['torch_version']}    numpy: {h['numpy_version']}    python: {h['python_version']}",
-        f"dtype:      {h['dtype']}    rounds: {h['rounds']}    batch >= {h['min_batch_ms']} ms",
-        f"date:       {h['date']}",
-        f"command:    {h['command']}",
-        "timings:    median per-call us over interleaved rounds; fwd+bwd = module(x) then autograd.backward(y, g)"
-        " with x, weight, bias requiring grad; speedup = torch / gn; Function floor = the same step through an"
-        " autograd.Function that computes nothing; gn bwd = gn.group_norm_backward on NumPy"
-        " arrays (allocates dx); floor = np.add(x, dy, out=dx) (reads 2, writes 1); add alloc = np.add(x, dy);"
-        " add_ = torch's threaded torch.add(out=); page faults = minor faults per call (fresh output pages);"
-        " targets judged on the issue's cases (rows marked (extra) are not on its list)",
-    ]
+TRAINING_TIMINGS = (
+    "median per-call us over interleaved rounds; fwd+bwd = module(x) then autograd.backward(y, g) with x,"
+    " weight, bias requiring grad; speedup = torch / gn; Function floor = the same step through an"
+    " autograd.Function that computes nothing; gn bwd = gn.group_norm_backward on NumPy arrays (allocates dx);"
+    " floor = np.add(x, dy, out=dx) (reads 2, writes 1); add alloc = np.add(x, dy); add_ = torch's threaded"
+    " torch.add(out=); page faults = minor faults per call (fresh output pages); targets judged on the"
+    " issue's cases (rows marked (extra) are not on its list)"
+)
 
 
 def write_markdown(path: str, header: dict, rows: list, summary: dict) -> None:
     """A self-contained section for bench/RESULTS.md: header, table, summary, targets."""
     parts = [f"## Training (forward+backward), {header['dtype']}, {header['threads']} threads — {header['date']}", ""]
-    parts += [f"- {line}" for line in header_lines(header)]
+    parts += [f"- {line}" for line in header_lines(header, "np.add", TRAINING_TIMINGS)]
     parts += ["", format_markdown_table(rows, TABLE_COLUMNS, table_cells), ""]
     parts += [f"- {line}" for line in summary_lines(summary)]
     parts += ["", "Targets:", ""]
-    parts += [f"- {line}" for line in target_lines(summary)]
+    parts += [f"- {line}" for line in target_lines(summary, TARGETS)]
     parts.append("")
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(parts))
@@ -421,7 +398,7 @@ def main(argv=None) -> int:
     gn.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     header = machine_header(args, args.threads, TRAINING_DEFINITIONS)
-    for line in header_lines(header):
+    for line in header_lines(header, "np.add", TRAINING_TIMINGS):
         print(line)
     print(flush=True)
 
@@ -438,7 +415,7 @@ def main(argv=None) -> int:
     for line in summary_lines(summary):
         print(line)
     print()
-    for line in target_lines(summary):
+    for line in target_lines(summary, TARGETS):
         print(line)
     for row in rows:
         if not row["check"]["ok"]:
