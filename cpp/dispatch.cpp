@@ -208,7 +208,14 @@ Status group_norm_forward(const Problem& problem, DType dtype, const void* x, co
     case DType::kFloat64:
       return table->forward_f64(p, static_cast<const double*>(x), static_cast<const double*>(weight),
                                 static_cast<const double*>(bias), static_cast<double*>(y),
-                                static_cast<double*>(mean_out), static_cast<double*>(rstd_out));
+                                static_cast<double*>(mean_out), static_cast<double*>(rstd_out));    case DType::kFloat16:
+      return table->forward_f16(p, static_cast<const Half*>(x), static_cast<const float*>(weight),
+                                static_cast<const float*>(bias), static_cast<Half*>(y),
+                                static_cast<float*>(mean_out), static_cast<float*>(rstd_out));
+    case DType::kBFloat16:
+      return table->forward_bf16(p, static_cast<const BFloat16*>(x), static_cast<const float*>(weight),
+                                 static_cast<const float*>(bias), static_cast<BFloat16*>(y),
+                                 static_cast<float*>(mean_out), static_cast<float*>(rstd_out));
   }
   return kInvalidArgument;
 }
@@ -232,7 +239,16 @@ Status group_norm_backward(const Problem& problem, DType dtype, const void* dy, 
       return table->backward_f64(p, static_cast<const double*>(dy), static_cast<const double*>(x),
                                  static_cast<const double*>(mean), static_cast<const double*>(rstd),
                                  static_cast<const double*>(weight), static_cast<double*>(dx),
-                                 static_cast<double*>(dweight), static_cast<double*>(dbias));
+                                 static_cast<double*>(dweight), static_cast<double*>(dbias));    case DType::kFloat16:
+      return table->backward_f16(p, static_cast<const Half*>(dy), static_cast<const Half*>(x),
+                                 static_cast<const float*>(mean), static_cast<const float*>(rstd),
+                                 static_cast<const float*>(weight), static_cast<Half*>(dx),
+                                 static_cast<float*>(dweight), static_cast<float*>(dbias));
+    case DType::kBFloat16:
+      return table->backward_bf16(p, static_cast<const BFloat16*>(dy), static_cast<const BFloat16*>(x),
+                                  static_cast<const float*>(mean), static_cast<const float*>(rstd),
+                                  static_cast<const float*>(weight), static_cast<BFloat16*>(dx),
+                                  static_cast<float*>(dweight), static_cast<float*>(dbias));
   }
   return kInvalidArgument;
 }

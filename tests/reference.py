@@ -113,8 +113,7 @@ def same_bits(a, b):
     a, b = np.asarray(a), np.asarray(b)
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    view = np.uint32 if a.dtype.itemsize == 4 else np.uint64
-    return np.array_equal(np.ascontiguousarray(a).view(view), np.ascontiguousarray(b).view(view))
+    return np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8))
 
 
 def check_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None, channel_axis=1,

@@ -151,8 +151,9 @@ inline void merge_chunks(const GradSums& partial, const GradSums& out, int64_t o
 // Channels-first (NCHW): channel (n, c) is one contiguous run of HxW elements, cut into fixed chunks.
 
 template <class V, class S>
-Status backward_channels_first(const Problem& p, const S* dy, const S* x, const S* mean, const S* rstd,
-                               const S* weight, S* dx, S* dweight, S* dbias, const GradSums& sums,
+Status backward_channels_first(const Problem& p, const S* dy, const S* x, const typename V::Scalar* mean,
+                               const typename V::Scalar* rstd, const typename V::Scalar* weight, S* dx,
+                               typename V::Scalar* dweight, typename V::Scalar* dbias, const GradSums& sums,
                                GroupGradCoeffs<typename V::Scalar>* coeffs) {
   using T = typename V::Scalar;
   const int64_t D = p.C / p.G, HxW = p.HxW, groups = p.N * p.G, channels = p.N * p.C;
@@ -347,8 +348,9 @@ void rows_grad_apply(const Problem& p, const S* dy, const S* x, S* dx, int64_t r
 }
 
 template <class V, class S>
-Status backward_channels_last(const Problem& p, const S* dy, const S* x, const S* mean, const S* rstd,
-                              const S* weight, S* dx, S* dweight, S* dbias, const GradSums& sums,
+Status backward_channels_last(const Problem& p, const S* dy, const S* x, const typename V::Scalar* mean,
+                              const typename V::Scalar* rstd, const typename V::Scalar* weight, S* dx,
+                              typename V::Scalar* dweight, typename V::Scalar* dbias, const GradSums& sums,
                               GroupGradCoeffs<typename V::Scalar>* coeffs) {
   using T = typename V::Scalar;
   const int64_t rows = p.HxW, C = p.C, G = p.G, sample_len = rows * C;
@@ -444,13 +446,14 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const S
 // dx (same layout as dy and x; may be dy or x itself), dweight and dbias (each may be null) from the saved
 // mean and rstd of the forward (N*G values each, of the data type).
 template <class V, class S>
-Status group_norm_backward_impl(const Problem& p, const S* dy, const S* x, const S* mean, const S* rstd,
-                                const S* weight, S* dx, S* dweight, S* dbias) {
+Status group_norm_backward_impl(const Problem& p, const S* dy, const S* x, const typename V::Scalar* mean,
+                                const typename V::Scalar* rstd, const typename V::Scalar* weight, S* dx,
+                                typename V::Scalar* dweight, typename V::Scalar* dbias) {
   using T = typename V::Scalar;
   if (p.N == 0 || p.C == 0 || p.HxW == 0) {  // every sum is empty
     for (int64_t c = 0; c < p.C; ++c) {
-      if (dweight) dweight[c] = S(0);
-      if (dbias) dbias[c] = S(0);
+      if (dweight) dweight[c] = 0;
+      if (dbias) dbias[c] = 0;
     }
     return kOk;
   }

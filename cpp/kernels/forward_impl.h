@@ -14,6 +14,7 @@
 #include <omp.h>
 #endif
 
+#include "groupnorm/half.h"
 #include "kernel_table.h"
 
 #ifndef GROUPNORM_ISA
@@ -204,7 +205,7 @@ void apply_run(const S* x, S* y, int64_t n, Coeffs<typename V::Scalar> k) {
   auto value = [&](const V& v) { return activate<V, kSilu>(fma(v - mean_hi, scale, shift)); };
   int64_t i = 0;
   if (kStream) {
-    const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(y) % sizeof(V)) / int64_t(sizeof(S));
+    const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(y) % (W * sizeof(S))) / int64_t(sizeof(S));
     const int64_t head = min_i64(n, misaligned ? W - misaligned : 0);
     if (head > 0) V::store_tail(y, value(V::load_tail(x, head, T(0))), head);
     for (i = head; i + W <= n; i += W) V::store_stream(y + i, value(V::load(x + i)));
@@ -282,8 +283,8 @@ void store_group_stats(const GroupStats* stats, int64_t count, T* mean_out, T* r
 // Channels-first (NCHW): a group is one contiguous run of D*HxW elements, cut into fixed chunks.
 
 template <class V, class S, bool kSilu>
-Status forward_channels_first(const Problem& p, const S* x, const S* weight, const S* bias, S* y,
-                              GroupStats* stats) {
+Status forward_channels_first(const Problem& p, const S* x, const typename V::Scalar* weight,
+                              const typename V::Scalar* bias, S* y, GroupStats* stats) {
   using T = typename V::Scalar;
   const int64_t D = p.C / p.G, group_len = D * p.HxW, groups = p.N * p.G;
   const int64_t chunk_len = ceil_div(max_i64(ceil_div(group_len, kChunksMax), kChunkMinElems), 64) * 64;
@@ -293,7 +294,7 @@ Status forward_channels_first(const Problem& p, const S* x, const S* weight, con
   if (!partial.data) return kOutOfMemory;
   const bool stream = streams_output(p, sizeof(S));
   auto group_shift = [&](const S* group) {
-    return median3(T(group[0]), T(group[group_len / 2]), T(group[group_len - 1]));
+    return median3(T(widen(group[0])), T(widen(group[group_len / 2])), T(widen(group[group_len - 1])));
   };
 
   auto chunk_moments = [&](int64_t unit) {
@@ -432,8 +433,8 @@ void column_sums(const S* sample, int64_t C, int64_t c, int64_t count, int64_t r
 template <class T, class S>
 T sample_group_shift(const Problem& p, const S* sample, int64_t g) {
   const int64_t C = p.C, D = C / p.G, rows = p.HxW;
-  return median3(T(sample[g * D]), T(sample[(rows / 2) * C + g * D + D / 2]),
-                 T(sample[(rows - 1) * C + (g + 1) * D - 1]));
+  return median3(T(widen(sample[g * D])), T(widen(sample[(rows / 2) * C + g * D + D / 2])),
+                 T(widen(sample[(rows - 1) * C + (g + 1) * D - 1])));
 }
 
 // Shifted sums of rows [r0, r1) of one sample, per group, into out[G]. Every channel of group g is shifted
@@ -550,7 +551,7 @@ void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, cons
   // Channel vectors whose coefficients stay in registers: three registers each, so 2 on 16-register ISAs.
   constexpr int64_t W = V::kWidth, K = V::kRegisters >= 32 ? 4 : 2;
   const int64_t C = p.C;
-  const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(y) % sizeof(V)) / int64_t(sizeof(S));
+  const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(y) % (W * sizeof(S))) / int64_t(sizeof(S));
   const int64_t head = kStream && misaligned ? min_i64(C, W - misaligned) : 0;
   const int64_t rows_per_block = max_i64(1, kL1TileBytes / int64_t(sizeof(S) * C));
   for (int64_t rb = r0; rb < r1; rb += rows_per_block) {
@@ -564,8 +565,8 @@ void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, cons
 }
 
 template <class V, class S, bool kSilu>
-Status forward_channels_last(const Problem& p, const S* x, const S* weight, const S* bias, S* y,
-                             GroupStats* stats) {
+Status forward_channels_last(const Problem& p, const S* x, const typename V::Scalar* weight,
+                             const typename V::Scalar* bias, S* y, GroupStats* stats) {
   using T = typename V::Scalar;
   const int64_t rows = p.HxW, C = p.C, G = p.G, sample_len = rows * C;
   const int64_t chunk_rows = max_i64(ceil_div(kChunkMinElems, C), ceil_div(rows, kChunksMax));
@@ -621,7 +622,7 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
       stats[n * G + g] = group_stats(count, inv_count, double(shift), s1, s2, p.eps);
     }
   };
-  const bool stream = streams_output(p, sizeof(S)) && (C * int64_t(sizeof(S))) % int64_t(sizeof(V)) == 0;
+  const bool stream = streams_output(p, sizeof(S)) && C % V::kWidth == 0;
   auto chunk_apply = [&](int64_t n, int64_t k, const RowBuffers<T>& b) {
     const int64_t r0 = k * chunk_rows, r1 = min_i64(rows, (k + 1) * chunk_rows);
     if (stream)
@@ -683,8 +684,9 @@ Status forward_channels_last(const Problem& p, const S* x, const S* weight, cons
 // ---------------------------------------------------------------------------------------------------------
 
 template <class V, class S>
-Status group_norm_forward_impl(const Problem& p, const S* x, const S* weight, const S* bias, S* y, S* mean_out,
-                               S* rstd_out) {
+Status group_norm_forward_impl(const Problem& p, const S* x, const typename V::Scalar* weight,
+                               const typename V::Scalar* bias, S* y, typename V::Scalar* mean_out,
+                               typename V::Scalar* rstd_out) {
   const int64_t groups = p.N * p.G;
   if (groups == 0) return kOk;
   Scratch<GroupStats> stats(groups);

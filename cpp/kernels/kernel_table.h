@@ -3,6 +3,7 @@
 #pragma once
 
 #include "groupnorm/groupnorm.h"
+#include "groupnorm/half.h"
 
 namespace groupnorm {
 
@@ -11,10 +12,19 @@ struct KernelTable {
                         float* mean_out, float* rstd_out);
   Status (*forward_f64)(const Problem&, const double* x, const double* weight, const double* bias,
                         double* y, double* mean_out, double* rstd_out);
+  // 16-bit storage: parameters, statistics and parameter gradients in float.
+  Status (*forward_f16)(const Problem&, const Half* x, const float* weight, const float* bias, Half* y,
+                        float* mean_out, float* rstd_out);
+  Status (*forward_bf16)(const Problem&, const BFloat16* x, const float* weight, const float* bias, BFloat16* y,
+                         float* mean_out, float* rstd_out);
   Status (*backward_f32)(const Problem&, const float* dy, const float* x, const float* mean, const float* rstd,
                          const float* weight, float* dx, float* dweight, float* dbias);
   Status (*backward_f64)(const Problem&, const double* dy, const double* x, const double* mean,
                          const double* rstd, const double* weight, double* dx, double* dweight, double* dbias);
+  Status (*backward_f16)(const Problem&, const Half* dy, const Half* x, const float* mean, const float* rstd,
+                         const float* weight, Half* dx, float* dweight, float* dbias);
+  Status (*backward_bf16)(const Problem&, const BFloat16* dy, const BFloat16* x, const float* mean,
+                          const float* rstd, const float* weight, BFloat16* dx, float* dweight, float* dbias);
 };
 
 namespace scalar { const KernelTable* kernel_table(); }
@@ -30,7 +40,11 @@ namespace neon { const KernelTable* kernel_table(); }
   const KernelTable* kernel_table() {                                                   \
     static constexpr KernelTable table = {&group_norm_forward_impl<VecF32, float>,      \
                                           &group_norm_forward_impl<VecF64, double>,     \
+                                          &group_norm_forward_impl<VecF32, Half>,       \
+                                          &group_norm_forward_impl<VecF32, BFloat16>,   \
                                           &group_norm_backward_impl<VecF32, float>,     \
-                                          &group_norm_backward_impl<VecF64, double>};   \
+                                          &group_norm_backward_impl<VecF64, double>,    \
+                                          &group_norm_backward_impl<VecF32, Half>,      \
+                                          &group_norm_backward_impl<VecF32, BFloat16>}; \
     return &table;                                                                      \
   }

@@ -18,6 +18,9 @@ from ._groupnorm cimport (
     openmp_enabled, isa_name, isa_compiled, isa_supported, isa_current, isa_select,
 )
 
+cdef extern from "numpy/ndarraytypes.h":
+    int NPY_USERDEF  # type numbers from here on are user dtypes (ml_dtypes.bfloat16 among them)
+
 cdef extern from *:
     """
     #ifndef GROUPNORM_VERSION
@@ -32,6 +35,11 @@ cnp.import_array()
 
 cdef object _float32 = np.dtype(np.float32)
 cdef object _float64 = np.dtype(np.float64)
+# bfloat16 arrives as ml_dtypes.bfloat16 (a NumPy user dtype) or, from a DLPack producer when ml_dtypes is
+# absent, as this one-field structured dtype over the raw bits (groupnorm._dlpack's BFLOAT16_STORAGE).
+cdef object _bfloat16_storage = np.dtype([("bfloat16", "<u2")])
+cdef int _bfloat16_typenum = -1  # ml_dtypes.bfloat16's type number, once one has been seen
+cdef str _SUPPORTED_DTYPES = "float16, bfloat16, float32 and float64"
 cdef tuple _ISA_NAMES = ("scalar", "avx2", "avx512", "neon")
 cdef tuple _ISAS = (Isa.kScalar, Isa.kAvx2, Isa.kAvx512, Isa.kNeon)
 
@@ -132,21 +140,65 @@ def openmp():
 cdef int _MAX_DIMS = 32
 
 
+cdef int _dtype_code(cnp.ndarray x) except -2:
+    """The DType of x's elements, or -1 for a dtype the kernels do not take."""
+    global _bfloat16_typenum
+    cdef int typenum = cnp.PyArray_TYPE(x)
+    if typenum == cnp.NPY_FLOAT32:
+        return <int>DType.kFloat32
+    if typenum == cnp.NPY_FLOAT64:
+        return <int>DType.kFloat64
+    if typenum == cnp.NPY_FLOAT16:
+        return <int>DType.kFloat16
+    if typenum == _bfloat16_typenum:
+        return <int>DType.kBFloat16
+    if typenum == cnp.NPY_VOID or typenum >= NPY_USERDEF:
+        return _bfloat16_code((<object>x).dtype, typenum)
+    return -1
+
+
+cdef int _bfloat16_code(object dtype, int typenum) except -2:
+    global _bfloat16_typenum
+    if dtype == _bfloat16_storage:
+        return <int>DType.kBFloat16
+    if typenum >= NPY_USERDEF and dtype.name == "bfloat16" and dtype.itemsize == 2:
+        _bfloat16_typenum = typenum
+        return <int>DType.kBFloat16
+    return -1
+
+
+cdef int _compute_typenum(int code) noexcept:
+    """Type number of the parameters and statistics of data of DType `code`: float64 only for float64."""
+    return cnp.NPY_FLOAT64 if code == <int>DType.kFloat64 else cnp.NPY_FLOAT32
+
+
+cdef object _as_float(object a, int typenum):
+    """a (any real or bfloat16 array) as a C-contiguous array of float32 / float64."""
+    dtype = np.float64 if typenum == cnp.NPY_FLOAT64 else np.float32
+    if a.dtype == _bfloat16_storage:
+        a = (np.ascontiguousarray(a).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+cdef bint _is_real(object dtype):
+    """dtype holds real numbers: float, integer, or bfloat16."""
+    return dtype.kind in "fiu" or (dtype.itemsize == 2 and _bfloat16_code(dtype, dtype.num) >= 0)
+
+
 cdef object _check_input(object input, str name, str func):
-    """`input` (called `name` in messages, an argument of `func`) as a float32/float64 ndarray of >= 2 dims,
-    native byte order and aligned (else TypeError/ValueError)."""
+    """`input` (called `name` in messages, an argument of `func`) as a float16/bfloat16/float32/float64 ndarray
+    of >= 2 dims, native byte order and aligned (else TypeError/ValueError)."""
     cdef object x
     if type(input) is np.ndarray:
         x = input
     elif isinstance(input, (str, bytes)):
-        raise TypeError(f"{name} must be an array of float32 or float64, got {type(input).__name__} {input!r}")
+        raise TypeError(f"{name} must be an array of {_SUPPORTED_DTYPES}, got {type(input).__name__} {input!r}")
     elif isinstance(input, np.ndarray):
         x = input
     else:
         x = np.asarray(input)
-    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
-        raise TypeError(f"{name} has dtype {x.dtype}; {func} supports float32 and float64")
+    if _dtype_code(<cnp.ndarray>x) < 0:
+        raise TypeError(f"{name} has dtype {x.dtype}; {func} supports {_SUPPORTED_DTYPES}")
     if cnp.PyArray_NDIM(<cnp.ndarray>x) < 2:
         raise ValueError(f"{name} has shape {x.shape} ({x.ndim} dimension(s)); it needs at least 2: (N, C, *)")
     if cnp.PyArray_NDIM(<cnp.ndarray>x) > _MAX_DIMS:
@@ -168,7 +220,7 @@ cdef Py_ssize_t _check_int(object value, str name) except? -1:
 
 
 cdef object _check_param(object value, str name, Py_ssize_t C, int typenum):
-    """weight / bias as a contiguous (C,) array of the input's dtype, or None."""
+    """weight / bias as a contiguous (C,) array of type number `typenum` (the compute type), or None."""
     if value is None:
         return None
     if (type(value) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>value) == typenum
@@ -179,15 +231,15 @@ cdef object _check_param(object value, str name, Py_ssize_t C, int typenum):
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be an array of {C} real numbers, got {type(value).__name__} {value!r}")
     a = value if isinstance(value, np.ndarray) else np.asarray(value)
-    if a.dtype.kind not in "fiu":
+    if not _is_real(a.dtype):
         raise TypeError(f"{name} has dtype {a.dtype}; it must hold real numbers (float or integer)")
     if a.ndim != 1 or a.shape[0] != C:
         raise ValueError(f"{name} has shape {a.shape}; it must be ({C},), one value per channel")
-    return np.ascontiguousarray(a, dtype=np.float32 if typenum == cnp.NPY_FLOAT32 else np.float64)
+    return _as_float(a, typenum)
 
 
 cdef object _check_stats(object value, str name, Py_ssize_t N, Py_ssize_t G, int typenum):
-    """mean / rstd of the forward as a C-contiguous (N, G) array of the data's dtype."""
+    """mean / rstd of the forward as a C-contiguous (N, G) array of type number `typenum` (the compute type)."""
     if (type(value) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>value) == typenum
             and cnp.PyArray_NDIM(<cnp.ndarray>value) == 2 and cnp.PyArray_DIMS(<cnp.ndarray>value)[0] == N
             and cnp.PyArray_DIMS(<cnp.ndarray>value)[1] == G
@@ -198,12 +250,12 @@ cdef object _check_stats(object value, str name, Py_ssize_t N, Py_ssize_t G, int
         raise TypeError(f"{name} must be an array of shape ({N}, {G}) (N, num_groups) as group_norm_forward "
                         f"returns it, got {type(value).__name__} {value!r}")
     a = value if isinstance(value, np.ndarray) else np.asarray(value)
-    if a.dtype.kind not in "fiu":
+    if not _is_real(a.dtype):
         raise TypeError(f"{name} has dtype {a.dtype}; it must hold real numbers (float or integer)")
     if a.shape != (N, G):
         raise ValueError(f"{name} has shape {a.shape}; it must be ({N}, {G}), one value per sample and group "
                          f"(N, num_groups), as group_norm_forward returns it")
-    return np.ascontiguousarray(a, dtype=np.float32 if typenum == cnp.NPY_FLOAT32 else np.float64)
+    return _as_float(a, typenum)
 
 
 cdef double _check_eps(object eps) except? -1.0:
@@ -224,7 +276,8 @@ cdef double _check_eps(object eps) except? -1.0:
 cdef struct _Plan:
     Problem problem
     int ndim
-    int typenum
+    int dtype         # the data's DType
+    int typenum       # type number of parameters and statistics: float64 for float64 data, else float32
     bint native       # the input's memory is already C-contiguous in `order`
     int order[32]     # axes in memory order: (N, C, spatial...) channels-first or (N, spatial..., C) last
 
@@ -248,7 +301,8 @@ cdef int _check_shape(cnp.ndarray x, object num_groups, object channel_axis, _Pl
         raise ValueError(f"num_groups={G} must divide the number of channels ({C})")
     cdef Py_ssize_t size = cnp.PyArray_SIZE(x)
     plan.ndim = ndim
-    plan.typenum = cnp.PyArray_TYPE(x)
+    plan.dtype = _dtype_code(x)
+    plan.typenum = _compute_typenum(plan.dtype)
     plan.problem.N = dims[0]
     plan.problem.C = C
     plan.problem.G = G
@@ -357,7 +411,11 @@ cdef object _empty_in_order(cnp.ndarray like, const int* order, int ndim):
         dims[i] = cnp.PyArray_DIMS(like)[order[i]]
         inverse[order[i]] = i
         identity = identity and order[i] == i
-    arr = cnp.PyArray_EMPTY(ndim, dims, cnp.PyArray_TYPE(like), 0)
+    cdef int typenum = cnp.PyArray_TYPE(like)
+    if typenum != cnp.NPY_VOID and typenum < NPY_USERDEF:
+        arr = cnp.PyArray_EMPTY(ndim, dims, typenum, 0)
+    else:  # a structured or user dtype is more than its type number
+        arr = np.empty(tuple([dims[i] for i in range(ndim)]), dtype=(<object>like).dtype)
     if identity:
         return arr
     perm.ptr = inverse
@@ -454,7 +512,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
         out_arr = out
         if cnp.PyArray_NDIM(out_arr) != plan.ndim or any_dim_differs(out_arr, x):
             raise ValueError(f"out has shape {out.shape}; it must match the input's shape {(<object>x).shape}")
-        if cnp.PyArray_TYPE(out_arr) != typenum or not cnp.PyArray_ISNOTSWAPPED(out_arr):
+        if _dtype_code(out_arr) != plan.dtype or not cnp.PyArray_ISNOTSWAPPED(out_arr):
             raise ValueError(f"out has dtype {out.dtype}; it must match the input's dtype {(<object>x).dtype}")
         if not cnp.PyArray_ISWRITEABLE(out_arr):
             raise ValueError("out is read-only; it must be writeable")
@@ -483,7 +541,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     cdef void* y_ptr = cnp.PyArray_DATA(y_dst)
     cdef const void* w_ptr = cnp.PyArray_DATA(<cnp.ndarray>w) if w is not None else NULL
     cdef const void* b_ptr = cnp.PyArray_DATA(<cnp.ndarray>b) if b is not None else NULL
-    cdef DType dtype = DType.kFloat32 if typenum == cnp.NPY_FLOAT32 else DType.kFloat64
+    cdef DType dtype = <DType>plan.dtype
     cdef Status status
     with nogil:
         status = c_group_norm_forward(plan.problem, dtype, x_ptr, w_ptr, b_ptr, y_ptr, NULL, NULL)
@@ -567,7 +625,7 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5):
     cdef const void* b_ptr = cnp.PyArray_DATA(<cnp.ndarray>b) if b is not None else NULL
     cdef void* mean_ptr = cnp.PyArray_DATA(mean)
     cdef void* rstd_ptr = cnp.PyArray_DATA(rstd)
-    cdef DType dtype = DType.kFloat32 if typenum == cnp.NPY_FLOAT32 else DType.kFloat64
+    cdef DType dtype = <DType>plan.dtype
     cdef Status status
     with nogil:
         status = c_group_norm_forward(plan.problem, dtype, x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr)
@@ -643,7 +701,7 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None)
     if cnp.PyArray_NDIM(dy) != cnp.PyArray_NDIM(x) or any_dim_differs(dy, x):
         raise ValueError(f"grad_output has shape {(<object>dy).shape}; it must match the input's shape "
                          f"{(<object>x).shape}")
-    if cnp.PyArray_TYPE(dy) != cnp.PyArray_TYPE(x):
+    if _dtype_code(dy) != _dtype_code(x):
         raise ValueError(f"grad_output has dtype {(<object>dy).dtype}; it must match the input's dtype "
                          f"{(<object>x).dtype}")
     _check_shape(x, num_groups, 1, &plan)
@@ -680,7 +738,7 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None)
     cdef void* dx_ptr = cnp.PyArray_DATA(dx_dst)
     cdef void* dw_ptr = cnp.PyArray_DATA(grad_weight)
     cdef void* db_ptr = cnp.PyArray_DATA(grad_bias)
-    cdef DType dtype = DType.kFloat32 if typenum == cnp.NPY_FLOAT32 else DType.kFloat64
+    cdef DType dtype = <DType>plan.dtype
     cdef Status status
     with nogil:
         status = c_group_norm_backward(plan.problem, dtype, dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, dx_ptr,

@@ -20,6 +20,8 @@ cdef extern from "groupnorm/groupnorm.h" namespace "groupnorm" nogil:
     enum class DType(int):
         kFloat32
         kFloat64
+        kFloat16
+        kBFloat16
 
     enum class Isa(int):
         kScalar

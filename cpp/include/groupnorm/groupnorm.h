@@ -17,7 +17,9 @@ enum Status : int {
 // Memory layout of an (N, C, HxW) tensor: kChannelsFirst is NC(HW) contiguous, kChannelsLast is N(HW)C.
 enum class Layout : int { kChannelsFirst = 0, kChannelsLast = 1 };
 enum class Activation : int { kNone = 0, kSilu = 1 };
-enum class DType : int { kFloat32 = 0, kFloat64 = 1 };
+// kFloat16 (IEEE binary16) and kBFloat16 are storage types: they compute in float, and their weight, bias,
+// mean, rstd and parameter gradients are float arrays.
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3 };
 constexpr int kIsaCount = 4;
 
@@ -38,14 +40,16 @@ struct Problem {
 
 // y = act((x - mean) * rstd * weight + bias) per (n, group); weight, bias, mean_out, rstd_out may be null.
 // x and y hold the same layout and may be the same pointer (in place); they must not otherwise overlap.
-// mean_out / rstd_out receive N*G values of the data type (float for float32 data, double for float64).
+// weight / bias hold C values and mean_out / rstd_out receive N*G values of the compute type: double for
+// float64 data, float for float32, float16 and bfloat16 data.
 Status group_norm_forward(const Problem& problem, DType dtype, const void* x, const void* weight,
                           const void* bias, void* y, void* mean_out, void* rstd_out);
 
 // Gradients of group_norm_forward (no activation) given dy = dL/dy and the forward's x, mean and rstd (N*G
-// values each, of the data type; the low part of a rounded mean is recovered from x). dy, x and dx hold the
+// values each, of the compute type; the low part of a rounded mean is recovered from x). dy, x and dx hold the
 // same layout; dx may be dy or x itself (in place) and must not otherwise overlap them. weight may be null
-// (all ones); dweight / dbias (C values each, sum over N and HxW of dy*x_hat and dy) may be null if unwanted.
+// (all ones); dweight / dbias (C values each, of the compute type: sums over N and HxW of dy*x_hat and dy)
+// may be null if unwanted.
 Status group_norm_backward(const Problem& problem, DType dtype, const void* dy, const void* x, const void* mean,
                            const void* rstd, const void* weight, void* dx, void* dweight, void* dbias);
 

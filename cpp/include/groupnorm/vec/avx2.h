@@ -1,10 +1,14 @@
 // vec/avx2.h — Vec<T> on AVX2 + FMA: 8 float or 4 double lanes in a ymm register.
 // Tails go through a small stack buffer (the scalar-epilogue rule), so no byte outside [p, p + n) is touched.
+// float16 / bfloat16 storage converts in registers: F16C for binary16 (round to nearest even), a 16-bit shift
+// for bfloat16 and an integer round-half-even for its narrowing.
 // Include only from a translation unit compiled with the AVX2 flags (cpp/kernels/isa/avx2.cpp).
 #pragma once
 
 #include <immintrin.h>
 #include <cstdint>
+
+#include "groupnorm/half.h"
 
 namespace groupnorm {
 namespace avx2 {
@@ -30,6 +34,49 @@ struct VecF32 {
   static void store_tail(float* p, VecF32 a, int64_t n) {
     alignas(32) float buf[kWidth];
     _mm256_store_ps(buf, a.v);
+    for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
+  }
+
+  // 16-bit storage: W values are one 128-bit register; streamed stores need 16-byte alignment.
+  static VecF32 widen(__m128i bits, const Half*) { return {_mm256_cvtph_ps(bits)}; }
+  static VecF32 widen(__m128i bits, const BFloat16*) {
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16))};
+  }
+  static __m128i narrow(VecF32 a, const Half*) { return _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT); }
+  static __m128i narrow(VecF32 a, const BFloat16*) {
+    const __m256i u = _mm256_castps_si256(a.v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
+    const __m256i bits = _mm256_blendv_epi8(rounded, quiet_nan, nan);
+    return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  }
+  template <class H>
+  static VecF32 load(const H* p) {
+    return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), p);
+  }
+  template <class H>
+  static void store(H* p, VecF32 a) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow(a, p));
+  }
+  template <class H>
+  static void store_stream(H* p, VecF32 a) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), narrow(a, p));
+  }
+  template <class H>
+  static VecF32 load_tail(const H* p, int64_t n, float fill) {
+    alignas(16) H buf[kWidth] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = p[i];
+    const VecF32 v = widen(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)), p);
+    const __m256 live = _mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    return {_mm256_blendv_ps(_mm256_set1_ps(fill), v.v, live)};
+  }
+  template <class H>
+  static void store_tail(H* p, VecF32 a, int64_t n) {
+    alignas(16) H buf[kWidth];
+    _mm_store_si128(reinterpret_cast<__m128i*>(buf), narrow(a, p));
     for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
   }
 

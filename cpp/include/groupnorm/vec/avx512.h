@@ -1,10 +1,14 @@
 // vec/avx512.h — Vec<T> on AVX-512 (F, BW, DQ, VL): 16 float or 8 double lanes in a zmm register.
 // Tails use masked loads and stores, so no byte outside [p, p + n) is ever touched.
+// float16 / bfloat16 storage converts in registers: vcvtph2ps / vcvtps2ph (round to nearest even) for binary16,
+// a 16-bit shift for bfloat16, and an integer round-half-even for its narrowing.
 // Include only from a translation unit compiled with the AVX-512 flags (cpp/kernels/isa/avx512.cpp).
 #pragma once
 
 #include <immintrin.h>
 #include <cstdint>
+
+#include "groupnorm/half.h"
 
 namespace groupnorm {
 namespace avx512 {
@@ -27,6 +31,44 @@ struct VecF32 {
     return {_mm512_mask_loadu_ps(_mm512_set1_ps(fill), mask(n), p)};
   }
   static void store_tail(float* p, VecF32 a, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), a.v); }
+
+  // 16-bit storage: W values are one 256-bit half register; streamed stores need 32-byte alignment.
+  static VecF32 widen(__m256i bits, const Half*) { return {_mm512_cvtph_ps(bits)}; }
+  static VecF32 widen(__m256i bits, const BFloat16*) {
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))};
+  }
+  static __m256i narrow(VecF32 a, const Half*) {
+    return _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static __m256i narrow(VecF32 a, const BFloat16*) {
+    const __m512i u = _mm512_castps_si512(a.v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    const __mmask16 nan = _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
+    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet_nan));
+  }
+  template <class H>
+  static VecF32 load(const H* p) {
+    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), p);
+  }
+  template <class H>
+  static void store(H* p, VecF32 a) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(a, p));
+  }
+  template <class H>
+  static void store_stream(H* p, VecF32 a) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow(a, p));
+  }
+  template <class H>
+  static VecF32 load_tail(const H* p, int64_t n, float fill) {
+    const VecF32 v = widen(_mm256_maskz_loadu_epi16(mask(n), p), p);
+    return {_mm512_mask_blend_ps(mask(n), _mm512_set1_ps(fill), v.v)};
+  }
+  template <class H>
+  static void store_tail(H* p, VecF32 a, int64_t n) {
+    _mm256_mask_storeu_epi16(p, mask(n), narrow(a, p));
+  }
 
   friend VecF32 operator+(VecF32 a, VecF32 b) { return {_mm512_add_ps(a.v, b.v)}; }
   friend VecF32 operator-(VecF32 a, VecF32 b) { return {_mm512_sub_ps(a.v, b.v)}; }

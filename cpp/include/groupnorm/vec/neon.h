@@ -1,10 +1,13 @@
 // vec/neon.h — Vec<T> on AArch64 Advanced SIMD: 4 float or 2 double lanes in a q register.
 // Tails go through a small stack buffer (the scalar-epilogue rule), as on AVX2.
-// Compiled only on aarch64, where NEON is part of the base ISA and needs no extra flag.
+// float16 converts with the native fcvtl / fcvtn (round to nearest even), bfloat16 with a 16-bit shift and an
+// integer round-half-even. Compiled only on aarch64, where NEON is part of the base ISA and needs no extra flag.
 #pragma once
 
 #include <arm_neon.h>
 #include <cstdint>
+
+#include "groupnorm/half.h"
 
 namespace groupnorm {
 namespace neon {
@@ -30,6 +33,45 @@ struct VecF32 {
     float buf[kWidth];
     vst1q_f32(buf, a.v);
     for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
+  }
+
+  // 16-bit storage: W values are one 64-bit d register.
+  static VecF32 widen(uint16x4_t bits, const Half*) { return {vcvt_f32_f16(vreinterpret_f16_u16(bits))}; }
+  static VecF32 widen(uint16x4_t bits, const BFloat16*) { return {vreinterpretq_f32_u32(vshll_n_u16(bits, 16))}; }
+  static uint16x4_t narrow(VecF32 a, const Half*) { return vreinterpret_u16_f16(vcvt_f16_f32(a.v)); }
+  static uint16x4_t narrow(VecF32 a, const BFloat16*) {
+    const uint32x4_t u = vreinterpretq_u32_f32(a.v);
+    const uint32x4_t lsb = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
+    const uint32x4_t rounded = vshrq_n_u32(vaddq_u32(u, vaddq_u32(lsb, vdupq_n_u32(0x7fff))), 16);
+    const uint32x4_t quiet_nan = vorrq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(0x40));
+    return vmovn_u32(vbslq_u32(vceqq_f32(a.v, a.v), rounded, quiet_nan));
+  }
+  template <class H>
+  static VecF32 load(const H* p) {
+    return widen(vld1_u16(reinterpret_cast<const uint16_t*>(p)), p);
+  }
+  template <class H>
+  static void store(H* p, VecF32 a) {
+    vst1_u16(reinterpret_cast<uint16_t*>(p), narrow(a, p));
+  }
+  template <class H>
+  static void store_stream(H* p, VecF32 a) {
+    store(p, a);
+  }
+  template <class H>
+  static VecF32 load_tail(const H* p, int64_t n, float fill) {
+    H bits[kWidth] = {};
+    for (int64_t i = 0; i < n; ++i) bits[i] = p[i];
+    float buf[kWidth];
+    vst1q_f32(buf, widen(vld1_u16(reinterpret_cast<const uint16_t*>(bits)), p).v);
+    for (int64_t i = n; i < kWidth; ++i) buf[i] = fill;
+    return {vld1q_f32(buf)};
+  }
+  template <class H>
+  static void store_tail(H* p, VecF32 a, int64_t n) {
+    H bits[kWidth];
+    vst1_u16(reinterpret_cast<uint16_t*>(bits), narrow(a, p));
+    for (int64_t i = 0; i < n; ++i) p[i] = bits[i];
   }
 
   friend VecF32 operator+(VecF32 a, VecF32 b) { return {vaddq_f32(a.v, b.v)}; }

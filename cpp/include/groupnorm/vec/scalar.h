@@ -1,8 +1,11 @@
 // vec/scalar.h — Vec<T> of one lane in plain C++: the portable fallback and the reference for every ISA.
 // No fused multiply-add: a*b+c rounds twice here, as the build compiles with -ffp-contract=off.
+// float16 / bfloat16 storage goes through half.h's conversions (round to nearest even).
 #pragma once
 
 #include <cstdint>
+
+#include "groupnorm/half.h"
 
 namespace groupnorm {
 namespace scalar {
@@ -25,6 +28,30 @@ struct ScalarVec {
   static void store_tail(T* p, ScalarVec a, int64_t n) {
     if (n > 0) *p = a.v;
   }
+
+  // 16-bit storage (float lanes only).
+  template <class H>
+  static ScalarVec load(const H* p) {
+    return {T(groupnorm::widen(*p))};
+  }
+  template <class H>
+  static void store(H* p, ScalarVec a) {
+    *p = narrow(a.v, p);
+  }
+  template <class H>
+  static void store_stream(H* p, ScalarVec a) {
+    *p = narrow(a.v, p);
+  }
+  template <class H>
+  static ScalarVec load_tail(const H* p, int64_t n, T fill) {
+    return {n > 0 ? T(groupnorm::widen(*p)) : fill};
+  }
+  template <class H>
+  static void store_tail(H* p, ScalarVec a, int64_t n) {
+    if (n > 0) *p = narrow(a.v, p);
+  }
+  static Half narrow(float v, const Half*) { return narrow_half(v); }
+  static BFloat16 narrow(float v, const BFloat16*) { return narrow_bfloat16(v); }
 
   friend ScalarVec operator+(ScalarVec a, ScalarVec b) { return {a.v + b.v}; }
   friend ScalarVec operator-(ScalarVec a, ScalarVec b) { return {a.v - b.v}; }

@@ -1,0 +1,278 @@
+# test_half.py — float16 and bfloat16 storage (float32 compute) on every ISA level: outputs rounded to nearest
+# from the float64 reference, checked element by element in units of the output dtype's last place; the narrowing
+# conversion (ties to even, overflow, subnormals, NaN) and the widening of every bit pattern; |x| up to 65504;
+# mixed parameter dtypes; statistics and gradients; the bfloat16 bit-storage dtype that DLPack producers give.
+import numpy as np
+import pytest
+
+import groupnorm as gn
+from reference import (empty_like_layout, group_norm_backward_reference, group_norm_reference,
+                       group_stats_reference, random_array, same_bits, same_memory_order)
+
+try:
+    import ml_dtypes
+except ImportError:  # bfloat16 NumPy arrays need ml_dtypes; CI installs it with the test extra
+    ml_dtypes = None
+
+BFLOAT16_STORAGE = np.dtype([("bfloat16", "<u2")])  # what groupnorm._dlpack gives when ml_dtypes is absent
+HALF_DTYPES = [pytest.param(np.dtype(np.float16), id="float16"),
+               pytest.param(np.dtype(ml_dtypes.bfloat16) if ml_dtypes else None, id="bfloat16",
+                            marks=pytest.mark.skipif(ml_dtypes is None, reason="ml_dtypes is not installed"))]
+LAYOUTS = ["contiguous", "channels_last", "fortran", "sliced_channels"]
+TAILS = (1, 3, 7, 15, 16, 17, 31, 33, 63, 65)
+
+# float32 compute: coefficients, the centred value and the fused multiply-add each round once in float32, so an
+# output is known to within a few float32 ulps of the terms it sums (|x_hat * w| and |bias|). 2^-20 of them is
+# 16 such ulps, and still 2^9 times finer than a float16 ulp: a truncating conversion or half accumulation fails.
+COMPUTE_SLACK = 2.0 ** -20
+
+
+def neighbours(values, dtype):
+    """The next representable values of `dtype` below and above each element, as float64."""
+    inf = np.array(np.inf, dtype)
+    return (np.nextafter(values, -inf).astype(np.float64), np.nextafter(values, inf).astype(np.float64))
+
+
+def assert_rounded_to_nearest(y, r, slack, what):
+    """y (float16/bfloat16) against the float64 reference r, element by element: within one ulp of r rounded to
+    y's dtype everywhere, and equal to it wherever r lies farther than `slack` (float64 array or scalar) from a
+    rounding boundary. NaN exactly where r has NaN."""
+    dtype = y.dtype
+    r = np.asarray(r, np.float64)
+    assert y.shape == r.shape, f"{what}: shape {y.shape} != reference {r.shape}"
+    nan = np.isnan(r)
+    assert np.array_equal(np.isnan(y.astype(np.float64)), nan), f"{what}: NaN pattern differs from the reference"
+    with np.errstate(over="ignore", invalid="ignore"):
+        nearest = r.astype(dtype)
+    below, above = neighbours(nearest, dtype)
+    near = nearest.astype(np.float64)
+    yf = y.astype(np.float64)
+    ulp = np.maximum(above - near, near - below)
+    err = np.where(nan, 0.0, np.abs(yf - near))
+    assert (err <= ulp + slack).all(), (
+        f"{what}: {int((err > ulp + slack).sum())} element(s) more than one ulp from the rounded reference; "
+        f"worst {float((err / ulp).max()):.2f} ulp at {np.unravel_index(np.argmax(err / ulp), err.shape)}")
+    boundary_distance = np.minimum(np.abs(r - (near + below) / 2), np.abs(r - (near + above) / 2))
+    decided = ~nan & (boundary_distance > slack)
+    wrong = decided & (yf != near)
+    assert not wrong.any(), (
+        f"{what}: {int(wrong.sum())} of {int(decided.sum())} element(s) clear of a rounding boundary are not the "
+        f"nearest {dtype} value; first at {tuple(np.argwhere(wrong)[0])}: got {yf[wrong][0]!r}, "
+        f"nearest {near[wrong][0]!r}, reference {r[wrong][0]!r}")
+    if r.size >= 1000:  # the strict test must bind: most elements lie clear of a boundary
+        assert decided.sum() >= 0.9 * (~nan).sum(), f"{what}: only {int(decided.sum())} element(s) decided"
+
+
+def forward_slack(x, G, weight, bias, activation):
+    """COMPUTE_SLACK times the terms each output sums, |x_hat * w| + |bias| (SiLU's slope stays below 1.1)."""
+    pre = group_norm_reference(x.astype(np.float64), G, weight, None)
+    shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+    b = 0.0 if bias is None else np.abs(np.asarray(bias, np.float64)).reshape(shape)
+    return COMPUTE_SLACK * (1.1 if activation else 1.0) * (np.abs(np.asarray(pre, np.float64)) + b)
+
+
+def params(rng, C, dtype, affine):
+    weight = rng.standard_normal(C).astype(dtype) if affine in ("weight", "both") else None
+    bias = rng.standard_normal(C).astype(dtype) if affine in ("bias", "both") else None
+    return weight, bias
+
+
+def check_forward(x, G, weight=None, bias=None, activation=None):
+    """group_norm with and without a NaN-poisoned out=, both rounded to nearest, bitwise equal, inputs untouched."""
+    x_before = np.array(x, copy=True)
+    r = np.asarray(group_norm_reference(x.astype(np.float64), G, weight, bias, activation=activation), np.float64)
+    slack = forward_slack(x, G, weight, bias, activation)
+    y = gn.group_norm(x, G, weight, bias, activation=activation)
+    assert type(y) is np.ndarray and y.dtype == x.dtype
+    assert same_memory_order(y, np.empty_like(x)) or not x.flags.forc
+    assert_rounded_to_nearest(y, r, slack, f"group_norm({x.dtype}, {x.shape}, G={G}, {activation})")
+    out = empty_like_layout(x, np.nan)
+    assert gn.group_norm(x, G, weight, bias, activation=activation, out=out) is out
+    assert same_bits(out, y), "the out= path and the allocating path differ bitwise"
+    assert same_bits(x, x_before), "the input was modified"
+    return y
+
+
+TAIL_CASES = ([((2, 6, n), 3) for n in TAILS] + [((2, c, 5), 1) for c in TAILS] + [((2, c, 3), c) for c in TAILS])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", range(len(TAIL_CASES)), ids=[f"{s}-G{g}".replace(" ", "") for s, g in TAIL_CASES])
+def test_tails(isa, rng, case, dtype, layout):
+    shape, G = TAIL_CASES[case]
+    x = random_array(rng, shape, dtype, layout, offset=0.5, scale=2.0)
+    weight, bias = params(rng, shape[1], np.float32, ("both", "weight", "bias", None)[case % 4])
+    check_forward(x, G, weight, bias)
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("shape, G", [((2, 64, 33, 17), 32), ((1, 320, 24, 24), 32), ((3, 40, 1000), 8),
+                                      ((1, 8, 70000), 2), ((4, 96, 9, 9), 96)])
+def test_forward(isa, rng, shape, G, dtype, layout, activation):
+    x = random_array(rng, shape, dtype, layout, offset=1.0, scale=3.0)
+    weight, bias = params(rng, shape[1], np.float32, "both")
+    check_forward(x, G, weight, bias, activation)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_large_groups_split_across_threads(isa, rng, dtype, layout):
+    gn.set_num_threads(2)
+    x = random_array(rng, (1, 64, 96, 96), dtype, layout, offset=100.0, scale=5.0)
+    weight, bias = params(rng, 64, np.float32, "both")
+    check_forward(x, 2, weight, bias)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float16_extremes_do_not_overflow(isa, rng, layout):
+    """|x| up to 65504 (float16's largest): x - mean and its square stay in float32, never in half."""
+    x = random_array(rng, (2, 8, 13, 11), np.float16, layout)
+    x[...] = np.where(rng.random(x.shape) < 0.5, -1.0, 1.0) * rng.uniform(30000.0, 65504.0, x.shape)
+    x[0, :, 0, 0] = 65504.0
+    x[1, :, 0, 0] = -65504.0
+    y = check_forward(x, 4, np.full(8, 1.5, np.float32), np.full(8, 0.25, np.float32))
+    assert np.isfinite(y.astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_narrowing_rounds_ties_to_even(isa, rng, dtype, layout):
+    """weight 0 makes every output its channel's float32 bias, narrowed: ties, overflow, subnormals and NaN
+    must convert as NumPy/ml_dtypes convert (round to nearest, ties to even), on vectors and on tails."""
+    one = np.float32(1.0)
+    mantissa_bits = 10 if dtype == np.float16 else 7
+    half_ulp = np.float32(2.0 ** -(mantissa_bits + 1))
+    largest = np.float32((np.finfo if dtype == np.float16 else ml_dtypes.finfo)(dtype).max)
+    # No -0.0: (x - mean) * 0 + -0.0 is +0.0 or -0.0 by the sign of x - mean, before any narrowing.
+    specials = np.array([1 + half_ulp, 1 + 3 * half_ulp, -(1 + half_ulp), 1 + half_ulp * 1.0001, 2 - half_ulp / 2,
+                         largest * np.float32(1.001), largest, -1e38, 1e-8, 3e-6, 6.1e-5, -2.9e-8, 2.0 ** -25,
+                         1.5 * 2.0 ** -24, np.nan, np.inf, -np.inf, 0.0, 65519.0, 65520.0, one / 3], np.float32)
+    values = np.concatenate([specials, rng.standard_normal(45).astype(np.float32) * 10.0 ** rng.integers(-9, 5, 45)])
+    C = values.size  # 67 channels: whole vectors and a tail on every level
+    x = random_array(rng, (2, C, 19), dtype, layout)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = gn.group_norm(x, 1, np.zeros(C, np.float32), values)
+        expected = np.broadcast_to(values.astype(dtype)[None, :, None], x.shape)
+    numbers = ~np.isnan(values)  # infinities included
+    assert same_bits(np.ascontiguousarray(y[:, numbers]), np.ascontiguousarray(expected[:, numbers])), \
+        "narrowing differs from round to nearest, ties to even"
+    assert np.isnan(y[:, np.isnan(values)].astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_widening_of_every_bit_pattern(isa, dtype):
+    """Every one of the 65536 values, one per group: the mean group_norm_forward returns is the value itself."""
+    x = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(dtype).reshape(1, 65536)
+    with np.errstate(invalid="ignore"):
+        _, mean, rstd = gn.group_norm_forward(x, 65536)
+        widened = x.astype(np.float32)
+    finite = np.isfinite(widened)
+    assert mean.dtype == np.float32 and rstd.dtype == np.float32
+    assert np.array_equal(mean[finite], widened[finite])  # -0.0 may come back as +0.0: a mean of one value
+    assert not np.isfinite(mean[~finite]).any()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_statistics_in_float32(isa, rng, dtype, layout):
+    x = random_array(rng, (3, 32, 20, 20), dtype, layout, offset=50.0, scale=4.0)
+    y, mean, rstd = gn.group_norm_forward(x, 8)
+    assert mean.dtype == np.float32 and rstd.dtype == np.float32 and mean.shape == (3, 8)
+    mean_ref, rstd_ref = group_stats_reference(x.astype(np.float64), 8)
+    np.testing.assert_allclose(mean, mean_ref, rtol=2e-7, atol=0)
+    np.testing.assert_allclose(rstd, rstd_ref, rtol=1e-6, atol=0)
+    assert same_bits(y, gn.group_norm(x, 8))
+
+
+@pytest.mark.parametrize("param_dtype", [np.float16, np.float32, np.float64, "bfloat16"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_mixed_parameter_dtypes(rng, dtype, param_dtype):
+    """Half input with parameters of any float dtype (float32 as torch allows): the output keeps the input's dtype,
+    and the parameters enter as their float32 values."""
+    if param_dtype == "bfloat16":
+        if ml_dtypes is None:
+            pytest.skip("ml_dtypes is not installed")
+        param_dtype = ml_dtypes.bfloat16
+    x = random_array(rng, (2, 12, 7, 5), dtype)
+    weight = rng.standard_normal(12).astype(param_dtype)
+    bias = rng.standard_normal(12).astype(param_dtype)
+    y = gn.group_norm(x, 4, weight, bias)
+    assert y.dtype == x.dtype
+    assert same_bits(y, gn.group_norm(x, 4, weight.astype(np.float32), bias.astype(np.float32)))
+
+
+def grad_input_terms(dy, x, G, weight):
+    """Per element, the size of the three terms grad_input sums, rstd*(|w*dy| + |mean_g(w*dy)| +
+    |x_hat * mean_g(w*dy*x_hat)|): float32 compute knows the result to a few float32 ulps of that."""
+    N, C = x.shape[:2]
+    groups = x.astype(np.float64).reshape(N, G, -1)
+    mean = groups.mean(axis=2, keepdims=True)
+    rstd = 1 / np.sqrt(np.square(groups - mean).mean(axis=2, keepdims=True) + 1e-5)
+    x_hat = (groups - mean) * rstd
+    w_dy = (dy.astype(np.float64).reshape(N, C, -1) * weight.astype(np.float64)[None, :, None]).reshape(groups.shape)
+    terms = rstd * (np.abs(w_dy) + np.abs(w_dy.mean(axis=2, keepdims=True))
+                    + np.abs(x_hat * (w_dy * x_hat).mean(axis=2, keepdims=True)))
+    return terms.reshape(x.shape)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("shape, G", [((2, 6, 17), 3), ((3, 33, 7, 5), 11), ((1, 64, 40, 40), 32), ((2, 5, 3), 5)])
+def test_backward(isa, rng, shape, G, dtype, layout):
+    x = random_array(rng, shape, dtype, layout, offset=2.0, scale=3.0)
+    dy = random_array(rng, shape, dtype, layout)
+    weight = rng.standard_normal(shape[1]).astype(np.float32)
+    x_before, dy_before = np.array(x, copy=True), np.array(dy, copy=True)
+    _, mean, rstd = gn.group_norm_forward(x, G, weight)
+    dx, dw, db = gn.group_norm_backward(dy, x, mean, rstd, G, weight)
+    assert dx.dtype == x.dtype and dx.shape == x.shape and same_memory_order(dx, np.empty_like(x))
+    assert dw.dtype == np.float32 and db.dtype == np.float32 and dw.shape == (shape[1],)
+    dx_ref, dw_ref, db_ref = group_norm_backward_reference(dy.astype(np.float64), x.astype(np.float64), G, weight)
+    dx_ref = np.asarray(dx_ref, np.float64)
+    assert_rounded_to_nearest(dx, dx_ref, 2.0 ** -18 * grad_input_terms(dy, x, G, weight), "grad_input")
+    np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=1e-5 * np.abs(dw_ref).max())
+    np.testing.assert_allclose(db, db_ref, rtol=0, atol=1e-5 * np.abs(db_ref).max())
+    assert same_bits(x, x_before) and same_bits(dy, dy_before)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_in_place(isa, rng, dtype):
+    x = random_array(rng, (2, 16, 9, 9), dtype)
+    expected = gn.group_norm(x, 4)
+    assert gn.group_norm(x, 4, out=x) is x
+    assert same_bits(x, expected)
+
+
+def test_bfloat16_bit_storage_matches_ml_dtypes(rng):
+    """The structured bfloat16 dtype (raw bits, what DLPack import gives without ml_dtypes) computes alike."""
+    if ml_dtypes is None:
+        pytest.skip("ml_dtypes is not installed")
+    x = random_array(rng, (2, 16, 9, 9), ml_dtypes.bfloat16)
+    stored = x.view(np.uint16).view(BFLOAT16_STORAGE)
+    weight = rng.standard_normal(16).astype(ml_dtypes.bfloat16)
+    y = gn.group_norm(stored, 4, weight.view(np.uint16).view(BFLOAT16_STORAGE))
+    assert y.dtype == BFLOAT16_STORAGE
+    assert np.array_equal(y.view(np.uint16), gn.group_norm(x, 4, weight).view(np.uint16))
+    dx, dw, db = gn.group_norm_backward(stored, stored, *gn.group_norm_forward(stored, 4)[1:], 4)
+    assert dx.dtype == BFLOAT16_STORAGE and dw.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_dtype_mismatches_are_errors(rng, dtype):
+    x = random_array(rng, (2, 4, 5), dtype)
+    with pytest.raises(ValueError, match=r"out has dtype float32; it must match the input's dtype"):
+        gn.group_norm(x, 2, out=np.empty(x.shape, np.float32))
+    _, mean, rstd = gn.group_norm_forward(x, 2)
+    with pytest.raises(ValueError, match=r"grad_output has dtype float32; it must match the input's dtype"):
+        gn.group_norm_backward(x.astype(np.float32), x, mean, rstd, 2)
+
+
+def test_unsupported_dtype_names_the_supported_ones():
+    with pytest.raises(TypeError, match=r"input has dtype int16; group_norm supports float16, bfloat16, float32 "
+                                        r"and float64"):
+        gn.group_norm(np.zeros((2, 4), np.int16), 2)
+    with pytest.raises(TypeError, match=r"input has dtype \[\('x', '<u2'\)\]"):
+        gn.group_norm(np.zeros((2, 4), [("x", "<u2")]), 2)
