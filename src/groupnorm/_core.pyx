@@ -450,12 +450,14 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     Parameters
     ----------
     input : array_like, shape (N, C, *)
-        float32 or float64, at least 2 dimensions, any memory layout. Contiguous and channels-last
-        arrays are read in place; other layouts are copied once.
+        float16, bfloat16 (``ml_dtypes.bfloat16``), float32 or float64, at least 2 dimensions, any memory
+        layout. Contiguous and channels-last arrays are read in place; other layouts are copied once.
+        float16 and bfloat16 compute in float32 and round the result to nearest.
     num_groups : int
         Number of groups G; it must divide C. ``1`` gives LayerNorm over (C, *), ``C`` InstanceNorm.
     weight, bias : array_like, shape (C,), optional
-        Per-channel scale and shift, each optional on its own; converted to the input's dtype.
+        Per-channel scale and shift, each optional on its own; converted to the compute dtype (float64
+        for float64 input, float32 otherwise).
     eps : float, default 1e-5
         Added to the variance; non-negative.
     activation : {None, 'silu'}, optional
@@ -474,7 +476,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     Raises
     ------
     TypeError
-        A wrong type: a non-integer ``num_groups``, an input that is not float32/float64, ...
+        A wrong type: a non-integer ``num_groups``, an input that is not float16/bfloat16/float32/float64, ...
     ValueError
         A wrong value: ``num_groups`` not dividing C, weight of the wrong shape, negative ``eps``, ...
 
@@ -561,12 +563,12 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5):
     Parameters
     ----------
     input : array_like, shape (N, C, *)
-        float32 or float64, at least 2 dimensions, any memory layout (contiguous and channels-last are
-        read in place, others copied once).
+        float16, bfloat16, float32 or float64, at least 2 dimensions, any memory layout (contiguous and
+        channels-last are read in place, others copied once).
     num_groups : int
         Number of groups G; it must divide C.
     weight, bias : array_like, shape (C,), optional
-        Per-channel scale and shift, converted to the input's dtype.
+        Per-channel scale and shift, converted to the compute dtype (float64 for float64 input, else float32).
     eps : float, default 1e-5
         Added to the (biased) variance; non-negative.
 
@@ -581,7 +583,7 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5):
     Raises
     ------
     TypeError
-        A wrong type: a non-integer ``num_groups``, an input that is not float32/float64, ...
+        A wrong type: a non-integer ``num_groups``, an input that is not float16/bfloat16/float32/float64, ...
     ValueError
         A wrong value: ``num_groups`` not dividing C, weight of the wrong shape, negative ``eps``, ...
 
@@ -656,26 +658,27 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None)
         The gradient of the loss with respect to the forward's output; the input's shape and dtype.
         Any memory layout; when it differs from the input's it is copied once into the input's.
     input : array_like, shape (N, C, *)
-        The forward's input, float32 or float64, any memory layout (contiguous and channels-last are
-        read in place).
+        The forward's input, float16, bfloat16, float32 or float64, any memory layout (contiguous and
+        channels-last are read in place).
     mean, rstd : array_like, shape (N, G)
-        The statistics :func:`group_norm_forward` returned; converted to the input's dtype.
+        The statistics :func:`group_norm_forward` returned; converted to the compute dtype.
     num_groups : int
         Number of groups G; it must divide C.
     weight : array_like, shape (C,), optional
-        The forward's per-channel scale (ones if None), converted to the input's dtype.
+        The forward's per-channel scale (ones if None), converted to the compute dtype.
 
     Returns
     -------
     grad_input : numpy.ndarray
         With the input's shape, dtype and memory layout.
     grad_weight, grad_bias : numpy.ndarray, shape (C,)
-        In the input's dtype, returned whether or not ``weight`` was given.
+        float64 for float64 input and float32 otherwise (the compute dtype), returned whether or not
+        ``weight`` was given.
 
     Raises
     ------
     TypeError
-        A wrong type: a non-integer ``num_groups``, an input or grad_output that is not float32/float64,
+        A wrong type: a non-integer ``num_groups``, an input or grad_output of an unsupported dtype,
         a mean that does not hold numbers, ...
     ValueError
         A wrong value: grad_output of another shape or dtype than the input, mean or rstd not of shape

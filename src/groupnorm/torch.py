@@ -9,6 +9,7 @@ module imports torch; the rest of groupnorm never does.
 """
 import inspect
 
+import numpy as np
 import torch
 
 from . import _core
@@ -19,7 +20,21 @@ __all__ = ["group_norm", "GroupNorm"]
 _TORCH_GROUPNORM_HAS_BIAS_FLAG = "bias" in inspect.signature(torch.nn.GroupNorm.__init__).parameters
 
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_bfloat16_numpy = None  # the NumPy dtype of a bfloat16 view, chosen on first use
+
+
+def _bfloat16_dtype():
+    """ml_dtypes.bfloat16 when installed, else groupnorm's raw-bits bfloat16 dtype (both run the same kernels)."""
+    global _bfloat16_numpy
+    if _bfloat16_numpy is None:
+        try:
+            import ml_dtypes
+            _bfloat16_numpy = np.dtype(ml_dtypes.bfloat16)
+        except ImportError:
+            _bfloat16_numpy = np.dtype([("bfloat16", "<u2")])
+    return _bfloat16_numpy
 
 
 def _as_array(tensor, name):
@@ -31,14 +46,39 @@ def _as_array(tensor, name):
             f"{name} is on device {tensor.device}; groupnorm's kernels serve CPU tensors only "
             f"(this build has no CUDA backend): move it with .cpu() or use torch.nn.GroupNorm there")
     if tensor.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{name} has dtype {tensor.dtype}; groupnorm.torch supports torch.float32 and torch.float64")
+        raise TypeError(f"{name} has dtype {tensor.dtype}; groupnorm.torch supports torch.float16, torch.bfloat16, "
+                        f"torch.float32 and torch.float64")
     return _view(tensor)
 
 
 def _view(tensor):
     """The NumPy view of a validated CPU tensor's memory: what np.from_dlpack gives, at a third of its cost
     (torch's Python-level __dlpack__ dominates a small call)."""
-    return tensor.detach().numpy()
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits
+        return tensor.view(torch.int16).numpy().view(_bfloat16_dtype())
+    return tensor.numpy()
+
+
+def _tensor(array, dtype):
+    """The tensor of dtype `dtype` over a kernel result's memory (no copy)."""
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def _check_param_dtype(name, param, input):
+    """Parameters of the input's dtype, or float32 ones with float16/bfloat16 input (torch's mixed rule)."""
+    if param is not None and param.dtype != input.dtype and not (
+            param.dtype == torch.float32 and input.dtype in _HALF_DTYPES):
+        raise TypeError(f"{name} has dtype {param.dtype} but input has {input.dtype}; they must match (or be "
+                        f"torch.float32 with float16/bfloat16 input)")
+
+
+def _param_grad(grad, dtype):
+    """A parameter's gradient (float32 for half data) as a tensor of the parameter's dtype."""
+    tensor = torch.from_numpy(grad)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 class _GroupNormFunction(torch.autograd.Function):
@@ -49,14 +89,14 @@ class _GroupNormFunction(torch.autograd.Function):
         x = _as_array(input, "input")
         w = None if weight is None else _as_array(weight, "weight")
         b = None if bias is None else _as_array(bias, "bias")
-        for name, param in (("weight", weight), ("bias", bias)):
-            if param is not None and param.dtype != input.dtype:
-                raise TypeError(f"{name} has dtype {param.dtype} but input has {input.dtype}; they must match")
+        _check_param_dtype("weight", weight, input)
+        _check_param_dtype("bias", bias, input)
         y, mean, rstd = _core.group_norm_forward(x, num_groups, w, b, eps)
         ctx.num_groups = num_groups
         ctx.mean, ctx.rstd = mean, rstd  # private to this node: plain arrays, no tensor round trip
         ctx.save_for_backward(input, weight)
-        return torch.from_numpy(y)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _tensor(y, input.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -66,9 +106,9 @@ class _GroupNormFunction(torch.autograd.Function):
         dx, dw, db = _core.group_norm_backward(_view(grad_output), _view(input), ctx.mean, ctx.rstd,
                                                ctx.num_groups, None if weight is None else _view(weight))
         needs_input_grad = ctx.needs_input_grad
-        return (torch.from_numpy(dx) if needs_input_grad[0] else None, None,
-                torch.from_numpy(dw) if needs_input_grad[2] else None,
-                torch.from_numpy(db) if needs_input_grad[3] else None, None)
+        return (_tensor(dx, input.dtype) if needs_input_grad[0] else None, None,
+                _param_grad(dw, weight.dtype) if needs_input_grad[2] else None,
+                _param_grad(db, ctx.bias_dtype) if needs_input_grad[3] else None, None)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -77,11 +117,12 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     Parameters
     ----------
     input : torch.Tensor, shape (N, C, *)
-        A CPU tensor of float32 or float64, contiguous, channels_last or any other layout.
+        A CPU tensor of float16, bfloat16, float32 or float64, contiguous, channels_last or any other layout.
+        Half-precision data computes in float32.
     num_groups : int
         Number of groups; it must divide C.
     weight, bias : torch.Tensor, shape (C,), optional
-        Per-channel scale and shift, of the input's dtype.
+        Per-channel scale and shift, of the input's dtype (or float32 with float16/bfloat16 input).
     eps : float, default 1e-5
 
     Returns
