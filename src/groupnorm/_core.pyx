@@ -439,6 +439,12 @@ cdef cnp.ndarray _new_like(cnp.ndarray x, _Plan* plan):
     return np.empty_like(x)
 
 
+cdef inline bint _foreign(object obj):
+    """obj is another framework's array that speaks DLPack (the call then goes through groupnorm._interop)."""
+    return (obj is not None and type(obj) is not np.ndarray and hasattr(type(obj), "__dlpack__")
+            and not isinstance(obj, np.ndarray))
+
+
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None,
                channel_axis=1, out=None):
     """Group Normalization over the channels of each sample, as ``torch.nn.functional.group_norm``.
@@ -452,7 +458,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     input : array_like, shape (N, C, *)
         float16, bfloat16 (``ml_dtypes.bfloat16``), float32 or float64, at least 2 dimensions, any memory
         layout. Contiguous and channels-last arrays are read in place; other layouts are copied once.
-        float16 and bfloat16 compute in float32 and round the result to nearest.
+        float16 and bfloat16 compute in float32 and round the result to nearest. Any array with
+        ``__dlpack__`` in CPU memory (torch, JAX, CuPy host arrays, ...) is read without a copy, and then
+        the result is of the same kind (see Returns).
     num_groups : int
         Number of groups G; it must divide C. ``1`` gives LayerNorm over (C, *), ``C`` InstanceNorm.
     weight, bias : array_like, shape (C,), optional
@@ -470,8 +478,10 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
 
     Returns
     -------
-    numpy.ndarray
-        The normalised array (``out`` if given), with the input's shape, dtype and memory layout.
+    numpy.ndarray or the input's kind of array
+        The normalised array (``out`` if given), with the input's shape, dtype and memory layout: a NumPy
+        array for NumPy input, a torch tensor (channels_last kept) for a torch tensor, a JAX array for a JAX
+        array, an object with ``__dlpack__`` for any other DLPack producer.
 
     Raises
     ------
@@ -494,6 +504,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     >>> np.allclose(y.transpose(0, 2, 1), gn.group_norm(x, 2))
     True
     """
+    if _foreign(input) or _foreign(weight) or _foreign(bias) or _foreign(out):
+        from . import _interop
+        return _interop.group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out)
     cdef _Plan plan
     cdef cnp.ndarray x = _check_input(input, "input", "group_norm")
     cdef int ax = _check_shape(x, num_groups, channel_axis, &plan)
@@ -599,6 +612,9 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5):
     >>> np.array_equal(y, gn.group_norm(x, 2))
     True
     """
+    if _foreign(input) or _foreign(weight) or _foreign(bias):
+        from . import _interop
+        return _interop.group_norm_forward(input, num_groups, weight, bias, eps)
     cdef _Plan plan
     cdef cnp.ndarray x = _check_input(input, "input", "group_norm_forward")
     _check_shape(x, num_groups, 1, &plan)
@@ -698,6 +714,9 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None)
     >>> dw.round(3)                     # sum of x_hat per channel
     array([-1.789,  1.789, -1.789,  1.789])
     """
+    if _foreign(grad_output) or _foreign(input) or _foreign(mean) or _foreign(rstd) or _foreign(weight):
+        from . import _interop
+        return _interop.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight)
     cdef _Plan plan
     cdef cnp.ndarray x = _check_input(input, "input", "group_norm_backward")
     cdef cnp.ndarray dy = _check_input(grad_output, "grad_output", "group_norm_backward")

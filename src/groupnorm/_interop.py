@@ -1,0 +1,40 @@
+"""_interop.py — the public functions for arrays of any DLPack producer (torch, JAX, CuPy, a bare object).
+
+Each argument that speaks DLPack becomes a zero-copy NumPy view (groupnorm._dlpack.as_ndarray), the NumPy
+function runs on the views with all of its checks, and every result goes back as the kind of array the caller
+passed as `input` (torch in, torch out; JAX in, JAX out; another producer, an object with ``__dlpack__``).
+_core routes a call here only when one of its array arguments is such an object, so NumPy calls never pay.
+"""
+import numpy as np
+
+from . import _core, _dlpack
+
+
+def is_foreign(obj):
+    """obj is an array of another framework that speaks DLPack (not a NumPy array)."""
+    return not isinstance(obj, np.ndarray) and hasattr(type(obj), "__dlpack__")
+
+
+def _view(obj, name, writable=False):
+    return _dlpack.as_ndarray(obj, name, writable=writable) if is_foreign(obj) else obj
+
+
+def group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out):
+    x = _view(input, "input")
+    y = _core.group_norm(x, num_groups, _view(weight, "weight"), _view(bias, "bias"), eps,
+                         activation=activation, channel_axis=channel_axis, out=_view(out, "out", writable=True))
+    return out if out is not None else _dlpack.wrap_like(y, input)
+
+
+def group_norm_forward(input, num_groups, weight, bias, eps):
+    results = _core.group_norm_forward(_view(input, "input"), num_groups, _view(weight, "weight"),
+                                       _view(bias, "bias"), eps)
+    return tuple(_dlpack.wrap_like(r, input) for r in results)
+
+
+def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight):
+    results = _core.group_norm_backward(_view(grad_output, "grad_output"), _view(input, "input"),
+                                        _view(mean, "mean"), _view(rstd, "rstd"), num_groups,
+                                        _view(weight, "weight"))
+    like = input if is_foreign(input) else grad_output
+    return tuple(_dlpack.wrap_like(r, like) for r in results)
