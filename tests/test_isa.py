@@ -197,6 +197,8 @@ def test_python_dash_m_groupnorm(tmp_path):
     assert proc.returncode == 0, proc.stderr
     best = max(gn.config()["isa_available"], key=RANK.__getitem__)
     assert _reported_isa(proc.stdout) == best, proc.stdout
+    for level in gn.config()["isa_available"]:  # every level checked in all four dtypes
+        assert re.search(rf"(?m)^\s*{level}\s+float32 \S+\s+float64 \S+\s+float16 \S+.*ok$", proc.stdout), proc.stdout
 
 
 @pytest.mark.parametrize("name", ISA_PARAMS)

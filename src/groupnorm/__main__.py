@@ -18,19 +18,34 @@ CHECK_CASES = [
     ((16, 32), 4, False),
     ((2, 4, 130, 129), 1, False),
 ]
+# (shape, groups, channels_last, dtype name)
 TIMING_CASES = [
-    ((16, 32), 4, False),
-    ((4, 256, 28, 28), 32, False),
-    ((1, 320, 64, 64), 32, False),
-    ((1, 320, 64, 64), 32, True),
-    ((1, 128, 256, 256), 32, False),
+    ((16, 32), 4, False, "float32"),
+    ((4, 256, 28, 28), 32, False, "float32"),
+    ((1, 320, 64, 64), 32, False, "float32"),
+    ((1, 320, 64, 64), 32, True, "float32"),
+    ((1, 128, 256, 256), 32, False, "float32"),
+    ((1, 320, 64, 64), 32, False, "float16"),
+    ((1, 320, 64, 64), 32, True, "float16"),
 ]
+
+
+def check_dtypes():
+    """The dtypes to check with their tolerance (relative to max |y_ref|): float32 and float64 at the kernels'
+    targets, float16 and bfloat16 (when ml_dtypes is installed) at one ulp of the output's largest values."""
+    dtypes = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-12, np.dtype(np.float16): 2.0 ** -11}
+    try:
+        import ml_dtypes
+        dtypes[np.dtype(ml_dtypes.bfloat16)] = 2.0 ** -8
+    except ImportError:
+        pass
+    return dtypes
 
 
 def reference(x, groups, weight, bias, eps, silu):
     """group_norm with a two-pass variance in float64, or long double for float64 input."""
     n, c = x.shape[:2]
-    wide = np.longdouble if x.dtype == np.float64 else np.float64
+    wide = np.longdouble if x.dtype == np.float64 else np.float64  # half types: float64 too
     xd = x.astype(wide).reshape(n, groups, -1)
     mean = xd.mean(axis=-1, keepdims=True)
     var = ((xd - mean) ** 2).mean(axis=-1, keepdims=True)
@@ -47,10 +62,10 @@ def make_input(rng, shape, channels_last, dtype, offset=0.0):
     return x
 
 
-def check_level(level, rng):
+def check_level(level, rng, dtypes):
     """Largest error relative to max|y_ref| over the check cases at one ISA level, per dtype."""
     _core.set_isa(level)
-    worst = {np.float32: 0.0, np.float64: 0.0}
+    worst = dict.fromkeys(dtypes, 0.0)
     for shape, groups, channels_last in CHECK_CASES:
         for dtype in worst:
             for offset, silu in ((0.0, False), (1e4, False), (0.0, True)):
@@ -60,7 +75,7 @@ def check_level(level, rng):
                 out = np.full_like(x, np.nan)
                 y = group_norm(x, groups, w, b, activation="silu" if silu else None, out=out)
                 ref = reference(x, groups, w, b, 1e-5, silu)
-                err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))
+                err = float(np.max(np.abs(y.astype(ref.dtype) - ref)) / np.max(np.abs(ref)))
                 worst[dtype] = max(worst[dtype], err if np.isfinite(err) else np.inf)
     return worst
 
@@ -88,30 +103,31 @@ def main():
     show_config()
     cfg = config()
     rng = np.random.default_rng()
-    tolerance = {np.float32: 2e-6, np.float64: 1e-12}
+    tolerance = check_dtypes()
     print("\naccuracy against a high-precision reference (max |y - y_ref| / max |y_ref|):")
     failed = False
     selected = cfg["isa"]
     for level in cfg["isa_available"]:
-        worst = check_level(level, rng)
+        worst = check_level(level, rng, tolerance)
         ok = all(worst[dt] <= tolerance[dt] for dt in worst)
         failed |= not ok
-        print(f"  {level:8s} float32 {worst[np.float32]:.2e}  float64 {worst[np.float64]:.2e}  "
-              f"{'ok' if ok else 'FAILED'}")
+        errors = "  ".join(f"{dt.name} {err:.2e}" for dt, err in worst.items())
+        print(f"  {level:8s} {errors}  {'ok' if ok else 'FAILED'}")
     _core.set_isa(selected)
 
-    print(f"\nfloat32 timing, {cfg['num_threads']} thread(s), ISA {selected}; copy = np.copyto of the same bytes")
-    print(f"  {'shape':22s} {'G':>4s} {'layout':>13s} {'groupnorm us':>13s} {'copy us':>9s} {'ratio':>6s}")
-    for shape, groups, channels_last in TIMING_CASES:
-        x = make_input(rng, shape, channels_last, np.float32)
+    print(f"\ntiming, {cfg['num_threads']} thread(s), ISA {selected}; copy = np.copyto of the same bytes")
+    print(f"  {'shape':22s} {'G':>4s} {'layout':>13s} {'dtype':>8s} {'groupnorm us':>13s} {'copy us':>9s} "
+          f"{'ratio':>6s}")
+    for shape, groups, channels_last, dtype in TIMING_CASES:
+        x = make_input(rng, shape, channels_last, dtype)
         w = rng.standard_normal(shape[1]).astype(np.float32)
         b = rng.standard_normal(shape[1]).astype(np.float32)
         out = np.empty_like(x)
         t_gn = median_time(lambda: group_norm(x, groups, w, b, out=out))
         t_copy = median_time(lambda: np.copyto(out, x))
         layout = "channels-last" if channels_last else "contiguous"
-        print(f"  {str(list(shape)):22s} {groups:4d} {layout:>13s} {t_gn * 1e6:13.1f} {t_copy * 1e6:9.1f} "
-              f"{t_gn / t_copy:6.2f}")
+        print(f"  {str(list(shape)):22s} {groups:4d} {layout:>13s} {dtype:>8s} {t_gn * 1e6:13.1f} "
+              f"{t_copy * 1e6:9.1f} {t_gn / t_copy:6.2f}")
     return 1 if failed else 0
 
 
