@@ -6,6 +6,10 @@ The copy floor ("copy") is np.copyto into a preallocated buffer: the plain copy 
 against. torch's multithreaded Tensor.copy_ of the same bytes is reported beside it ("copy_") for reference.
 The issue's targets are judged on its own case list (every channels-first case, plus [1,320,64,64]
 channels-last); the other channels-last rows are extra information.
+float16 and bfloat16 (--dtype) are judged on issue 4's targets instead: [1,320,64,64] G32, NCHW and
+channels-last, within 1.3x of the copy and >= 4x torch; every other case is extra. Their data is drawn in float32
+and rounded to nearest even; torch gets weight and bias in the input's dtype (as a module after .half() has
+them) and groupnorm the same values in float32, its parameter type. torch sees the NumPy memory zero-copy.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ try:
 except ImportError:  # pragma: no cover - the benchmark is meaningless without torch
     sys.exit("bench_forward.py needs torch: pip install torch==2.13.0 (the pinned CPU wheel)")
 
+try:
+    import ml_dtypes  # NumPy's bfloat16
+except ImportError:  # pragma: no cover - only bfloat16 needs it
+    ml_dtypes = None
+
 import groupnorm as gn
 # Case list, timing and machine helpers shared with `python -m groupnorm.bench`.
 from groupnorm.bench import (CASE_SPECS, all_case_specs, calibrate, case_id_of, contiguous_layout_name,  # noqa: F401
@@ -52,6 +61,17 @@ TARGETS = {
     "out_within_1p3x_copy": "groupnorm (out=) within 1.3x of the copy on every case >= 1M elements",
     "tiny_call_2us": "[16,32] G4 call <= 2 us",
 }
+# Issue 4 (float16, bfloat16): one case, both layouts.
+HALF_DTYPES = ("float16", "bfloat16")
+HALF_ISSUE_CASES = {"1x320x64x64-g32"}
+HALF_TARGETS = {
+    "half_within_1p3x_copy": "groupnorm (out=) within 1.3x of the copy on [1,320,64,64] G32, NCHW and channels-last",
+    "half_speedup_4x": "groupnorm >= 4x faster than torch on [1,320,64,64] G32, NCHW and channels-last",
+}
+DTYPES = ("float32", "float64") + HALF_DTYPES
+DTYPE_GROUPS = {"half": HALF_DTYPES, "all": DTYPES}
+# Sanity check, max |gn - torch| / max(1, max|torch|): for the 16-bit types about two ulps of the largest outputs.
+TOLERANCE = {"float32": 1e-4, "float64": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 
 @dataclass
@@ -62,6 +82,7 @@ class Case:
     shape: tuple
     num_groups: int
     layout: str
+    dtype: str
     x: np.ndarray
     storage: np.ndarray  # the contiguous memory behind x, flattened (what the copy floor moves)
     callables: dict = field(default_factory=dict)
@@ -71,7 +92,7 @@ class Case:
 
     @property
     def name(self) -> str:
-        return f"{self.case_id}:{self.layout.lower()}"
+        return f"{self.case_id}:{self.layout.lower()}:{self.dtype}"
 
     @property
     def elements(self) -> int:
@@ -101,9 +122,31 @@ def selected_specs(args) -> list:
     return [s for s in all_specs if s[0] in wanted or f"{s[0]}:{s[3].lower()}" in wanted]
 
 
-def build_case(case_id, shape, num_groups, layout, dtype, rng) -> Case:
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a --dtype name (bfloat16: ml_dtypes')."""
+    return np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
+
+
+def torch_view(array: np.ndarray) -> "torch.Tensor":
+    """A tensor on array's memory with its strides; 16-bit arrays go over as int16 bits (torch.from_numpy
+    does not take ml_dtypes.bfloat16) and are viewed back as torch's type of the same name."""
+    if array.dtype.itemsize == 2:
+        return torch.from_numpy(array.view(np.int16)).view(getattr(torch, array.dtype.name))
+    return torch.from_numpy(array)
+
+
+def in_issue(case_id: str, layout: str, dtype: str) -> bool:
+    """Whether the issue that sets this dtype's targets lists the case: issue 4 for 16-bit types, else issue 2."""
+    if dtype in HALF_DTYPES:
+        return case_id in HALF_ISSUE_CASES
+    return layout != "NHWC" or case_id in ISSUE_CHANNELS_LAST
+
+
+def build_case(case_id, shape, num_groups, layout, dtype_name, rng) -> Case:
     """Allocate the input, weight, bias, out buffers and torch views, and bind every contender."""
-    x_nchw = rng.standard_normal(shape).astype(dtype) * 2.0 + 0.5
+    dtype = numpy_dtype(dtype_name)
+    compute = np.float64 if dtype == np.float64 else np.float32  # groupnorm's parameter type for dtype
+    x_nchw = (rng.standard_normal(shape).astype(compute) * 2.0 + 0.5).astype(dtype)
     if layout == "NHWC":
         storage_array = np.ascontiguousarray(x_nchw.transpose(0, 2, 3, 1))
         x = storage_array.transpose(0, 3, 1, 2)
@@ -116,18 +159,19 @@ def build_case(case_id, shape, num_groups, layout, dtype, rng) -> Case:
     out = np.empty_like(x)  # empty_like keeps the channels-last strides
     assert out.strides == x.strides
 
-    x_torch = torch.from_numpy(x)
+    x_torch = torch_view(x)
     if layout == "NHWC":
         x_torch = x_torch.contiguous(memory_format=torch.channels_last)
-    weight_torch = torch.from_numpy(weight)
-    bias_torch = torch.from_numpy(bias)
+    weight_torch = torch_view(weight)
+    bias_torch = torch_view(bias)
+    weight, bias = weight.astype(compute, copy=False), bias.astype(compute, copy=False)
 
     storage = storage_array.reshape(-1)
     copy_destination = np.empty_like(storage)
-    storage_torch = torch.from_numpy(storage)
-    copy_destination_torch = torch.from_numpy(copy_destination)
+    storage_torch = torch_view(storage)
+    copy_destination_torch = torch_view(copy_destination)
 
-    case = Case(case_id, tuple(shape), num_groups, layout, x, storage)
+    case = Case(case_id, tuple(shape), num_groups, layout, dtype_name, x, storage)
     case.check["torch_shares_memory"] = x_torch.data_ptr() == x.ctypes.data
     case.callables = {
         "torch": functools.partial(torch_functional.group_norm, x_torch, num_groups, weight_torch,
@@ -144,7 +188,7 @@ def build_case(case_id, shape, num_groups, layout, dtype, rng) -> Case:
 
 def verify_case(case: Case, tolerance: float) -> None:
     """Check once that groupnorm (both variants) matches torch to `tolerance` relative, and the layout."""
-    y_torch = case.callables["torch"]().numpy()
+    y_torch = case.callables["torch"]().to(torch.float64).numpy()
     y_out = case.callables["gn_out"]()
     y_alloc = case.callables["gn_alloc"]()
     scale = max(1.0, float(np.max(np.abs(y_torch))))
@@ -204,6 +248,7 @@ def summarise_case(case: Case) -> dict:
     return {
         "case": case.case_id,
         "layout": case.layout,
+        "dtype": case.dtype,
         "shape": list(case.shape),
         "num_groups": case.num_groups,
         "elements": case.elements,
@@ -215,7 +260,7 @@ def summarise_case(case: Case) -> dict:
         "copy_source": copy_source,
         "copy_torch_us": med["copy_torch"],
         "gn_out_over_copy_torch": med["gn_out"] / med["copy_torch"],
-        "in_issue": case.layout != "NHWC" or case.case_id in ISSUE_CHANNELS_LAST,
+        "in_issue": in_issue(case.case_id, case.layout, case.dtype),
         "gn_out_over_copy": med["gn_out"] / copy_us,
         "torch_over_copy": med["torch"] / copy_us,
         "speedup": med["torch"] / med["gn_alloc"],
@@ -227,14 +272,15 @@ def summarise_case(case: Case) -> dict:
 
 
 
-def summarise(all_rows: list) -> dict:
-    """Aggregate figures and PASS/FAIL for each issue target (None where no case covers it), over the
-    issue's case list; the extra channels-last rows only get their own geometric mean."""
+def summarise(all_rows: list, dtype: str) -> dict:
+    """Aggregate figures and PASS/FAIL for each target of the issue that sets dtype's (None where no case
+    covers it), over that issue's case list; the extra rows only get their own geometric mean. all_rows are
+    one dtype's."""
     rows = [r for r in all_rows if r["in_issue"]]
     extra = [r for r in all_rows if not r["in_issue"]]
     speedups = [r["speedup"] for r in rows]
     big = [r for r in rows if r["elements"] >= ONE_MILLION]
-    tiny = [r for r in rows if r["shape"] == [16, 32] and r["num_groups"] == 4]
+    tiny = [r for r in all_rows if r["shape"] == [16, 32] and r["num_groups"] == 4]
     worst = min(rows, key=lambda r: r["speedup"]) if rows else None
     worst_big = max(big, key=lambda r: r["gn_out_over_copy"]) if big else None
     summary = {
@@ -253,6 +299,12 @@ def summarise(all_rows: list) -> dict:
     spread = worst_spread(all_rows)
     summary["worst_spread"] = spread[0] if spread else None
     summary["worst_spread_where"] = spread[1] if spread else None
+    if dtype in HALF_DTYPES:
+        summary["targets"] = {
+            "half_within_1p3x_copy": None if not rows else all(r["gn_out_over_copy"] <= 1.3 for r in rows),
+            "half_speedup_4x": None if not rows else all(s >= 4.0 for s in speedups),
+        }
+        return summary
     summary["targets"] = {
         "never_slower_than_torch": None if not rows else all(s >= 1.0 for s in speedups),
         "geomean_speedup_2x": None if not rows else summary["geomean_speedup"] >= 2.0,
@@ -260,6 +312,11 @@ def summarise(all_rows: list) -> dict:
         "tiny_call_2us": None if not tiny else tiny[0]["gn_out_us"] <= 2.0,
     }
     return summary
+
+
+def targets_of(dtype: str) -> dict:
+    """The targets dtype is judged on: issue 4's for the 16-bit types, issue 2's otherwise."""
+    return HALF_TARGETS if dtype in HALF_DTYPES else TARGETS
 
 
 def worst_spread(rows: list, names=None):
@@ -361,7 +418,7 @@ def summary_lines(summary: dict) -> list:
         f"geometric mean speedup (torch / gn alloc): {fmt(s['geomean_speedup'])}x"
         f"   (torch / gn out=: {fmt(s['geomean_speedup_out'])}x)",
         f"min speedup: {fmt(s['min_speedup'])}x ({s['min_speedup_case']})",
-        f"extra channels-last rows: geometric mean speedup {fmt(s['geomean_speedup_extra'])}x, "
+        f"extra rows (not on the issue's list): geometric mean speedup {fmt(s['geomean_speedup_extra'])}x, "
         f"min {fmt(s['min_speedup_extra'])}x",
         f"max gn(out=)/copy over cases >= 1M elements: {fmt(s['max_gn_out_over_copy_ge_1M'])}"
         + (f" ({s['max_gn_out_over_copy_ge_1M_case']})" if s["max_gn_out_over_copy_ge_1M_case"] else ""),
@@ -412,17 +469,42 @@ def header_lines(header: dict, floor: str = "np.copyto", timings: str = FORWARD_
     ]
 
 
-def write_markdown(path: str, header: dict, rows: list, summary: dict) -> None:
-    """A self-contained section for bench/RESULTS.md: header, table, summary, targets."""
+def report_lines(rows: list, summaries: dict, markdown: bool = False) -> list:
+    """Per dtype (a heading when there are several): table, summary and PASS/FAIL lines, as text or markdown."""
+    bullet = "- " if markdown else ""
+    lines = []
+    for dtype, summary in summaries.items():
+        dtype_rows = [r for r in rows if r["dtype"] == dtype]
+        if len(summaries) > 1:
+            lines += [f"### {dtype}" if markdown else f"== {dtype} ==", ""]
+        lines += [format_markdown_table(dtype_rows) if markdown else format_text_table(dtype_rows), ""]
+        lines += [bullet + line for line in summary_lines(summary)]
+        lines += ["", "Targets:", ""] if markdown else [""]
+        lines += [bullet + line for line in target_lines(summary, targets_of(dtype))]
+        lines.append("")
+    return lines
+
+
+def write_markdown(path: str, header: dict, rows: list, summaries: dict) -> None:
+    """A self-contained section for bench/RESULTS.md: header, then table, summary and targets per dtype."""
     parts = [f"## Forward, {header['dtype']}, {header['threads']} threads — {header['date']}", ""]
     parts += [f"- {line}" for line in header_lines(header)]
-    parts += ["", format_markdown_table(rows), ""]
-    parts += [f"- {line}" for line in summary_lines(summary)]
-    parts += ["", "Targets:", ""]
-    parts += [f"- {line}" for line in target_lines(summary)]
-    parts.append("")
+    parts += [""] + report_lines(rows, summaries, markdown=True)
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(parts))
+
+
+def parse_dtypes(text: str) -> list:
+    """A --dtype value: a comma list of dtype names, 'half' (float16, bfloat16) or 'all', without repeats."""
+    names = []
+    for item in (part.strip() for part in text.split(",")):
+        for name in DTYPE_GROUPS.get(item, (item,)):
+            if name not in DTYPES:
+                raise argparse.ArgumentTypeError(
+                    f"'{item}' is not one of {', '.join(DTYPES + tuple(DTYPE_GROUPS))}")
+            if name not in names:
+                names.append(name)
+    return names
 
 
 def parse_args(argv=None):
@@ -432,9 +514,12 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="3 rounds and a subset of the cases")
     parser.add_argument("--cases", default=None,
                         help="comma list of case names (e.g. 4x256x28x28-g32, or 4x256x28x28-g32:nhwc for one layout)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--dtype", type=parse_dtypes, default=["float32"], metavar="DTYPE[,DTYPE...]",
+                        help="float32 (default), float64, float16, bfloat16, half (= float16,bfloat16) or all")
     parser.add_argument("--min-batch-ms", type=float, default=1.0, help="calibrate batches to at least this long")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="sanity check: max |gn - torch| / max(1, max|torch|)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="sanity check: max |gn - torch| / max(1, max|torch|) (default per dtype: "
+                             + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items()) + ")")
     parser.add_argument("--json", default=None, metavar="PATH", help="write header, rows and summary as JSON")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write a markdown section (header, table, summary)")
     parser.add_argument("--list", action="store_true", help="list the case names and exit")
@@ -444,6 +529,9 @@ def parse_args(argv=None):
         args.rounds = 3 if args.quick else 21
     if args.rounds < 1 or args.threads < 1 or args.min_batch_ms <= 0:
         parser.error("--rounds and --threads must be >= 1 and --min-batch-ms > 0")
+    if "bfloat16" in args.dtype and ml_dtypes is None:
+        parser.error("--dtype bfloat16 needs ml_dtypes: pip install ml_dtypes")
+    args.dtypes, args.dtype = args.dtype, ",".join(args.dtype)  # the header shows the joined names
     return args
 
 
@@ -462,32 +550,25 @@ def main(argv=None) -> int:
         print(line)
     print(flush=True)
 
-    dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(20240611)
-    cases = [build_case(*spec, dtype, rng) for spec in specs]
+    cases = [build_case(*spec, dtype, rng) for dtype in args.dtypes for spec in specs]
     with torch.inference_mode():
         for case in cases:
-            verify_case(case, args.tolerance)
+            verify_case(case, TOLERANCE[case.dtype] if args.tolerance is None else args.tolerance)
         run_rounds(cases, args.rounds, int(args.min_batch_ms * 1e6), args.progress)
 
     rows = [summarise_case(case) for case in cases]
-    summary = summarise(rows)
-    print(format_text_table(rows))
-    print()
-    for line in summary_lines(summary):
-        print(line)
-    print()
-    for line in target_lines(summary):
-        print(line)
+    summaries = {dtype: summarise([r for r in rows if r["dtype"] == dtype], dtype) for dtype in args.dtypes}
+    print("\n".join(report_lines(rows, summaries)).rstrip("\n"))
     for row in rows:
         if not row["check"]["ok"]:
-            print(f"MISMATCH {row['case']} {row['layout']}: {row['check']}", file=sys.stderr)
+            print(f"MISMATCH {row['case']} {row['layout']} {row['dtype']}: {row['check']}", file=sys.stderr)
 
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"header": header, "rows": rows, "summary": summary}, handle, indent=2)
+            json.dump({"header": header, "rows": rows, "summaries": summaries}, handle, indent=2)
     if args.markdown:
-        write_markdown(args.markdown, header, rows, summary)
+        write_markdown(args.markdown, header, rows, summaries)
     return 0
 
 

@@ -1,7 +1,8 @@
 // groupnorm_bench.cpp — times group_norm_forward (and, with --backward, group_norm_backward) from C++ alone, on
-// every compiled and supported ISA level and a range of thread counts, beside a memcpy of the same bytes.
-// Figures are medians over interleaved rounds (kernel batch, then copy batch) after a warm-up; GB/s counts the
-// minimal traffic only: forward reads x and writes y, backward reads x and dy and writes dx.
+// every compiled and supported ISA level and a range of thread counts, in float32, float64, float16 and bfloat16,
+// beside a memcpy of the same bytes. Figures are medians over interleaved rounds (kernel batch, then copy batch)
+// after a warm-up; GB/s counts the minimal traffic only, in the storage type's bytes: forward reads x and writes
+// y, backward reads x and dy and writes dx. 16-bit data is drawn in float and rounded to nearest even.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -18,10 +19,13 @@
 #include <vector>
 
 #include "groupnorm/groupnorm.h"
+#include "groupnorm/half.h"
 
 namespace {
 
+using groupnorm::BFloat16;
 using groupnorm::DType;
+using groupnorm::Half;
 using groupnorm::Isa;
 using groupnorm::Layout;
 using groupnorm::Problem;
@@ -85,12 +89,46 @@ struct Row {
 
 void print_help() {
   std::printf(
-      "usage: groupnorm_bench [--quick] [--shape N,C[,H[,W]] --groups G] [--dtype f32|f64|both]\n"
+      "usage: groupnorm_bench [--quick] [--shape N,C[,H[,W]] --groups G] [--dtype f32|f64|f16|bf16|both|all,...]\n"
       "                       [--layout nchw|nhwc] [--threads 1,2,...] [--isa NAME] [--reps R]\n"
       "                       [--warmup W] [--min-batch-ms MS] [--backward] [--json PATH]\n"
       "Times group_norm_forward (and group_norm_backward with --backward) on every compiled and supported\n"
       "ISA level and thread count, beside a memcpy of the same bytes measured in the same rounds.\n"
-      "Default cases: the issue's list; --quick: three of them, 5 reps, threads 1 and all.\n");
+      "Default cases: the issue's list; --quick: three of them, 5 reps, threads 1 and all.\n"
+      "--dtype takes a comma list; both = f32,f64; all = f32,f64,f16,bf16 (16-bit types: float weight,\n"
+      "bias and statistics, the copy floor moves the 16-bit bytes).\n");
+}
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return "f32";
+    case DType::kFloat64: return "f64";
+    case DType::kFloat16: return "f16";
+    case DType::kBFloat16: return "bf16";
+  }
+  return "?";
+}
+
+// A --dtype value: a comma list of f32, f64, f16, bf16 (or their long names), both (f32,f64) and all.
+std::vector<DType> parse_dtypes(const std::string& text) {
+  std::vector<DType> dtypes;
+  std::stringstream stream(text);
+  std::string item;
+  while (std::getline(stream, item, ',')) {
+    std::vector<DType> named;
+    if (item == "f32" || item == "float32") named = {DType::kFloat32};
+    else if (item == "f64" || item == "float64") named = {DType::kFloat64};
+    else if (item == "f16" || item == "float16") named = {DType::kFloat16};
+    else if (item == "bf16" || item == "bfloat16") named = {DType::kBFloat16};
+    else if (item == "both") named = {DType::kFloat32, DType::kFloat64};
+    else if (item == "all") named = {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16};
+    else usage_error("--dtype takes f32, f64, f16, bf16, both or all (comma-separated), not '" + text + "'");
+    for (DType d : named) {
+      if (std::find(dtypes.begin(), dtypes.end(), d) == dtypes.end()) dtypes.push_back(d);
+    }
+  }
+  if (dtypes.empty()) usage_error("--dtype is empty");
+  return dtypes;
 }
 
 std::vector<int64_t> parse_int_list(const std::string& text, const char* what) {
@@ -129,11 +167,7 @@ Options parse_options(int argc, char** argv) {
     } else if (arg == "--groups") {
       opt.groups = parse_int_list(value(), "--groups").at(0);
     } else if (arg == "--dtype") {
-      const std::string v = value();
-      if (v == "f32" || v == "float32") opt.dtypes = {DType::kFloat32};
-      else if (v == "f64" || v == "float64") opt.dtypes = {DType::kFloat64};
-      else if (v == "both") opt.dtypes = {DType::kFloat32, DType::kFloat64};
-      else usage_error("--dtype must be f32, f64 or both, not '" + v + "'");
+      opt.dtypes = parse_dtypes(value());
     } else if (arg == "--layout") {
       const std::string v = value();
       if (v == "nchw") opt.layout = Layout::kChannelsFirst;
@@ -236,15 +270,39 @@ void measure(Kernel&& kernel, void* copy_dst, const void* copy_src, int64_t copy
   row.copy_batch = k_copy;
 }
 
+// The type of weight, bias and statistics for storage type T: float except for double.
+template <class T>
+struct ComputeOf {
+  using type = float;
+};
+template <>
+struct ComputeOf<double> {
+  using type = double;
+};
+
+// v in storage type T; the 16-bit types go through float, then round to nearest even.
+template <class T>
+T to_storage(double v) {
+  return T(v);
+}
+template <>
+Half to_storage<Half>(double v) {
+  return groupnorm::narrow_half(float(v));
+}
+template <>
+BFloat16 to_storage<BFloat16>(double v) {
+  return groupnorm::narrow_bfloat16(float(v));
+}
+
 template <class T>
 std::vector<T> random_vector(int64_t n, std::mt19937_64& rng, double scale, double shift) {
   std::normal_distribution<double> normal(0.0, 1.0);
   std::vector<T> v(static_cast<size_t>(n));
-  for (auto& value : v) value = T(normal(rng) * scale + shift);
+  for (auto& value : v) value = to_storage<T>(normal(rng) * scale + shift);
   return v;
 }
 
-// Every (ISA, threads) row of one case in one dtype, forward and, if asked, backward.
+// Every (ISA, threads) row of one case in one dtype (storage type T), forward and, if asked, backward.
 template <class T>
 void run_case(const CaseSpec& spec, DType dtype, const std::vector<Isa>& isas, const std::vector<int>& threads,
               const Options& opt, std::vector<Row>& rows) {
@@ -260,20 +318,21 @@ void run_case(const CaseSpec& spec, DType dtype, const std::vector<Isa>& isas, c
   const int64_t n = p.N * p.C * p.HxW;
   const int64_t bytes = n * int64_t(sizeof(T));
 
+  using Compute = typename ComputeOf<T>::type;
   std::mt19937_64 rng(20240611);
   const auto x = random_vector<T>(n, rng, 2.0, 0.5);
   const auto dy = opt.backward ? random_vector<T>(n, rng, 1.0, 0.0) : std::vector<T>();
-  const auto weight = random_vector<T>(p.C, rng, 1.0, 0.0);
-  const auto bias = random_vector<T>(p.C, rng, 1.0, 0.0);
+  const auto weight = random_vector<Compute>(p.C, rng, 1.0, 0.0);
+  const auto bias = random_vector<Compute>(p.C, rng, 1.0, 0.0);
   const auto un = static_cast<size_t>(n), stats = static_cast<size_t>(p.N * p.G), channels = static_cast<size_t>(p.C);
-  std::vector<T> y(un), dx(opt.backward ? un : 0), mean(stats), rstd(stats), dweight(channels), dbias(channels);
+  std::vector<T> y(un), dx(opt.backward ? un : 0);
+  std::vector<Compute> mean(stats), rstd(stats), dweight(channels), dbias(channels);
   // The copy floor moves half the kernel's minimal traffic in each direction: the same bytes in total.
   const int64_t max_copy_bytes = opt.backward ? bytes * 3 / 2 : bytes;
   const auto copy_size = static_cast<size_t>(max_copy_bytes);
   std::vector<unsigned char> copy_src(copy_size, 1), copy_dst(copy_size);
 
   const char* layout_name = spec.layout == Layout::kChannelsLast ? "NHWC" : "NCHW";
-  const char* dtype_name = dtype == DType::kFloat32 ? "f32" : "f64";
   for (Isa isa : isas) {
     groupnorm::isa_select(isa);
     for (int t : threads) {
@@ -281,7 +340,7 @@ void run_case(const CaseSpec& spec, DType dtype, const std::vector<Isa>& isas, c
       Row row;
       row.case_name = case_name(spec);
       row.layout = layout_name;
-      row.dtype = dtype_name;
+      row.dtype = dtype_name(dtype);
       row.isa = groupnorm::isa_name(isa);
       row.threads = t;
       row.elements = n;
@@ -424,8 +483,12 @@ int main(int argc, char** argv) {
   std::vector<Row> rows;
   for (const CaseSpec& spec : opt.cases) {
     for (DType dtype : opt.dtypes) {
-      if (dtype == DType::kFloat32) run_case<float>(spec, dtype, isas, threads, opt, rows);
-      else run_case<double>(spec, dtype, isas, threads, opt, rows);
+      switch (dtype) {
+        case DType::kFloat32: run_case<float>(spec, dtype, isas, threads, opt, rows); break;
+        case DType::kFloat64: run_case<double>(spec, dtype, isas, threads, opt, rows); break;
+        case DType::kFloat16: run_case<Half>(spec, dtype, isas, threads, opt, rows); break;
+        case DType::kBFloat16: run_case<BFloat16>(spec, dtype, isas, threads, opt, rows); break;
+      }
     }
   }
   groupnorm::isa_select(groupnorm::isa_best());

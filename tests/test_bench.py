@@ -1,6 +1,8 @@
 """The benchmarks run and say what they measured: bench/groupnorm_bench (built through CMake, as
-test_cpp_kernels.py builds the kernel check) on a tiny case, and `python -m groupnorm.bench --quick` with
-whatever peers are installed, its JSON, its plot (when matplotlib is installed) and its error without it."""
+test_cpp_kernels.py builds the kernel check) on a tiny case in every dtype, bench/bench_forward.py in float32 and
+the 16-bit dtypes (when torch is installed), and `python -m groupnorm.bench --quick` with whatever peers are
+installed, its JSON, its plot (when matplotlib is installed) and its error without it. Timings are never judged,
+only what was run and how the figures relate."""
 import importlib.util
 import json
 import subprocess
@@ -10,7 +12,10 @@ import pytest
 
 import groupnorm as gn
 from groupnorm import bench
-from test_cpp_kernels import build_target
+from test_cpp_kernels import ROOT, build_target
+
+BENCH_FORWARD = ROOT / "bench" / "bench_forward.py"
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +55,113 @@ def test_cpp_bench_quick_and_options(bench_exe, tmp_path):
 
     bad = subprocess.run([str(bench_exe), "--shape", "2,8,4,4", "--groups", "3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--groups must divide C" in bad.stderr
+
+
+def test_cpp_bench_half_dtypes(bench_exe, tmp_path):
+    out = tmp_path / "half.json"
+    result = subprocess.run([str(bench_exe), "--shape", "2,8,4,4", "--groups", "2", "--dtype", "f16,bf16", "--reps",
+                             "2", "--min-batch-ms", "0.05", "--threads", "1", "--layout", "nhwc", "--backward",
+                             "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    isas = gn.config()["isa_available"]
+    assert [(r["dtype"], r["isa"], r["pass"]) for r in rows] == [
+        (d, i, p) for d in ("f16", "bf16") for i in isas for p in ("forward", "backward")]
+    elements = 2 * 8 * 4 * 4
+    for r in rows:
+        assert r["layout"] == "NHWC" and r["elements"] == elements
+        # The minimal traffic and so the copy floor count two bytes per element.
+        assert r["bytes"] == (2 if r["pass"] == "forward" else 3) * elements * 2
+        assert r["median_us"] > 0 and r["copy_us"] > 0
+        assert r["over_copy"] == pytest.approx(r["median_us"] / r["copy_us"], rel=1e-3)
+    assert " f16 " in result.stdout and " bf16 " in result.stdout
+
+
+def test_cpp_bench_dtype_lists(bench_exe, tmp_path):
+    out = tmp_path / "all.json"
+    result = subprocess.run([str(bench_exe), "--shape", "16,32", "--groups", "4", "--dtype", "all,f16", "--reps", "1",
+                             "--min-batch-ms", "0.02", "--threads", "1", "--isa", "scalar", "--json", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [r["dtype"] for r in json.loads(out.read_text())["rows"]] == ["f32", "f64", "f16", "bf16"]
+
+    bad = subprocess.run([str(bench_exe), "--dtype", "f16,f8"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--dtype" in bad.stderr and "'f16,f8'" in bad.stderr
+
+
+def run_bench_forward(*args):
+    """python -W error bench/bench_forward.py ARGS in a subprocess (it sets torch's and groupnorm's threads)."""
+    if not BENCH_FORWARD.exists():
+        pytest.skip("needs the source tree")
+    result = subprocess.run([sys.executable, "-W", "error", str(BENCH_FORWARD), *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def check_forward_rows(rows):
+    """The ratios in every row follow from its medians, and groupnorm matched torch on the same memory."""
+    for r in rows:
+        assert r["check"]["ok"] and r["check"]["torch_shares_memory"], r["check"]
+        assert r["gn_out_over_copy"] == pytest.approx(r["gn_out_us"] / r["copy_us"])
+        assert r["speedup"] == pytest.approx(r["torch_us"] / r["gn_alloc_us"])
+
+
+@needs_torch
+def test_bench_forward_half(tmp_path):
+    pytest.importorskip("ml_dtypes")
+    out, md = tmp_path / "half.json", tmp_path / "half.md"
+    result = run_bench_forward("--dtype", "half", "--cases", "16x32-g4,1x320x64x64-g32", "--rounds", "1",
+                               "--min-batch-ms", "0.01", "--json", str(out), "--markdown", str(md))
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    cases = [("1x320x64x64-g32", "NCHW"), ("1x320x64x64-g32", "NHWC"), ("16x32-g4", "NC")]  # the list's order
+    assert [(r["dtype"], r["case"], r["layout"]) for r in rows] == [
+        (d, c, layout) for d in ("float16", "bfloat16") for c, layout in cases]
+    check_forward_rows(rows)
+    for r in rows:
+        assert r["bytes_read"] == 2 * r["elements"]  # the copy floor moves the 16-bit bytes
+        assert r["in_issue"] == (r["case"] == "1x320x64x64-g32")  # issue 4 lists this case in both layouts
+    assert data["header"]["dtype"] == "float16,bfloat16"
+    text = md.read_text()
+    for dtype in ("float16", "bfloat16"):
+        summary = data["summaries"][dtype]
+        issue_rows = [r for r in rows if r["dtype"] == dtype and r["in_issue"]]
+        assert summary["targets"] == {
+            "half_within_1p3x_copy": all(r["gn_out_over_copy"] <= 1.3 for r in issue_rows),
+            "half_speedup_4x": all(r["speedup"] >= 4.0 for r in issue_rows),
+        }
+        assert f"== {dtype} ==" in result.stdout and f"### {dtype}" in text
+    assert list(data["summaries"]) == ["float16", "bfloat16"]
+    for line in ("within 1.3x of the copy on [1,320,64,64] G32", ">= 4x faster than torch on [1,320,64,64] G32"):
+        verdicts = [v for v in result.stdout.splitlines() if line in v]
+        assert len(verdicts) == 2 and all(v.split()[0] in ("PASS", "FAIL") for v in verdicts), verdicts
+    assert "MISMATCH" not in result.stdout + result.stderr
+
+
+@needs_torch
+def test_bench_forward_float32_default(tmp_path):
+    out = tmp_path / "f32.json"
+    result = run_bench_forward("--cases", "16x32-g4,1x64x32x32-g8:nhwc", "--rounds", "1", "--min-batch-ms", "0.01",
+                               "--json", str(out))
+    data = json.loads(out.read_text())
+    assert [(r["dtype"], r["case"], r["layout"], r["in_issue"]) for r in data["rows"]] == [
+        ("float32", "1x64x32x32-g8", "NHWC", False), ("float32", "16x32-g4", "NC", True)]
+    check_forward_rows(data["rows"])
+    assert all(r["bytes_read"] == 4 * r["elements"] for r in data["rows"])
+    assert list(data["summaries"]) == ["float32"]
+    assert set(data["summaries"]["float32"]["targets"]) == {
+        "never_slower_than_torch", "geomean_speedup_2x", "out_within_1p3x_copy", "tiny_call_2us"}
+    assert "==" not in result.stdout and "[16,32] G4 call <= 2 us" in result.stdout
+
+
+@needs_torch
+def test_bench_forward_rejects_unknown_dtype():
+    if not BENCH_FORWARD.exists():
+        pytest.skip("needs the source tree")
+    bad = subprocess.run([sys.executable, str(BENCH_FORWARD), "--dtype", "float16,int8"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "'int8' is not one of" in bad.stderr
 
 
 def run_cli(*args):
