@@ -90,7 +90,7 @@ class Case:
         torch_dtype = getattr(torch, dtype)
 
         def data(shape, scale=1.0, offset=0.0):
-            values = torch.from_numpy((rng.standard_normal(shape) * scale + offset).astype(dtype))
+            values = torch.from_numpy(rng.standard_normal(shape) * scale + offset).to(torch_dtype)
             return values.contiguous(memory_format=memory_format) if len(shape) == 4 else values
 
         self.x = data(shape, 2.0, 0.5).requires_grad_()
@@ -104,26 +104,29 @@ class Case:
                 module.weight.copy_(weight)
                 module.bias.copy_(bias)
 
-        # The backward alone, on NumPy views of the same tensors; statistics from the forward.
-        self.x_np = self.x.detach().numpy()
-        self.grad_np = self.grad.numpy()
-        self.weight_np = weight.numpy()
+        # The backward alone, on NumPy views of the same tensors (bfloat16 through groupnorm.torch's bit view);
+        # statistics from the forward.
+        self.x_np = gnt._view(self.x)
+        self.grad_np = gnt._view(self.grad)
+        self.weight_np = gnt._view(weight)
         _, self.mean_np, self.rstd_np = gn.group_norm_forward(self.x_np, num_groups, self.weight_np,
-                                                              bias.numpy(), 1e-5)
+                                                              gnt._view(bias), 1e-5)
         # The floor reads x and dy and writes dx, over the contiguous memory behind them.
         x_storage = self.x.detach().permute(*self.memory_order()).contiguous().reshape(-1)
         grad_storage = self.grad.permute(*self.memory_order()).contiguous().reshape(-1)
         assert x_storage.data_ptr() == self.x.data_ptr() and grad_storage.data_ptr() == self.grad.data_ptr()
         self.floor_out = torch.empty_like(x_storage)
+        # The NumPy floor adds the same bytes; 16-bit data as int16, which NumPy adds at full speed.
+        as_numpy = (lambda t: t.view(torch.int16).numpy()) if x_storage.element_size() == 2 else torch.Tensor.numpy
         self.callables = {
             "torch": functools.partial(self.fwd_bwd, self.torch_module),
             "gn": functools.partial(self.fwd_bwd, self.gn_module),
             "fn_floor": functools.partial(self.fwd_bwd, self.empty_module),
             "gn_bwd": functools.partial(gn.group_norm_backward, self.grad_np, self.x_np, self.mean_np,
                                         self.rstd_np, num_groups, self.weight_np),
-            "add_numpy": functools.partial(np.add, x_storage.numpy(), grad_storage.numpy(),
-                                           out=self.floor_out.numpy()),
-            "add_alloc": functools.partial(np.add, x_storage.numpy(), grad_storage.numpy()),
+            "add_numpy": functools.partial(np.add, as_numpy(x_storage), as_numpy(grad_storage),
+                                           out=as_numpy(self.floor_out)),
+            "add_alloc": functools.partial(np.add, as_numpy(x_storage), as_numpy(grad_storage)),
             "add_torch": functools.partial(torch.add, x_storage, grad_storage, out=self.floor_out),
         }
 
@@ -151,7 +154,8 @@ class Case:
             torch.autograd.backward(y, self.grad)
             results[name] = [y.detach(), self.x.grad, module.weight.grad, module.bias.grad]
         dx_np, dw_np, db_np = self.callables["gn_bwd"]()
-        results["gn_bwd"] = [results["torch"][0]] + [torch.from_numpy(a) for a in (dx_np, dw_np, db_np)]
+        results["gn_bwd"] = [results["torch"][0], gnt._tensor(dx_np, self.x.dtype), torch.from_numpy(dw_np),
+                             torch.from_numpy(db_np)]
         errors = {}
         for contender in ("gn", "gn_bwd"):
             for label, mine, reference in zip(("y", "dx", "dw", "db"), results[contender], results["torch"]):
@@ -370,10 +374,12 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="3 rounds and a subset of the cases")
     parser.add_argument("--cases", default=None,
                         help="comma list of case names (e.g. 4x256x28x28-g32, or 1x320x64x64-g32:nhwc for one layout)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32")
     parser.add_argument("--min-batch-ms", type=float, default=1.0, help="calibrate batches to at least this long")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="sanity check: max |gn - torch| / max(1, max|torch|) over y, dx, dw, db")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="sanity check: max |gn - torch| / max(1, max|torch|) over y, dx, dw, db (default 1e-4; "
+                             "a few ulps of the dtype for float16 / bfloat16, whose parameter gradients torch "
+                             "rounds differently)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write header, rows and summary as JSON")
     parser.add_argument("--markdown", default=None, metavar="PATH",
                         help="write a markdown section (header, table, summary)")
@@ -382,6 +388,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 3 if args.quick else 21
+    if args.tolerance is None:
+        args.tolerance = {"float16": 4e-3, "bfloat16": 3e-2}.get(args.dtype, 1e-4)
     if args.rounds < 1 or args.threads < 1 or args.min_batch_ms <= 0:
         parser.error("--rounds and --threads must be >= 1 and --min-batch-ms > 0")
     return args

@@ -3,6 +3,7 @@
 # NumPy C-API (PyArray_DATA and friends): a typed memoryview costs ~0.18 us per array to acquire, which a
 # 2 us budget for a [16, 32] call cannot absorb four times over.
 # cython: language_level=3, embedsignature=True
+from cpython.ref cimport Py_INCREF
 from libc.stdint cimport int64_t, intptr_t
 cimport numpy as cnp
 
@@ -20,6 +21,11 @@ from ._groupnorm cimport (
 
 cdef extern from "numpy/ndarraytypes.h":
     int NPY_USERDEF  # type numbers from here on are user dtypes (ml_dtypes.bfloat16 among them)
+
+cdef extern from "numpy/arrayobject.h":
+    ctypedef struct _Descr "PyArray_Descr"
+    # Steals a reference to descr.
+    object _PyArray_Empty "PyArray_Empty"(int nd, cnp.npy_intp* dims, _Descr* descr, int fortran)
 
 cdef extern from *:
     """
@@ -159,8 +165,10 @@ cdef int _dtype_code(cnp.ndarray x) except -2:
 
 cdef int _bfloat16_code(object dtype, int typenum) except -2:
     global _bfloat16_typenum
-    if dtype == _bfloat16_storage:
+    if typenum == _bfloat16_typenum:
         return <int>DType.kBFloat16
+    if typenum == cnp.NPY_VOID:
+        return <int>DType.kBFloat16 if dtype == _bfloat16_storage else -1
     if typenum >= NPY_USERDEF and dtype.name == "bfloat16" and dtype.itemsize == 2:
         _bfloat16_typenum = typenum
         return <int>DType.kBFloat16
@@ -175,7 +183,7 @@ cdef int _compute_typenum(int code) noexcept:
 cdef object _as_float(object a, int typenum):
     """a (any real or bfloat16 array) as a C-contiguous array of float32 / float64."""
     dtype = np.float64 if typenum == cnp.NPY_FLOAT64 else np.float32
-    if a.dtype == _bfloat16_storage:
+    if a.dtype.num == cnp.NPY_VOID and a.dtype == _bfloat16_storage:
         a = (np.ascontiguousarray(a).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     return np.ascontiguousarray(a, dtype=dtype)
 
@@ -415,7 +423,9 @@ cdef object _empty_in_order(cnp.ndarray like, const int* order, int ndim):
     if typenum != cnp.NPY_VOID and typenum < NPY_USERDEF:
         arr = cnp.PyArray_EMPTY(ndim, dims, typenum, 0)
     else:  # a structured or user dtype is more than its type number
-        arr = np.empty(tuple([dims[i] for i in range(ndim)]), dtype=(<object>like).dtype)
+        descr = (<object>like).dtype
+        Py_INCREF(descr)  # PyArray_Empty steals it
+        arr = _PyArray_Empty(ndim, dims, <_Descr*>descr, 0)
     if identity:
         return arr
     perm.ptr = inverse
