@@ -39,7 +39,7 @@ void run_grad_sums(const S* dy, const S* x, int64_t n, typename V::Scalar mean_h
   constexpr int64_t W = V::kWidth;
   constexpr int64_t kBlock = 2 * W * kFlushIters;
   const V m = V::broadcast(mean_hi);
-  double s_dy = 0.0, s_dy_xc = 0.0, s_xc = 0.0;
+  typename V::Acc s_dy = V::acc_zero(), s_dy_xc = V::acc_zero(), s_xc = V::acc_zero();
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
     V g_a = V::zero(), gx_a = V::zero(), x_a = V::zero(), g_b = V::zero(), gx_b = V::zero(), x_b = V::zero();
@@ -53,9 +53,9 @@ void run_grad_sums(const S* dy, const S* x, int64_t n, typename V::Scalar mean_h
       gx_b = fma(gb, xb, gx_b);
       x_b = x_b + xb;
     }
-    s_dy += double((g_a + g_b).reduce_sum());
-    s_dy_xc += double((gx_a + gx_b).reduce_sum());
-    s_xc += double((x_a + x_b).reduce_sum());
+    V::acc_add(s_dy, g_a + g_b);
+    V::acc_add(s_dy_xc, gx_a + gx_b);
+    V::acc_add(s_xc, x_a + x_b);
   }
   V g_s = V::zero(), gx_s = V::zero(), x_s = V::zero();
   for (; i + W <= n; i += W) {
@@ -70,9 +70,12 @@ void run_grad_sums(const S* dy, const S* x, int64_t n, typename V::Scalar mean_h
     gx_s = fma(g, xc, gx_s);
     x_s = x_s + xc;
   }
-  *sum_dy = s_dy + double(g_s.reduce_sum());
-  *sum_dy_xc = s_dy_xc + double(gx_s.reduce_sum());
-  *sum_xc = s_xc + double(x_s.reduce_sum());
+  V::acc_add(s_dy, g_s);
+  V::acc_add(s_dy_xc, gx_s);
+  V::acc_add(s_xc, x_s);
+  *sum_dy = V::acc_sum(s_dy);
+  *sum_dy_xc = V::acc_sum(s_dy_xc);
+  *sum_xc = V::acc_sum(s_xc);
 }
 
 // Pass 2 over one contiguous run of one channel: dx = dy*scale + (x - mean_hi)*c2 + shift.

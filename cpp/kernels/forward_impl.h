@@ -116,7 +116,7 @@ ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift,
   constexpr int64_t kBlock = 2 * W * kFlushIters;
   const V shift_v = V::broadcast(shift), scale_v = V::broadcast(scale);
   auto diff = [&](const V& v) { return kScaled ? (v - shift_v) * scale_v : v - shift_v; };
-  double s1 = 0.0, s2 = 0.0;
+  typename V::Acc s1 = V::acc_zero(), s2 = V::acc_zero();
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
     V sum_a = V::zero(), sq_a = V::zero(), sum_b = V::zero(), sq_b = V::zero();
@@ -128,8 +128,8 @@ ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift,
       sum_b = sum_b + db;
       sq_b = fma(db, db, sq_b);
     }
-    s1 += sum_a.reduce_sum() + sum_b.reduce_sum();
-    s2 += sq_a.reduce_sum() + sq_b.reduce_sum();
+    V::acc_add(s1, sum_a + sum_b);
+    V::acc_add(s2, sq_a + sq_b);
   }
   V sum = V::zero(), sq = V::zero();
   for (; i + W <= n; i += W) {
@@ -142,9 +142,9 @@ ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift,
     sum = sum + d;
     sq = fma(d, d, sq);
   }
-  s1 += sum.reduce_sum();
-  s2 += sq.reduce_sum();
-  return {s1, s2};
+  V::acc_add(s1, sum);
+  V::acc_add(s2, sq);
+  return {V::acc_sum(s1), V::acc_sum(s2)};
 }
 
 // exp(x) for the SiLU: Cody-Waite reduction by ln 2 and a Taylor polynomial good to ~1 ulp of T.

@@ -13,6 +13,13 @@
 namespace groupnorm {
 namespace avx2 {
 
+// The sum of a ymm register's four doubles.
+inline double sum_lanes(__m256d v) {
+  __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+  return _mm_cvtsd_f64(s);
+}
+
 struct VecF32 {
   using Scalar = float;
   static constexpr int kWidth = 8;
@@ -94,14 +101,17 @@ struct VecF32 {
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
     return {_mm256_mul_ps(a.v, _mm256_castsi256_ps(bits))};
   }
-  // The lanes' sum, widened to double first so 8 large partial sums cannot overflow float.
-  double reduce_sum() const {
-    const __m256d wide = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
-                                       _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(wide), _mm256_extractf128_pd(wide, 1));
-    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
-    return _mm_cvtsd_f64(s);
+  // Lane-wise double accumulators: a run's float partial sums widen and add in with no horizontal step, which
+  // comes once, in acc_sum.
+  struct Acc {
+    __m256d lo, hi;
+  };
+  static Acc acc_zero() { return {_mm256_setzero_pd(), _mm256_setzero_pd()}; }
+  static void acc_add(Acc& acc, VecF32 a) {
+    acc.lo = _mm256_add_pd(acc.lo, _mm256_cvtps_pd(_mm256_castps256_ps128(a.v)));
+    acc.hi = _mm256_add_pd(acc.hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a.v, 1)));
   }
+  static double acc_sum(const Acc& acc) { return sum_lanes(_mm256_add_pd(acc.lo, acc.hi)); }
 };
 
 struct VecF64 {
@@ -145,11 +155,12 @@ struct VecF64 {
     const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(n_i64, _mm256_set1_epi64x(1023)), 52);
     return {_mm256_mul_pd(a.v, _mm256_castsi256_pd(bits))};
   }
-  double reduce_sum() const {
-    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
-    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
-    return _mm_cvtsd_f64(s);
-  }
+  struct Acc {
+    __m256d v;
+  };
+  static Acc acc_zero() { return {_mm256_setzero_pd()}; }
+  static void acc_add(Acc& acc, VecF64 a) { acc.v = _mm256_add_pd(acc.v, a.v); }
+  static double acc_sum(const Acc& acc) { return sum_lanes(acc.v); }
 };
 
 }  // namespace avx2

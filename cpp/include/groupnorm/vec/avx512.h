@@ -81,12 +81,17 @@ struct VecF32 {
     return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
   }
   friend VecF32 ldexp_int(VecF32 a, VecF32 n) { return {_mm512_scalef_ps(a.v, n.v)}; }
-  // The lanes' sum, widened to double first so 16 large partial sums cannot overflow float.
-  double reduce_sum() const {
-    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-    const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
-    return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+  // Lane-wise double accumulators: a run's float partial sums widen and add in with no horizontal step, which
+  // comes once, in acc_sum.
+  struct Acc {
+    __m512d lo, hi;
+  };
+  static Acc acc_zero() { return {_mm512_setzero_pd(), _mm512_setzero_pd()}; }
+  static void acc_add(Acc& acc, VecF32 a) {
+    acc.lo = _mm512_add_pd(acc.lo, _mm512_cvtps_pd(_mm512_castps512_ps256(a.v)));
+    acc.hi = _mm512_add_pd(acc.hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(a.v, 1)));
   }
+  static double acc_sum(const Acc& acc) { return _mm512_reduce_add_pd(_mm512_add_pd(acc.lo, acc.hi)); }
 };
 
 struct VecF64 {
@@ -118,7 +123,12 @@ struct VecF64 {
     return {_mm512_roundscale_pd(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
   }
   friend VecF64 ldexp_int(VecF64 a, VecF64 n) { return {_mm512_scalef_pd(a.v, n.v)}; }
-  double reduce_sum() const { return _mm512_reduce_add_pd(v); }
+  struct Acc {
+    __m512d v;
+  };
+  static Acc acc_zero() { return {_mm512_setzero_pd()}; }
+  static void acc_add(Acc& acc, VecF64 a) { acc.v = _mm512_add_pd(acc.v, a.v); }
+  static double acc_sum(const Acc& acc) { return _mm512_reduce_add_pd(acc.v); }
 };
 
 }  // namespace avx512

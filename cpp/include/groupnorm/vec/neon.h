@@ -86,10 +86,17 @@ struct VecF32 {
     const int32x4_t bits = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n.v), vdupq_n_s32(127)), 23);
     return {vmulq_f32(a.v, vreinterpretq_f32_s32(bits))};
   }
-  // The lanes' sum, widened to double first so 4 large partial sums cannot overflow float.
-  double reduce_sum() const {
-    return vaddvq_f64(vaddq_f64(vcvt_f64_f32(vget_low_f32(v)), vcvt_high_f64_f32(v)));
+  // Lane-wise double accumulators: a run's float partial sums widen and add in with no horizontal step, which
+  // comes once, in acc_sum.
+  struct Acc {
+    float64x2_t lo, hi;
+  };
+  static Acc acc_zero() { return {vdupq_n_f64(0.0), vdupq_n_f64(0.0)}; }
+  static void acc_add(Acc& acc, VecF32 a) {
+    acc.lo = vaddq_f64(acc.lo, vcvt_f64_f32(vget_low_f32(a.v)));
+    acc.hi = vaddq_f64(acc.hi, vcvt_high_f64_f32(a.v));
   }
+  static double acc_sum(const Acc& acc) { return vaddvq_f64(vaddq_f64(acc.lo, acc.hi)); }
 };
 
 struct VecF64 {
@@ -127,7 +134,12 @@ struct VecF64 {
     const int64x2_t bits = vshlq_n_s64(vaddq_s64(vcvtnq_s64_f64(n.v), vdupq_n_s64(1023)), 52);
     return {vmulq_f64(a.v, vreinterpretq_f64_s64(bits))};
   }
-  double reduce_sum() const { return vaddvq_f64(v); }
+  struct Acc {
+    float64x2_t v;
+  };
+  static Acc acc_zero() { return {vdupq_n_f64(0.0)}; }
+  static void acc_add(Acc& acc, VecF64 a) { acc.v = vaddq_f64(acc.v, a.v); }
+  static double acc_sum(const Acc& acc) { return vaddvq_f64(acc.v); }
 };
 
 }  // namespace neon

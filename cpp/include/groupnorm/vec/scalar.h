@@ -68,7 +68,13 @@ struct ScalarVec {
     return {sizeof(T) == 4 ? T(__builtin_ldexpf(float(a.v), int(n.v)))
                            : T(__builtin_ldexp(double(a.v), int(n.v)))};
   }
-  double reduce_sum() const { return double(v); }  // the lanes' sum, in double
+  // Double accumulators of lane sums (one lane here).
+  struct Acc {
+    double v;
+  };
+  static Acc acc_zero() { return {0.0}; }
+  static void acc_add(Acc& acc, ScalarVec a) { acc.v += double(a.v); }
+  static double acc_sum(const Acc& acc) { return acc.v; }
 };
 
 using VecF32 = ScalarVec<float>;
