@@ -1,7 +1,9 @@
 // kernel_check.cpp — checks group_norm_forward and group_norm_backward on every ISA level that is compiled and
 // supported against a long double reference: odd tails, both layouts, SiLU, affine or not, NaN-poisoned outputs
-// inside sentinel guards, in-place calls, large offsets, dark borders, bitwise thread determinism.
+// inside sentinel guards, in-place calls, large offsets, dark borders, bitwise thread determinism. float16 and
+// bfloat16 outputs must be the reference rounded to nearest even, but for a slack around rounding midpoints.
 // Last line: "N passed, M failed".
+#include <algorithm>
 #include <chrono>
 #include <cstdarg>
 #include <cmath>
@@ -12,14 +14,18 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "groupnorm/groupnorm.h"
+#include "groupnorm/half.h"
 
 namespace {
 
 using groupnorm::Activation;
+using groupnorm::BFloat16;
 using groupnorm::DType;
+using groupnorm::Half;
 using groupnorm::Isa;
 using groupnorm::Layout;
 using groupnorm::Problem;
@@ -33,18 +39,96 @@ struct Shape {
   int64_t size() const { return N * C * HxW; }
 };
 
+// The storage types under test: float, double, and the 16-bit Half and BFloat16, whose weight, bias, statistics
+// and parameter gradients are float (param_t).
+template <class T>
+constexpr bool is_half_v = std::is_same<T, Half>::value || std::is_same<T, BFloat16>::value;
+template <class T>
+using param_t = std::conditional_t<is_half_v<T>, float, T>;
+
+template <class T>
+constexpr int dtype_index() {
+  return std::is_same<T, float>::value ? 0 : std::is_same<T, double>::value ? 1 : std::is_same<T, Half>::value ? 2 : 3;
+}
+constexpr int kDTypeCount = 4;
+const char* const kDTypeNames[kDTypeCount] = {"f32", "f64", "f16", "bf16"};
+template <class T>
+constexpr DType dtype_of() {
+  constexpr DType dtypes[kDTypeCount] = {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16};
+  return dtypes[dtype_index<T>()];
+}
+template <class T>
+const char* dtype_name() {
+  return kDTypeNames[dtype_index<T>()];
+}
+// Relative tolerance of float and double results (16-bit outputs are judged by their rounding instead).
 template <class T>
 constexpr double tolerance() {
   return sizeof(T) == 4 ? 2e-6 : 1e-12;
 }
+
+// Exact value of a stored element, and a double rounded (once more for 16-bit types, via float) to storage.
 template <class T>
-constexpr DType dtype_of() {
-  return sizeof(T) == 4 ? DType::kFloat32 : DType::kFloat64;
+long double value_of(T v) {
+  return (long double)groupnorm::widen(v);
 }
 template <class T>
-const char* dtype_name() {
-  return sizeof(T) == 4 ? "f32" : "f64";
+T from_double(double d) {
+  if constexpr (std::is_same<T, Half>::value) return groupnorm::narrow_half(float(d));
+  else if constexpr (std::is_same<T, BFloat16>::value) return groupnorm::narrow_bfloat16(float(d));
+  else return T(d);
 }
+template <class T>
+T quiet_nan() {
+  if constexpr (std::is_same<T, Half>::value) return Half{0x7e00};
+  else if constexpr (std::is_same<T, BFloat16>::value) return BFloat16{0x7fc0};
+  else return std::numeric_limits<T>::quiet_NaN();
+}
+
+// The 16-bit formats as numbers: significand bits after the point, least normal exponent, the bits of +inf.
+template <class H>
+struct HalfFormat {
+  static constexpr bool kBinary16 = std::is_same<H, Half>::value;
+  static constexpr int kMantissaBits = kBinary16 ? 10 : 7;
+  static constexpr int kMinExponent = kBinary16 ? -14 : -126;
+  static constexpr uint16_t kInfBits = kBinary16 ? 0x7c00 : 0x7f80;
+};
+
+// r rounded to nearest, ties to even, in H: the bits (a NaN r gives the quiet NaN). Independent of half.h: the
+// magnitude is counted in quanta of its binade (subnormals share the least normal binade's quantum), the count
+// rounded by nearbyint in the default mode, and the bits are (binade - least) * 2^mantissa + count, which
+// carries into the exponent and past the largest finite value into inf by itself. In double, which holds every
+// float exactly and a long double reference far closer than the slack it is judged with (and is fast on
+// targets where long double is software quad).
+template <class H>
+uint16_t round_to_bits(double r) {
+  using F = HalfFormat<H>;
+  if (std::isnan(r)) return quiet_nan<H>().bits;
+  const uint16_t sign = std::signbit(r) ? 0x8000 : 0;
+  const double magnitude = std::fabs(r);
+  if (magnitude == 0) return sign;
+  if (std::isinf(magnitude)) return uint16_t(sign | F::kInfBits);
+  int exponent;
+  std::frexp(magnitude, &exponent);  // magnitude in [2^(exponent-1), 2^exponent)
+  const int binade = std::max(exponent - 1, F::kMinExponent);
+  if (binade > 200) return uint16_t(sign | F::kInfBits);
+  const double count = std::nearbyint(std::ldexp(magnitude, F::kMantissaBits - binade));  // scaling is exact
+  const double bits = double(binade - F::kMinExponent) * (1 << F::kMantissaBits) + count;
+  return uint16_t(sign | uint16_t(std::fmin(bits, double(F::kInfBits))));
+}
+
+// The compiler's own binary16, where it has one in C++ (aarch64's __fp16 converts with fcvt in hardware).
+#if defined(__aarch64__) && defined(__ARM_FP16_FORMAT_IEEE)
+#define GROUPNORM_CHECK_COMPILER_HALF 1
+using CompilerHalf = __fp16;
+#elif defined(__x86_64__) && defined(__FLT16_MANT_DIG__)
+#define GROUPNORM_CHECK_COMPILER_HALF 1
+using CompilerHalf = _Float16;
+#endif
+
+// Position of a non-NaN 16-bit value on the number line in ulps: -0 and +0 are both 0, inf follows the largest.
+int ordinal(uint16_t bits) { return (bits & 0x8000) ? -int(bits & 0x7fff) : int(bits); }
+bool is_nan_bits(uint16_t bits, uint16_t inf_bits) { return (bits & 0x7fff) > inf_bits; }
 const char* layout_name(Layout layout) { return layout == Layout::kChannelsFirst ? "NCHW" : "NHWC"; }
 const char* activation_name(Activation act) { return act == Activation::kSilu ? "silu" : "none"; }
 
@@ -84,7 +168,8 @@ std::string shape_label(const Shape& s) {
 
 template <class T>
 T sentinel() {
-  const uint64_t bits = sizeof(T) == 4 ? 0xC4A5A5A5u : 0xC0DEADBEEFCAFE42ull;  // finite, unlikely as a result
+  // finite, unlikely as a result
+  const uint64_t bits = sizeof(T) == 2 ? 0xC4A5u : sizeof(T) == 4 ? 0xC4A5A5A5u : 0xC0DEADBEEFCAFE42ull;
   T value;
   std::memcpy(&value, &bits, sizeof(T));
   return value;
@@ -100,7 +185,7 @@ struct Guarded {
   const T* data() const { return storage.data() + kGuard; }
   void poison() {
     for (int64_t i = 0; i < kGuard; ++i) storage[i] = storage[kGuard + n + i] = sentinel<T>();
-    for (int64_t i = 0; i < n; ++i) data()[i] = std::numeric_limits<T>::quiet_NaN();
+    for (int64_t i = 0; i < n; ++i) data()[i] = quiet_nan<T>();
   }
   bool guards_intact() const {
     const T s = sentinel<T>();
@@ -133,12 +218,12 @@ ReferenceStats reference_stats(const Shape& s, Layout layout, const T* x, double
     for (int64_t g = 0; g < s.G; ++g) {
       long double sum = 0;
       for (int64_t c = g * D; c < (g + 1) * D; ++c)
-        for (int64_t i = 0; i < s.HxW; ++i) sum += x[element_offset(s, layout, n, c, i)];
+        for (int64_t i = 0; i < s.HxW; ++i) sum += value_of(x[element_offset(s, layout, n, c, i)]);
       const long double count = (long double)(D * s.HxW), mean = sum / count;
       long double m2 = 0;
       for (int64_t c = g * D; c < (g + 1) * D; ++c)
         for (int64_t i = 0; i < s.HxW; ++i) {
-          const long double d = x[element_offset(s, layout, n, c, i)] - mean;
+          const long double d = value_of(x[element_offset(s, layout, n, c, i)]) - mean;
           m2 += d * d;
         }
       ref.mean[size_t(n * s.G + g)] = mean;
@@ -153,23 +238,28 @@ struct ReferenceOutput {
   // |act'(y)| * (|z * w| + |b|), z = (x - mean) * rstd: what y = z * w + b inherently loses to rounding when the
   // bias cancels the normalised term, a case the plain max|y_ref| scale cannot absorb.
   std::vector<long double> condition;
+  // |z * w| + |w| / 4 + |b|: the scale of what float compute knows y to (the slack of a 16-bit output's
+  // rounding). |w| / 4: z itself is known only to a few float ulps absolute (the mean to a few ulps of the
+  // std), which matters where z is near 0.
+  std::vector<long double> terms;
 };
 
 template <class T>
-ReferenceOutput reference_output(const Shape& s, Layout layout, Activation act, const T* x, const T* weight,
-                                 const T* bias, const ReferenceStats& ref) {
+ReferenceOutput reference_output(const Shape& s, Layout layout, Activation act, const T* x, const param_t<T>* weight,
+                                 const param_t<T>* bias, const ReferenceStats& ref) {
   const int64_t D = s.C / s.G;
   ReferenceOutput out;
   out.value.resize(size_t(s.size()));
   out.condition.resize(size_t(s.size()));
+  out.terms.resize(size_t(s.size()));
   for (int64_t n = 0; n < s.N; ++n)
     for (int64_t c = 0; c < s.C; ++c) {
       const size_t ng = size_t(n * s.G + c / D);
-      const long double scale = ref.rstd[ng] * (weight ? (long double)weight[c] : 1.0L);
+      const long double w = weight ? (long double)weight[c] : 1.0L, scale = ref.rstd[ng] * w;
       const long double shift = bias ? (long double)bias[c] : 0.0L;
       for (int64_t i = 0; i < s.HxW; ++i) {
         const int64_t k = element_offset(s, layout, n, c, i);
-        const long double zw = ((long double)x[k] - ref.mean[ng]) * scale;
+        const long double zw = (value_of(x[k]) - ref.mean[ng]) * scale;
         long double y = zw + shift, slope = 1.0L;
         if (act == Activation::kSilu) {
           const long double sigmoid = 1.0L / (1.0L + std::exp(-y));
@@ -177,25 +267,29 @@ ReferenceOutput reference_output(const Shape& s, Layout layout, Activation act, 
           y = y * sigmoid;
         }
         out.value[size_t(k)] = y;
-        out.condition[size_t(k)] = slope * (std::fabs(zw) + std::fabs(shift));
+        out.terms[size_t(k)] = std::fabs(zw) + std::fabs(w) / 4 + std::fabs(shift);
+        out.condition[size_t(k)] = slope * out.terms[size_t(k)];
       }
     }
   return out;
 }
 
 template <class T>
-Status run_forward(const Problem& p, const T* x, const T* weight, const T* bias, T* y, T* mean, T* rstd) {
+Status run_forward(const Problem& p, const T* x, const param_t<T>* weight, const param_t<T>* bias, T* y,
+                   param_t<T>* mean, param_t<T>* rstd) {
   return groupnorm::group_norm_forward(p, dtype_of<T>(), x, weight, bias, y, mean, rstd);
 }
 
 // Largest error / bound seen, per dtype and quantity: the headroom the tolerances leave.
 enum Quantity { kOutput = 0, kOutputSilu, kMean, kRstd, kGradInput, kGradWeight, kGradBias, kQuantityCount };
 const char* const kQuantityNames[kQuantityCount] = {"y", "silu(y)", "mean", "rstd", "dx", "dw", "db"};
-double g_margin[2][kQuantityCount] = {};
+double g_margin[kDTypeCount][kQuantityCount] = {};
+// For 16-bit outputs: how many were checked, and how many (accepted within their slack) were not the nearest.
+int64_t g_rounded_count[kDTypeCount][kQuantityCount] = {}, g_off_nearest[kDTypeCount][kQuantityCount] = {};
 
 template <class T>
 void record_margin(Quantity q, long double ratio) {
-  double& worst = g_margin[sizeof(T) == 4 ? 0 : 1][q];
+  double& worst = g_margin[dtype_index<T>()][q];
   if (ratio > worst) worst = double(ratio);
 }
 
@@ -243,11 +337,45 @@ void expect_close_output(Tally& tally, const std::string& label, Activation act,
                              worst >= 0 ? ref.condition[size_t(worst)] : 0.0L));
 }
 
-// mean_out within tol of the group's scale |mean| + std; rstd_out within tol relative.
-template <class T>
-void expect_close_stats(Tally& tally, const std::string& label, const Guarded<T>& mean, const Guarded<T>& rstd,
+// A 16-bit output o passes when it lies between the reference rounded to nearest from r - slack and from
+// r + slack, slack = slack_per_term * terms: so it is the nearest-even rounding of r wherever r lies farther than
+// the slack from a rounding midpoint, and one ulp off at most where it lies closer (more only where the slack
+// spans several ulps: results near 0 from cancelling terms). NaN (unwritten poison) fails.
+template <class H>
+void expect_rounded(Tally& tally, const std::string& label, const char* name, Quantity q, const Guarded<H>& out,
+                    const std::vector<long double>& ref, const std::vector<long double>& terms,
+                    long double slack_per_term) {
+  int64_t bad = 0, first_bad = -1, off_nearest = 0;
+  for (int64_t k = 0; k < out.n; ++k) {
+    const double r = double(ref[size_t(k)]), slack = double(slack_per_term * terms[size_t(k)]);
+    const uint16_t bits = out.data()[k].bits;
+    if (bits == round_to_bits<H>(r)) continue;
+    if (!is_nan_bits(bits, HalfFormat<H>::kInfBits) && ordinal(round_to_bits<H>(r - slack)) <= ordinal(bits) &&
+        ordinal(bits) <= ordinal(round_to_bits<H>(r + slack))) {
+      ++off_nearest;
+    } else if (bad++ == 0) {
+      first_bad = k;
+    }
+  }
+  g_rounded_count[dtype_index<H>()][q] += out.n;
+  g_off_nearest[dtype_index<H>()][q] += off_nearest;
+  if (bad == 0) {
+    tally.expect(true, label);
+    return;
+  }
+  const size_t k = size_t(first_bad);
+  const uint16_t bits = out.data()[k].bits;
+  tally.expect(false, format("%s: %s has %lld values off the rounded reference, the first at index %lld: 0x%04x "
+                             "(%.9Le) vs nearest 0x%04x, ref=%.12Le slack=%.3Le",
+                             label.c_str(), name, (long long)bad, (long long)first_bad, bits, value_of(out.data()[k]),
+                             round_to_bits<H>(double(ref[k])), ref[k], slack_per_term * terms[k]));
+}
+
+// mean_out within tol of the group's scale |mean| + std; rstd_out within tol relative (statistics of type P).
+template <class T, class P = param_t<T>>
+void expect_close_stats(Tally& tally, const std::string& label, const Guarded<P>& mean, const Guarded<P>& rstd,
                         const ReferenceStats& ref) {
-  const long double tol = tolerance<T>();
+  const long double tol = tolerance<P>();
   long double worst_mean = 0, worst_rstd = 0;
   int64_t at_mean = 0, at_rstd = 0;
   for (int64_t i = 0; i < mean.n; ++i) {
@@ -276,20 +404,26 @@ void expect_close_stats(Tally& tally, const std::string& label, const Guarded<T>
 
 // One forward call on the current ISA, checked for status, guards, accuracy, statistics and, optionally, that
 // the in-place call (x == y) gives the same bits.
-template <class T>
-void check_forward(Tally& tally, const std::string& label, const Problem& p, const std::vector<T>& x, const T* weight,
-                   const T* bias, bool want_stats, bool check_in_place, const ReferenceStats& ref,
+template <class T, class P = param_t<T>>
+void check_forward(Tally& tally, const std::string& label, const Problem& p, const std::vector<T>& x, const P* weight,
+                   const P* bias, bool want_stats, bool check_in_place, const ReferenceStats& ref,
                    const ReferenceOutput& y_ref) {
   const Shape s{p.N, p.C, p.G, p.HxW};
-  Guarded<T> y(s.size()), mean(s.N * s.G), rstd(s.N * s.G);
+  Guarded<T> y(s.size());
+  Guarded<P> mean(s.N * s.G), rstd(s.N * s.G);
   const Status status = run_forward<T>(p, x.data(), weight, bias, y.data(), want_stats ? mean.data() : nullptr,
                                        want_stats ? rstd.data() : nullptr);
   if (!tally.expect(status == groupnorm::kOk, format("%s: status %d", label.c_str(), int(status)))) return;
   tally.expect(y.guards_intact(), label + ": y guard region overwritten");
-  expect_close_output(tally, label, p.activation, y, y_ref);
+  const bool silu = p.activation == Activation::kSilu;
+  if constexpr (is_half_v<T>)
+    expect_rounded(tally, label, "y", silu ? kOutputSilu : kOutput, y, y_ref.value, y_ref.terms,
+                   (silu ? 1.1L : 1.0L) * 0x1p-20L);
+  else
+    expect_close_output(tally, label, p.activation, y, y_ref);
   if (want_stats) {
     tally.expect(mean.guards_intact() && rstd.guards_intact(), label + ": mean_out/rstd_out guard region overwritten");
-    expect_close_stats(tally, label, mean, rstd, ref);
+    expect_close_stats<T>(tally, label, mean, rstd, ref);
   }
   if (check_in_place) {
     Guarded<T> inout(s.size());
@@ -304,7 +438,7 @@ template <class T>
 std::vector<T> normal_data(std::mt19937_64& rng, int64_t count, double offset, double scale) {
   std::normal_distribution<double> normal(0.0, 1.0);
   std::vector<T> v(static_cast<size_t>(count));
-  for (auto& e : v) e = T(offset + scale * normal(rng));
+  for (auto& e : v) e = from_double<T>(offset + scale * normal(rng));
   return v;
 }
 
@@ -312,7 +446,7 @@ template <class T>
 std::vector<T> uniform_data(std::mt19937_64& rng, int64_t count, double lo, double hi) {
   std::uniform_real_distribution<double> uniform(lo, hi);
   std::vector<T> v(static_cast<size_t>(count));
-  for (auto& e : v) e = T(uniform(rng));
+  for (auto& e : v) e = from_double<T>(uniform(rng));
   return v;
 }
 
@@ -335,24 +469,12 @@ struct AffineMode {
 constexpr AffineMode kAffineModes[] = {
     {false, false, true, "plain"}, {true, true, true, "w+b"}, {true, false, false, "w"}, {false, true, false, "b"}};
 
-// Accuracy over every layout, activation and affine mode, on every tested level, for one shape.
-// With border_pixels = 1 (2), position 0 (and HxW - 1) of every (n, c), in both layouts' indexing, is set to
-// border_value: a zero-padded border. A kernel that shifts its sums by a sample it takes from the ends of a
-// group or row loses accuracy when that sample sits far from the mean.
-template <class T>
-void check_shape(Tally& tally, const Levels& levels, const Shape& s, std::mt19937_64& master, double offset,
-                 double spread, bool all_affine_modes, bool check_in_place, int border_pixels = 0,
-                 double border_value = 0.0) {
-  const uint64_t case_seed = master();
-  std::mt19937_64 rng(case_seed);
-  std::vector<T> x = normal_data<T>(rng, s.size(), offset, spread);
-  for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast})
-    for (int64_t n = 0; n < s.N; ++n)
-      for (int64_t c = 0; c < s.C; ++c)
-        for (int b = 0; b < border_pixels; ++b)
-          x[size_t(element_offset(s, layout, n, c, b == 0 ? 0 : s.HxW - 1))] = T(border_value);
-  const std::vector<T> weight = uniform_data<T>(rng, s.C, -2.0, 2.0);
-  const std::vector<T> bias = normal_data<T>(rng, s.C, 0.0, 1.0);
+// Accuracy over every layout, activation and affine mode, on every tested level, for one shape and its data;
+// data_label says how the data was made, for the failure messages.
+template <class T, class P = param_t<T>>
+void check_data(Tally& tally, const Levels& levels, const Shape& s, const std::vector<T>& x,
+                const std::vector<P>& weight, const std::vector<P>& bias, bool all_affine_modes, bool check_in_place,
+                const std::string& data_label) {
   for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
     Problem p;
     p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout, p.eps = 1e-5;
@@ -363,21 +485,44 @@ void check_shape(Tally& tally, const Levels& levels, const Shape& s, std::mt1993
         // all modes, or with --quick plain and w+b only; otherwise w+b alone
         const bool wanted = all_affine_modes ? (!g_quick || mode.weight == mode.bias) : (mode.weight && mode.bias);
         if (!wanted) continue;
-        const T* w = mode.weight ? weight.data() : nullptr;
-        const T* b = mode.bias ? bias.data() : nullptr;
+        const P* w = mode.weight ? weight.data() : nullptr;
+        const P* b = mode.bias ? bias.data() : nullptr;
         const ReferenceOutput y_ref = reference_output(s, layout, act, x.data(), w, b, ref);
         for (Isa isa : levels.tested) {
           if (!select_level(tally, isa)) continue;
-          const std::string label =
-              format("isa=%s %s %s act=%s affine=%s %s data=%g+%g*N(0,1)%s case_seed=%llu", groupnorm::isa_name(isa),
-                     dtype_name<T>(), layout_name(layout), activation_name(act), mode.name, shape_label(s).c_str(),
-                     offset, spread, border_pixels == 0 ? "" : format(" border_pixels=%d of %g", border_pixels, border_value).c_str(),
-                     (unsigned long long)case_seed);
+          const std::string label = format("isa=%s %s %s act=%s affine=%s %s %s", groupnorm::isa_name(isa),
+                                           dtype_name<T>(), layout_name(layout), activation_name(act), mode.name,
+                                           shape_label(s).c_str(), data_label.c_str());
           check_forward(tally, label, p, x, w, b, mode.stats, check_in_place, ref, y_ref);
         }
       }
     }
   }
+}
+
+// check_data on offset + spread * N(0,1) data, weight U(-2, 2), bias N(0, 1).
+// With border_pixels = 1 (2), position 0 (and HxW - 1) of every (n, c), in both layouts' indexing, is set to
+// border_value: a zero-padded border. A kernel that shifts its sums by a sample it takes from the ends of a
+// group or row loses accuracy when that sample sits far from the mean.
+template <class T, class P = param_t<T>>
+void check_shape(Tally& tally, const Levels& levels, const Shape& s, std::mt19937_64& master, double offset,
+                 double spread, bool all_affine_modes, bool check_in_place, int border_pixels = 0,
+                 double border_value = 0.0) {
+  const uint64_t case_seed = master();
+  std::mt19937_64 rng(case_seed);
+  std::vector<T> x = normal_data<T>(rng, s.size(), offset, spread);
+  for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast})
+    for (int64_t n = 0; n < s.N; ++n)
+      for (int64_t c = 0; c < s.C; ++c)
+        for (int b = 0; b < border_pixels; ++b)
+          x[size_t(element_offset(s, layout, n, c, b == 0 ? 0 : s.HxW - 1))] = from_double<T>(border_value);
+  const std::vector<P> weight = uniform_data<P>(rng, s.C, -2.0, 2.0);
+  const std::vector<P> bias = normal_data<P>(rng, s.C, 0.0, 1.0);
+  const std::string border =
+      border_pixels == 0 ? "" : format(" border_pixels=%d of %g", border_pixels, border_value);
+  check_data(tally, levels, s, x, weight, bias, all_affine_modes, check_in_place,
+             format("data=%g+%g*N(0,1)%s case_seed=%llu", offset, spread, border.c_str(),
+                    (unsigned long long)case_seed));
 }
 
 std::vector<int64_t> group_counts(int64_t C) {
@@ -410,8 +555,10 @@ void check_large(Tally& tally, const Levels& levels, std::mt19937_64& master, do
       {2, 32, 8, 49},          {1, 64, 32, 17},         {2, 320, 32, 7},          {1, 2048, 32, 9},
       {1, 96, 1, 1},           {3, 6, 2, 1},            {1, 256, 16, 65},         {2, 5, 5, 1023},
   };
+  // --quick: the 16-bit types keep the shapes of up to 3 chunks (float32's arithmetic is checked already)
+  const int64_t quick_limit = is_half_v<T> ? 50000 : 200000;
   for (const Shape& s : shapes)
-    if (!g_quick || s.size() <= 200000) check_shape<T>(tally, levels, s, master, offset, spread, false, false);
+    if (!g_quick || s.size() <= quick_limit) check_shape<T>(tally, levels, s, master, offset, spread, false, false);
 }
 
 // Data 200 + N(0,1) whose first (and last) pixel per channel is 0, a dark or zero-padded border: statistics
@@ -422,8 +569,10 @@ void check_border_outliers(Tally& tally, const Levels& levels, std::mt19937_64& 
   for (const Shape& s : shapes) check_shape<T>(tally, levels, s, master, 200.0, 1.0, false, false, border_pixels, 0.0);
 }
 
-// Same bits for num_threads = 1, 2, 3, 5 (and the set_num_threads default), on shapes large enough to split.
-template <class T>
+// Same bits for num_threads = 1, 2, 3, 5 (and the set_num_threads default), on shapes large enough to split;
+// --quick takes the cases marked in_quick only, 16-bit types (whose parallel paths are float32's) the first
+// of those only.
+template <class T, class P = param_t<T>>
 void check_thread_determinism(Tally& tally, const Levels& levels, std::mt19937_64& master) {
   struct ThreadCase {
     Shape shape;
@@ -439,13 +588,14 @@ void check_thread_determinism(Tally& tally, const Levels& levels, std::mt19937_6
   };
   const int thread_counts[] = {2, 3, 5};
   for (const ThreadCase& tc : cases) {
-    if (g_quick && !tc.in_quick) continue;
+    if ((g_quick || is_half_v<T>) && !tc.in_quick) continue;
+    if (is_half_v<T> && &tc != &cases[1]) continue;
     const Shape& s = tc.shape;
     const uint64_t case_seed = master();
     std::mt19937_64 rng(case_seed);
     const std::vector<T> x = normal_data<T>(rng, s.size(), -0.7, 2.0);
-    const std::vector<T> weight = uniform_data<T>(rng, s.C, -2.0, 2.0);
-    const std::vector<T> bias = normal_data<T>(rng, s.C, 0.0, 1.0);
+    const std::vector<P> weight = uniform_data<P>(rng, s.C, -2.0, 2.0);
+    const std::vector<P> bias = normal_data<P>(rng, s.C, 0.0, 1.0);
     for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
       Problem p;
       p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout;
@@ -461,10 +611,12 @@ void check_thread_determinism(Tally& tally, const Levels& levels, std::mt19937_6
                                            (unsigned long long)case_seed);
           p.num_threads = 1;
           check_forward(tally, label + " num_threads=1", p, x, weight.data(), bias.data(), true, false, ref, y_ref);
-          Guarded<T> y1(s.size()), mean1(s.N * s.G), rstd1(s.N * s.G);
+          Guarded<T> y1(s.size());
+          Guarded<P> mean1(s.N * s.G), rstd1(s.N * s.G);
           run_forward<T>(p, x.data(), weight.data(), bias.data(), y1.data(), mean1.data(), rstd1.data());
           auto expect_same_bits = [&](const std::string& which) {
-            Guarded<T> y(s.size()), mean(s.N * s.G), rstd(s.N * s.G);
+            Guarded<T> y(s.size());
+            Guarded<P> mean(s.N * s.G), rstd(s.N * s.G);
             const Status st = run_forward<T>(p, x.data(), weight.data(), bias.data(), y.data(), mean.data(), rstd.data());
             tally.expect(st == groupnorm::kOk && y.guards_intact() && y.bitwise_equal(y1) && mean.bitwise_equal(mean1) &&
                              rstd.bitwise_equal(rstd1),
@@ -513,6 +665,180 @@ void check_edge_cases(Tally& tally, const Levels& levels) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// float16 / bfloat16 conversions
+
+template <class H>
+H narrow(float f) {
+  if constexpr (std::is_same<H, Half>::value) return groupnorm::narrow_half(f);
+  else return groupnorm::narrow_bfloat16(f);
+}
+
+// Floats that probe H's rounding: ties to even (1 + 2^-11, 1 + 2^-8 and the like) and their odd neighbours,
+// values rounding to inf (65520) or just short of it, subnormals of H and of float, values flushing to 0,
+// NaN, inf; both signs. Both formats' probes serve either (the other's are plain data).
+std::vector<float> narrowing_probes() {
+  const float ties[] = {1.0f + 0x1p-11f, 1.0f + 3 * 0x1p-11f, 2049.0f, 2051.0f, 65520.0f, 0x1p-25f, 3 * 0x1p-25f,
+                        0x1p-14f - 0x1p-25f, 0x1p-14f + 0x1p-25f, 1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, 257.0f,
+                        0x1.ffp127f, 0x1p-133f * 0.5f, 0x1p-133f * 1.5f, 0x1p-126f * (1.0f + 0x1p-8f)};
+  const float others[] = {65504.0f, 65512.0f, 65536.0f, 1e5f, 1e30f, std::numeric_limits<float>::max(),
+                          std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(),
+                          1e-30f, 1e-40f, std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::min(),
+                          0x1p-24f, 1e-7f, 3e-5f, 6.1e-5f, 0.1f, 1.0f / 3.0f, 3.14159265f, 0.0f};
+  std::vector<float> probes;
+  for (float t : ties) probes.insert(probes.end(), {t, std::nextafter(t, 0.0f), std::nextafter(t, INFINITY)});
+  probes.insert(probes.end(), std::begin(others), std::end(others));
+  for (size_t i = 0, n = probes.size(); i < n; ++i) probes.push_back(-probes[i]);
+  if (probes.size() % 2 == 0) probes.push_back(1.0f);  // an odd C: a tail on every vector width
+  return probes;
+}
+
+// half.h's widen and narrow_half / narrow_bfloat16 (the scalar level's conversions and the expectation of the
+// narrowing check) against an independent reference: the bit layout decoded with ldexp, round_to_bits, and the
+// compiler's _Float16 where it has one. Probes every value of H, the midpoints between neighbours and the floats
+// either side of them, both signs, random float bit patterns and NaN.
+template <class H>
+void check_software_conversions(Tally& tally, std::mt19937_64& master) {
+  using F = HalfFormat<H>;
+  int64_t widen_bad = 0, narrow_bad = 0, compiler_bad = 0;
+  uint32_t first_widen = 0, first_narrow = 0, first_compiler = 0;
+  for (uint32_t bits = 0; bits < 0x10000u; ++bits) {
+    const uint32_t field = (bits & 0x7fffu) >> F::kMantissaBits, mantissa = bits & ((1u << F::kMantissaBits) - 1);
+    const int scale = int(field == 0 ? 1 : field) - 1 + F::kMinExponent - F::kMantissaBits;
+    long double expected = std::ldexp((long double)(field == 0 ? mantissa : mantissa + (1u << F::kMantissaBits)), scale);
+    if ((bits & 0x7fffu) >= F::kInfBits) expected = mantissa ? NAN : INFINITY;
+    if (bits & 0x8000u) expected = -expected;
+    const float got = groupnorm::widen(H{uint16_t(bits)});
+    const bool ok = std::isnan(expected) ? std::isnan(got) : (long double)got == expected && std::signbit(got) == std::signbit(expected);
+    if (!ok && widen_bad++ == 0) first_widen = bits;
+  }
+  std::vector<float> probes = narrowing_probes();
+  for (uint32_t bits = 0; bits < F::kInfBits; ++bits) {
+    const long double v = value_of(H{uint16_t(bits)});
+    const long double next = bits + 1 < F::kInfBits ? value_of(H{uint16_t(bits + 1)})
+                                                    : 2 * v - value_of(H{uint16_t(bits - 1)});  // past the largest
+    const float mid = float((v + next) / 2);  // exact: one bit more than H holds
+    for (float f : {float(v), mid, std::nextafter(mid, 0.0f), std::nextafter(mid, INFINITY)})
+      probes.insert(probes.end(), {f, -f});
+  }
+  std::mt19937_64 rng(master());
+  std::uniform_int_distribution<uint32_t> random_bits;
+  for (int i = 0; i < (g_quick ? 1 << 16 : 1 << 20); ++i) {
+    const uint32_t u = random_bits(rng);
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    probes.push_back(f);
+  }
+  for (float f : probes) {
+    const uint16_t got = narrow<H>(f).bits;
+    const uint16_t quiet_bit = uint16_t(1u << (F::kMantissaBits - 1));
+    const bool ok = std::isnan(f) ? is_nan_bits(got, F::kInfBits) && (got & quiet_bit) : got == round_to_bits<H>(f);
+    if (!ok && narrow_bad++ == 0) first_narrow = groupnorm::float_bits(f);
+#ifdef GROUPNORM_CHECK_COMPILER_HALF
+    if (std::is_same<H, Half>::value && !std::isnan(f)) {
+      const CompilerHalf h = CompilerHalf(f);
+      uint16_t compiler_bits;
+      std::memcpy(&compiler_bits, &h, sizeof compiler_bits);
+      if (compiler_bits != got && compiler_bad++ == 0) first_compiler = groupnorm::float_bits(f);
+    }
+#endif
+  }
+  tally.expect(widen_bad == 0, format("widen(%s) differs from the bit layout for %lld patterns, the first 0x%04x",
+                                      dtype_name<H>(), (long long)widen_bad, first_widen));
+  tally.expect(narrow_bad == 0, format("narrow to %s differs from round_to_bits for %lld of %zu floats, the first "
+                                       "0x%08x", dtype_name<H>(), (long long)narrow_bad, probes.size(), first_narrow));
+  tally.expect(compiler_bad == 0, format("narrow_half differs from the compiler's binary16 cast for %lld floats, "
+                                         "the first 0x%08x", (long long)compiler_bad, first_compiler));
+}
+
+// With weight = 0 every output is narrow(bias[c]) exactly: x_hat * 0 is 0 and adding it leaves the bias as is, so
+// the kernels' narrowing (vector body and tails: C is odd) must give half.h's bits; a NaN bias must give a NaN,
+// a zero bias either zero.
+template <class H>
+void check_narrowing(Tally& tally, const Levels& levels, std::mt19937_64& master) {
+  const std::vector<float> bias = narrowing_probes();
+  const uint64_t case_seed = master();
+  std::mt19937_64 rng(case_seed);
+  const Shape s{2, int64_t(bias.size()), 1, 19};
+  const std::vector<H> x = normal_data<H>(rng, s.size(), 0.5, 1.5);
+  const std::vector<float> weight(bias.size(), 0.0f);
+  for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
+    Problem p;
+    p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout;
+    for (Isa isa : levels.tested) {
+      if (!select_level(tally, isa)) continue;
+      Guarded<H> y(s.size());
+      const Status st = run_forward<H>(p, x.data(), weight.data(), bias.data(), y.data(), nullptr, nullptr);
+      int64_t bad = 0, first = -1;
+      for (int64_t n = 0; n < s.N; ++n)
+        for (int64_t c = 0; c < s.C; ++c)
+          for (int64_t i = 0; i < s.HxW; ++i) {
+            const int64_t k = element_offset(s, layout, n, c, i);
+            const uint16_t got = y.data()[k].bits, want = narrow<H>(bias[size_t(c)]).bits;
+            const bool ok = got == want || (is_nan_bits(want, HalfFormat<H>::kInfBits) &&
+                                            is_nan_bits(got, HalfFormat<H>::kInfBits)) ||
+                            ((want & 0x7fff) == 0 && (got & 0x7fff) == 0);
+            if (!ok && bad++ == 0) first = k;
+          }
+      const int64_t c_first = first < 0 ? 0 : (layout == Layout::kChannelsFirst ? first / s.HxW % s.C : first % s.C);
+      tally.expect(st == groupnorm::kOk && y.guards_intact() && bad == 0,
+                   format("narrowing isa=%s %s %s %s case_seed=%llu: status %d, guards %d, %lld outputs not "
+                          "narrow(bias), the first at index %lld: 0x%04x for bias %.9e (want 0x%04x)",
+                          groupnorm::isa_name(isa), dtype_name<H>(), layout_name(layout), shape_label(s).c_str(),
+                          (unsigned long long)case_seed, int(st), int(y.guards_intact()), (long long)bad,
+                          (long long)first, first < 0 ? 0 : y.data()[first].bits, double(bias[size_t(c_first)]),
+                          narrow<H>(bias[size_t(c_first)]).bits));
+    }
+  }
+}
+
+// Every 16-bit pattern as a group of its own, (1, 65536) with G = 65536: mean_out must be the widened value of
+// every finite pattern (the kernels' widening against half.h's, itself checked against the bit layout).
+template <class H>
+void check_widening(Tally& tally, const Levels& levels) {
+  const Shape s{1, 65536, 65536, 1};
+  std::vector<H> x(size_t(s.size()));
+  for (uint32_t bits = 0; bits < 0x10000u; ++bits) x[bits] = H{uint16_t(bits)};
+  for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
+    Problem p;
+    p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout;
+    for (Isa isa : levels.tested) {
+      if (!select_level(tally, isa)) continue;
+      Guarded<H> y(s.size());
+      Guarded<float> mean(s.N * s.G), rstd(s.N * s.G);
+      const Status st = run_forward<H>(p, x.data(), nullptr, nullptr, y.data(), mean.data(), rstd.data());
+      int64_t bad = 0, first = -1;
+      for (uint32_t bits = 0; bits < 0x10000u; ++bits) {
+        const float want = groupnorm::widen(x[bits]);
+        if (std::isfinite(want) && !(mean.data()[bits] == want) && bad++ == 0) first = bits;
+      }
+      tally.expect(st == groupnorm::kOk && y.guards_intact() && mean.guards_intact() && rstd.guards_intact() && bad == 0,
+                   format("widening isa=%s %s %s %s: status %d, %lld finite patterns whose mean_out is not their "
+                          "value, the first 0x%04llx: mean_out=%.9e want %.9e (or guards overwritten)",
+                          groupnorm::isa_name(isa), dtype_name<H>(), layout_name(layout), shape_label(s).c_str(),
+                          int(st), (long long)bad, (long long)(first < 0 ? 0 : first),
+                          first < 0 ? 0.0 : double(mean.data()[first]),
+                          first < 0 ? 0.0 : double(groupnorm::widen(x[size_t(first)]))));
+    }
+  }
+}
+
+// float16 outputs around +-65504: bias +-62000 by channel, weight U(2000, 4000), so y spans the largest finite
+// values, the midpoint 65520 and past it, where it must become +-inf.
+void check_float16_extremes(Tally& tally, const Levels& levels, std::mt19937_64& master) {
+  const Shape shapes[] = {{2, 21, 3, 37}, {1, 33, 1, 65}};
+  for (const Shape& s : shapes) {
+    const uint64_t case_seed = master();
+    std::mt19937_64 rng(case_seed);
+    const std::vector<Half> x = normal_data<Half>(rng, s.size(), 0.0, 1.0);
+    const std::vector<float> weight = uniform_data<float>(rng, s.C, 2000.0, 4000.0);
+    std::vector<float> bias(size_t(s.C));
+    for (int64_t c = 0; c < s.C; ++c) bias[size_t(c)] = c % 2 ? -62000.0f : 62000.0f;
+    check_data(tally, levels, s, x, weight, bias, false, true,
+               format("data=N(0,1) weight=U(2000,4000) bias=+-62000 case_seed=%llu", (unsigned long long)case_seed));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Backward
 
 template <class T>
@@ -522,18 +848,21 @@ constexpr double grad_tolerance() {
 
 // Reference gradients and the scale each is judged against: max|g_ref|, widened to the size of the terms that
 // cancel where the reference value is itself a residue (dx of a 1- or 2-element group; a sum of few terms).
+// dx_terms: rstd * (|w dy| + |mean(w dy)| + |x_hat mean(w dy x_hat)|), the scale of what float compute knows a
+// 16-bit dx to.
 struct ReferenceGrads {
-  std::vector<long double> dx, dw, db;
+  std::vector<long double> dx, dw, db, dx_terms;
   long double dx_scale = 0, dw_scale = 0, db_scale = 0;
 };
 
 template <class T>
-ReferenceGrads reference_grads(const Shape& s, Layout layout, const T* dy, const T* x, const T* weight,
+ReferenceGrads reference_grads(const Shape& s, Layout layout, const T* dy, const T* x, const param_t<T>* weight,
                                const ReferenceStats& ref) {
   const int64_t D = s.C / s.G;
   const long double M = (long double)(D * s.HxW);
   ReferenceGrads g;
   g.dx.resize(size_t(s.size()));
+  g.dx_terms.resize(size_t(s.size()));
   g.dw.assign(size_t(s.C), 0.0L);
   g.db.assign(size_t(s.C), 0.0L);
   std::vector<long double> dw_sq(size_t(s.C), 0.0L), db_sq(size_t(s.C), 0.0L);
@@ -545,20 +874,22 @@ ReferenceGrads reference_grads(const Shape& s, Layout layout, const T* dy, const
       for (int64_t c = gr * D; c < (gr + 1) * D; ++c)
         for (int64_t i = 0; i < s.HxW; ++i) {
           const int64_t k = element_offset(s, layout, n, c, i);
-          const long double w = weight ? (long double)weight[c] : 1.0L, xhat = ((long double)x[k] - mean) * rstd;
-          sum_wdy += w * dy[k];
-          sum_wdy_xhat += w * dy[k] * xhat;
+          const long double w = weight ? (long double)weight[c] : 1.0L, xhat = (value_of(x[k]) - mean) * rstd;
+          sum_wdy += w * value_of(dy[k]);
+          sum_wdy_xhat += w * value_of(dy[k]) * xhat;
         }
       for (int64_t c = gr * D; c < (gr + 1) * D; ++c)
         for (int64_t i = 0; i < s.HxW; ++i) {
           const int64_t k = element_offset(s, layout, n, c, i);
-          const long double w = weight ? (long double)weight[c] : 1.0L, xhat = ((long double)x[k] - mean) * rstd;
-          g.dx[size_t(k)] = rstd * (w * dy[k] - sum_wdy / M - xhat * sum_wdy_xhat / M);
-          g.dx_scale = std::fmax(g.dx_scale, std::fabs(rstd * w * dy[k]));
-          g.dw[size_t(c)] += dy[k] * xhat;
-          g.db[size_t(c)] += dy[k];
-          dw_sq[size_t(c)] += (dy[k] * xhat) * (dy[k] * xhat);
-          db_sq[size_t(c)] += (long double)dy[k] * dy[k];
+          const long double w = weight ? (long double)weight[c] : 1.0L, xhat = (value_of(x[k]) - mean) * rstd;
+          const long double d = value_of(dy[k]);
+          g.dx[size_t(k)] = rstd * (w * d - sum_wdy / M - xhat * sum_wdy_xhat / M);
+          g.dx_terms[size_t(k)] = rstd * (std::fabs(w * d) + std::fabs(sum_wdy / M) + std::fabs(xhat * sum_wdy_xhat / M));
+          g.dx_scale = std::fmax(g.dx_scale, std::fabs(rstd * w * d));
+          g.dw[size_t(c)] += d * xhat;
+          g.db[size_t(c)] += d;
+          dw_sq[size_t(c)] += (d * xhat) * (d * xhat);
+          db_sq[size_t(c)] += d * d;
         }
     }
   for (int64_t c = 0; c < s.C; ++c) {
@@ -570,16 +901,16 @@ ReferenceGrads reference_grads(const Shape& s, Layout layout, const T* dy, const
 }
 
 template <class T>
-Status run_backward(const Problem& p, const T* dy, const T* x, const T* mean, const T* rstd, const T* weight, T* dx,
-                    T* dweight, T* dbias) {
+Status run_backward(const Problem& p, const T* dy, const T* x, const param_t<T>* mean, const param_t<T>* rstd,
+                    const param_t<T>* weight, T* dx, param_t<T>* dweight, param_t<T>* dbias) {
   return groupnorm::group_norm_backward(p, dtype_of<T>(), dy, x, mean, rstd, weight, dx, dweight, dbias);
 }
 
-// max |g - g_ref| <= tol * scale, no NaN (unwritten poison), guards intact.
-template <class T>
-void expect_close_grad(Tally& tally, const std::string& label, const char* name, Quantity q, const Guarded<T>& g,
+// max |g - g_ref| <= tol * scale, no NaN (unwritten poison), guards intact; g of type G, margins kept for T.
+template <class T, class G>
+void expect_close_grad(Tally& tally, const std::string& label, const char* name, Quantity q, const Guarded<G>& g,
                        const std::vector<long double>& ref, long double scale) {
-  const long double bound = grad_tolerance<T>() * (scale > 0 ? scale : 1.0L);
+  const long double bound = grad_tolerance<G>() * (scale > 0 ? scale : 1.0L);
   long double worst_ratio = 0;
   int64_t worst = 0;
   for (int64_t k = 0; k < g.n; ++k) {
@@ -596,19 +927,26 @@ void expect_close_grad(Tally& tally, const std::string& label, const char* name,
 
 // Forward (for mean and rstd) then backward on the current ISA: accuracy, guards, the same dx without
 // dweight/dbias, and in place (dx == dy).
-template <class T>
+template <class T, class P = param_t<T>>
 void check_backward_case(Tally& tally, const std::string& label, const Problem& p, const std::vector<T>& dy,
-                         const std::vector<T>& x, const T* weight, const ReferenceGrads& ref) {
+                         const std::vector<T>& x, const P* weight, const ReferenceGrads& ref) {
   const Shape s{p.N, p.C, p.G, p.HxW};
-  std::vector<T> y(size_t(s.size())), mean(size_t(s.N * s.G)), rstd(size_t(s.N * s.G));
+  std::vector<T> y(size_t(s.size()));
+  std::vector<P> mean(size_t(s.N * s.G)), rstd(size_t(s.N * s.G));
   Status st = run_forward<T>(p, x.data(), weight, nullptr, y.data(), mean.data(), rstd.data());
   if (!tally.expect(st == groupnorm::kOk, format("%s: forward status %d", label.c_str(), int(st)))) return;
-  Guarded<T> dx(s.size()), dw(s.C), db(s.C);
+  Guarded<T> dx(s.size());
+  Guarded<P> dw(s.C), db(s.C);
   st = run_backward<T>(p, dy.data(), x.data(), mean.data(), rstd.data(), weight, dx.data(), dw.data(), db.data());
   if (!tally.expect(st == groupnorm::kOk, format("%s: backward status %d", label.c_str(), int(st)))) return;
-  expect_close_grad(tally, label, "dx", kGradInput, dx, ref.dx, ref.dx_scale);
-  expect_close_grad(tally, label, "dweight", kGradWeight, dw, ref.dw, ref.dw_scale);
-  expect_close_grad(tally, label, "dbias", kGradBias, db, ref.db, ref.db_scale);
+  if constexpr (is_half_v<T>) {
+    tally.expect(dx.guards_intact(), label + ": dx guard region overwritten");
+    expect_rounded(tally, label, "dx", kGradInput, dx, ref.dx, ref.dx_terms, 0x1p-18L);
+  } else {
+    expect_close_grad<T>(tally, label, "dx", kGradInput, dx, ref.dx, ref.dx_scale);
+  }
+  expect_close_grad<T>(tally, label, "dweight", kGradWeight, dw, ref.dw, ref.dw_scale);
+  expect_close_grad<T>(tally, label, "dbias", kGradBias, db, ref.db, ref.db_scale);
   Guarded<T> dx_only(s.size());
   st = run_backward<T>(p, dy.data(), x.data(), mean.data(), rstd.data(), weight, dx_only.data(), nullptr, nullptr);
   tally.expect(st == groupnorm::kOk && dx_only.guards_intact() && dx_only.bitwise_equal(dx),
@@ -620,19 +958,19 @@ void check_backward_case(Tally& tally, const std::string& label, const Problem& 
                label + ": in-place dx (dx == dy) differs from out-of-place");
 }
 
-template <class T>
+template <class T, class P = param_t<T>>
 void check_backward_shape(Tally& tally, const Levels& levels, const Shape& s, std::mt19937_64& master, double offset) {
   const uint64_t case_seed = master();
   std::mt19937_64 rng(case_seed);
   const std::vector<T> x = normal_data<T>(rng, s.size(), offset, 1.5);
   const std::vector<T> dy = normal_data<T>(rng, s.size(), 0.0, 1.0);
-  const std::vector<T> weight = uniform_data<T>(rng, s.C, -2.0, 2.0);
+  const std::vector<P> weight = uniform_data<P>(rng, s.C, -2.0, 2.0);
   for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
     Problem p;
     p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout;
     const ReferenceStats stats = reference_stats(s, layout, x.data(), p.eps);
     for (bool with_weight : {false, true}) {
-      const T* w = with_weight ? weight.data() : nullptr;
+      const P* w = with_weight ? weight.data() : nullptr;
       const ReferenceGrads ref = reference_grads(s, layout, dy.data(), x.data(), w, stats);
       for (Isa isa : levels.tested) {
         if (!select_level(tally, isa)) continue;
@@ -648,39 +986,51 @@ void check_backward_shape(Tally& tally, const Levels& levels, const Shape& s, st
 
 template <class T>
 void check_backward_all(Tally& tally, const Levels& levels, std::mt19937_64& master) {
+  // --quick takes a third of the 16-bit tails and none of their largest shapes: float32 arithmetic is checked
+  // already, the conversions are what the 16-bit types add.
+  const bool thin = g_quick && is_half_v<T>;
   const int64_t tails[] = {1, 3, 7, 15, 16, 17, 31, 33, 63, 65};
   for (int64_t C : tails)
-    for (int64_t HxW : tails)
+    for (int64_t HxW : tails) {
+      if (thin && (C + HxW) % 3 != 0) continue;
       for (int64_t G : group_counts(C)) check_backward_shape<T>(tally, levels, {2, C, G, HxW}, master, 0.5);
+    }
   const Shape shapes[] = {{1, 1, 1, 16385}, {2, 3, 1, 3 * 16384 + 5}, {1, 2, 1, 600001}, {1, 320, 32, 37},
                           {3, 64, 32, 17},  {1, 7, 7, 50001},         {2, 5, 5, 1023}};
-  for (const Shape& s : shapes) check_backward_shape<T>(tally, levels, s, master, 0.5);
-  for (const Shape& s : shapes) check_backward_shape<T>(tally, levels, s, master, 1e4);
+  const double offset = is_half_v<T> ? 100.0 : 1e4;  // 1e4 leaves float16 an ulp of 8
+  for (const Shape& s : shapes)
+    if (!thin || s.size() <= 200000) check_backward_shape<T>(tally, levels, s, master, 0.5);
+  for (const Shape& s : shapes)
+    if (!thin || s.size() <= 200000) check_backward_shape<T>(tally, levels, s, master, offset);
 }
 
-// Same bits of dx, dweight, dbias for num_threads = 1, 2, 3, 5.
-template <class T>
+// Same bits of dx, dweight, dbias for num_threads = 1, 2, 3, 5; 16-bit types take the second shape only.
+template <class T, class P = param_t<T>>
 void check_backward_determinism(Tally& tally, const Levels& levels, std::mt19937_64& master) {
   const Shape shapes[] = {{1, 4, 1, 65536 + 33}, {2, 6, 3, 30007}, {16, 32, 8, 1031}, {1, 7, 7, 50001}};
   for (const Shape& s : shapes) {
+    if (is_half_v<T> && &s != &shapes[1]) continue;
     const uint64_t case_seed = master();
     std::mt19937_64 rng(case_seed);
     const std::vector<T> x = normal_data<T>(rng, s.size(), -0.7, 2.0), dy = normal_data<T>(rng, s.size(), 0.0, 1.0);
-    const std::vector<T> weight = uniform_data<T>(rng, s.C, -2.0, 2.0);
+    const std::vector<P> weight = uniform_data<P>(rng, s.C, -2.0, 2.0);
     for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
       Problem p;
       p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout, p.num_threads = 1;
-      std::vector<T> y(size_t(s.size())), mean(size_t(s.N * s.G)), rstd(size_t(s.N * s.G));
+      std::vector<T> y(size_t(s.size()));
+      std::vector<P> mean(size_t(s.N * s.G)), rstd(size_t(s.N * s.G));
       for (Isa isa : levels.tested) {
         if (!select_level(tally, isa)) continue;
         p.num_threads = 1;
         run_forward<T>(p, x.data(), weight.data(), nullptr, y.data(), mean.data(), rstd.data());
-        Guarded<T> dx1(s.size()), dw1(s.C), db1(s.C);
+        Guarded<T> dx1(s.size());
+        Guarded<P> dw1(s.C), db1(s.C);
         run_backward<T>(p, dy.data(), x.data(), mean.data(), rstd.data(), weight.data(), dx1.data(), dw1.data(),
                         db1.data());
         for (int nt : {2, 3, 5}) {
           p.num_threads = nt;
-          Guarded<T> dx(s.size()), dw(s.C), db(s.C);
+          Guarded<T> dx(s.size());
+          Guarded<P> dw(s.C), db(s.C);
           const Status st = run_backward<T>(p, dy.data(), x.data(), mean.data(), rstd.data(), weight.data(),
                                             dx.data(), dw.data(), db.data());
           tally.expect(st == groupnorm::kOk && dx.bitwise_equal(dx1) && dw.bitwise_equal(dw1) && db.bitwise_equal(db1),
@@ -779,17 +1129,42 @@ int main(int argc, char** argv) {
   section("thread determinism f32", [&] { check_thread_determinism<float>(tally, levels, master); });
   section("thread determinism f64", [&] { check_thread_determinism<double>(tally, levels, master); });
   section("edge cases", [&] { check_edge_cases(tally, levels); });
+  section("conversions f16 (software)", [&] { check_software_conversions<Half>(tally, master); });
+  section("conversions bf16 (software)", [&] { check_software_conversions<BFloat16>(tally, master); });
+  section("narrowing f16", [&] { check_narrowing<Half>(tally, levels, master); });
+  section("narrowing bf16", [&] { check_narrowing<BFloat16>(tally, levels, master); });
+  section("widening f16", [&] { check_widening<Half>(tally, levels); });
+  section("widening bf16", [&] { check_widening<BFloat16>(tally, levels); });
+  section("tails f16", [&] { check_tails<Half>(tally, levels, master); });
+  section("tails bf16", [&] { check_tails<BFloat16>(tally, levels, master); });
+  section("large shapes f16", [&] { check_large<Half>(tally, levels, master, 0.5, 1.5); });
+  section("large shapes bf16", [&] { check_large<BFloat16>(tally, levels, master, 0.5, 1.5); });
+  section("offset f16 (100+5*N(0,1))", [&] { check_large<Half>(tally, levels, master, 100.0, 5.0); });
+  section("offset bf16 (100+5*N(0,1))", [&] { check_large<BFloat16>(tally, levels, master, 100.0, 5.0); });
+  section("near +-65504 f16", [&] { check_float16_extremes(tally, levels, master); });
+  section("thread determinism f16", [&] { check_thread_determinism<Half>(tally, levels, master); });
+  section("thread determinism bf16", [&] { check_thread_determinism<BFloat16>(tally, levels, master); });
   section("backward f32", [&] { check_backward_all<float>(tally, levels, master); });
   section("backward f64", [&] { check_backward_all<double>(tally, levels, master); });
   section("backward determinism f32", [&] { check_backward_determinism<float>(tally, levels, master); });
   section("backward determinism f64", [&] { check_backward_determinism<double>(tally, levels, master); });
+  section("backward f16", [&] { check_backward_all<Half>(tally, levels, master); });
+  section("backward bf16", [&] { check_backward_all<BFloat16>(tally, levels, master); });
+  section("backward determinism f16", [&] { check_backward_determinism<Half>(tally, levels, master); });
+  section("backward determinism bf16", [&] { check_backward_determinism<BFloat16>(tally, levels, master); });
   section("backward edge cases", [&] { check_backward_edge_cases(tally, levels); });
   groupnorm::isa_select(groupnorm::isa_best());
 
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  for (int f = 0; f < 2; ++f) {
-    std::printf("worst |err|/bound %s:", f == 0 ? "f32" : "f64");
-    for (int q = 0; q < kQuantityCount; ++q) std::printf(" %s %.3f", kQuantityNames[q], g_margin[f][q]);
+  for (int f = 0; f < kDTypeCount; ++f) {
+    std::printf("worst |err|/bound %s:", kDTypeNames[f]);
+    for (int q = 0; q < kQuantityCount; ++q)
+      if (f < 2 || (q != kOutput && q != kOutputSilu && q != kGradInput))
+        std::printf(" %s %.3f", kQuantityNames[q], g_margin[f][q]);
+    if (f >= 2)
+      for (Quantity q : {kOutput, kOutputSilu, kGradInput})
+        std::printf("; %s not nearest %lld of %lld", kQuantityNames[q], (long long)g_off_nearest[f][q],
+                    (long long)g_rounded_count[f][q]);
     std::printf("\n");
   }
   std::printf("total %.2f s, seed=%llu\n", secs, (unsigned long long)g_master_seed);
