@@ -560,16 +560,22 @@ def main(argv=None) -> int:
     rows = [summarise_case(case) for case in cases]
     summaries = {dtype: summarise([r for r in rows if r["dtype"] == dtype], dtype) for dtype in args.dtypes}
     print("\n".join(report_lines(rows, summaries)).rstrip("\n"))
+    write_outputs(args, header, rows, "summaries", summaries, write_markdown)
+    return 0
+
+
+def write_outputs(args, header: dict, rows: list, summary_key: str, summary, write_markdown) -> None:
+    """Reports the rows whose sanity check failed (stderr), then writes --json (header, rows and the summary
+    under `summary_key`) and --markdown (through `write_markdown`) where asked; shared by both benchmarks."""
     for row in rows:
         if not row["check"]["ok"]:
-            print(f"MISMATCH {row['case']} {row['layout']} {row['dtype']}: {row['check']}", file=sys.stderr)
-
+            label = " ".join(str(row[key]) for key in ("case", "layout", "dtype") if key in row)
+            print(f"MISMATCH {label}: {row['check']}", file=sys.stderr)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"header": header, "rows": rows, "summaries": summaries}, handle, indent=2)
+            json.dump({"header": header, "rows": rows, summary_key: summary}, handle, indent=2)
     if args.markdown:
-        write_markdown(args.markdown, header, rows, summaries)
-    return 0
+        write_markdown(args.markdown, header, rows, summary)
 
 
 if __name__ == "__main__":

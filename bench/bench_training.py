@@ -21,7 +21,6 @@ import argparse
 import datetime
 import functools
 import gc
-import json
 import os
 import platform
 import shlex
@@ -46,7 +45,8 @@ import groupnorm.torch as gnt
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_forward import (ISSUE_CHANNELS_LAST, ONE_MILLION, QUICK_CASE_IDS, all_case_specs,  # noqa: E402
                            calibrate, fmt, format_markdown_table, format_text_table, geometric_mean,
-                           header_lines, machine_header, target_lines, time_batch_ns, worst_spread)
+                           header_lines, machine_header, target_lines, time_batch_ns, worst_spread,
+                           write_outputs)
 
 CONTENDERS = ("torch", "gn", "fn_floor", "gn_bwd", "add_numpy", "add_alloc", "add_torch")
 CHANNELS_LAST_PAIR = "1x320x64x64-g32"  # the case whose channels-last and NCHW backward are compared
@@ -425,15 +425,7 @@ def main(argv=None) -> int:
     print()
     for line in target_lines(summary, TARGETS):
         print(line)
-    for row in rows:
-        if not row["check"]["ok"]:
-            print(f"MISMATCH {row['case']} {row['layout']}: {row['check']}", file=sys.stderr)
-
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"header": header, "rows": rows, "summary": summary}, handle, indent=2)
-    if args.markdown:
-        write_markdown(args.markdown, header, rows, summary)
+    write_outputs(args, header, rows, "summary", summary, write_markdown)
     return 0
 
 

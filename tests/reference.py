@@ -73,6 +73,14 @@ def assert_matches_reference(y, y_ref, *, activation=None, what="group_norm"):
         f"got {y[worst]!r}, expected {float(y_ref[worst])!r}; dtype {y.dtype}, shape {y.shape}")
 
 
+def affine_params(rng, C, dtype, affine):
+    """Standard normal (C,) weight and bias of `dtype`, each present when `affine` names it ("weight", "bias",
+    "both"; anything else gives neither)."""
+    weight = rng.standard_normal(C).astype(dtype) if affine in ("weight", "both") else None
+    bias = rng.standard_normal(C).astype(dtype) if affine in ("bias", "both") else None
+    return weight, bias
+
+
 def random_array(rng, shape, dtype, layout="contiguous", *, offset=0.0, scale=1.0):
     """Standard normal data (times scale, plus offset) of logical shape (N, C, *) in the named memory layout."""
     shape = tuple(shape)

@@ -5,19 +5,13 @@ import numpy as np
 import pytest
 
 import groupnorm as gn
-from reference import (assert_matches_reference, check_group_norm, empty_like_layout, group_norm_reference,
-                       random_array, same_bits)
+from reference import (affine_params, assert_matches_reference, check_group_norm, empty_like_layout,
+                       group_norm_reference, random_array, same_bits)
 
 DTYPES = [np.float32, np.float64]
 TAILS = (1, 3, 7, 15, 16, 17, 31, 33, 63, 65)
 AFFINE = ("none", "weight", "bias", "both")
 CHUNK = 16384  # the kernels' minimum chunk, in elements
-
-
-def affine_params(rng, C, dtype, affine):
-    weight = rng.standard_normal(C).astype(dtype) if affine in ("weight", "both") else None
-    bias = rng.standard_normal(C).astype(dtype) if affine in ("bias", "both") else None
-    return weight, bias
 
 
 def _group_choices(C):

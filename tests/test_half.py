@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import groupnorm as gn
-from reference import (empty_like_layout, group_norm_backward_reference, group_norm_reference,
+from groupnorm._dlpack import BFLOAT16_STORAGE
+from reference import (affine_params, empty_like_layout, group_norm_backward_reference, group_norm_reference,
                        group_stats_reference, random_array, same_bits, same_memory_order)
 
 try:
@@ -14,7 +15,6 @@ try:
 except ImportError:  # bfloat16 NumPy arrays need ml_dtypes; CI installs it with the test extra
     ml_dtypes = None
 
-BFLOAT16_STORAGE = np.dtype([("bfloat16", "<u2")])  # what groupnorm._dlpack gives when ml_dtypes is absent
 HALF_DTYPES = [pytest.param(np.dtype(np.float16), id="float16"),
                pytest.param(np.dtype(ml_dtypes.bfloat16) if ml_dtypes else None, id="bfloat16",
                             marks=pytest.mark.skipif(ml_dtypes is None, reason="ml_dtypes is not installed"))]
@@ -75,12 +75,6 @@ def forward_slack(x, G, weight, bias, activation):
     return COMPUTE_SLACK * (1.1 if activation else 1.0) * terms
 
 
-def params(rng, C, dtype, affine):
-    weight = rng.standard_normal(C).astype(dtype) if affine in ("weight", "both") else None
-    bias = rng.standard_normal(C).astype(dtype) if affine in ("bias", "both") else None
-    return weight, bias
-
-
 def check_forward(x, G, weight=None, bias=None, activation=None):
     """group_norm with and without a NaN-poisoned out=, both rounded to nearest, bitwise equal, inputs untouched."""
     x_before = np.array(x, copy=True)
@@ -106,7 +100,7 @@ TAIL_CASES = ([((2, 6, n), 3) for n in TAILS] + [((2, c, 5), 1) for c in TAILS] 
 def test_tails(isa, rng, case, dtype, layout):
     shape, G = TAIL_CASES[case]
     x = random_array(rng, shape, dtype, layout, offset=0.5, scale=2.0)
-    weight, bias = params(rng, shape[1], np.float32, ("both", "weight", "bias", None)[case % 4])
+    weight, bias = affine_params(rng, shape[1], np.float32, ("both", "weight", "bias", None)[case % 4])
     check_forward(x, G, weight, bias)
 
 
@@ -117,7 +111,7 @@ def test_tails(isa, rng, case, dtype, layout):
                                       ((1, 8, 70000), 2), ((4, 96, 9, 9), 96)])
 def test_forward(isa, rng, shape, G, dtype, layout, activation):
     x = random_array(rng, shape, dtype, layout, offset=1.0, scale=3.0)
-    weight, bias = params(rng, shape[1], np.float32, "both")
+    weight, bias = affine_params(rng, shape[1], np.float32, "both")
     check_forward(x, G, weight, bias, activation)
 
 
@@ -126,7 +120,7 @@ def test_forward(isa, rng, shape, G, dtype, layout, activation):
 def test_large_groups_split_across_threads(isa, rng, dtype, layout):
     gn.set_num_threads(2)
     x = random_array(rng, (1, 64, 96, 96), dtype, layout, offset=100.0, scale=5.0)
-    weight, bias = params(rng, 64, np.float32, "both")
+    weight, bias = affine_params(rng, 64, np.float32, "both")
     check_forward(x, 2, weight, bias)
 
 

@@ -12,6 +12,7 @@ import operator
 
 import numpy as np
 
+from ._dlpack import BFLOAT16_STORAGE
 from ._groupnorm cimport (
     Problem, Status, kOk, kOutOfMemory, kUnsupported, Layout, Activation, DType, Isa,
     group_norm_forward as c_group_norm_forward, group_norm_backward as c_group_norm_backward,
@@ -42,8 +43,8 @@ cnp.import_array()
 cdef object _float32 = np.dtype(np.float32)
 cdef object _float64 = np.dtype(np.float64)
 # bfloat16 arrives as ml_dtypes.bfloat16 (a NumPy user dtype) or, from a DLPack producer when ml_dtypes is
-# absent, as this one-field structured dtype over the raw bits (groupnorm._dlpack's BFLOAT16_STORAGE).
-cdef object _bfloat16_storage = np.dtype([("bfloat16", "<u2")])
+# absent, as groupnorm._dlpack's one-field structured dtype over the raw bits.
+cdef object _bfloat16_storage = BFLOAT16_STORAGE
 cdef int _bfloat16_typenum = -1  # ml_dtypes.bfloat16's type number, once one has been seen
 cdef str _SUPPORTED_DTYPES = "float16, bfloat16, float32 and float64"
 cdef tuple _ISA_NAMES = ("scalar", "avx2", "avx512", "neon")
@@ -156,8 +157,6 @@ cdef int _dtype_code(cnp.ndarray x) except -2:
         return <int>DType.kFloat64
     if typenum == cnp.NPY_FLOAT16:
         return <int>DType.kFloat16
-    if typenum == _bfloat16_typenum:
-        return <int>DType.kBFloat16
     if typenum == cnp.NPY_VOID or typenum >= NPY_USERDEF:
         return _bfloat16_code((<object>x).dtype, typenum)
     return -1

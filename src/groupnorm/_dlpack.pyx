@@ -223,7 +223,7 @@ def as_ndarray(obj, str name, *, bint writable=False):
     if not _host_readable(device_type):
         raise ValueError(_device_error(name, device_type, device_id))
     # JAX arrays are immutable, but JAX exports them as legacy capsules, which carry no read-only flag.
-    cdef bint immutable = _is_jax_array(obj)
+    cdef bint immutable = is_jax_array(obj)
     if immutable and writable:
         raise ValueError(f"{name} is a JAX array, which is immutable; it must be writeable")
     try:
@@ -238,7 +238,8 @@ def as_ndarray(obj, str name, *, bint writable=False):
         capsule = None
 
 
-cdef bint _is_jax_array(object obj):
+cpdef bint is_jax_array(object obj):
+    """obj is a JAX array (immutable; JAX imports only 64-byte aligned memory without a copy)."""
     jax = sys.modules.get("jax")  # never imported here: a JAX array exists only once jax is
     return jax is not None and isinstance(obj, jax.Array)
 
@@ -588,7 +589,7 @@ def wrap_like(result, like):
             # torch has no negative strides; torch 2.13's from_dlpack aborts the process on one.
             result = result.copy(order="K")
         return torch.from_dlpack(DLPackArray(result))
-    if _is_jax_array(like):
+    if is_jax_array(like):
         # Zero copy when the data is 64-byte aligned; JAX's CPU client copies anything else.
         return sys.modules["jax"].numpy.from_dlpack(DLPackArray(result))
     return DLPackArray(result)

@@ -5,8 +5,6 @@ function runs on the views with all of its checks, and every result goes back as
 passed as `input` (torch in, torch out; JAX in, JAX out; another producer, an object with ``__dlpack__``).
 _core routes a call here only when one of its array arguments is such an object, so NumPy calls never pay.
 """
-import sys
-
 import numpy as np
 
 from . import _core, _dlpack
@@ -21,11 +19,6 @@ def _view(obj, name, writable=False):
     return _dlpack.as_ndarray(obj, name, writable=writable) if is_foreign(obj) else obj
 
 
-def _is_jax(obj):
-    jax = sys.modules.get("jax")
-    return jax is not None and isinstance(obj, jax.Array)
-
-
 def _aligned_empty(like):
     """An empty C-contiguous array of like's shape and dtype whose data is 64-byte aligned: JAX imports such
     memory without a copy (and copies anything less aligned)."""
@@ -38,7 +31,7 @@ def _aligned_empty(like):
 def group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out):
     x = _view(input, "input")
     target = _view(out, "out", writable=True)
-    if target is None and _is_jax(input) and isinstance(x, np.ndarray) and x.flags.c_contiguous:
+    if target is None and _dlpack.is_jax_array(input) and isinstance(x, np.ndarray) and x.flags.c_contiguous:
         target = _aligned_empty(x)
     y = _core.group_norm(x, num_groups, _view(weight, "weight"), _view(bias, "bias"), eps,
                          activation=activation, channel_axis=channel_axis, out=target)

@@ -12,7 +12,7 @@ import inspect
 import numpy as np
 import torch
 
-from . import _core
+from . import _core, _dlpack
 
 __all__ = ["group_norm", "GroupNorm"]
 
@@ -22,19 +22,6 @@ _TORCH_GROUPNORM_HAS_BIAS_FLAG = "bias" in inspect.signature(torch.nn.GroupNorm.
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-_bfloat16_numpy = None  # the NumPy dtype of a bfloat16 view, chosen on first use
-
-
-def _bfloat16_dtype():
-    """ml_dtypes.bfloat16 when installed, else groupnorm's raw-bits bfloat16 dtype (both run the same kernels)."""
-    global _bfloat16_numpy
-    if _bfloat16_numpy is None:
-        try:
-            import ml_dtypes
-            _bfloat16_numpy = np.dtype(ml_dtypes.bfloat16)
-        except ImportError:
-            _bfloat16_numpy = np.dtype([("bfloat16", "<u2")])
-    return _bfloat16_numpy
 
 
 def _as_array(tensor, name):
@@ -56,7 +43,7 @@ def _view(tensor):
     (torch's Python-level __dlpack__ dominates a small call)."""
     tensor = tensor.detach()
     if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits
-        return tensor.view(torch.int16).numpy().view(_bfloat16_dtype())
+        return tensor.view(torch.int16).numpy().view(_dlpack.bfloat16_dtype())
     return tensor.numpy()
 
 
