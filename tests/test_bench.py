@@ -2,8 +2,8 @@
 test_cpp_kernels.py builds the kernel check) on a tiny case in every dtype, bench/bench_forward.py in float32 and
 the 16-bit dtypes (when torch is installed), `python -m groupnorm.bench --quick` with whatever peers are
 installed in every dtype, its JSON, markdown and plot (when matplotlib is installed) and its error without it,
-and the Flax peer's semantics (when flax is installed). Timings are never judged, only what was run and how the
-figures relate."""
+the Flax peer's semantics (when flax is installed), and bench/regenerate.py --quick, whose RESULTS.md must have
+every section. Timings are never judged, only what was run and how the figures relate."""
 import importlib.util
 import json
 import subprocess
@@ -17,6 +17,7 @@ from groupnorm import bench
 from test_cpp_kernels import ROOT, build_target
 
 BENCH_FORWARD = ROOT / "bench" / "bench_forward.py"
+REGENERATE = ROOT / "bench" / "regenerate.py"
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
 needs_flax = pytest.mark.skipif(importlib.util.find_spec("flax") is None, reason="flax is not installed")
 
@@ -305,3 +306,41 @@ def test_plain_progress_bar(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "4/4" in err and "#" * 30 in err
 
+
+def test_regenerate_quick(bench_exe, tmp_path):
+    """bench/regenerate.py --quick in this interpreter writes a RESULTS.md with every section: the header, the
+    targets, and one section per benchmark, each with its command and either its tables or why it was skipped."""
+    if not REGENERATE.exists():
+        pytest.skip("needs the source tree")
+    result = subprocess.run([sys.executable, "-W", "error", str(REGENERATE), "--quick", "--no-venv", "--work",
+                             str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--cpp-bench", str(bench_exe)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = (tmp_path / "out" / "RESULTS.md").read_text()
+    sys.path.insert(0, str(REGENERATE.parent))
+    import regenerate
+
+    assert text.startswith("# Benchmark results (--quick")
+    for field in ("machine", "threads", "date", "commit", "command", "1-minute load average"):
+        assert f"\n- {field}: " in text, field
+    assert "--quick --no-venv" in text and "[NOTES.md](NOTES.md)" in text
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## Targets"] + [f"## {heading}" for _name, heading, _step in regenerate.STEPS]
+    sections = dict(zip(headings, text.split("\n## ")[1:]))
+    has_torch = importlib.util.find_spec("torch") is not None
+    for name, heading, _step in regenerate.STEPS:
+        body = sections[f"## {heading}"]
+        if name in ("forward", "half", "training") and not has_torch:
+            assert "Skipped: torch" in body
+        elif name == "peers-bfloat16" and importlib.util.find_spec("ml_dtypes") is None:
+            assert "Skipped: ml_dtypes" in body
+        else:
+            assert "\n`" in body and "|---|" in body, body[:2000]  # its command, then its tables
+    targets = sections["## Targets"]
+    if has_torch:
+        verdicts = [line for line in targets.splitlines() if line.startswith("- bench_")]
+        assert len(verdicts) == 4 + 2 + 2 + 4  # float32, float16, bfloat16 forward; training
+        assert all(line.split(": ", 1)[1].split()[0] in ("PASS", "FAIL", "N/A") for line in verdicts)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "](peers.png)" in text and (tmp_path / "out" / "peers.png").exists()
+    assert {"cpp.json", "peers.json"} <= {p.name for p in (tmp_path / "work" / "results").iterdir()}
