@@ -239,7 +239,7 @@ def test_cli_dtypes(tmp_path, dtype):
 
 
 @needs_flax
-def test_flax_peer_matches_the_reference():
+def test_flax_peer_matches_groupnorm():
     """Flax's GroupNorm, through either API, computes what groupnorm does (same epsilon, weight and bias, biased
     variance) on channels-last data, in float32 and float16."""
     rng = np.random.default_rng(7)
