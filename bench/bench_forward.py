@@ -18,6 +18,7 @@ import argparse
 import datetime
 import functools
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -34,15 +35,11 @@ try:
 except ImportError:  # pragma: no cover - the benchmark is meaningless without torch
     sys.exit("bench_forward.py needs torch: pip install torch==2.13.0 (the pinned CPU wheel)")
 
-try:
-    import ml_dtypes  # NumPy's bfloat16
-except ImportError:  # pragma: no cover - only bfloat16 needs it
-    ml_dtypes = None
-
 import groupnorm as gn
-# Case list, timing and machine helpers shared with `python -m groupnorm.bench`.
-from groupnorm.bench import (CASE_SPECS, all_case_specs, calibrate, case_id_of, contiguous_layout_name,  # noqa: F401
-                             cpu_model, geometric_mean, loaded_openmp_runtimes, time_batch_ns)
+# Case list, timing, machine and table helpers shared with `python -m groupnorm.bench`.
+from groupnorm.bench import (CASE_SPECS, HALF_DTYPES, all_case_specs, calibrate, case_id_of,  # noqa: F401
+                             contiguous_layout_name, cpu_model, geometric_mean, loaded_openmp_runtimes,
+                             markdown_table, numpy_dtype, text_table, time_batch_ns, torch_view)
 
 ONE_MILLION = 1_000_000
 ISSUE_CHANNELS_LAST = {"1x320x64x64-g32"}  # the one channels-last case on the issue's list
@@ -62,7 +59,6 @@ TARGETS = {
     "tiny_call_2us": "[16,32] G4 call <= 2 us",
 }
 # Issue 4 (float16, bfloat16): one case, both layouts.
-HALF_DTYPES = ("float16", "bfloat16")
 HALF_ISSUE_CASES = {"1x320x64x64-g32"}
 HALF_TARGETS = {
     "half_within_1p3x_copy": "groupnorm (out=) within 1.3x of the copy on [1,320,64,64] G32, NCHW and channels-last",
@@ -99,12 +95,6 @@ class Case:
         return int(self.x.size)
 
 
-
-
-
-
-
-
 def selected_specs(args) -> list:
     """The cases the command line asks for: --cases, else the --quick subset, else all."""
     wanted = None
@@ -120,19 +110,6 @@ def selected_specs(args) -> list:
     if unknown:
         sys.exit(f"--cases: unknown case(s) {unknown}; run with --list to see the names")
     return [s for s in all_specs if s[0] in wanted or f"{s[0]}:{s[3].lower()}" in wanted]
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    """The NumPy dtype of a --dtype name (bfloat16: ml_dtypes')."""
-    return np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
-
-
-def torch_view(array: np.ndarray) -> "torch.Tensor":
-    """A tensor on array's memory with its strides; 16-bit arrays go over as int16 bits (torch.from_numpy
-    does not take ml_dtypes.bfloat16) and are viewed back as torch's type of the same name."""
-    if array.dtype.itemsize == 2:
-        return torch.from_numpy(array.view(np.int16)).view(getattr(torch, array.dtype.name))
-    return torch.from_numpy(array)
 
 
 def in_issue(case_id: str, layout: str, dtype: str) -> bool:
@@ -204,10 +181,6 @@ def verify_case(case: Case, tolerance: float) -> None:
     })
 
 
-
-
-
-
 def run_rounds(cases: list, rounds: int, min_batch_ns: int, progress: bool) -> None:
     """Calibrate each contender once per case, then time every contender on every case once per round."""
     for case in cases:
@@ -268,8 +241,6 @@ def summarise_case(case: Case) -> dict:
         "timing": timing,
         "check": {k: v for k, v in case.check.items()},
     }
-
-
 
 
 def summarise(all_rows: list, dtype: str) -> dict:
@@ -333,10 +304,6 @@ def worst_spread(rows: list, names=None):
     return worst
 
 
-
-
-
-
 FORWARD_DEFINITIONS = {
     "speedup_definition": "torch us / gn us (alloc): both allocate their result",
     "copy_definition": "np.copyto (1 thread) of the input's bytes into a preallocated buffer; torch's threaded "
@@ -387,25 +354,12 @@ def table_cells(row: dict) -> list:
 
 def format_text_table(rows: list, columns=None, cells_of=None) -> str:
     """rows as an aligned text table (by default the forward's columns)."""
-    columns, cells_of = columns or TABLE_COLUMNS, cells_of or table_cells
-    cells = [columns] + [cells_of(r) for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = []
-    for index, line in enumerate(cells):
-        parts = [line[i].ljust(widths[i]) if i < 2 else line[i].rjust(widths[i]) for i in range(len(line))]
-        lines.append("  ".join(parts))
-        if index == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(columns or TABLE_COLUMNS, [(cells_of or table_cells)(r) for r in rows])
 
 
 def format_markdown_table(rows: list, columns=None, cells_of=None) -> str:
     """rows as a markdown table (by default the forward's columns)."""
-    columns, cells_of = columns or TABLE_COLUMNS, cells_of or table_cells
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join(["---", "---"] + ["---:"] * (len(columns) - 2)) + "|"]
-    lines += ["| " + " | ".join(cells_of(r)) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(columns or TABLE_COLUMNS, [(cells_of or table_cells)(r) for r in rows])
 
 
 def fmt(value, spec=".2f", suffix="") -> str:
@@ -529,7 +483,7 @@ def parse_args(argv=None):
         args.rounds = 3 if args.quick else 21
     if args.rounds < 1 or args.threads < 1 or args.min_batch_ms <= 0:
         parser.error("--rounds and --threads must be >= 1 and --min-batch-ms > 0")
-    if "bfloat16" in args.dtype and ml_dtypes is None:
+    if "bfloat16" in args.dtype and importlib.util.find_spec("ml_dtypes") is None:
         parser.error("--dtype bfloat16 needs ml_dtypes: pip install ml_dtypes")
     args.dtypes, args.dtype = args.dtype, ",".join(args.dtype)  # the header shows the joined names
     return args

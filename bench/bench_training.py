@@ -18,12 +18,9 @@ count for everyone; targets judged on the issue's case list, channels-last rows 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import gc
 import os
-import platform
-import shlex
 import statistics
 import sys
 

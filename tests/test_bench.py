@@ -1,13 +1,15 @@
 """The benchmarks run and say what they measured: bench/groupnorm_bench (built through CMake, as
 test_cpp_kernels.py builds the kernel check) on a tiny case in every dtype, bench/bench_forward.py in float32 and
-the 16-bit dtypes (when torch is installed), and `python -m groupnorm.bench --quick` with whatever peers are
-installed, its JSON, its plot (when matplotlib is installed) and its error without it. Timings are never judged,
-only what was run and how the figures relate."""
+the 16-bit dtypes (when torch is installed), `python -m groupnorm.bench --quick` with whatever peers are
+installed in every dtype, its JSON, markdown and plot (when matplotlib is installed) and its error without it,
+the Flax peer's semantics (when flax is installed), and bench/regenerate.py --quick, whose RESULTS.md must have
+every section. Timings are never judged, only what was run and how the figures relate."""
 import importlib.util
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import groupnorm as gn
@@ -15,7 +17,9 @@ from groupnorm import bench
 from test_cpp_kernels import ROOT, build_target
 
 BENCH_FORWARD = ROOT / "bench" / "bench_forward.py"
+REGENERATE = ROOT / "bench" / "regenerate.py"
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+needs_flax = pytest.mark.skipif(importlib.util.find_spec("flax") is None, reason="flax is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +203,83 @@ def test_cli_quick_json(tmp_path):
     assert "MISMATCH" not in result.stdout
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_cli_dtypes(tmp_path, dtype):
+    """Every peer runs where it supports the dtype and is absent, with a reason, where it does not; the copy
+    floor moves the dtype's bytes."""
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    out = tmp_path / "peers.json"
+    run_cli("--quick", "--dtype", dtype, "--no-progress", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["header"]["dtype"] == dtype
+    peers = data["header"]["peers"]
+    itemsize = {"float16": 2, "bfloat16": 2, "float64": 8}[dtype]
+    expected = {(s[0], s[3]) for s in bench.all_case_specs(bench.QUICK_SPECS)}
+    for pass_name in bench.PASSES:
+        assert {(r["case"], r["layout"]) for r in data["rows"] if r["pass"] == pass_name} == expected
+    for r in data["rows"]:
+        assert r["dtype"] == dtype and r["tolerance"] == bench.TOLERANCE[dtype]
+        assert r["bytes"] == r["elements"] * itemsize * bench.PASS_TRAFFIC[r["pass"]]
+        # Each installed peer has either a figure or a reason, never both.
+        for peer in peers:
+            assert (peer in r["median_us"]) != (peer in r["absent"]), (peer, r["median_us"], r["absent"])
+        assert all(isinstance(reason, str) and reason for reason in r["absent"].values())
+        assert all(err <= r["tolerance"] for err in r["max_rel_err"].values()), r["max_rel_err"]
+        if r["pass"] == "forward":
+            assert "numpy" in r["median_us"]
+        else:
+            assert r["absent"]["numpy"] == bench.NO_BACKWARD["numpy"]
+        if "torch" in peers:
+            assert "torch" in r["median_us"]
+        if "onnxruntime" in peers and r["layout"] == "NHWC":
+            assert "(N, C, *)" in r["absent"]["onnxruntime"]
+        if "jax" in peers and dtype == "float64":
+            assert "jax_enable_x64" in r["absent"]["jax"]
+
+
+@needs_flax
+def test_flax_peer_matches_groupnorm():
+    """Flax's GroupNorm, through either API, computes what groupnorm does (same epsilon, weight and bias, biased
+    variance) on channels-last data, in float32 and float16."""
+    rng = np.random.default_rng(7)
+    for dtype in (np.float32, np.float16):
+        case = bench.CaseData("2x32x8x8-g8", (2, 32, 8, 8), 8, "NHWC", np.dtype(dtype), rng)
+        expected = gn.group_norm(case.x, 8, case.weight_compute, case.bias_compute, bench.EPS).astype(np.float64)
+        apis = ["linen"] + (["nnx"] if importlib.util.find_spec("flax.nnx") is not None else [])
+        for api in apis:
+            name, params, apply = bench.flax_group_norm(case, api)
+            assert name == api
+            y = np.moveaxis(np.asarray(apply(case.storage, params)).astype(np.float64), -1, 1)
+            assert np.max(np.abs(y - expected)) <= bench.TOLERANCE[np.dtype(dtype).name] * np.max(np.abs(expected))
+
+
+@needs_flax
+def test_cli_flax_rows(tmp_path):
+    """The Flax peer runs on channels-last and 2-D cases only, forward and forward+backward."""
+    out = tmp_path / "flax.json"
+    run_cli("--quick", "--peers", "flax", "--no-progress", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["header"]["peers"] == ["groupnorm", "flax"] and "flax" in data["header"]["versions"]
+    for r in data["rows"]:
+        if r["layout"] in ("NHWC", "NC"):
+            assert "flax" in r["median_us"] and not r["absent"]
+            if r["pass"] == "forward":
+                assert r["max_rel_err"]["flax"] <= r["tolerance"]
+        else:
+            assert "channels-last" in r["absent"]["flax"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
-def test_cli_plot(tmp_path):
-    png = tmp_path / "peers.png"
+def test_cli_plot_and_markdown(tmp_path):
+    png, md = tmp_path / "plots" / "peers.png", tmp_path / "peers.md"
+    png.parent.mkdir()
     run_cli("--quick", "--forward-only", "--cases", "16x32-g4,2x32x8x8-g8:nhwc", "--no-progress",
-            "--plot", str(png))
+            "--plot", str(png), "--markdown", str(md))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md.read_text()
+    assert text.startswith("## Peers, float32, ") and "| 16x32-g4 | NC | forward |" in text
+    assert "](plots/peers.png)" in text  # the plot embedded by its path relative to the markdown file
 
 
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
@@ -230,3 +305,42 @@ def test_plain_progress_bar(monkeypatch, capsys):
     progress.close()
     err = capsys.readouterr().err
     assert "4/4" in err and "#" * 30 in err
+
+
+def test_regenerate_quick(bench_exe, tmp_path):
+    """bench/regenerate.py --quick in this interpreter writes a RESULTS.md with every section: the header, the
+    targets, and one section per benchmark, each with its command and either its tables or why it was skipped."""
+    if not REGENERATE.exists():
+        pytest.skip("needs the source tree")
+    result = subprocess.run([sys.executable, "-W", "error", str(REGENERATE), "--quick", "--no-venv", "--work",
+                             str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--cpp-bench", str(bench_exe)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = (tmp_path / "out" / "RESULTS.md").read_text()
+    sys.path.insert(0, str(REGENERATE.parent))
+    import regenerate
+
+    assert text.startswith("# Benchmark results (--quick")
+    for field in ("machine", "threads", "date", "commit", "command", "1-minute load average"):
+        assert f"\n- {field}: " in text, field
+    assert "--quick --no-venv" in text and "[NOTES.md](NOTES.md)" in text
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## Targets"] + [f"## {heading}" for _name, heading, _step in regenerate.STEPS]
+    sections = dict(zip(headings, text.split("\n## ")[1:]))
+    has_torch = importlib.util.find_spec("torch") is not None
+    for name, heading, _step in regenerate.STEPS:
+        body = sections[f"## {heading}"]
+        if name in ("forward", "half", "training") and not has_torch:
+            assert "Skipped: torch" in body
+        elif name == "peers-bfloat16" and importlib.util.find_spec("ml_dtypes") is None:
+            assert "Skipped: ml_dtypes" in body
+        else:
+            assert "\n`" in body and "|---|" in body, body[:2000]  # its command, then its tables
+    targets = sections["## Targets"]
+    if has_torch:
+        verdicts = [line for line in targets.splitlines() if line.startswith("- bench_")]
+        assert len(verdicts) == 4 + 2 + 2 + 4  # float32, float16, bfloat16 forward; training
+        assert all(line.split(": ", 1)[1].split()[0] in ("PASS", "FAIL", "N/A") for line in verdicts)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "](peers.png)" in text and (tmp_path / "out" / "peers.png").exists()
+    assert {"cpp.json", "peers.json"} <= {p.name for p in (tmp_path / "work" / "results").iterdir()}

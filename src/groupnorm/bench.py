@@ -1,12 +1,16 @@
 """Peer comparison: ``python -m groupnorm.bench`` times groupnorm against every peer installed here.
 
 Peers (each only if importable): torch.nn.functional.group_norm (NCHW and channels_last, forward and
-forward+backward), ONNX Runtime's GroupNormalization (opset 21), JAX, and a NumPy reference. All run in one
+forward+backward), ONNX Runtime's GroupNormalization (opset 21), a JAX function, Flax's GroupNorm module
+(nnx, else linen; channels-last and 2-D inputs, its native layout) and a NumPy reference. All run in one
 process, interleaved round by round with the same thread count; each figure is the median over rounds of
 (time of a batch of k calls) / k, k calibrated so a batch lasts >= ``--min-batch-ms``. The copy floor is
-np.copyto of the input's bytes into a preallocated buffer, timed in the same rounds. The timing and machine
-helpers here are shared with bench/bench_forward.py. torch, onnxruntime, jax, tqdm and matplotlib are
-imported only when used.
+np.copyto of the input's bytes into a preallocated buffer, timed in the same rounds. float16 and bfloat16
+(ml_dtypes) data is drawn in float64 and rounded; every peer gets the same rounded weight and bias, groupnorm
+as float32 (its parameter type), the others in the input's dtype (Flax as float32 parameters). A peer that
+cannot run a case (a layout, a dtype or a pass it lacks) is absent from that row, with the reason in the JSON.
+The timing and machine helpers here are shared with bench/bench_forward.py. torch, onnxruntime, jax, flax,
+tqdm and matplotlib are imported only when used.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -124,13 +129,36 @@ def loaded_openmp_runtimes() -> list:
 # ---------------------------------------------------------------------------------------------------------
 # Peers: each binds, for one case, a forward callable and (where it can) a forward+backward callable
 # ("train"); "check", where given, returns the forward's result as an (N, C, *) array for the sanity check.
+# A peer that cannot run a case raises Unsupported with the reason; NO_BACKWARD says why a peer has no "train".
+
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+class Unsupported(Exception):
+    """A peer cannot run this case (its layout, dtype or shape); the message says why."""
+
 
 def _installed(*modules) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a --dtype name (bfloat16: ml_dtypes')."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """The parameter and arithmetic type for data of `dtype`: float64 for float64, float32 otherwise."""
+    return np.dtype(np.float64 if dtype == np.float64 else np.float32)
+
+
 class CaseData:
-    """The arrays of one case: x in its layout (an (N, C, *) view), weight, bias, dy, and a float64 reference."""
+    """The arrays of one case: x in its layout (an (N, C, *) view), weight and bias in x's dtype and in the compute
+    dtype (the same values), dy, and a float64 reference."""
 
     def __init__(self, case_id, shape, num_groups, layout, dtype, rng):
         self.case_id, self.shape, self.num_groups, self.layout = case_id, tuple(shape), num_groups, layout
@@ -144,6 +172,8 @@ class CaseData:
         channels = shape[1]
         self.weight = rng.standard_normal(channels).astype(dtype)
         self.bias = rng.standard_normal(channels).astype(dtype)
+        compute = compute_dtype(self.x.dtype)
+        self.weight_compute, self.bias_compute = self.weight.astype(compute), self.bias.astype(compute)
         self.dy = np.empty_like(self.x)
         self.dy[...] = rng.standard_normal(shape).astype(dtype)
         self.reference = numpy_group_norm(self.x.astype(np.float64), num_groups, self.weight.astype(np.float64),
@@ -152,6 +182,14 @@ class CaseData:
     @property
     def name(self) -> str:
         return f"{self.case_id}:{self.layout.lower()}"
+
+    @property
+    def dtype_name(self) -> str:
+        return self.x.dtype.name
+
+    def channels_last_storage(self, array: np.ndarray) -> np.ndarray:
+        """An (N, C, *) array of this case as contiguous (N, *, C) memory."""
+        return np.ascontiguousarray(np.moveaxis(array, 1, -1))
 
 
 def numpy_group_norm(x, num_groups, weight, bias, eps=EPS):
@@ -169,28 +207,47 @@ def bind_groupnorm(case: CaseData, threads: int) -> dict:
     import groupnorm as gn
 
     out = np.empty_like(case.x)
+    weight, bias = case.weight_compute, case.bias_compute
 
     def train():
-        _y, mean, rstd = gn.group_norm_forward(case.x, case.num_groups, case.weight, case.bias, EPS)
-        gn.group_norm_backward(case.dy, case.x, mean, rstd, case.num_groups, case.weight)
+        _y, mean, rstd = gn.group_norm_forward(case.x, case.num_groups, weight, bias, EPS)
+        gn.group_norm_backward(case.dy, case.x, mean, rstd, case.num_groups, weight)
 
-    return {"forward": lambda: gn.group_norm(case.x, case.num_groups, case.weight, case.bias, EPS, out=out),
+    return {"forward": lambda: gn.group_norm(case.x, case.num_groups, weight, bias, EPS, out=out),
             "train": train}
 
 
 def bind_numpy(case: CaseData, threads: int) -> dict:
-    return {"forward": lambda: numpy_group_norm(case.x, case.num_groups, case.weight, case.bias)}
+    if case.dtype_name not in HALF_DTYPES:
+        return {"forward": lambda: numpy_group_norm(case.x, case.num_groups, case.weight, case.bias)}
+
+    def forward():  # 16-bit data computes in float32, as torch and groupnorm do
+        x = case.x.astype(np.float32)
+        y = numpy_group_norm(x, case.num_groups, case.weight_compute, case.bias_compute)
+        return y.astype(case.x.dtype)
+
+    return {"forward": forward}
+
+
+def torch_view(array: np.ndarray):
+    """A tensor on array's memory with its strides; torch.from_numpy does not take ml_dtypes.bfloat16, so
+    16-bit arrays go over as int16 bits viewed as torch's type of the same name."""
+    import torch
+
+    if array.dtype.itemsize == 2:
+        return torch.from_numpy(array.view(np.int16)).view(getattr(torch, array.dtype.name))
+    return torch.from_numpy(array)
 
 
 def bind_torch(case: CaseData, threads: int) -> dict:
     import torch
     import torch.nn.functional as functional
 
-    x = torch.from_numpy(case.x)
+    x = torch_view(case.x)
     if case.layout == "NHWC":
         x = x.contiguous(memory_format=torch.channels_last)
-    weight, bias = torch.from_numpy(case.weight), torch.from_numpy(case.bias)
-    dy = torch.from_numpy(case.dy)
+    weight, bias = torch_view(case.weight), torch_view(case.bias)
+    dy = torch_view(case.dy)
     if case.layout == "NHWC":
         dy = dy.contiguous(memory_format=torch.channels_last)
     x_grad = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
@@ -205,16 +262,18 @@ def bind_torch(case: CaseData, threads: int) -> dict:
         y = functional.group_norm(x_grad, case.num_groups, weight_grad, bias_grad, EPS)
         y.backward(dy)
 
-    return {"forward": forward, "train": train}
+    return {"forward": forward, "check": lambda: forward().to(torch.float64).numpy(), "train": train}
 
 
 def bind_onnxruntime(case: CaseData, threads: int) -> dict:
     if case.layout == "NHWC":
-        return {}  # GroupNormalization takes (N, C, *) contiguous tensors only
+        raise Unsupported("GroupNormalization takes (N, C, *) contiguous tensors only")
     import onnxruntime
     from onnx import TensorProto, helper
+    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
-    elem = TensorProto.FLOAT if case.x.dtype == np.float32 else TensorProto.DOUBLE
+    elem = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE, "float16": TensorProto.FLOAT16,
+            "bfloat16": TensorProto.BFLOAT16}[case.dtype_name]
     shape = list(case.shape)
     node = helper.make_node("GroupNormalization", ["X", "scale", "bias"], ["Y"], num_groups=case.num_groups,
                             epsilon=EPS)
@@ -227,23 +286,59 @@ def bind_onnxruntime(case: CaseData, threads: int) -> dict:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(model.SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                               providers=["CPUExecutionProvider"])
+    except OrtNotImplemented as error:  # e.g. no CPU kernel for an operator of the expanded function in bfloat16
+        raise Unsupported(f"{case.dtype_name}: {error}") from None
     feeds = {"X": case.x, "scale": case.weight, "bias": case.bias}
     return {"forward": lambda: session.run(None, feeds)[0]}
+
+
+def _jax_inputs(case: CaseData, channels_last: bool):
+    """x and dy as JAX arrays, in channels-last (N, *, C) memory if asked, else (N, C, *)."""
+    import jax
+    import jax.numpy as jnp
+
+    if case.x.dtype == np.float64 and not jax.config.read("jax_enable_x64"):
+        raise Unsupported("float64: JAX computes in float32 unless jax_enable_x64 is set at startup")
+    if channels_last:
+        return jnp.asarray(case.channels_last_storage(case.x)), jnp.asarray(case.channels_last_storage(case.dy))
+    return jnp.asarray(case.x), jnp.asarray(case.dy)
+
+
+def _bind_jax_function(forward, channels_last: bool, x, params, dy) -> dict:
+    """forward(x, params) as jitted forward, forward+backward (the vjp in x and params) and check callables."""
+    import jax
+
+    forward = jax.jit(forward)
+
+    @jax.jit
+    def train(x, params, dy):
+        _y, vjp = jax.vjp(forward, x, params)
+        return vjp(dy)
+
+    def check():
+        y = np.asarray(forward(x, params))
+        return np.moveaxis(y, -1, 1) if channels_last else y
+
+    return {"forward": lambda: forward(x, params).block_until_ready(), "check": check,
+            "train": lambda: jax.block_until_ready(train(x, params, dy))}
 
 
 def bind_jax(case: CaseData, threads: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    if case.x.dtype == np.float64 and not jax.config.read("jax_enable_x64"):
-        return {}  # JAX computes in float32 unless x64 is enabled at startup
-    channel_axis = -1 if case.layout == "NHWC" else 1
+    channels_last = case.layout == "NHWC"
+    x, dy = _jax_inputs(case, channels_last)
     num_groups = case.num_groups
 
-    def group_norm(x, weight, bias):
-        if channel_axis == -1:
+    def group_norm(x, params):
+        weight, bias = params
+        dtype = x.dtype  # 16-bit data computes in float32, as torch and groupnorm do
+        x = x.astype(jnp.promote_types(dtype, jnp.float32))
+        if channels_last:
             x = jnp.moveaxis(x, -1, 1)
         n, c = x.shape[:2]
         grouped = x.reshape(n, num_groups, -1)
@@ -252,24 +347,51 @@ def bind_jax(case: CaseData, threads: int) -> dict:
         extra = (1,) * (x.ndim - 2)
         y = ((grouped - mean) * jax.lax.rsqrt(var + EPS)).reshape(x.shape)
         y = y * weight.reshape(c, *extra) + bias.reshape(c, *extra)
-        return jnp.moveaxis(y, 1, -1) if channel_axis == -1 else y
+        return (jnp.moveaxis(y, 1, -1) if channels_last else y).astype(dtype)
 
-    forward = jax.jit(group_norm)
-    x = jnp.asarray(case.storage)
-    weight, bias = jnp.asarray(case.weight), jnp.asarray(case.bias)
-    dy = jnp.asarray(np.ascontiguousarray(np.moveaxis(case.dy, 1, -1)) if channel_axis == -1 else case.dy)
+    return _bind_jax_function(group_norm, channels_last, x, (jnp.asarray(case.weight), jnp.asarray(case.bias)), dy)
 
-    @jax.jit
-    def train(x, weight, bias, dy):
-        _y, vjp = jax.vjp(group_norm, x, weight, bias)
-        return vjp(dy)
 
-    def check():
-        y = np.asarray(forward(x, weight, bias))
-        return np.moveaxis(y, -1, 1) if channel_axis == -1 else y
+def flax_api() -> str:
+    """"nnx" where the installed flax has it (this imports flax), else "linen"."""
+    return "nnx" if importlib.util.find_spec("flax.nnx") is not None else "linen"
 
-    return {"forward": lambda: forward(x, weight, bias).block_until_ready(), "check": check,
-            "train": lambda: jax.block_until_ready(train(x, weight, bias, dy))}
+
+def flax_group_norm(case: CaseData, api=None):
+    """Flax's GroupNorm for this case as (api, params, apply(x, params)); api is "nnx" (preferred) or "linen",
+    whichever the installed flax has unless asked. Its parameters are float32 holding the case's weight and bias;
+    the input's dtype is the computation's (Flax takes the statistics in float32)."""
+    import jax
+    import jax.numpy as jnp
+
+    api = api or flax_api()
+
+    def constant(values):
+        return lambda _key, shape, dtype=jnp.float32: jnp.asarray(values, dtype).reshape(shape)
+
+    settings = {"num_groups": case.num_groups, "epsilon": EPS, "dtype": jnp.dtype(case.x.dtype),
+                "param_dtype": jnp.float32, "scale_init": constant(case.weight_compute),
+                "bias_init": constant(case.bias_compute)}
+    if api == "nnx":
+        from flax import nnx
+
+        graphdef, params = nnx.split(nnx.GroupNorm(case.shape[1], rngs=nnx.Rngs(0), **settings))
+        return api, params, lambda x, params: nnx.merge(graphdef, params)(x)
+    from flax import linen
+
+    module = linen.GroupNorm(**settings)
+    sample = jnp.zeros((1,) + tuple(case.shape[2:]) + (case.shape[1],), case.x.dtype)
+    return api, module.init(jax.random.key(0), sample), lambda x, params: module.apply(params, x)
+
+
+def bind_flax(case: CaseData, threads: int) -> dict:
+    if case.layout != "NHWC" and case.x.ndim > 2:
+        raise Unsupported(f"Flax's GroupNorm takes channels-last (N, *, C) input; {case.layout} would add "
+                          "transposes")
+    channels_last = case.x.ndim > 2
+    x, dy = _jax_inputs(case, channels_last)
+    _api, params, apply = flax_group_norm(case)
+    return _bind_jax_function(apply, channels_last, x, params, dy)
 
 
 # name -> (modules it needs, binder); groupnorm always runs, the rest only where installed.
@@ -278,11 +400,18 @@ PEERS = {
     "torch": (("torch",), bind_torch),
     "onnxruntime": (("onnxruntime", "onnx"), bind_onnxruntime),
     "jax": (("jax",), bind_jax),
+    "flax": (("flax", "jax"), bind_flax),
     "numpy": ((), bind_numpy),
 }
+# Why a peer has no forward+backward ("train") figure.
+NO_BACKWARD = {
+    "onnxruntime": "an inference runtime: GroupNormalization has no gradient here",
+    "numpy": "the NumPy reference has no backward",
+}
 # Sanity check of each forward against the float64 reference, relative to max(1, max |reference|); float64 is
-# loose because ONNX's epsilon attribute is a float32 (1e-5 becomes 9.99999975e-06).
-TOLERANCE = {"float32": 1e-4, "float64": 1e-6}
+# loose because ONNX's epsilon attribute is a float32 (1e-5 becomes 9.99999975e-06); the 16-bit types allow
+# about two ulps of the largest outputs.
+TOLERANCE = {"float32": 1e-4, "float64": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
 PASSES = ("forward", "train")  # train = forward + backward
 # Minimal bytes of a pass over the input's size in bytes: forward reads x and writes y; train adds reading x
 # and dy and writing dx. The copy floor of a pass is that many bytes' worth of np.copyto (2 per copy).
@@ -311,12 +440,15 @@ def set_threads(peers: list, threads: int) -> None:
 
 
 def peer_versions(peers: list) -> dict:
-    import groupnorm as gn
-
-    versions = {"groupnorm": gn.__version__, "numpy": np.__version__}
-    for name in peers:
-        if name in ("torch", "onnxruntime", "jax"):
-            versions[name] = getattr(sys.modules.get(name) or __import__(name), "__version__", "?")
+    """The installed version of groupnorm, NumPy and each peer, read from package metadata (no import)."""
+    versions = {}
+    for name in ["groupnorm", "numpy"] + [p for p in peers if p not in ("groupnorm", "numpy")]:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "?"
+    if "flax" in peers:
+        versions["flax"] += f" ({flax_api()})"
     return versions
 
 
@@ -365,23 +497,32 @@ def run(args) -> dict:
     """Build the cases, bind every peer, time them in interleaved rounds and return header + rows."""
     peers = available_peers(args.peers)
     set_threads(peers, args.threads)
-    dtype = np.dtype(args.dtype)
+    header = machine_header(args, peers)
+    dtype = numpy_dtype(args.dtype)
     rng = np.random.default_rng(20240611)
     cases = [CaseData(*spec, dtype, rng) for spec in args.specs]
 
     # entries: (case, pass, contender) -> callable; the copy floor is one more contender per case.
     entries = {}
     errors = {}
+    absent = {}  # (case, pass) -> {peer: why it has no figure there}
     for case in cases:
         copy_destination = np.empty_like(case.storage)
         entries[(case.name, "forward", "copy")] = (lambda d=copy_destination, s=case.storage: np.copyto(d, s))
         for name in peers:
-            bound = PEERS[name][1](case, args.threads)
-            if "forward" in bound:
+            try:
+                bound = PEERS[name][1](case, args.threads)
+            except Unsupported as reason:
+                bound = {}
+                missing = {pass_name: str(reason) for pass_name in args.passes}
+            else:
                 errors[(case.name, name)] = check_forward(case, bound.get("check", bound["forward"]))
+                missing = {pass_name: NO_BACKWARD[name] for pass_name in args.passes if pass_name not in bound}
             for pass_name in args.passes:
                 if pass_name in bound:
                     entries[(case.name, pass_name, name)] = bound[pass_name]
+                else:
+                    absent.setdefault((case.name, pass_name), {})[name] = missing[pass_name]
 
     keys = list(entries)
     progress = Progress(len(keys) + args.rounds, args.progress)
@@ -430,10 +571,11 @@ def run(args) -> dict:
                 "speedup": {name: us / gn_us for name, us in timings.items() if name != "groupnorm"},
                 "max_rel_err": {name: errors[(case.name, name)] for name in timings
                                 if (case.name, name) in errors} if pass_name == "forward" else {},
+                "absent": absent.get((case.name, pass_name), {}),
                 "tolerance": TOLERANCE[args.dtype],
                 "rounds": args.rounds,
             })
-    return {"header": machine_header(args, peers), "rows": rows}
+    return {"header": header, "rows": rows}
 
 
 def machine_header(args, peers: list) -> dict:
@@ -459,7 +601,9 @@ def machine_header(args, peers: list) -> dict:
         "speedup_definition": "peer median us / groupnorm median us (> 1: groupnorm is faster)",
         "copy_definition": "np.copyto of the input's bytes into a preallocated buffer; a pass's floor is the "
                            "copy time scaled to its minimal bytes (forward: x + y, train: x + y + x + dy + dx)",
-        "thread_note": "groupnorm, torch and ONNX Runtime use --threads; NumPy and JAX use their own defaults",
+        "thread_note": "groupnorm, torch and ONNX Runtime use --threads; NumPy, JAX and Flax their own defaults",
+        "dtype_note": "16-bit data: groupnorm gets float32 weight and bias, Flax float32 parameters, the others the "
+                      "input's dtype, all holding the same values; NumPy and JAX compute in float32",
     }
 
 
@@ -479,30 +623,53 @@ def header_lines(header: dict) -> list:
         f"peers:    {versions}",
         f"dtype:    {h['dtype']}    rounds: {h['rounds']}    batch >= {h['min_batch_ms']} ms    date: {h['date']}",
         f"command:  {h['command']}",
+    ] + ([f"params:   {h['dtype_note']}"] if h["dtype"] in HALF_DTYPES else []) + [
         "figures:  median us per call; (x.xx) = peer / groupnorm, above 1 groupnorm is faster; "
         "copy% = copy floor / groupnorm (fraction of copy bandwidth reached)",
     ]
 
 
-def format_table(rows: list, peers: list) -> str:
-    others = [p for p in peers if p != "groupnorm"]
-    columns = ["case", "layout", "pass", "groupnorm us", "copy floor us", "copy%"] + [f"{p} us (speedup)" for p in others]
-    lines = [columns]
-    for r in rows:
-        bad = [p for p, e in r["max_rel_err"].items() if e > r["tolerance"]]
-        line = [r["case"] + (" MISMATCH:" + ",".join(bad) if bad else ""), r["layout"], r["pass"],
-                f"{r['median_us']['groupnorm']:.1f}", f"{r['copy_floor_us']:.1f}", f"{r['copy_fraction']:.0%}"]
-        for p in others:
-            us = r["median_us"].get(p)
-            line.append("-" if us is None else f"{us:.1f} ({r['speedup'][p]:.2f}x)")
-        lines.append(line)
+def text_table(columns: list, cell_rows: list, left: int = 2) -> str:
+    """An aligned text table: the first `left` columns flush left, the rest flush right."""
+    lines = [columns] + cell_rows
     widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
     text = []
     for index, line in enumerate(lines):
-        text.append("  ".join(cell.ljust(widths[i]) if i < 3 else cell.rjust(widths[i]) for i, cell in enumerate(line)))
+        text.append("  ".join(cell.ljust(widths[i]) if i < left else cell.rjust(widths[i])
+                              for i, cell in enumerate(line)))
         if index == 0:
             text.append("  ".join("-" * w for w in widths))
     return "\n".join(text)
+
+
+def markdown_table(columns: list, cell_rows: list, left: int = 2) -> str:
+    """A markdown table: the first `left` columns flush left, the rest flush right."""
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join(["---"] * left + ["---:"] * (len(columns) - left)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in cell_rows]
+    return "\n".join(lines)
+
+
+def table_columns(peers: list) -> list:
+    others = [p for p in peers if p != "groupnorm"]
+    return ["case", "layout", "pass", "groupnorm us", "copy floor us", "copy%"] + [f"{p} us (speedup)" for p in others]
+
+
+def table_cells(row: dict, peers: list) -> list:
+    bad = [p for p, e in row["max_rel_err"].items() if e > row["tolerance"]]
+    cells = [row["case"] + (" MISMATCH:" + ",".join(bad) if bad else ""), row["layout"], row["pass"],
+             f"{row['median_us']['groupnorm']:.1f}", f"{row['copy_floor_us']:.1f}", f"{row['copy_fraction']:.0%}"]
+    for p in peers:
+        if p != "groupnorm":
+            us = row["median_us"].get(p)
+            cells.append("-" if us is None else f"{us:.1f} ({row['speedup'][p]:.2f}x)")
+    return cells
+
+
+def format_table(rows: list, peers: list, markdown: bool = False) -> str:
+    """The peer table, as aligned text or markdown; "-" where a peer is absent (see absent_lines)."""
+    render = markdown_table if markdown else text_table
+    return render(table_columns(peers), [table_cells(r, peers) for r in rows], left=3)
 
 
 def summary_lines(rows: list, peers: list) -> list:
@@ -516,8 +683,36 @@ def summary_lines(rows: list, peers: list) -> list:
     return lines
 
 
+def absent_lines(rows: list) -> list:
+    """Why a peer has no figure ("-") in some rows: one line per peer and reason, naming the rows."""
+    where = {}
+    for r in rows:
+        for peer, reason in r["absent"].items():
+            where.setdefault((peer, reason), []).append(f"{r['case']} {r['layout']} {r['pass']}")
+    lines = []
+    for (peer, reason), places in where.items():
+        count = len(places)
+        shown = ", ".join(places[:3]) + (f" and {count - 3} more" if count > 3 else "")
+        lines.append(f"absent: {peer} in {count} row(s) ({shown}): {reason}")
+    return lines
+
+
+def markdown_lines(result: dict, plot_link=None) -> list:
+    """The run as a markdown section for bench/RESULTS.md: header, table, summary, absences, the plot if given."""
+    header, rows = result["header"], result["rows"]
+    lines = [f"## Peers, {header['dtype']}, {header['threads']} threads — {header['date']}", ""]
+    lines += [f"- {line}" for line in header_lines(header)]
+    lines += ["", format_table(rows, header["peers"], markdown=True), ""]
+    lines += [f"- {line}" for line in summary_lines(rows, header["peers"]) + absent_lines(rows)]
+    if plot_link:
+        lines += ["", f"![groupnorm's speedup over each peer and its fraction of the copy bandwidth, per case]"
+                      f"({plot_link})"]
+    return lines + [""]
+
+
 def write_plot(path: str, result: dict) -> None:
-    """Per case: groupnorm's speedup over each peer (log scale) and the fraction of copy bandwidth it reached."""
+    """Per case (x axis) and pass (one panel each): groupnorm's speedup over each peer (log scale); below, the
+    fraction of the copy bandwidth groupnorm reached in each pass."""
     try:
         import matplotlib
     except ImportError:
@@ -527,27 +722,41 @@ def write_plot(path: str, result: dict) -> None:
 
     rows = result["rows"]
     header = result["header"]
-    labels = [f"{r['case']}\n{r['layout']} {r['pass']}" for r in rows]
+    cases = list(dict.fromkeys((r["case"], r["layout"]) for r in rows))
+    passes = [p for p in PASSES if any(r["pass"] == p for r in rows)]
+    by_key = {(r["case"], r["layout"], r["pass"]): r for r in rows}
     peers = [p for p in header["peers"] if p != "groupnorm" and any(p in r["speedup"] for r in rows)]
-    positions = np.arange(len(rows))
-    fig, (ax_speed, ax_copy) = plt.subplots(2, 1, figsize=(max(8.0, 0.9 * len(rows) + 2), 9), sharex=True)
+    positions = np.arange(len(cases))
+    fig, axes = plt.subplots(len(passes) + 1, 1, figsize=(max(8.0, 0.75 * len(cases) + 2), 3.6 * (len(passes) + 1)),
+                             sharex=True)
     width = 0.8 / max(len(peers), 1)
-    for index, peer in enumerate(peers):
-        values = [r["speedup"].get(peer, np.nan) for r in rows]
-        ax_speed.bar(positions + (index - (len(peers) - 1) / 2) * width, values, width, label=peer)
-    ax_speed.axhline(1.0, color="black", linewidth=0.8)
-    if peers:
-        ax_speed.set_yscale("log")
-        ax_speed.legend()
-    ax_speed.set_ylabel("speedup of groupnorm (peer time / groupnorm time)")
-    ax_speed.set_title(f"groupnorm vs peers: {header['machine']}, {header['threads']} threads, {header['dtype']}")
-    ax_copy.bar(positions, [100.0 * r["copy_fraction"] for r in rows], 0.6, color="tab:green")
+    for ax, pass_name in zip(axes, passes):
+        for index, peer in enumerate(peers):
+            values = [by_key[key + (pass_name,)]["speedup"].get(peer, np.nan) if key + (pass_name,) in by_key
+                      else np.nan for key in cases]
+            ax.bar(positions + (index - (len(peers) - 1) / 2) * width, values, width, label=peer,
+                   color=f"C{index}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        if peers:
+            ax.set_yscale("log")
+            ax.legend(fontsize=8, ncol=len(peers))
+        ax.set_ylabel(f"{pass_name}: peer time / groupnorm time")
+    axes[0].set_title(f"groupnorm vs peers ({header['dtype']}, {header['threads']} threads, {header['machine']}): "
+                      "above 1, groupnorm is faster")
+    ax_copy = axes[-1]
+    width = 0.8 / max(len(passes), 1)
+    for index, pass_name in enumerate(passes):
+        values = [100.0 * by_key[key + (pass_name,)]["copy_fraction"] if key + (pass_name,) in by_key else np.nan
+                  for key in cases]
+        ax_copy.bar(positions + (index - (len(passes) - 1) / 2) * width, values, width, label=pass_name,
+                    color=f"C{len(peers) + index}")
     ax_copy.axhline(100.0, color="black", linewidth=0.8)
-    ax_copy.set_ylabel("groupnorm: % of copy bandwidth (np.copyto)")
+    ax_copy.legend(fontsize=8)
+    ax_copy.set_ylabel("groupnorm: % of the copy bandwidth")
     ax_copy.set_xticks(positions)
-    ax_copy.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+    ax_copy.set_xticklabels([f"{case}\n{layout}" for case, layout in cases], rotation=45, ha="right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -563,12 +772,15 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny cases, 2 rounds, short batches")
     parser.add_argument("--cases", default=None,
                         help="comma list of case names (4x256x28x28-g32, or 4x256x28x28-g32:nhwc for one layout)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--dtype", choices=list(TOLERANCE), default="float32",
+                        help="the data's dtype (bfloat16 needs ml_dtypes); peers without it are absent")
     parser.add_argument("--peers", default=None, help="comma list of peers to run (default: every one installed)")
     parser.add_argument("--forward-only", action="store_true", help="skip the forward+backward (train) pass")
     parser.add_argument("--min-batch-ms", type=float, default=None, help="calibrate batches to at least this long")
     parser.add_argument("--json", default=None, metavar="PATH", help="write header and rows as JSON")
     parser.add_argument("--plot", default=None, metavar="PATH.png", help="draw speedups and copy fractions (matplotlib)")
+    parser.add_argument("--markdown", default=None, metavar="PATH",
+                        help="write a markdown section (header, table, summary; the plot embedded if drawn)")
     parser.add_argument("--list", action="store_true", help="list the case names and the installed peers, then exit")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = parser.parse_args(argv)
@@ -581,6 +793,8 @@ def parse_args(argv=None):
         parser.error("--rounds and --threads must be >= 1 and --min-batch-ms > 0")
     if args.plot and not _installed("matplotlib"):
         parser.error("--plot needs matplotlib, which is not installed: pip install matplotlib")
+    if args.dtype == "bfloat16" and not _installed("ml_dtypes"):
+        parser.error("--dtype bfloat16 needs ml_dtypes, which is not installed: pip install ml_dtypes")
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else None
     args.passes = ("forward",) if args.forward_only else PASSES
     known = list({(s[0], s[3]): s for s in all_case_specs(QUICK_SPECS) + all_case_specs()}.values())
@@ -611,7 +825,7 @@ def main(argv=None) -> int:
     print()
     print(format_table(result["rows"], result["header"]["peers"]))
     print()
-    for line in summary_lines(result["rows"], result["header"]["peers"]):
+    for line in summary_lines(result["rows"], result["header"]["peers"]) + absent_lines(result["rows"]):
         print(line)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
@@ -619,6 +833,11 @@ def main(argv=None) -> int:
     if args.plot:
         write_plot(args.plot, result)
         print(f"plot written to {args.plot}")
+    if args.markdown:
+        markdown_dir = os.path.dirname(os.path.abspath(args.markdown))
+        plot_link = os.path.relpath(os.path.abspath(args.plot), markdown_dir) if args.plot else None
+        with open(args.markdown, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(markdown_lines(result, plot_link)))
     return 0
 
 
