@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <initializer_list>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -129,12 +130,24 @@ int64_t last_level_cache_bytes() {
   return bytes;
 }
 
+// Largest element count a descriptor may describe: every size the kernels derive from it (at most 24 bytes
+// an element, a count of groups or of channels) then fits in int64_t and size_t.
+constexpr int64_t kMaxElements = int64_t(1) << 57;
+
+// Extents non-negative, G a positive divisor of C, eps >= 0 (not NaN), enums in range, and N x max(C, G) x HxW
+// (a zero extent counted as 1, so an empty tensor's parameters and statistics are bounded too) at most
+// kMaxElements, checked without overflow.
 bool valid(const Problem& p) {
   if (p.N < 0 || p.C < 0 || p.HxW < 0 || p.G <= 0) return false;
   if (p.C % p.G != 0) return false;
   if (!(p.eps >= 0.0)) return false;
   if (p.layout != Layout::kChannelsFirst && p.layout != Layout::kChannelsLast) return false;
-  return p.activation == Activation::kNone || p.activation == Activation::kSilu;
+  if (p.activation != Activation::kNone && p.activation != Activation::kSilu) return false;
+  int64_t elements = 1;
+  for (const int64_t extent : {p.N, p.C > p.G ? p.C : p.G, p.HxW})
+    if (extent > 0 && (__builtin_mul_overflow(elements, extent, &elements) || elements > kMaxElements))
+      return false;
+  return true;
 }
 
 }  // namespace
@@ -208,7 +221,8 @@ Status group_norm_forward(const Problem& problem, DType dtype, const void* x, co
     case DType::kFloat64:
       return table->forward_f64(p, static_cast<const double*>(x), static_cast<const double*>(weight),
                                 static_cast<const double*>(bias), static_cast<double*>(y),
-                                static_cast<double*>(mean_out), static_cast<double*>(rstd_out));    case DType::kFloat16:
+                                static_cast<double*>(mean_out), static_cast<double*>(rstd_out));
+    case DType::kFloat16:
       return table->forward_f16(p, static_cast<const Half*>(x), static_cast<const float*>(weight),
                                 static_cast<const float*>(bias), static_cast<Half*>(y),
                                 static_cast<float*>(mean_out), static_cast<float*>(rstd_out));
@@ -239,7 +253,8 @@ Status group_norm_backward(const Problem& problem, DType dtype, const void* dy, 
       return table->backward_f64(p, static_cast<const double*>(dy), static_cast<const double*>(x),
                                  static_cast<const double*>(mean), static_cast<const double*>(rstd),
                                  static_cast<const double*>(weight), static_cast<double*>(dx),
-                                 static_cast<double*>(dweight), static_cast<double*>(dbias));    case DType::kFloat16:
+                                 static_cast<double*>(dweight), static_cast<double*>(dbias));
+    case DType::kFloat16:
       return table->backward_f16(p, static_cast<const Half*>(dy), static_cast<const Half*>(x),
                                  static_cast<const float*>(mean), static_cast<const float*>(rstd),
                                  static_cast<const float*>(weight), static_cast<Half*>(dx),

@@ -58,8 +58,10 @@ struct ScalarVec {
   friend ScalarVec operator*(ScalarVec a, ScalarVec b) { return {a.v * b.v}; }
   friend ScalarVec operator/(ScalarVec a, ScalarVec b) { return {a.v / b.v}; }
   friend ScalarVec fma(ScalarVec a, ScalarVec b, ScalarVec c) { return {a.v * b.v + c.v}; }
-  friend ScalarVec min(ScalarVec a, ScalarVec b) { return {b.v < a.v ? b.v : a.v}; }
-  friend ScalarVec max(ScalarVec a, ScalarVec b) { return {a.v < b.v ? b.v : a.v}; }
+  // A NaN operand gives b, as x86's minps / maxps do: exp_approx's clamp then turns a NaN into a finite n,
+  // which ldexp_int may convert to int (converting a NaN is undefined behaviour).
+  friend ScalarVec min(ScalarVec a, ScalarVec b) { return {a.v < b.v ? a.v : b.v}; }
+  friend ScalarVec max(ScalarVec a, ScalarVec b) { return {a.v > b.v ? a.v : b.v}; }
   friend ScalarVec round_nearest(ScalarVec a) {
     return {sizeof(T) == 4 ? T(__builtin_nearbyintf(float(a.v))) : T(__builtin_nearbyint(double(a.v)))};
   }
