@@ -326,51 +326,27 @@ void sample_grad_coeffs(const Problem& p, const GroupGradCoeffs<T>* coeffs, cons
   for (int64_t c = p.C; c < b.padded; ++c) b.mean_hi[c] = b.scale[c] = b.c2[c] = b.shift[c] = T(0);
 }
 
-// dx over rows [r0, r1) for K vectors of channels starting at c, their coefficients held in registers; with
-// kTail, one vector of which only `count` channels exist.
-template <class V, int K, bool kTail, class S>
-void column_grad_apply(const S* dy, const S* x, S* dx, int64_t C, int64_t c, int64_t count, int64_t r0,
-                       int64_t r1, const GradRowBuffers<typename V::Scalar>& b) {
-  using T = typename V::Scalar;
-  constexpr int64_t W = V::kWidth;
-  V mean_hi[K], scale[K], c2[K], shift[K];
-  for (int i = 0; i < K; ++i) {
-    mean_hi[i] = V::load(b.mean_hi + c + i * W);
-    scale[i] = V::load(b.scale + c + i * W);
-    c2[i] = V::load(b.c2 + c + i * W);
-    shift[i] = V::load(b.shift + c + i * W);
-  }
-  for (int64_t r = r0; r < r1; ++r) {
-    const S* dy_row = dy + r * C + c;
-    const S* x_row = x + r * C + c;
-    S* dx_row = dx + r * C + c;
-    for (int i = 0; i < K; ++i) {
-      const V g = kTail ? V::load_tail(dy_row, count, T(0)) : V::load(dy_row + i * W);
-      const V xc = (kTail ? V::load_tail(x_row, count, T(0)) : V::load(x_row + i * W)) - mean_hi[i];
-      const V v = fma(g, scale[i], fma(xc, c2[i], shift[i]));
-      if (kTail)
-        V::store_tail(dx_row, v, count);
-      else
-        V::store(dx_row + i * W, v);
-    }
-  }
-}
-
-// dx over rows [r0, r1) of one sample, in blocks of rows whose dy, x and dx stay in L1 across the channel
-// tiles; b holds the sample's per-channel coefficients.
 template <class V, class S>
 void rows_grad_apply(const Problem& p, const S* dy, const S* x, S* dx, int64_t r0, int64_t r1,
                      const GradRowBuffers<typename V::Scalar>& b) {
-  // Channel vectors whose coefficients stay in registers: four registers each, so 2 on 16-register ISAs.
-  constexpr int64_t W = V::kWidth, K = V::kRegisters >= 32 ? 4 : 2;
-  const int64_t C = p.C;
-  const int64_t rows_per_block = max_i64(1, kL1TileBytes / int64_t(3 * sizeof(S) * C));
-  for (int64_t rb = r0; rb < r1; rb += rows_per_block) {
-    const int64_t re = min_i64(r1, rb + rows_per_block);
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  const int64_t C = p.C, c_full = C / W * W;
+  for (int64_t r = r0; r < r1; ++r) {
+    const S* dy_row = dy + r * C;
+    const S* x_row = x + r * C;
+    S* dx_row = dx + r * C;
     int64_t c = 0;
-    for (; c + K * W <= C; c += K * W) column_grad_apply<V, K, false>(dy, x, dx, C, c, C, rb, re, b);
-    for (; c + W <= C; c += W) column_grad_apply<V, 1, false>(dy, x, dx, C, c, C, rb, re, b);
-    if (c < C) column_grad_apply<V, 1, true>(dy, x, dx, C, c, C - c, rb, re, b);
+    for (; c < c_full; c += W) {
+      const V xc = V::load(x_row + c) - V::load(b.mean_hi + c);
+      V::store(dx_row + c, fma(V::load(dy_row + c), V::load(b.scale + c), fma(xc, V::load(b.c2 + c), V::load(b.shift + c))));
+    }
+    if (c < C) {
+      const V xc = V::load_tail(x_row + c, C - c, T(0)) - V::load(b.mean_hi + c);
+      const V v = fma(V::load_tail(dy_row + c, C - c, T(0)), V::load(b.scale + c),
+                      fma(xc, V::load(b.c2 + c), V::load(b.shift + c)));
+      V::store_tail(dx_row + c, v, C - c);
+    }
   }
 }
 
