@@ -116,6 +116,13 @@ def empty_like_layout(x, fill_value=np.nan):
     return out
 
 
+def at_odd_address(a):
+    """A copy of array a whose data starts one byte past an aligned address (misaligned for every dtype)."""
+    odd = np.frombuffer(bytearray(a.nbytes + 1), dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
+    odd[...] = a
+    return odd
+
+
 def same_bits(a, b):
     """Bitwise equality (NaN payloads included) of two arrays of one dtype and shape."""
     a, b = np.asarray(a), np.asarray(b)

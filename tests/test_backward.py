@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import groupnorm as gn
-from reference import (assert_grads_match, group_norm_backward_reference, group_stats_reference, random_array,
-                       same_bits, same_memory_order)
+from reference import (assert_grads_match, at_odd_address, group_norm_backward_reference, group_stats_reference,
+                       random_array, same_bits, same_memory_order)
 
 DTYPES = [np.float32, np.float64]
 TAILS = (1, 3, 7, 15, 16, 17, 31, 33, 63, 65)
@@ -252,6 +252,18 @@ def test_finite_differences(rng):
     np.testing.assert_allclose(dx, numeric(lambda a: loss(a, weight, bias), x), atol=1e-7)
     np.testing.assert_allclose(dw, numeric(lambda a: loss(x, a, bias), weight), atol=1e-7)
     np.testing.assert_allclose(db, numeric(lambda a: loss(x, weight, a), bias), atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unaligned_statistics_and_weight(isa, rng, dtype):
+    """Misaligned mean, rstd and weight give the bits of their aligned copies (the kernels take aligned
+    pointers)."""
+    x, dy = random_array(rng, (2, 6, 37), dtype), random_array(rng, (2, 6, 37), dtype)
+    weight = random_array(rng, (6,), dtype)
+    _, mean, rstd = gn.group_norm_forward(x, 3, weight)
+    expected = gn.group_norm_backward(dy, x, mean, rstd, 3, weight)
+    got = gn.group_norm_backward(dy, x, at_odd_address(mean), at_odd_address(rstd), 3, at_odd_address(weight))
+    assert all(same_bits(a, b) for a, b in zip(got, expected))
 
 
 def test_statistics_of_another_dtype_are_converted(rng):

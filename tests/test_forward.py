@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import groupnorm as gn
-from reference import (affine_params, assert_matches_reference, check_group_norm, empty_like_layout,
+from reference import (affine_params, assert_matches_reference, at_odd_address, check_group_norm, empty_like_layout,
                        group_norm_reference, random_array, same_bits)
 
 DTYPES = [np.float32, np.float64]
@@ -256,6 +256,25 @@ def test_unaligned_input_and_output(isa, rng, dtype):
     assert y is out
     assert_matches_reference(out, group_norm_reference(x, 3))
     assert_matches_reference(gn.group_norm(x, 3), group_norm_reference(x, 3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unaligned_weight_and_bias(isa, rng, dtype):
+    """Misaligned weight and bias give the bits of their aligned copies (the kernels take aligned pointers)."""
+    x = random_array(rng, (2, 6, 37), dtype)
+    weight, bias = affine_params(rng, 6, dtype, "both")
+    expected = gn.group_norm(x, 3, weight, bias)
+    assert same_bits(gn.group_norm(x, 3, at_odd_address(weight), at_odd_address(bias)), expected)
+    assert same_bits(gn.group_norm_forward(x, 3, at_odd_address(weight), at_odd_address(bias))[0], expected)
+
+
+def test_unaligned_output_past_the_streaming_threshold(isa, rng):
+    """A misaligned out= whose input + output (64 MiB) exceed the last-level cache: the kernels' non-temporal
+    stores need aligned addresses (a segmentation fault once), so it is written through scratch."""
+    x = random_array(rng, (2, 4, 1 << 20), np.float32)
+    out = at_odd_address(np.full_like(x, np.nan))
+    assert gn.group_norm(x, 2, out=out) is out
+    assert same_bits(out, gn.group_norm(x, 2))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -180,11 +180,12 @@ cdef int _compute_typenum(int code) noexcept:
 
 
 cdef object _as_float(object a, int typenum):
-    """a (any real or bfloat16 array) as a C-contiguous array of float32 / float64."""
+    """a (any real or bfloat16 array) as a C-contiguous, aligned array of float32 / float64."""
     dtype = np.float64 if typenum == cnp.NPY_FLOAT64 else np.float32
     if a.dtype.num == cnp.NPY_VOID and a.dtype == _bfloat16_storage:
         a = (np.ascontiguousarray(a).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return np.ascontiguousarray(a, dtype=dtype)
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if cnp.PyArray_ISALIGNED(<cnp.ndarray>a) else a.copy()  # the kernels take aligned pointers only
 
 
 cdef bint _is_real(object dtype):
@@ -556,7 +557,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
         result = _empty_in_order(x, plan.order, plan.ndim)
     else:
         result = np.empty_like(x)
-    cdef bint direct = _contiguous_in_order(result, plan.order, plan.ndim)
+    # A misaligned `out` is written through scratch too: the kernels take aligned pointers only.
+    cdef bint direct = _contiguous_in_order(result, plan.order, plan.ndim) and cnp.PyArray_ISALIGNED(result)
     if direct and out is not None and native and _overlap(result, x):
         direct = _same_view(result, x)
     cdef cnp.ndarray y_dst = result if direct else _empty_in_order(x, plan.order, plan.ndim)

@@ -20,6 +20,10 @@
 #include "groupnorm/groupnorm.h"
 #include "groupnorm/half.h"
 
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/lsan_interface.h>
+#endif
+
 namespace {
 
 using groupnorm::Activation;
@@ -1169,5 +1173,10 @@ int main(int argc, char** argv) {
   }
   std::printf("total %.2f s, seed=%llu\n", secs, (unsigned long long)g_master_seed);
   std::printf("%lld passed, %lld failed\n", (long long)tally.passed, (long long)tally.failed);
+#ifdef __SANITIZE_ADDRESS__
+  // A leak fails the run even where ASAN_OPTIONS=leak_check_at_exit=0 spares Python's exit (.ci/sanitize).
+  std::fflush(stdout);
+  __lsan_do_leak_check();
+#endif
   return tally.failed == 0 ? 0 : 1;
 }

@@ -1,5 +1,5 @@
 // groupnorm.h — the plain C++ API: status codes, the problem descriptor, entry points and ISA control.
-// Only pointers, sizes and plain enums cross this boundary; no vector type and no exception ever does.
+// Only pointers (aligned to their element type), sizes and plain enums cross it; no vector type nor exception does.
 // Semantics are torch.nn.functional.group_norm's, with the biased variance.
 #pragma once
 
