@@ -147,6 +147,22 @@ def openmp():
 cdef int _MAX_DIMS = 32
 
 
+cdef str _repr_short(object value):
+    """repr(value), but a huge integer by its size: Python refuses to print one of over 4300 digits."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"<an integer of {value.bit_length()} bits>"
+    return repr(value)
+
+
+cdef object _as_array(object value, str name):
+    """np.asarray(value); what NumPy cannot convert (a ragged nested list, ...) raises naming `name`."""
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(
+            f"{name} cannot be converted to an array: {e}") from None
+
+
 cdef int _dtype_code(cnp.ndarray x) except -2:
     """The DType of x's elements, or -1 for a dtype the kernels do not take."""
     global _bfloat16_typenum
@@ -204,7 +220,7 @@ cdef object _check_input(object input, str name, str func):
     elif isinstance(input, np.ndarray):
         x = input
     else:
-        x = np.asarray(input)
+        x = _as_array(input, name)
     if _dtype_code(<cnp.ndarray>x) < 0:
         raise TypeError(f"{name} has dtype {x.dtype}; {func} supports {_SUPPORTED_DTYPES}")
     if cnp.PyArray_NDIM(<cnp.ndarray>x) < 2:
@@ -217,14 +233,19 @@ cdef object _check_input(object input, str name, str func):
 
 
 cdef Py_ssize_t _check_int(object value, str name) except? -1:
-    if type(value) is int:
-        return value
-    if isinstance(value, bool):
-        raise TypeError(f"{name}={value!r} must be an integer, not bool")
+    """value as an integer (not bool) that fits in a Py_ssize_t."""
+    if type(value) is not int:
+        if isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be an integer, not bool")
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name}={value!r} must be an integer") from None
     try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name}={value!r} must be an integer") from None
+        return value
+    except OverflowError:
+        raise ValueError(f"{name}={_repr_short(value)} is out of range; it must fit in a signed "
+                         f"{8 * sizeof(Py_ssize_t)}-bit integer") from None
 
 
 cdef object _check_param(object value, str name, Py_ssize_t C, int typenum):
@@ -238,7 +259,7 @@ cdef object _check_param(object value, str name, Py_ssize_t C, int typenum):
         return value
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be an array of {C} real numbers, got {type(value).__name__} {value!r}")
-    a = value if isinstance(value, np.ndarray) else np.asarray(value)
+    a = value if isinstance(value, np.ndarray) else _as_array(value, name)
     if not _is_real(a.dtype):
         raise TypeError(f"{name} has dtype {a.dtype}; it must hold real numbers (float or integer)")
     if a.ndim != 1 or a.shape[0] != C:
@@ -257,7 +278,7 @@ cdef object _check_stats(object value, str name, Py_ssize_t N, Py_ssize_t G, int
     if value is None or isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be an array of shape ({N}, {G}) (N, num_groups) as group_norm_forward "
                         f"returns it, got {type(value).__name__} {value!r}")
-    a = value if isinstance(value, np.ndarray) else np.asarray(value)
+    a = value if isinstance(value, np.ndarray) else _as_array(value, name)
     if not _is_real(a.dtype):
         raise TypeError(f"{name} has dtype {a.dtype}; it must hold real numbers (float or integer)")
     if a.shape != (N, G):
@@ -274,7 +295,10 @@ cdef double _check_eps(object eps) except? -1.0:
     elif isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps={eps!r} must be a real number")
     else:
-        eps_value = float(eps)
+        try:
+            eps_value = float(eps)
+        except OverflowError:
+            raise ValueError(f"eps={_repr_short(eps)} is too large to convert to a float") from None
     if not (eps_value >= 0.0):
         raise ValueError(f"eps={eps!r} must be non-negative (and not NaN)")
     return eps_value
@@ -561,6 +585,10 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     cdef bint direct = _contiguous_in_order(result, plan.order, plan.ndim) and cnp.PyArray_ISALIGNED(result)
     if direct and out is not None and native and _overlap(result, x):
         direct = _same_view(result, x)
+    # weight and bias are read while y is written: an out= over their memory also goes through scratch.
+    if direct and out is not None and ((w is not None and _overlap(result, <cnp.ndarray>w))
+                                       or (b is not None and _overlap(result, <cnp.ndarray>b))):
+        direct = False
     cdef cnp.ndarray y_dst = result if direct else _empty_in_order(x, plan.order, plan.ndim)
 
     cdef const void* x_ptr = cnp.PyArray_DATA(x_src)

@@ -70,7 +70,11 @@ class GroupNorm:
             raise ValueError(f"num_groups={self.num_groups} must divide num_channels={self.num_channels}")
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
             raise TypeError(f"eps={eps!r} must be a real number")
-        if not eps >= 0:
+        try:
+            eps_value = float(eps)
+        except OverflowError:
+            raise ValueError(f"eps={eps!r} is too large to convert to a float") from None
+        if not eps_value >= 0:
             raise ValueError(f"eps={eps!r} must be non-negative (and not NaN)")
         if not isinstance(affine, (bool, np.bool_)):
             raise TypeError(f"affine={affine!r} must be a bool")
@@ -80,7 +84,7 @@ class GroupNorm:
             raise TypeError(f"dtype={dtype!r} is not a NumPy dtype; use numpy.float32 or numpy.float64") from None
         if param_dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype={param_dtype} is not supported; use numpy.float32 or numpy.float64")
-        self.eps = float(eps)
+        self.eps = eps_value
         self.affine = bool(affine)
         self.dtype = param_dtype
         self.weight = np.ones(self.num_channels, param_dtype) if self.affine else None
@@ -91,7 +95,12 @@ class GroupNorm:
 
     def forward(self, x):
         """Normalise x of shape (N, C, *); keeps what :meth:`backward` needs."""
-        x = x if isinstance(x, np.ndarray) else np.asarray(x)
+        if not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x)
+            except (TypeError, ValueError) as e:  # a ragged nested list, ...
+                raise (TypeError if isinstance(e, TypeError) else ValueError)(
+                    f"input cannot be converted to an array: {e}") from None
         if x.ndim < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"input has shape {x.shape}; {self!r} expects (N, {self.num_channels}, *)")
         y, mean, rstd = group_norm_forward(x, self.num_groups, self.weight, self.bias, self.eps)
