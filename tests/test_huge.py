@@ -26,7 +26,9 @@ def _enough_memory():
         return False
 
 
-pytestmark = pytest.mark.skipif(not _enough_memory(), reason=f"needs {NEEDED_BYTES / 2**30:.1f} GiB free")
+# One at a time even under pytest-xdist (--dist loadgroup): two of them at once would need twice the memory.
+pytestmark = [pytest.mark.skipif(not _enough_memory(), reason=f"needs {NEEDED_BYTES / 2**30:.1f} GiB free"),
+              pytest.mark.xdist_group("huge_memory")]
 
 
 def _counts(start, stop):

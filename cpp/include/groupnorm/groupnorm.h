@@ -24,6 +24,8 @@ enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3 };
 constexpr int kIsaCount = 4;
 
 // One group-norm problem. Shape names follow the paper: C channels in G groups of D = C/G, HxW positions.
+// Entry points return kInvalidArgument for a descriptor with a negative extent, G not a positive divisor of
+// C, eps negative or NaN, an enum out of range, or more than 2^57 elements (N x max(C, G) x HxW).
 struct Problem {
   int64_t N = 0;
   int64_t C = 0;
