@@ -9,6 +9,7 @@ import numbers
 import operator
 import os
 import re
+import sys
 import time
 import warnings
 
@@ -732,7 +733,7 @@ def assert_untouched(before, values, arena, out=None, out_root=None):
 
 def guarded_call(fn, *args, **kwargs):
     """fn(*args, **kwargs) -> (result, exception): a hang dumps all stacks and exits; a slow call fails."""
-    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True, file=sys.__stderr__)  # pytest may capture sys.stderr
     start = time.perf_counter()
     try:
         return fn(*args, **kwargs), None
