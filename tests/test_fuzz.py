@@ -62,10 +62,10 @@ FLOAT_DTYPES = [name for name in ("float16", "bfloat16", "float32", "float64") i
 WRONG_DTYPES = ["int32", "int64", "uint8", "bool", "complex64", "complex128", "longdouble", "object", "<U1",
                 "structured"]
 
-# The kernels' accuracy domain: every |x| of a group at most this. Beyond it (up to the dtype's max) a call must
-# still return, with every other group exact, but that group's values are not checked: see the strict xfails at
-# the end of this file for what the kernels give there today.
-HUGE_LIMIT = {"float16": np.inf, "bfloat16": 1e37, "float32": 1e37, "float64": 1e150}
+# The kernels' accuracy domain: every |x| of a group at most this. Every finite value since the forward kernels take
+# the groups whose squares leave the compute dtype's range in a wider type (see test_extreme_group at the end);
+# lower it for a dtype to leave its huge groups unchecked while a kernel is reworked.
+HUGE_LIMIT = {"float16": np.inf, "bfloat16": np.inf, "float32": np.inf, "float64": np.inf}
 
 
 def examples(n):
@@ -187,8 +187,8 @@ def _values(recipe, rng, count, dtype_name):
     if mode == "scaled":
         exponent = rng.choice([-3, 3] if family == "float16" else [-30, -8, 8, 30])
         return normal * 10.0 ** exponent
-    if mode == "mixed":  # a different magnitude per element, within 15 decades (see the xfails at the end)
-        exponents = rng.integers(-4, 4, count) if family == "float16" else rng.integers(-15, 16, count)
+    if mode == "mixed":  # a different magnitude per element, over 30 decades where the dtype has them
+        exponents = rng.integers(-4, 4, count) if family == "float16" else rng.integers(-15, 16, count) * 2
         return normal * 10.0 ** exponents
     if mode == "constant":
         return np.full(count, rng.choice([0.0, 1.0, -2.5, 1e3]))
@@ -555,10 +555,8 @@ class ForwardExpectation:
 
 def forward_expectation(x, G, weight, bias, eps, activation, ax):
     """The reference for group_norm(x, ...) and which elements it binds. A group is left unchecked when its data
-    leaves the kernels' accuracy domain (HUGE_LIMIT) or every square of its deviations underflows the compute dtype
-    while its variance still matters against eps (both strict xfails below), a channel when its scale rstd*|w|
-    overflows the compute dtype (eps=0 and subnormal data: torch folds the same scale and gives inf/NaN there too),
-    and an element when its true value overflows the output dtype. Values below the compute dtype's normal range are
+    leaves the kernels' accuracy domain (HUGE_LIMIT), a channel when its scale rstd*|w| overflows the compute
+    dtype (eps=0 and subnormal data: torch folds the same scale and gives inf/NaN there too), and an element when its true value overflows the output dtype. Values below the compute dtype's normal range are
     known to its subnormal spacing, amplified by rstd*|w| and |x - mean|*|w|: that is the floor."""
     family = _family(x.dtype)
     compute = _compute(family)
@@ -583,8 +581,7 @@ def forward_expectation(x, G, weight, bias, eps, activation, ax):
             absmax = np.abs(groups).max(axis=2).astype(np.float64)
             nonfinite = ~np.isfinite(groups).all(axis=2)
         rstd64 = rstd.astype(np.float64)
-        squares_vanish = (np.square(dev) < float(info_c.smallest_subnormal)) & (var.astype(np.float64) > 1e-6 * eps)
-        groups_checked = ~(absmax > HUGE_LIMIT[family]) & ~squares_vanish & ~(rstd64 > float(info_c.max) / 2)
+        groups_checked = ~(absmax > HUGE_LIMIT[family]) & ~(rstd64 > float(info_c.max) / 2)
         w_max = max(1.0, _finite_max(w)) if w is not None else 1.0
         sub = float(info_c.smallest_subnormal)
         floor_g = 2 * sub * (1 + np.nan_to_num(rstd.astype(np.float64), posinf=0.0) * w_max
@@ -1401,41 +1398,47 @@ def test_found_by_fuzzing(call):
                                                                                             check_forward_call)
     check(call, 0)
 
-# Where the forward kernels leave their accuracy domain (HUGE_LIMIT above; cpp/kernels/forward_impl.h). Strict
-# xfails: a kernel fix turns them into XPASS failures, the signal to raise HUGE_LIMIT.
-@pytest.mark.xfail(strict=True, reason="forward kernel: float32 deviations from ~3e37 up overflow the short runs "
-                                       "summed in float even after the 2^-64 rescale: y = 0, rstd = 0, a wrong mean")
-def test_float32_group_spread_near_max(isa):
-    x = np.zeros((1, 1, 256), np.float32)
-    x[..., ::2], x[..., 1::2] = 1e38, -1e38
-    y = gn.group_norm(x, 1)
-    assert_matches_reference(y, group_norm_reference(x, 1))
+# Groups the float sums of the forward kernels cannot hold (cpp/kernels/forward_impl.h: wide_group_stats): squares
+# of deviations that overflow or underflow the compute dtype, spreads up to the dtype's max, a group whose every
+# square underflows and whose deviations cancel. Each sits in a tensor beside an ordinary group, in both layouts.
+EXTREME_GROUPS = {
+    "float32-spread-near-max": ("float32", [3.3e38, -3.3e38, 1e38, -2e38, 0.0, 5.0]),
+    "float32-offset-near-max": ("float32", [3.3e38, 3.2e38, 3.1e38, 3.0e38, 3.3e38, 1e37]),
+    "float32-tiny-symmetric": ("float32", [-3e-30, 3e-30, 0.0, 0.0, 0.0, 0.0]),
+    "float32-subnormal": ("float32", [1e-45, -3e-45, 7e-45, 0.0, 2e-44, -1e-44]),
+    "float32-wide-dynamic-range": ("float32", [-5.3837076e+25, 1.4424001e-05, 9.1502493e-08, -1.4343923e+05,
+                                               -3.0779739e-12, -8.7657699e+13]),
+    "float64-spread-beyond-sqrt-max": ("float64", [1e160, -1e160, 3e159, 0.0, -7e158, 1.0]),
+    "float64-spread-near-max": ("float64", [1.7e308, -1.7e308, 1e308, -5e307, 0.0, 2.0]),
+    "float64-tiny-symmetric": ("float64", [-3e-170, 3e-170, 0.0, 0.0, 1e-171, -1e-171]),
+    "bfloat16-spread-near-max": ("bfloat16", [3.3e38, -3.3e38, 1e38, -2e38, 0.0, 5.0]),
+}
 
 
-@pytest.mark.xfail(strict=True, reason="forward kernel: float64 sums of squared deviations overflow from ~2e152 "
-                                       "up (the 2^-512 rescale is undone before the variance): y = NaN")
-def test_float64_group_spread_beyond_sqrt_max(isa):
-    x = np.zeros((1, 1, 16), np.float64)
-    x[..., ::2], x[..., 1::2] = 1e160, -1e160
-    y = gn.group_norm(x, 1)
-    assert_matches_reference(y, group_norm_reference(x, 1))
-
-
-@pytest.mark.xfail(strict=True, reason="forward kernel: when every float32 square of a group's deviations underflows "
-                                       "and they sum to exactly 0 about the shift, the group is taken as constant "
-                                       "(var = 0): NaN for eps=0, a wrong scale for 0 < eps << var")
-def test_tiny_symmetric_group(isa):
-    x = np.array([-3e-30, 3e-30, 0.0, 0.0], np.float32).reshape(1, 1, 4)
-    y = gn.group_norm(x, 1, eps=1e-70)  # y = +-300000 instead of +-1.414
-    assert_matches_reference(y, group_norm_reference(x, 1, eps=1e-70))
-
-
-@pytest.mark.xfail(strict=True, reason="scalar forward kernel: a float32 group spanning some 30 decades misses the "
-                                       "2e-6 target (1.4x here; avx2 and avx512 meet it)")
-def test_wide_dynamic_range_scalar():
-    values = [-5.3837076e+25, 1.4424001e-05, 9.1502493e-08, -1.4343923e+05, -3.0779739e-12, -4.8681198e-11,
-              -9.0676256e-02, -2.3513397e-29, -8.7657699e+13, 4.1083855e-04, 7.0015659e-07]
-    x = np.array(values * 2, np.float32).reshape(1, 1, 22)
-    with use_isa("scalar"):
-        y = gn.group_norm(x, 1)
-    assert_matches_reference(y, group_norm_reference(x, 1))
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("name", EXTREME_GROUPS)
+def test_extreme_group(isa, name, activation, layout):
+    family, values = EXTREME_GROUPS[name]
+    if family not in DTYPES:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    dtype = DTYPES[family]
+    rng = np.random.default_rng(7)
+    for length in (6, 96, 5000):  # within one vector, several, several chunks' worth of rows
+        data = np.empty((2, 4, length))
+        data[:, :2] = rng.permutation(np.resize(values, 2 * length)).reshape(2, length)  # group 0: extreme
+        data[:, 2:] = rng.standard_normal((2, 2, length))  # group 1: ordinary
+        x = data.astype(dtype)
+        if layout == "channels_last":
+            x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+        weight = rng.uniform(0.5, 2, 4).astype(_compute(family))
+        bias = rng.standard_normal(4).astype(_compute(family))
+        eps = 1e-70 if "tiny" in name or "subnormal" in name else 1e-5
+        exp = forward_expectation(x, 2, weight, bias, eps, activation, 1)
+        assert exp.groups_checked.all(), name
+        assert_output(gn.group_norm(x, 2, weight, bias, eps, activation=activation), exp,
+                      f"{name}, length {length}, {layout}, activation {activation}")
+        if activation is None:
+            y, mean, rstd = gn.group_norm_forward(x, 2, weight, bias, eps)
+            assert_output(y, exp, f"group_norm_forward: {name}, length {length}, {layout}")
+            assert_statistics(mean, rstd, exp, 2, 2)

@@ -3,7 +3,9 @@
 // vector runs flushed to double; chunk sums add up in a fixed order, so the result is bitwise identical for
 // every thread count, and the shift keeps the variance free of cancellation. The mean is kept as a double
 // plus its rounding error. Apply: y = (x - mean_hi) * s + t, with s = rstd*w and t = b - mean_lo*s carrying
-// the low part of the mean, so a large offset costs no accuracy.
+// the low part of the mean, so a large offset costs no accuracy. A group whose sums leave T's range (squares
+// that overflow or underflow it) is summed again in a wider type, and where its spread or 1/std leaves T's
+// range it is applied in that type too (wide_group_stats): every finite input is normalised to the target.
 // Included by cpp/kernels/isa/<isa>.cpp after defining GROUPNORM_ISA; everything lands in that namespace.
 #pragma once
 
@@ -35,24 +37,26 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max_i64(int64_t a, int64_t b) { return a < b ? b : a; }
 
-// Mean (as mean + mean_lo, the second its rounding error) and 1/sqrt(var + eps) of one group.
+// Mean (as mean + mean_lo, the second its rounding error) and 1/sqrt(var + eps) of one group; `wide` marks a
+// group whose values the apply step must take in Wide<T> (wide_group_stats).
 struct GroupStats {
   double mean;
   double mean_lo;
   double rstd;
+  bool wide;
 };
 
 // Statistics of `count` values (inv_count = 1/count) from s1 = sum(x - shift) and s2 = sum((x - shift)^2).
 // The variance is clamped at 0 (a NaN stays NaN); TwoSum recovers the rounding error of shift + s1/count.
 inline GroupStats group_stats(double count, double inv_count, double shift, double s1, double s2, double eps) {
-  if (count == 0) return {__builtin_nan(""), 0.0, __builtin_nan("")};
+  if (count == 0) return {__builtin_nan(""), 0.0, __builtin_nan(""), false};
   const double q = s1 * inv_count;
   const double mean = shift + q;
   const double q_part = mean - shift;
   const double mean_lo = (shift - (mean - q_part)) + (q - q_part);
   double var = (s2 - s1 * q) * inv_count;
   if (var < 0.0) var = 0.0;
-  return {mean, mean_lo, 1.0 / __builtin_sqrt(var + eps)};
+  return {mean, mean_lo, 1.0 / __builtin_sqrt(var + eps), false};
 }
 
 // The middle one of three values: the shift of a group is the median of three of its samples, so one
@@ -71,34 +75,131 @@ inline bool shift_too_far(double inv_count, double s1, double s2) {
   return q * q > 4.0 * ((s2 - s1 * q) * inv_count);
 }
 
-// The float sums of a group need a second look: the shift lies more than two standard deviations from
-// the mean (shift_too_far), or the sums left T's normal range (float32 deviations beyond ~1e19, or below
-// ~1e-15; inf or NaN also when x holds one, which then stays NaN). Rare, and cheap to test.
+// True when the sums in T left its normal range: float32 deviations beyond ~1e18 or below ~1e-15 (float64:
+// beyond ~1e153, below ~1e-135), an infinity or a NaN in the group, or both sums exactly 0 (a constant group,
+// or one whose every square underflowed).
 template <class T>
-bool needs_refine(double inv_count, double s1, double s2) {
-  const bool out_of_range = !(s2 < __builtin_inf() && s1 - s1 == 0.0) ||
-                            (s2 * inv_count < (sizeof(T) == 4 ? 0x1p-100 : 0x1p-900) && (s1 != 0.0 || s2 != 0.0));
-  return out_of_range || shift_too_far(inv_count, s1, s2);
+bool sums_out_of_range(double inv_count, double s1, double s2) {
+  return !(s2 < __builtin_inf() && s1 - s1 == 0.0) || s2 * inv_count < (sizeof(T) == 4 ? 0x1p-100 : 0x1p-900);
 }
 
-// The second look: a shift far from the mean is replaced by the mean, and sums out of range are redone with
-// every difference scaled into range. resum(shift, scale, s1, s2) sums the group again. Kept out of line so
-// the common path's loop over groups stays free of it.
-template <class T, class Resum>
-__attribute__((noinline)) void refine_sums(double inv_count, T& shift, double& s1, double& s2, Resum resum) {
-  const bool varied = s1 != 0.0 || s2 != 0.0;  // recentring on the mean may leave both at exactly 0
+// The float sums of a group need a second look (refine_sums): the shift lies more than two standard
+// deviations from the mean, or the sums left T's range. Rare, and cheap to test.
+template <class T>
+bool needs_refine(double inv_count, double s1, double s2) {
+  return sums_out_of_range<T>(inv_count, s1, s2) || shift_too_far(inv_count, s1, s2);
+}
+
+// A type whose range holds the squares and sums of every finite T, with more precision than T: the
+// statistics, and where needed the apply, of groups the sums in T cannot hold.
+template <class T>
+struct WideOf {
+  using type = double;
+};
+template <>
+struct WideOf<double> {
+  using type = long double;  // x86: 80-bit extended, 15-bit exponent; aarch64 Linux: binary128
+};
+template <class T>
+using Wide = typename WideOf<T>::type;
+
+inline double wide_sqrt(double v) { return __builtin_sqrt(v); }
+inline long double wide_sqrt(long double v) { return __builtin_sqrtl(v); }
+inline double wide_exp(double v) { return __builtin_exp(v); }
+inline long double wide_exp(long double v) { return __builtin_expl(v); }
+
+// Whether any value of the runs x[0, n) differs from shift: a constant group and one whose every square
+// underflowed T both sum to exactly 0.
+template <class V, class S>
+bool run_differs(const S* x, int64_t n, typename V::Scalar shift) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  const V shift_v = V::broadcast(shift);
+  V far = V::zero();  // lane-wise max |x - shift|
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V d = V::load(x + i) - shift_v;
+    far = max(far, max(d, V::zero() - d));
+  }
+  if (i < n) {
+    const V d = V::load_tail(x + i, n - i, shift) - shift_v;
+    far = max(far, max(d, V::zero() - d));
+  }
+  alignas(64) T lanes[W];
+  V::store(lanes, far);
+  for (int64_t k = 0; k < W; ++k)
+    if (lanes[k] != T(0)) return true;
+  return false;
+}
+
+// The second look at a group's sums (needs_refine): a shift far from the mean is replaced by the mean and the
+// group summed again, resum(shift, s1, s2); a group whose sums leave T's range, or that sums to exactly 0
+// without being constant, needs its statistics from wide_group_stats: returns true then. visit(f) hands the
+// group to f(run, length) one contiguous run at a time. Out of line: the common path never comes here.
+template <class V, class Resum, class Visit>
+__attribute__((noinline)) bool refine_sums(double inv_count, typename V::Scalar& shift, double& s1, double& s2,
+                                           Resum resum, Visit visit) {
+  using T = typename V::Scalar;
   if (shift_too_far(inv_count, s1, s2)) {
     shift = T(double(shift) + s1 * inv_count);
-    resum(shift, T(1), s1, s2);
+    resum(shift, s1, s2);
   }
-  constexpr bool kF32 = sizeof(T) == 4;
-  const bool overflow = !(s2 < __builtin_inf() && s1 - s1 == 0.0);
-  const bool underflow = s2 * inv_count < (kF32 ? 0x1p-100 : 0x1p-900) && varied;
-  if (overflow || underflow) {
-    const T scale = overflow ? T(kF32 ? 0x1p-64 : 0x1p-512) : T(kF32 ? 0x1p64 : 0x1p512);
-    resum(shift, scale, s1, s2);
-    s1 = s1 / double(scale);
-    s2 = s2 / double(scale) / double(scale);
+  if (!sums_out_of_range<T>(inv_count, s1, s2)) return false;
+  if (s1 != 0.0 || s2 != 0.0) return true;
+  bool differs = false;
+  visit([&](const auto* run, int64_t n) { differs = differs || run_differs<V>(run, n, shift); });
+  return differs;
+}
+
+// Statistics of a group in Wide<T>, two passes over visit(f) as in refine_sums: the sum of x - shift gives the
+// mean, then the sums of (x - mean) and its squares the variance. `wide` is set when 1/std or the group's
+// spread leaves T's range (std beyond 2^64 in float32, 2^512 in float64), so the apply must be wide too.
+template <class T, class Visit>
+__attribute__((noinline)) GroupStats wide_group_stats(double count, T shift, double eps, Visit visit) {
+  using Wd = Wide<T>;
+  const Wd n = Wd(count), k = Wd(shift);
+  Wd s1 = 0;
+  visit([&](const auto* run, int64_t len) {
+    for (int64_t i = 0; i < len; ++i) s1 += Wd(widen(run[i])) - k;
+  });
+  const Wd mean = k + s1 / n;
+  Wd m1 = 0, m2 = 0;
+  if (mean - mean == 0) {  // an infinity or a NaN in the group leaves every output NaN
+    visit([&](const auto* run, int64_t len) {
+      for (int64_t i = 0; i < len; ++i) {
+        const Wd d = Wd(widen(run[i])) - mean;
+        m1 += d;
+        m2 += d * d;
+      }
+    });
+  } else {
+    m2 = mean - mean;
+  }
+  Wd var = (m2 - m1 * m1 / n) / n;
+  if (var < 0) var = 0;
+  const double mean_hi = double(mean);
+  const double wide_std = sizeof(T) == 4 ? 0x1p64 : 0x1p512;
+  return {mean_hi, double(mean - Wd(mean_hi)), double(Wd(1) / wide_sqrt(var + Wd(eps))),
+          var > Wd(wide_std) * Wd(wide_std)};
+}
+
+inline void put_wide(float* p, double v) { *p = float(v); }
+inline void put_wide(double* p, long double v) { *p = double(v); }
+inline void put_wide(Half* p, double v) { *p = narrow_half(float(v)); }
+inline void put_wide(BFloat16* p, double v) { *p = narrow_bfloat16(float(v)); }
+
+// The apply step of a wide group (GroupStats::wide) for one channel: n values `stride` apart, in Wide<T>.
+template <class T, bool kSilu, class S>
+__attribute__((noinline)) void wide_apply_run(const S* x, S* y, int64_t n, int64_t stride, const GroupStats& s,
+                                              const T* weight, const T* bias, int64_t c) {
+  using Wd = Wide<T>;
+  const Wd mean = Wd(s.mean) + Wd(s.mean_lo);
+  const Wd scale = Wd(s.rstd) * (weight ? Wd(weight[c]) : Wd(1));
+  const Wd b = bias ? Wd(bias[c]) : Wd(0);
+  for (int64_t i = 0; i < n; ++i) {
+    Wd v = (Wd(widen(x[i * stride])) - mean) * scale + b;
+    if (kSilu) v = v / (Wd(1) + wide_exp(-v));
+    put_wide(y + i * stride, v);
   }
 }
 
@@ -108,14 +209,12 @@ struct ShiftedSums {
   double s2;
 };
 
-// kScaled multiplies every difference by `scale` first, for groups whose squares overflow T.
-template <class V, bool kScaled = false, class S>
-ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift,
-                             typename V::Scalar scale = typename V::Scalar(1)) {
+template <class V, class S>
+ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift) {
   constexpr int64_t W = V::kWidth;
   constexpr int64_t kBlock = 2 * W * kFlushIters;
-  const V shift_v = V::broadcast(shift), scale_v = V::broadcast(scale);
-  auto diff = [&](const V& v) { return kScaled ? (v - shift_v) * scale_v : v - shift_v; };
+  const V shift_v = V::broadcast(shift);
+  auto diff = [&](const V& v) { return v - shift_v; };
   typename V::Acc s1 = V::acc_zero(), s2 = V::acc_zero();
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
@@ -314,15 +413,19 @@ Status forward_channels_first(const Problem& p, const S* x, const typename V::Sc
       s2 += partial.data[ng * nchunks + k].s2;
     }
     if (needs_refine<T>(inv_group_len, s1, s2)) {
-      refine_sums(inv_group_len, shift, s1, s2, [&](T k, T scale, double& r1, double& r2) {
+      auto visit = [&](auto&& f) { f(group, group_len); };
+      auto resum = [&](T k, double& r1, double& r2) {
         r1 = r2 = 0.0;
         for (int64_t begin = 0; begin < group_len; begin += chunk_len) {
-          const ShiftedSums sums =
-              run_shifted_sums<V, true>(group + begin, min_i64(chunk_len, group_len - begin), k, scale);
+          const ShiftedSums sums = run_shifted_sums<V>(group + begin, min_i64(chunk_len, group_len - begin), k);
           r1 += sums.s1;
           r2 += sums.s2;
         }
-      });
+      };
+      if (refine_sums<V>(inv_group_len, shift, s1, s2, resum, visit)) {
+        stats[ng] = wide_group_stats(double(group_len), shift, p.eps, visit);
+        return;
+      }
     }
     stats[ng] = group_stats(double(group_len), inv_group_len, double(shift), s1, s2, p.eps);
   };
@@ -332,6 +435,10 @@ Status forward_channels_first(const Problem& p, const S* x, const typename V::Sc
     const int64_t base = ng * group_len;
     for (int64_t d = begin / p.HxW; d * p.HxW < end; ++d) {
       const int64_t lo = max_i64(begin, d * p.HxW), hi = min_i64(end, (d + 1) * p.HxW);
+      if (stats[ng].wide) {
+        wide_apply_run<T, kSilu>(x + base + lo, y + base + lo, hi - lo, 1, stats[ng], weight, bias, g * D + d);
+        continue;
+      }
       const auto coeffs = channel_coeffs<T>(stats[ng], weight, bias, g * D + d);
       if (stream)
         apply_run<V, S, kSilu, true>(x + base + lo, y + base + lo, hi - lo, coeffs);
@@ -610,14 +717,21 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
       double s1 = total[g].s1, s2 = total[g].s2;
       T shift = shifts.data[n * G + g];
       if (needs_refine<T>(inv_count, s1, s2)) {
-        refine_sums(inv_count, shift, s1, s2, [&](T k, T scale, double& r1, double& r2) {
+        auto visit = [&](auto&& f) {
+          for (int64_t r = 0; r < rows; ++r) f(sample + r * C + g * D, D);
+        };
+        auto resum = [&](T k, double& r1, double& r2) {
           r1 = r2 = 0.0;
           for (int64_t r = 0; r < rows; ++r) {
-            const ShiftedSums sums = run_shifted_sums<V, true>(sample + r * C + g * D, D, k, scale);
+            const ShiftedSums sums = run_shifted_sums<V>(sample + r * C + g * D, D, k);
             r1 += sums.s1;
             r2 += sums.s2;
           }
-        });
+        };
+        if (refine_sums<V>(inv_count, shift, s1, s2, resum, visit)) {
+          stats[n * G + g] = wide_group_stats(count, shift, p.eps, visit);
+          continue;
+        }
       }
       stats[n * G + g] = group_stats(count, inv_count, double(shift), s1, s2, p.eps);
     }
@@ -625,10 +739,20 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
   const bool stream = streams_output(p, sizeof(S)) && C % V::kWidth == 0;
   auto chunk_apply = [&](int64_t n, int64_t k, const RowBuffers<T>& b) {
     const int64_t r0 = k * chunk_rows, r1 = min_i64(rows, (k + 1) * chunk_rows);
+    const S* xs = x + n * sample_len;
+    S* ys = y + n * sample_len;
     if (stream)
-      rows_apply<V, S, kSilu, true>(p, x + n * sample_len, y + n * sample_len, r0, r1, b);
+      rows_apply<V, S, kSilu, true>(p, xs, ys, r0, r1, b);
     else
-      rows_apply<V, S, kSilu, false>(p, x + n * sample_len, y + n * sample_len, r0, r1, b);
+      rows_apply<V, S, kSilu, false>(p, xs, ys, r0, r1, b);
+    // Wide groups (rare) are written again, in Wide<T>, over what the vector pass left there.
+    const int64_t D = C / G;
+    for (int64_t g = 0; g < G; ++g) {
+      const GroupStats& s = stats[n * G + g];
+      if (!s.wide) continue;
+      for (int64_t c = g * D; c < (g + 1) * D; ++c)
+        wide_apply_run<T, kSilu>(xs + r0 * C + c, ys + r0 * C + c, r1 - r0, C, s, weight, bias, c);
+    }
   };
 
   auto whole_sample = [&](int64_t n, RowBuffers<T>& b) {
