@@ -185,7 +185,7 @@ def test_bitwise_identical_for_every_thread_count(isa, rng, shape, G, layout, dt
     for n in (2, 3):
         for name, a, b in zip(("grad_input", "grad_weight", "grad_bias"), results[n], results[1]):
             assert same_bits(a, b), f"{name}: {n} threads differ from 1 thread"
-    assert_grads_match(results[1], group_norm_backward_reference(dy, x, G, weight), dtype)
+    assert_grads_match(results[1], group_norm_backward_reference(dy, x, G, weight, with_scales=True), dtype)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -369,7 +369,7 @@ def test_layer_forward_and_backward(isa, rng, dtype, layout):
     for got, want in zip((dx, layer.grad_weight, layer.grad_bias), expected):
         assert same_bits(got, want)
     assert_grads_match((dx, layer.grad_weight, layer.grad_bias),
-                       group_norm_backward_reference(dy, x, 4, layer.weight, 1e-4), dtype)
+                       group_norm_backward_reference(dy, x, 4, layer.weight, 1e-4, with_scales=True), dtype)
 
 
 def test_layer_without_affine(rng):

@@ -21,7 +21,7 @@ from hypothesis.control import currently_in_test_context
 
 import groupnorm as gn
 from isa_levels import DEFAULT_ISA, ISA_LEVELS, isa_unavailable_reason, use_isa
-from reference import (GRAD_TOLERANCE, TOLERANCE, assert_grads_match, assert_matches_reference,
+from reference import (GRAD_TOLERANCE, TOLERANCE, assert_grads_match, assert_matches_reference, finite_max,
                        group_norm_backward_reference, group_norm_reference)
 
 try:
@@ -532,12 +532,6 @@ def _group_ids(shape, ax, G):
     return np.moveaxis(ids.reshape(moved), 1, ax)
 
 
-def _finite_max(a):
-    a = np.abs(np.asarray(a, np.float64))
-    a = a[np.isfinite(a)]
-    return float(a.max()) if a.size else 0.0
-
-
 @dataclasses.dataclass
 class ForwardExpectation:
     y: np.ndarray          # reference output (accumulator dtype), input's shape
@@ -554,10 +548,11 @@ class ForwardExpectation:
 
 
 def forward_expectation(x, G, weight, bias, eps, activation, ax):
-    """The reference for group_norm(x, ...) and which elements it binds. A group is left unchecked when its data
-    leaves the kernels' accuracy domain (HUGE_LIMIT), a channel when its scale rstd*|w| overflows the compute
-    dtype (eps=0 and subnormal data: torch folds the same scale and gives inf/NaN there too), and an element when its true value overflows the output dtype. Values below the compute dtype's normal range are
-    known to its subnormal spacing, amplified by rstd*|w| and |x - mean|*|w|: that is the floor."""
+    """The reference for group_norm(x, ...) and which elements it binds. A group is left unchecked when its data leaves
+    the kernels' accuracy domain (HUGE_LIMIT), a channel when its scale rstd*|w| overflows the compute dtype (eps=0
+    and subnormal data: torch folds the same scale and gives inf/NaN there too), and an element when its true value
+    overflows the output dtype. Values below the compute dtype's normal range are known to its subnormal spacing,
+    amplified by rstd*|w| and |x - mean|*|w|: that is the floor."""
     family = _family(x.dtype)
     compute = _compute(family)
     info_c = np.finfo(compute)
@@ -582,7 +577,7 @@ def forward_expectation(x, G, weight, bias, eps, activation, ax):
             nonfinite = ~np.isfinite(groups).all(axis=2)
         rstd64 = rstd.astype(np.float64)
         groups_checked = ~(absmax > HUGE_LIMIT[family]) & ~(rstd64 > float(info_c.max) / 2)
-        w_max = max(1.0, _finite_max(w)) if w is not None else 1.0
+        w_max = max(1.0, finite_max(w)) if w is not None else 1.0
         sub = float(info_c.smallest_subnormal)
         floor_g = 2 * sub * (1 + np.nan_to_num(rstd.astype(np.float64), posinf=0.0) * w_max
                              + np.nan_to_num(dev, posinf=0.0) * w_max)
@@ -604,7 +599,7 @@ def forward_expectation(x, G, weight, bias, eps, activation, ax):
             per_channel = [1] * x.ndim
             per_channel[ax] = C
             scaled = np.abs(scaled) + np.abs(b).reshape(per_channel)
-        terms = _finite_max(np.where(checked, scaled, 0.0)) + w_max  # |w|: x_hat is known to ulps even where 0
+        terms = finite_max(np.where(checked, scaled, 0.0)) + w_max  # |w|: x_hat is known to ulps even where 0
     return ForwardExpectation(y, checked, floor, mean, rstd, var, groups_checked, nonfinite, family, activation,
                               terms)
 
@@ -626,7 +621,7 @@ def output_ok(y, exp):
     yf = np.asarray(y).astype(np.float64)
     r = exp.y
     nan_r = np.isnan(r)
-    scale = _finite_max(r[exp.checked & ~nan_r])
+    scale = finite_max(r[exp.checked & ~nan_r])
     with np.errstate(all="ignore"):
         if exp.family in ("float32", "float64"):
             bound = TOLERANCE[(np.dtype(exp.family), exp.activation == "silu")] * max(scale, exp.terms) + exp.floor
@@ -674,32 +669,77 @@ def assert_statistics(mean, rstd, exp, N, G):
                               f"got {got[~ok][0]!r}, expected {ref[~ok][0]!r}")
 
 
+def _gradient_floors(x, dy, G, weight, eps):
+    """Absolute slack of the three gradients for values below the compute dtype's normal range, known only to its
+    subnormal spacing `sub`: each product the backward forms in it (dy * (x - mean), dy * w, dy * rstd * w, the
+    coefficients) is rounded to that spacing (dy * w's error then grows by rstd), and a mean of subnormal data is
+    only known to it too (the backward takes the forward's, rounded). An error in sum dy*(x - mean) reaches
+    grad_input amplified by |x - mean| * rstd^3 * |w|; one of the mean, sub * rstd in x_hat, reaches grad_input
+    times rstd * |w * dy| and grad_weight times sum |dy|."""
+    family = _family(x.dtype)
+    sub = float(np.finfo(_compute(family)).smallest_subnormal)
+    N, C = x.shape[:2]
+    if x.size == 0:
+        return 0.0, 0.0, 0.0
+    acc = np.longdouble if family == "float64" else np.float64
+    with np.errstate(all="ignore"):
+        groups = np.asarray(x).astype(acc).reshape(N, G, -1)
+        mean = groups.mean(axis=2, keepdims=True)
+        rstd = np.nan_to_num((1 / np.sqrt(np.square(groups - mean).mean(axis=2) + acc(eps))).astype(np.float64),
+                             nan=0.0, posinf=0.0)
+        dev = np.nan_to_num(np.abs(groups - mean).max(axis=2).astype(np.float64), nan=0.0, posinf=0.0)
+        dy_max = finite_max(dy)
+        dy_sum = finite_max(np.nansum(np.abs(np.asarray(dy, np.float64)).reshape(N, C, -1), axis=(0, 2)))
+    w_max = max(1.0, finite_max(weight)) if weight is not None else 1.0
+    M = groups.shape[2]
+    per_group = 2 * sub * (3 + rstd * w_max + dev + dev * rstd**3 * w_max * M
+                           + rstd**2 * w_max * dy_max * (1 + dev * rstd))
+    dx_floor = np.repeat(per_group.reshape(N, G, 1), M, axis=2).reshape(x.shape) + float(
+        _finfo(family).smallest_subnormal)
+    dw_floor = 2 * sub * (M * N * (1 + float(rstd.max()) * (1 + float(dev.max()))) + float(rstd.max()) * dy_sum)
+    return dx_floor, dw_floor, 0.0
+
+
 def assert_gradients(grads, x, dy, G, weight, eps):
-    """The three gradients against the reference: assert_grads_match for float32/float64; for float16/bfloat16
-    grad_input to an ulp of its dtype plus the float32 target, grad_weight / grad_bias to the float32 target."""
+    """The three gradients against the float64 reference: non-finite exactly where the reference is (a NaN or an
+    infinity in a group's input or grad_output reaches every grad_input of that group and the grad_weight /
+    grad_bias of its channels); elsewhere grad_input / grad_weight / grad_bias within the target of the compute
+    dtype (GRAD_TOLERANCE) times the larger of the finite reference's largest value and its term scale, and for
+    float16 / bfloat16 grad_input one ulp of its dtype on top."""
     family = _family(x.dtype)
     ref = group_norm_backward_reference(dy, x, G, None if weight is None else np.asarray(weight, np.float64), eps,
                                         with_scales=True)
-    if family in ("float32", "float64") and all(g is not None for g in grads):
-        assert_grads_match(grads, ref, np.dtype(family))
-        return
-    if family in ("float32", "float64"):  # grad_input alone (a layer without affine parameters)
-        assert_grads_match((grads[0], ref[1].astype(family), ref[2].astype(family)), ref, np.dtype(family))
-        return
-    tol = GRAD_TOLERANCE[np.dtype(np.float32)]
-    for name, g, g_ref, term_scale in zip(("grad_input", "grad_weight", "grad_bias"), grads, ref[:3], ref[3]):
-        if g is None:
+    tol = GRAD_TOLERANCE[np.dtype(family if family in ("float32", "float64") else np.float32)]
+    floors = _gradient_floors(x, dy, G, weight, eps)
+    for name, g, g_ref, term_scale, floor in zip(("grad_input", "grad_weight", "grad_bias"), grads, ref[:3], ref[3],
+                                                 floors):
+        if g is None:  # grad_weight / grad_bias of a layer without affine parameters
             continue
-        want = x.dtype if name == "grad_input" else np.dtype(np.float32)
+        want = x.dtype if name == "grad_input" else _compute(family)
         assert g.dtype == _native(want) and g.shape == g_ref.shape, f"{name}: {g.dtype} {g.shape}"
         if g.size == 0:
             continue
-        scale = max(_finite_max(g_ref), term_scale)
-        bound = tol * scale + (_ulp(g_ref, family) if name == "grad_input" else 0.0)
-        err = np.abs(g.astype(np.float64) - g_ref)
-        worst = np.unravel_index(np.argmax(err), err.shape)
-        assert (err <= bound).all(), (f"group_norm_backward: {name} off by {float(err.max()):.3e} "
-                                      f"(bound {float(np.max(bound)):.3e}) at {worst}")
+        finite = np.isfinite(g_ref)
+        got = np.asarray(g).astype(np.float64 if family != "float64" else g_ref.dtype)
+        with np.errstate(invalid="ignore"):  # a true value past the output dtype's range may come out as inf
+            beyond = np.abs(g_ref) > float(_finfo(_family(g.dtype)).max) * (1 - 2.0**-8)
+        finite &= ~beyond
+        wrong = (finite != np.isfinite(got)) & ~beyond
+        if wrong.any():
+            at = tuple(int(k) for k in np.argwhere(wrong)[0])
+            raise AssertionError(f"group_norm_backward: {name} is {int(wrong.sum())} time(s) finite where the "
+                                 f"reference is not or the other way round; first at {at}: got {got[at]!r}, "
+                                 f"expected {g_ref[at]!r}")
+        scale = max(finite_max(g_ref), term_scale)
+        bound = tol * scale + floor + (_ulp(g_ref, family) if name == "grad_input" and family not in (
+            "float32", "float64") else 0.0)
+        with np.errstate(invalid="ignore"):
+            err = np.where(finite, np.abs(got - g_ref), 0.0)
+        if not (err <= bound).all():
+            worst = tuple(int(k) for k in np.unravel_index(np.argmax(err - bound), err.shape))
+            raise AssertionError(f"group_norm_backward: {name} off by {float(np.max(err)):.3e} (bound "
+                                 f"{float(np.max(bound)):.3e}, scale {scale:.3e}); worst at {worst}: got "
+                                 f"{got[worst]!r}, expected {g_ref[worst]!r}; dtype {g.dtype}, shape {g.shape}")
 
 
 # --------------------------------------------------------------------------------------------------- harness
@@ -823,19 +863,29 @@ def layouts(draw, shape, dtype, data, *, ax=1, broadcast=True, specials=(), as_l
 
 
 FORWARD_DATA = ["normal"] * 6 + ["offset", "scaled", "mixed", "constant", "subnormal", "huge", "beyond"]
+# The backward's input and grad_output: magnitudes whose products dy * (x - mean) and dy * rstd * w stay inside the
+# compute dtype, as the backward kernels form them there (huge values in both, or 1e30 times 1e30, overflow it).
+BACKWARD_DATA = ["normal"] * 6 + ["offset", "constant", "subnormal"]
 SPECIALS = st.lists(st.tuples(st.sampled_from(["nan", "inf", "-inf", "subnormal", "max"]), st.integers(1, 3)),
                     max_size=2).map(tuple)
+BACKWARD_SPECIALS = st.lists(st.tuples(st.sampled_from(["nan", "inf", "-inf", "subnormal"]), st.integers(1, 3)),
+                             max_size=2).map(tuple)
 
 
 @st.composite
 def data_arrays(draw, shape, *, ax=1, backward=False):
     """A valid input array recipe of `shape`: any float dtype (big-endian too), any layout, any data."""
     dtype = draw(st.sampled_from(FLOAT_DTYPES * 3 + [">f4", ">f8", ">f2"]))
-    if backward:
-        data, specials = draw(st.sampled_from(["normal", "normal", "offset"])), ()
-    else:
-        data = draw(st.sampled_from(FORWARD_DATA))
-        specials = draw(SPECIALS) if draw(st.integers(0, 3)) == 0 else ()
+    return draw(value_arrays(shape, dtype, ax=ax, backward=backward))
+
+
+@st.composite
+def value_arrays(draw, shape, dtype, *, ax=1, backward=False):
+    """An array recipe of `shape` and `dtype` in any layout holding any data (BACKWARD_DATA for a backward's input
+    and grad_output), with NaN, infinities, subnormals or the dtype's largest values at a few elements now and
+    then."""
+    data = draw(st.sampled_from(BACKWARD_DATA if backward else FORWARD_DATA))
+    specials = draw(BACKWARD_SPECIALS if backward else SPECIALS) if draw(st.integers(0, 3)) == 0 else ()
     return draw(layouts(shape, dtype, data, ax=ax, specials=specials, as_list=True))
 
 
@@ -1027,7 +1077,7 @@ def backward_calls(draw):
 
     x = argument(draw, "input", faulty, data_arrays(shape, backward=True), garbage_data(shape))
     x_dtype = x.dtype if isinstance(x, ArrayRecipe) else "float64"
-    dy_good = layouts(shape, x_dtype, "normal", as_list=True)
+    dy_good = value_arrays(shape, x_dtype, backward=True)
     dy_bad = st.one_of(garbage_data(shape),
                        layouts(tuple(n + 1 for n in shape), x_dtype, "normal"),
                        layouts(shape, draw(st.sampled_from([d for d in FLOAT_DTYPES if d != _family(DTYPES[x_dtype])]
@@ -1286,7 +1336,7 @@ def layer_calls(draw):
     wrong_channels = data_arrays((shape[0], shape[1] + 1) + shape[2:])
     x = argument(draw, "input", faulty, data_arrays(shape), st.one_of(garbage_data(shape), wrong_channels))
     x_dtype = x.dtype if isinstance(x, ArrayRecipe) else "float64"
-    dy = argument(draw, "grad_output", faulty, layouts(shape, x_dtype, "normal"), garbage_data(shape))
+    dy = argument(draw, "grad_output", faulty, value_arrays(shape, x_dtype, backward=True), garbage_data(shape))
     actions = draw(st.sampled_from(["forward", "forward_backward", "forward_backward", "backward_first"]))
     return Call("GroupNorm", draw(st.sampled_from(ISA_CHOICES)), draw(st.sampled_from([0, 0, 1])),
                 {"ctor": kwargs, "input": x, "grad_output": dy, "actions": actions}, G)
@@ -1355,7 +1405,8 @@ def check_layer_call(call, seed):
     if layer.affine:
         assert layer.grad_weight.shape == layer.grad_bias.shape == (C,)
     recipe = call.args["input"]
-    if recipe.data in ("normal", "offset") and not recipe.specials and 1e-8 <= eps <= 1e6:
+    backward_domain = recipe.data in BACKWARD_DATA and all(kind != "max" for kind, _ in recipe.specials)
+    if backward_domain and 1e-8 <= eps <= 1e6:
         grads = (dx, layer.grad_weight, layer.grad_bias) if layer.affine else (dx, None, None)
         assert_gradients(grads, x_ref, ref_inputs["grad_output"], G, None, eps)
 
@@ -1382,6 +1433,9 @@ FOUND_BY_FUZZING = {
         "input": ArrayRecipe(shape=(2, 4, 3), dtype="float32", seed=1), "num_groups": 2,
         "grad_output": ArrayRecipe(shape=(2, 4, 3), dtype="float32", seed=3), "mean": [[1.0], [2.0, 3.0]],
         "rstd": Stats("rstd", "as_is")}, 2),
+    "huge-bfloat16-in-place-channels-last": Call("group_norm", DEFAULT_ISA, 0, {
+        "input": ArrayRecipe(shape=(1, 2, 2), dtype="bfloat16" if BFLOAT16 is not None else "float32", data="huge"),
+        "num_groups": 2, "channel_axis": 2, "out": Alias("input")}, 2),
     "no-channels-any-num_groups": _regression("group_norm", {"input": ArrayRecipe((1, 0, 1, 1), "float16")}, G=2**40),
     "no-channels-no-samples": _regression("group_norm_forward", {"input": ArrayRecipe((0, 0, 3), "float32")}, G=2**40),
     "layer-eps-10**400": Call("GroupNorm", DEFAULT_ISA, 0, {"ctor": {"num_groups": 2, "num_channels": 4,
@@ -1436,8 +1490,12 @@ def test_extreme_group(isa, name, activation, layout):
         eps = 1e-70 if "tiny" in name or "subnormal" in name else 1e-5
         exp = forward_expectation(x, 2, weight, bias, eps, activation, 1)
         assert exp.groups_checked.all(), name
-        assert_output(gn.group_norm(x, 2, weight, bias, eps, activation=activation), exp,
-                      f"{name}, length {length}, {layout}, activation {activation}")
+        what = f"{name}, length {length}, {layout}, activation {activation}"
+        y = gn.group_norm(x, 2, weight, bias, eps, activation=activation)
+        assert_output(y, exp, what)
+        in_place = x.copy(order="K")
+        assert gn.group_norm(in_place, 2, weight, bias, eps, activation=activation, out=in_place) is in_place
+        assert in_place.tobytes() == y.tobytes(), f"in place: {what}"
         if activation is None:
             y, mean, rstd = gn.group_norm_forward(x, 2, weight, bias, eps)
             assert_output(y, exp, f"group_norm_forward: {name}, length {length}, {layout}")

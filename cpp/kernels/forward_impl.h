@@ -741,17 +741,19 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
     const int64_t r0 = k * chunk_rows, r1 = min_i64(rows, (k + 1) * chunk_rows);
     const S* xs = x + n * sample_len;
     S* ys = y + n * sample_len;
-    if (stream)
+    // A sample holding a wide group (rare) is applied channel by channel in Wide<T>, every group of it: the
+    // vector pass writes whole rows, and in place it would overwrite the wide group's input first.
+    bool any_wide = false;
+    for (int64_t g = 0; g < G; ++g) any_wide = any_wide || stats[n * G + g].wide;
+    if (any_wide) {
+      const int64_t D = C / G;
+      for (int64_t c = 0; c < C; ++c)
+        wide_apply_run<T, kSilu>(xs + r0 * C + c, ys + r0 * C + c, r1 - r0, C, stats[n * G + c / D], weight, bias,
+                                 c);
+    } else if (stream) {
       rows_apply<V, S, kSilu, true>(p, xs, ys, r0, r1, b);
-    else
+    } else {
       rows_apply<V, S, kSilu, false>(p, xs, ys, r0, r1, b);
-    // Wide groups (rare) are written again, in Wide<T>, over what the vector pass left there.
-    const int64_t D = C / G;
-    for (int64_t g = 0; g < G; ++g) {
-      const GroupStats& s = stats[n * G + g];
-      if (!s.wide) continue;
-      for (int64_t c = g * D; c < (g + 1) * D; ++c)
-        wide_apply_run<T, kSilu>(xs + r0 * C + c, ys + r0 * C + c, r1 - r0, C, s, weight, bias, c);
     }
   };
 
