@@ -1311,6 +1311,92 @@ def check_backward_call(call, seed):
     assert_gradients((dx, dw, db), x_ref, dy_ref, G, ref_inputs.get("weight"), call.eps)
 
 
+class Producer:
+    """A bare DLPack producer: only __dlpack__ and __dlpack_device__, handing out a NumPy array's capsules."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+    def __dlpack__(self, **kwargs):
+        return self.array.__dlpack__(**kwargs)
+
+
+def _exportable(value):
+    """A floating NumPy array that NumPy itself hands out by DLPack (native byte order, a dtype DLPack names).
+    Integer arrays stay NumPy arrays: as NumPy arrays (or lists) weight and bias may hold any real type, but a
+    DLPack weight must be floating, as a torch tensor would be (test_dlpack checks that error)."""
+    if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+        return False
+    try:
+        value.__dlpack__(max_version=(1, 0))
+    except (BufferError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _as_numpy(value):
+    """A result as NumPy sees it: NumPy arrays as they are, anything else through np.from_dlpack."""
+    return value if isinstance(value, np.ndarray) else np.from_dlpack(value)
+
+
+DLPACK_ENTRIES = {"group_norm": gn.group_norm, "group_norm_forward": gn.group_norm_forward,
+                  "group_norm_backward": gn.group_norm_backward}
+
+
+@settings(FUZZ, max_examples=examples(300))
+@given(data=st.data())
+def test_dlpack_arguments_match_numpy(data):
+    """Every array argument NumPy can export, handed over instead by a bare DLPack producer: the call raises the
+    same kind of error as with the NumPy arrays (a read-only out= is refused either way), or returns bitwise the same
+    results (as producers of the result kind, or out= itself, read back by np.from_dlpack), out= written alike."""
+    entry = data.draw(st.sampled_from(list(DLPACK_ENTRIES)), label="entry")
+    call = data.draw(backward_calls() if entry == "group_norm_backward" else functional_calls(entry), label="call")
+    seed = data.draw(SEEDS, label="seed")
+    wrap = data.draw(st.sets(st.sampled_from(["input", "grad_output", "weight", "bias", "mean", "rstd", "out"]),
+                             min_size=1), label="wrap")
+    outcomes = []
+    for producers in (False, True):
+        _, built = materialise(call, np.random.default_rng(seed))  # the same arguments, afresh each time
+        out = built.get("out")
+        if producers:
+            wrapped = {k for k in wrap if _exportable(built.get(k))}
+            if not wrapped:
+                return
+            _event("wrapped: " + ", ".join(sorted(wrapped)))
+            built = {k: Producer(v) if k in wrapped else v for k, v in built.items()}
+        if entry == "group_norm_backward":
+            positional = [built[k] for k in ("grad_output", "input", "mean", "rstd", "num_groups")]
+            keywords = {"weight": built["weight"]} if "weight" in built else {}
+        else:
+            positional = [built["input"], built["num_groups"]]
+            keywords = {k: built[k] for k in ("weight", "bias", "eps", "activation", "channel_axis", "out")
+                        if k in built}
+        result, error = _run(call, DLPACK_ENTRIES[entry], positional, keywords)
+        outcomes.append((result, error, out.copy() if isinstance(out, np.ndarray) else None))
+    (direct, direct_error, direct_out), (result, error, out) = outcomes
+    if direct_error is not None or error is not None:
+        # Arguments are checked in another order when some arrive by DLPack, so a call with several faults may
+        # name another of them (test_forward_calls / test_backward_calls judge which are right).
+        refusals = (TypeError, ValueError)
+        assert type(error) is type(direct_error) or (isinstance(error, refusals) and isinstance(
+            direct_error, refusals)), f"by DLPack: {error!r}; as NumPy arrays: {direct_error!r}"
+        return
+    results = result if isinstance(result, tuple) else (result,)
+    directs = direct if isinstance(direct, tuple) else (direct,)
+    for got, want in zip(results, directs):
+        if want is None:
+            assert got is None
+            continue
+        got = _as_numpy(got)
+        assert got.shape == want.shape and got.dtype == want.dtype and got.tobytes() == want.tobytes(), (
+            f"by DLPack: {got!r}; as NumPy arrays: {want!r}")
+    if direct_out is not None:
+        assert out.tobytes() == direct_out.tobytes(), "out= written differently"
+
+
 @st.composite
 def layer_calls(draw):
     """GroupNorm(num_groups, num_channels, eps, affine, dtype), then forward / backward on fuzzed arrays."""
