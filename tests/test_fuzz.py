@@ -669,68 +669,113 @@ def assert_statistics(mean, rstd, exp, N, G):
                               f"got {got[~ok][0]!r}, expected {ref[~ok][0]!r}")
 
 
-def _gradient_floors(x, dy, G, weight, eps):
-    """Absolute slack of the three gradients for values below the compute dtype's normal range, known only to its
-    subnormal spacing `sub`: each product the backward forms in it (dy * (x - mean), dy * w, dy * rstd * w, the
-    coefficients) is rounded to that spacing (dy * w's error then grows by rstd), and a mean of subnormal data is
-    only known to it too (the backward takes the forward's, rounded). An error in sum dy*(x - mean) reaches
-    grad_input amplified by |x - mean| * rstd^3 * |w|; one of the mean, sub * rstd in x_hat, reaches grad_input
-    times rstd * |w * dy| and grad_weight times sum |dy|."""
+def _gradient_expectation(x, dy, G, weight, eps):
+    """Which elements of grad_input, grad_weight and grad_bias the backward binds, and for each the scale of the terms
+    it sums and an absolute floor, as three (checked, terms, floor) triples of grad_input's and (C,) shape.
+
+    A group is checked unless the terms the backward forms in the compute dtype from its finite values leave that
+    dtype's range (|rstd * w * dy|, |x_hat| * rstd * |w * dy * x_hat|, and the sums over the group of dy, dy * (x -
+    mean) and x - mean, bounded by the group's size times their largest terms): torch, computing in the same dtype,
+    gives inf or NaN there too. In a checked group a NaN or an infinity must make every grad_input non-finite, and
+    the grad_weight / grad_bias where the reference's is. A channel's grad_weight / grad_bias is checked when its
+    group is in every sample.
+
+    The floor covers values below the compute dtype's normal range, known only to its subnormal spacing `sub`: each
+    product the backward forms in it (dy * (x - mean), dy * w, dy * rstd * w, the coefficients) is rounded to that
+    spacing (dy * w's error then grows by rstd), and a mean of subnormal data is only known to it too (the backward
+    takes the forward's, rounded). An error in sum dy*(x - mean) reaches grad_input amplified by |x - mean| * rstd^3
+    * |w|; one of the mean, sub * rstd in x_hat, reaches grad_input times rstd * |w * dy| and grad_weight times sum
+    |dy|."""
     family = _family(x.dtype)
-    sub = float(np.finfo(_compute(family)).smallest_subnormal)
+    compute = _compute(family)
+    sub = float(np.finfo(compute).smallest_subnormal)
+    limit = float(np.finfo(compute).max) / 2**10
     N, C = x.shape[:2]
+    D = C // G
     if x.size == 0:
-        return 0.0, 0.0, 0.0
+        return ((np.ones(x.shape, bool), np.zeros(x.shape), np.zeros(x.shape)),
+                (np.ones(C, bool), np.zeros(C), np.zeros(C)), (np.ones(C, bool), np.zeros(C), np.zeros(C)))
     acc = np.longdouble if family == "float64" else np.float64
+    HW = x.size // (N * C)
+    M = D * HW
+    w = np.ones(C, acc) if weight is None else np.asarray(weight).astype(acc)
+    w_el = np.repeat(w, HW).reshape(1, G, D * HW)
     with np.errstate(all="ignore"):
-        groups = np.asarray(x).astype(acc).reshape(N, G, -1)
+        groups = np.asarray(x).astype(acc).reshape(N, G, D * HW)
+        dy_g = np.asarray(dy).astype(acc).reshape(N, G, D * HW)
         mean = groups.mean(axis=2, keepdims=True)
-        rstd = np.nan_to_num((1 / np.sqrt(np.square(groups - mean).mean(axis=2) + acc(eps))).astype(np.float64),
-                             nan=0.0, posinf=0.0)
-        dev = np.nan_to_num(np.abs(groups - mean).max(axis=2).astype(np.float64), nan=0.0, posinf=0.0)
-        dy_max = finite_max(dy)
-        dy_sum = finite_max(np.nansum(np.abs(np.asarray(dy, np.float64)).reshape(N, C, -1), axis=(0, 2)))
-    w_max = max(1.0, finite_max(weight)) if weight is not None else 1.0
-    M = groups.shape[2]
-    per_group = 2 * sub * (3 + rstd * w_max + dev + dev * rstd**3 * w_max * M
-                           + rstd**2 * w_max * dy_max * (1 + dev * rstd))
-    dx_floor = np.repeat(per_group.reshape(N, G, 1), M, axis=2).reshape(x.shape) + float(
-        _finfo(family).smallest_subnormal)
-    dw_floor = 2 * sub * (M * N * (1 + float(rstd.max()) * (1 + float(dev.max()))) + float(rstd.max()) * dy_sum)
-    return dx_floor, dw_floor, 0.0
+        dev = groups - mean
+        rstd = 1 / np.sqrt(np.square(dev).mean(axis=2, keepdims=True) + acc(eps))
+        x_hat = dev * rstd
+        w_dy = dy_g * w_el
+        dev_max = np.abs(dev).max(axis=2)
+        rstd_2d = rstd[..., 0]
+        # The terms, from the finite values alone: a NaN in one channel leaves the others' grad_weight finite.
+        fx, fdy = (np.where(np.isfinite(a), a, 0) for a in (groups, dy_g))
+        f_dev = fx - fx.mean(axis=2, keepdims=True)
+        f_rstd = 1 / np.sqrt(np.square(f_dev).mean(axis=2, keepdims=True) + acc(eps))
+        f_dev_max, f_w_dy = np.abs(f_dev).max(axis=2), fdy * w_el
+        terms = np.maximum.reduce([
+            np.abs(f_rstd * f_w_dy).max(axis=2), M * np.abs(fdy).max(axis=2) * np.maximum(f_dev_max, 1),
+            M * f_dev_max, np.abs(f_dev * f_rstd).max(axis=2) * f_rstd[..., 0] * np.abs(
+                f_w_dy * f_dev * f_rstd).max(axis=2)]).astype(np.float64)
+        group_ok = ~(terms > limit)
+        dx_terms = np.nan_to_num(np.abs(rstd * w_dy).max(axis=2).astype(np.float64), nan=0.0, posinf=0.0)
+        # Per channel: the root sum of squares of dy * x_hat and of dy over samples and positions.
+        per_channel = (N, G, D, HW)
+        dw_terms = np.sqrt(np.square(dy_g * x_hat).reshape(per_channel).sum(axis=(0, 3))).reshape(C)
+        db_terms = np.sqrt(np.square(dy_g).reshape(per_channel).sum(axis=(0, 3))).reshape(C)
+        w_max = max(1.0, finite_max(weight)) if weight is not None else 1.0
+        rstd64 = np.nan_to_num(rstd_2d.astype(np.float64), nan=0.0, posinf=0.0)
+        dev64 = np.nan_to_num(dev_max.astype(np.float64), nan=0.0, posinf=0.0)
+        dy_max = np.nan_to_num(np.abs(dy_g).max(axis=2).astype(np.float64), nan=0.0, posinf=0.0)
+        dx_floor = 2 * sub * (3 + rstd64 * w_max + dev64 + dev64 * rstd64**3 * w_max * M
+                              + rstd64**2 * w_max * dy_max * (1 + dev64 * rstd64))
+        dy_sum = np.nan_to_num(np.abs(dy_g).reshape(per_channel).sum(axis=(0, 3)).astype(np.float64),
+                               nan=0.0, posinf=0.0).reshape(C)
+        ok_rstd = np.where(group_ok, rstd64, 0.0).max(axis=0).repeat(D)  # per channel, over checked groups
+        ok_dev = np.where(group_ok, dev64, 0.0).max(axis=0).repeat(D)
+        dw_floor = 2 * sub * (M * N * (1 + ok_rstd * (1 + ok_dev)) + ok_rstd * dy_sum)
+        dw_terms, db_terms = (np.nan_to_num(t.astype(np.float64), nan=0.0, posinf=0.0) for t in (dw_terms, db_terms))
+    channel_ok = group_ok.all(axis=0).repeat(D)
+
+    def per_element(a):
+        return np.repeat(a.reshape(N, G, 1), D * HW, axis=2).reshape(x.shape)
+
+    dx_floor = per_element(dx_floor) + float(_finfo(family).smallest_subnormal)
+    return ((per_element(group_ok), per_element(dx_terms), dx_floor),
+            (channel_ok, dw_terms, dw_floor), (channel_ok, db_terms, np.zeros(C)))
 
 
 def assert_gradients(grads, x, dy, G, weight, eps):
-    """The three gradients against the float64 reference: non-finite exactly where the reference is (a NaN or an
-    infinity in a group's input or grad_output reaches every grad_input of that group and the grad_weight /
-    grad_bias of its channels); elsewhere grad_input / grad_weight / grad_bias within the target of the compute
-    dtype (GRAD_TOLERANCE) times the larger of the finite reference's largest value and its term scale, and for
-    float16 / bfloat16 grad_input one ulp of its dtype on top."""
+    """The three gradients against the float64 reference where _gradient_expectation binds them: non-finite exactly
+    where the reference is (a NaN or an infinity in a group's input or grad_output reaches every grad_input of that
+    group and the grad_weight / grad_bias of its channels); elsewhere within the target of the compute dtype
+    (GRAD_TOLERANCE) times the larger of the largest checked reference value and the element's term scale, plus the
+    floor, and for float16 / bfloat16 grad_input one ulp of its dtype on top."""
     family = _family(x.dtype)
-    ref = group_norm_backward_reference(dy, x, G, None if weight is None else np.asarray(weight, np.float64), eps,
-                                        with_scales=True)
+    ref = group_norm_backward_reference(dy, x, G, None if weight is None else np.asarray(weight, np.float64), eps)
     tol = GRAD_TOLERANCE[np.dtype(family if family in ("float32", "float64") else np.float32)]
-    floors = _gradient_floors(x, dy, G, weight, eps)
-    for name, g, g_ref, term_scale, floor in zip(("grad_input", "grad_weight", "grad_bias"), grads, ref[:3], ref[3],
-                                                 floors):
+    expectations = _gradient_expectation(x, dy, G, weight, eps)
+    for name, g, g_ref, (checked, terms, floor) in zip(("grad_input", "grad_weight", "grad_bias"), grads, ref,
+                                                       expectations):
         if g is None:  # grad_weight / grad_bias of a layer without affine parameters
             continue
         want = x.dtype if name == "grad_input" else _compute(family)
         assert g.dtype == _native(want) and g.shape == g_ref.shape, f"{name}: {g.dtype} {g.shape}"
         if g.size == 0:
             continue
-        finite = np.isfinite(g_ref)
         got = np.asarray(g).astype(np.float64 if family != "float64" else g_ref.dtype)
         with np.errstate(invalid="ignore"):  # a true value past the output dtype's range may come out as inf
-            beyond = np.abs(g_ref) > float(_finfo(_family(g.dtype)).max) * (1 - 2.0**-8)
-        finite &= ~beyond
-        wrong = (finite != np.isfinite(got)) & ~beyond
+            checked = checked & ~(np.abs(g_ref) > float(_finfo(_family(g.dtype)).max) * (1 - 2.0**-8))
+        wrong = (np.isfinite(g_ref) != np.isfinite(got)) & checked
         if wrong.any():
             at = tuple(int(k) for k in np.argwhere(wrong)[0])
             raise AssertionError(f"group_norm_backward: {name} is {int(wrong.sum())} time(s) finite where the "
                                  f"reference is not or the other way round; first at {at}: got {got[at]!r}, "
                                  f"expected {g_ref[at]!r}")
-        scale = max(finite_max(g_ref), term_scale)
+        finite = np.isfinite(g_ref) & checked
+        scale = np.maximum(finite_max(np.where(finite, g_ref, 0.0)), terms)
         bound = tol * scale + floor + (_ulp(g_ref, family) if name == "grad_input" and family not in (
             "float32", "float64") else 0.0)
         with np.errstate(invalid="ignore"):
@@ -738,8 +783,8 @@ def assert_gradients(grads, x, dy, G, weight, eps):
         if not (err <= bound).all():
             worst = tuple(int(k) for k in np.unravel_index(np.argmax(err - bound), err.shape))
             raise AssertionError(f"group_norm_backward: {name} off by {float(np.max(err)):.3e} (bound "
-                                 f"{float(np.max(bound)):.3e}, scale {scale:.3e}); worst at {worst}: got "
-                                 f"{got[worst]!r}, expected {g_ref[worst]!r}; dtype {g.dtype}, shape {g.shape}")
+                                 f"{float(bound[worst]):.3e}, scale {float(scale[worst]):.3e}); worst at {worst}: "
+                                 f"got {got[worst]!r}, expected {g_ref[worst]!r}; dtype {g.dtype}, shape {g.shape}")
 
 
 # --------------------------------------------------------------------------------------------------- harness
@@ -862,30 +907,24 @@ def layouts(draw, shape, dtype, data, *, ax=1, broadcast=True, specials=(), as_l
         as_list=as_list and dtype in ("float32", "float64") and draw(st.integers(0, 9)) == 0)
 
 
-FORWARD_DATA = ["normal"] * 6 + ["offset", "scaled", "mixed", "constant", "subnormal", "huge", "beyond"]
-# The backward's input and grad_output: magnitudes whose products dy * (x - mean) and dy * rstd * w stay inside the
-# compute dtype, as the backward kernels form them there (huge values in both, or 1e30 times 1e30, overflow it).
-BACKWARD_DATA = ["normal"] * 6 + ["offset", "constant", "subnormal"]
+DATA_MODES = ["normal"] * 6 + ["offset", "scaled", "mixed", "constant", "subnormal", "huge", "beyond"]
 SPECIALS = st.lists(st.tuples(st.sampled_from(["nan", "inf", "-inf", "subnormal", "max"]), st.integers(1, 3)),
                     max_size=2).map(tuple)
-BACKWARD_SPECIALS = st.lists(st.tuples(st.sampled_from(["nan", "inf", "-inf", "subnormal"]), st.integers(1, 3)),
-                             max_size=2).map(tuple)
 
 
 @st.composite
-def data_arrays(draw, shape, *, ax=1, backward=False):
+def data_arrays(draw, shape, *, ax=1):
     """A valid input array recipe of `shape`: any float dtype (big-endian too), any layout, any data."""
     dtype = draw(st.sampled_from(FLOAT_DTYPES * 3 + [">f4", ">f8", ">f2"]))
-    return draw(value_arrays(shape, dtype, ax=ax, backward=backward))
+    return draw(value_arrays(shape, dtype, ax=ax))
 
 
 @st.composite
-def value_arrays(draw, shape, dtype, *, ax=1, backward=False):
-    """An array recipe of `shape` and `dtype` in any layout holding any data (BACKWARD_DATA for a backward's input
-    and grad_output), with NaN, infinities, subnormals or the dtype's largest values at a few elements now and
-    then."""
-    data = draw(st.sampled_from(BACKWARD_DATA if backward else FORWARD_DATA))
-    specials = draw(BACKWARD_SPECIALS if backward else SPECIALS) if draw(st.integers(0, 3)) == 0 else ()
+def value_arrays(draw, shape, dtype, *, ax=1):
+    """An array recipe of `shape` and `dtype` in any layout holding any data, with NaN, infinities, subnormals or
+    the dtype's largest values at a few elements now and then."""
+    data = draw(st.sampled_from(DATA_MODES))
+    specials = draw(SPECIALS) if draw(st.integers(0, 3)) == 0 else ()
     return draw(layouts(shape, dtype, data, ax=ax, specials=specials, as_list=True))
 
 
@@ -1075,9 +1114,9 @@ def backward_calls(draw):
     names = ["input", "grad_output", "num_groups", "weight", "mean", "rstd"]
     faulty = draw(faulty_arguments(names))
 
-    x = argument(draw, "input", faulty, data_arrays(shape, backward=True), garbage_data(shape))
+    x = argument(draw, "input", faulty, data_arrays(shape), garbage_data(shape))
     x_dtype = x.dtype if isinstance(x, ArrayRecipe) else "float64"
-    dy_good = value_arrays(shape, x_dtype, backward=True)
+    dy_good = value_arrays(shape, x_dtype)
     dy_bad = st.one_of(garbage_data(shape),
                        layouts(tuple(n + 1 for n in shape), x_dtype, "normal"),
                        layouts(shape, draw(st.sampled_from([d for d in FLOAT_DTYPES if d != _family(DTYPES[x_dtype])]
@@ -1422,7 +1461,7 @@ def layer_calls(draw):
     wrong_channels = data_arrays((shape[0], shape[1] + 1) + shape[2:])
     x = argument(draw, "input", faulty, data_arrays(shape), st.one_of(garbage_data(shape), wrong_channels))
     x_dtype = x.dtype if isinstance(x, ArrayRecipe) else "float64"
-    dy = argument(draw, "grad_output", faulty, value_arrays(shape, x_dtype, backward=True), garbage_data(shape))
+    dy = argument(draw, "grad_output", faulty, value_arrays(shape, x_dtype), garbage_data(shape))
     actions = draw(st.sampled_from(["forward", "forward_backward", "forward_backward", "backward_first"]))
     return Call("GroupNorm", draw(st.sampled_from(ISA_CHOICES)), draw(st.sampled_from([0, 0, 1])),
                 {"ctor": kwargs, "input": x, "grad_output": dy, "actions": actions}, G)
@@ -1491,8 +1530,7 @@ def check_layer_call(call, seed):
     if layer.affine:
         assert layer.grad_weight.shape == layer.grad_bias.shape == (C,)
     recipe = call.args["input"]
-    backward_domain = recipe.data in BACKWARD_DATA and all(kind != "max" for kind, _ in recipe.specials)
-    if backward_domain and 1e-8 <= eps <= 1e6:
+    if 1e-8 <= eps <= 1e6:
         grads = (dx, layer.grad_weight, layer.grad_bias) if layer.affine else (dx, None, None)
         assert_gradients(grads, x_ref, ref_inputs["grad_output"], G, None, eps)
 
