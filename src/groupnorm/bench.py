@@ -85,6 +85,18 @@ def time_batch_ns(fn, k: int) -> int:
     return time.perf_counter_ns() - start
 
 
+SETTLE_SECONDS = 0.002  # idle time before each timed batch of the peer comparison
+
+
+def settled_batch_ns(fn, k: int) -> int:
+    """time_batch_ns after the other runtimes' thread pools have settled: a short sleep lets a pool that spins
+    after its last call (JAX's XLA, ONNX Runtime's) go idle, and one untimed call wakes fn's own threads, so no
+    contender is timed against another's spinning threads."""
+    time.sleep(SETTLE_SECONDS)
+    fn()
+    return time_batch_ns(fn, k)
+
+
 def calibrate(fn, min_batch_ns: int) -> int:
     """The smallest k (roughly) for which a batch of k calls takes at least min_batch_ns."""
     fn()
@@ -286,6 +298,10 @@ def bind_onnxruntime(case: CaseData, threads: int) -> dict:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # ONNX Runtime's pool spins after each run by default, holding both cores for whoever is timed next (groupnorm
+    # measured 5-50x slower right after it); its threads block instead, as OpenMP's and NumPy's do.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
         session = onnxruntime.InferenceSession(model.SerializeToString(), options,
                                                providers=["CPUExecutionProvider"])
@@ -528,6 +544,7 @@ def run(args) -> dict:
     progress = Progress(len(keys) + args.rounds, args.progress)
     batch = {}
     for key in keys:
+        time.sleep(SETTLE_SECONDS)
         batch[key] = calibrate(entries[key], int(args.min_batch_ms * 1e6))
         progress.update(f"calibrate {key[0]} {key[2]}")
     samples = {key: [] for key in keys}
@@ -538,7 +555,7 @@ def run(args) -> dict:
             # Rotate the order so no contender always runs first (cold-ish caches) or last.
             shift = round_index % len(keys)
             for key in keys[shift:] + keys[:shift]:
-                samples[key].append(time_batch_ns(entries[key], batch[key]) / batch[key])
+                samples[key].append(settled_batch_ns(entries[key], batch[key]) / batch[key])
             progress.update(f"round {round_index + 1}/{args.rounds}")
     finally:
         if gc_was_enabled:
