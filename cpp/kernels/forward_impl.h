@@ -404,30 +404,32 @@ Status forward_channels_first(const Problem& p, const S* x, const typename V::Sc
                                              group_shift(group));
   };
   const double inv_group_len = 1.0 / double(group_len);
+  // The second look at a group's sums (rare), out of line so the common path stays small.
+  auto refined_stats = [&](const S* group, T shift, double s1, double s2) __attribute__((noinline)) {
+    auto visit = [&](auto&& f) { f(group, group_len); };
+    auto resum = [&](T k, double& r1, double& r2) {
+      r1 = r2 = 0.0;
+      for (int64_t begin = 0; begin < group_len; begin += chunk_len) {
+        const ShiftedSums sums = run_shifted_sums<V>(group + begin, min_i64(chunk_len, group_len - begin), k);
+        r1 += sums.s1;
+        r2 += sums.s2;
+      }
+    };
+    if (refine_sums<V>(inv_group_len, shift, s1, s2, resum, visit))
+      return wide_group_stats(double(group_len), shift, p.eps, visit);
+    return group_stats(double(group_len), inv_group_len, double(shift), s1, s2, p.eps);
+  };
   auto group_finish = [&](int64_t ng) {
     const S* group = x + ng * group_len;
-    T shift = group_shift(group);
+    const T shift = group_shift(group);
     double s1 = 0.0, s2 = 0.0;
     for (int64_t k = 0; k < nchunks; ++k) {
       s1 += partial.data[ng * nchunks + k].s1;
       s2 += partial.data[ng * nchunks + k].s2;
     }
-    if (needs_refine<T>(inv_group_len, s1, s2)) {
-      auto visit = [&](auto&& f) { f(group, group_len); };
-      auto resum = [&](T k, double& r1, double& r2) {
-        r1 = r2 = 0.0;
-        for (int64_t begin = 0; begin < group_len; begin += chunk_len) {
-          const ShiftedSums sums = run_shifted_sums<V>(group + begin, min_i64(chunk_len, group_len - begin), k);
-          r1 += sums.s1;
-          r2 += sums.s2;
-        }
-      };
-      if (refine_sums<V>(inv_group_len, shift, s1, s2, resum, visit)) {
-        stats[ng] = wide_group_stats(double(group_len), shift, p.eps, visit);
-        return;
-      }
-    }
-    stats[ng] = group_stats(double(group_len), inv_group_len, double(shift), s1, s2, p.eps);
+    stats[ng] = needs_refine<T>(inv_group_len, s1, s2) ? refined_stats(group, shift, s1, s2)
+                                                       : group_stats(double(group_len), inv_group_len, double(shift),
+                                                                     s1, s2, p.eps);
   };
   // Applies elements [begin, end) of group ng, channel by channel.
   auto group_apply = [&](int64_t ng, int64_t begin, int64_t end) {
@@ -684,7 +686,8 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
   Scratch<ShiftedSums> partial(units * G);
   Scratch<T> params(2 * c_padded);
   Scratch<T> shifts(p.N * G);  // read once here: three far-apart loads per group, not per chunk
-  if (!partial.data || !params.data || !shifts.data) return kOutOfMemory;
+  Scratch<unsigned char> sample_wide(p.N);  // whether sample n holds a wide group (GroupStats::wide)
+  if (!partial.data || !params.data || !shifts.data || !sample_wide.data) return kOutOfMemory;
   for (int64_t n = 0; n < p.N; ++n)
     for (int64_t g = 0; g < G; ++g) shifts.data[n * G + g] = sample_group_shift<T>(p, x + n * sample_len, g);
   T* const weight_t = params.data;
@@ -713,28 +716,35 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
     }
     const S* sample = x + n * sample_len;
     const int64_t D = C / G;
-    for (int64_t g = 0; g < G; ++g) {
-      double s1 = total[g].s1, s2 = total[g].s2;
-      T shift = shifts.data[n * G + g];
-      if (needs_refine<T>(inv_count, s1, s2)) {
-        auto visit = [&](auto&& f) {
-          for (int64_t r = 0; r < rows; ++r) f(sample + r * C + g * D, D);
-        };
-        auto resum = [&](T k, double& r1, double& r2) {
-          r1 = r2 = 0.0;
-          for (int64_t r = 0; r < rows; ++r) {
-            const ShiftedSums sums = run_shifted_sums<V>(sample + r * C + g * D, D, k);
-            r1 += sums.s1;
-            r2 += sums.s2;
-          }
-        };
-        if (refine_sums<V>(inv_count, shift, s1, s2, resum, visit)) {
-          stats[n * G + g] = wide_group_stats(count, shift, p.eps, visit);
-          continue;
+    // The second look at group g's sums (rare), out of line so the loop over groups stays small.
+    auto refined_stats = [&](int64_t g, T shift, double s1, double s2) __attribute__((noinline)) {
+      auto visit = [&](auto&& f) {
+        for (int64_t r = 0; r < rows; ++r) f(sample + r * C + g * D, D);
+      };
+      auto resum = [&](T k, double& r1, double& r2) {
+        r1 = r2 = 0.0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const ShiftedSums sums = run_shifted_sums<V>(sample + r * C + g * D, D, k);
+          r1 += sums.s1;
+          r2 += sums.s2;
         }
+      };
+      if (refine_sums<V>(inv_count, shift, s1, s2, resum, visit))
+        return wide_group_stats(count, shift, p.eps, visit);
+      return group_stats(count, inv_count, double(shift), s1, s2, p.eps);
+    };
+    unsigned char wide = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const double s1 = total[g].s1, s2 = total[g].s2;
+      const T shift = shifts.data[n * G + g];
+      if (needs_refine<T>(inv_count, s1, s2)) {
+        stats[n * G + g] = refined_stats(g, shift, s1, s2);
+        wide |= stats[n * G + g].wide ? 1 : 0;
+      } else {
+        stats[n * G + g] = group_stats(count, inv_count, double(shift), s1, s2, p.eps);
       }
-      stats[n * G + g] = group_stats(count, inv_count, double(shift), s1, s2, p.eps);
     }
+    sample_wide.data[n] = wide;
   };
   const bool stream = streams_output(p, sizeof(S)) && C % V::kWidth == 0;
   auto chunk_apply = [&](int64_t n, int64_t k, const RowBuffers<T>& b) {
@@ -743,9 +753,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
     S* ys = y + n * sample_len;
     // A sample holding a wide group (rare) is applied channel by channel in Wide<T>, every group of it: the
     // vector pass writes whole rows, and in place it would overwrite the wide group's input first.
-    bool any_wide = false;
-    for (int64_t g = 0; g < G; ++g) any_wide = any_wide || stats[n * G + g].wide;
-    if (any_wide) {
+    if (sample_wide.data[n]) {
       const int64_t D = C / G;
       for (int64_t c = 0; c < C; ++c)
         wide_apply_run<T, kSilu>(xs + r0 * C + c, ys + r0 * C + c, r1 - r0, C, stats[n * G + c / D], weight, bias,
