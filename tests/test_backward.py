@@ -392,6 +392,7 @@ def test_layer_repr():
     ((5, 64), {}, ValueError, message("num_groups", "5", "64")),
     ((0, 64), {}, ValueError, message("num_groups", "0")),
     ((4, -8), {}, ValueError, message("num_channels", "-8")),
+    ((2, 2**70), {}, ValueError, message("num_channels", str(2**70))),
     ((2.0, 64), {}, TypeError, message("num_groups", "2.0")),
     ((2, "64"), {}, TypeError, message("num_channels", "'64'")),
     ((True, 64), {}, TypeError, message("num_groups", "bool")),
@@ -399,7 +400,7 @@ def test_layer_repr():
     ((2, 64), dict(eps="small"), TypeError, message("eps", "'small'")),
     ((2, 64), dict(affine=1), TypeError, message("affine", "1")),
     ((2, 64), dict(dtype=np.int32), TypeError, message("dtype", "int32")),
-], ids=["not-dividing", "zero-groups", "negative-channels", "float-groups", "str-channels", "bool-groups",
+], ids=["not-dividing", "zero-groups", "negative-channels", "huge-channels", "float-groups", "str-channels", "bool-groups",
         "eps-negative", "eps-str", "affine-int", "dtype-int"])
 def test_layer_errors(args, kwargs, exception, pattern):
     with pytest.raises(exception, match=pattern):

@@ -8,6 +8,9 @@ import numpy as np
 from ._core import group_norm_backward, group_norm_forward
 
 
+_MAX_ELEMENTS = 2**57  # the C++ entry points' limit on a tensor's size (cpp/dispatch.cpp, kMaxElements)
+
+
 def _positive_int(value, name):
     if isinstance(value, bool):
         raise TypeError(f"{name}={value!r} must be an integer, not bool")
@@ -66,6 +69,9 @@ class GroupNorm:
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32):
         self.num_groups = _positive_int(num_groups, "num_groups")
         self.num_channels = _positive_int(num_channels, "num_channels")
+        if self.num_channels > _MAX_ELEMENTS:
+            raise ValueError(f"num_channels={self.num_channels} is more than the {_MAX_ELEMENTS} (2**57) elements "
+                             f"an array may have here")
         if self.num_channels % self.num_groups != 0:
             raise ValueError(f"num_groups={self.num_groups} must divide num_channels={self.num_channels}")
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
