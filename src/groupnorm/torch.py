@@ -28,7 +28,7 @@ def _as_array(tensor, name):
     """A NumPy view of a CPU tensor (no copy), or a clear error for tensors the kernels cannot serve."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.device.type != "cpu":
+    if not tensor.is_cpu:
         raise RuntimeError(
             f"{name} is on device {tensor.device}; groupnorm's kernels serve CPU tensors only "
             f"(this build has no CUDA backend): move it with .cpu() or use torch.nn.GroupNorm there")
@@ -41,10 +41,9 @@ def _as_array(tensor, name):
 def _view(tensor):
     """The NumPy view of a validated CPU tensor's memory: what np.from_dlpack gives, at a third of its cost
     (torch's Python-level __dlpack__ dominates a small call)."""
-    tensor = tensor.detach()
     if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits
-        return tensor.view(torch.int16).numpy().view(_dlpack.bfloat16_dtype())
-    return tensor.numpy()
+        return tensor.detach().view(torch.int16).numpy().view(_dlpack.bfloat16_dtype())
+    return tensor.numpy(force=True)  # detaches; a real CPU tensor is not copied (only a lazy negation would be)
 
 
 def _tensor(array, dtype):
