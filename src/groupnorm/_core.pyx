@@ -93,12 +93,7 @@ def set_num_threads(n):
     if n is None:
         c_set_num_threads(0)
         return
-    if isinstance(n, bool):
-        raise TypeError(f"n={n!r} must be an integer or None, not bool")
-    try:
-        count = operator.index(n)
-    except TypeError:
-        raise TypeError(f"n={n!r} must be an integer or None") from None
+    count = _index(n, "n", "an integer or None")
     if count < 0:
         raise ValueError(f"n={count} must be >= 0 (0 or None restores the OpenMP default)")
     c_set_num_threads(min(count, 1 << 16))
@@ -232,15 +227,21 @@ cdef object _check_input(object input, str name, str func):
     return x
 
 
+def _index(value, str name, str kind="an integer"):
+    """value as a Python integer (operator.index), not bool; else a TypeError naming `name` and what it must be
+    (`kind`). Shared by every integer argument of the package, the layer's included."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be {kind}, not bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}={value!r} must be {kind}") from None
+
+
 cdef Py_ssize_t _check_int(object value, str name) except? -1:
     """value as an integer (not bool) that fits in a Py_ssize_t."""
     if type(value) is not int:
-        if isinstance(value, bool):
-            raise TypeError(f"{name}={value!r} must be an integer, not bool")
-        try:
-            value = operator.index(value)
-        except TypeError:
-            raise TypeError(f"{name}={value!r} must be an integer") from None
+        value = _index(value, name)
     try:
         return value
     except OverflowError:

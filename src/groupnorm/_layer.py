@@ -1,23 +1,17 @@
 """GroupNorm: a layer object in the manner of ``torch.nn.GroupNorm``, with NumPy parameters and an explicit
 backward pass built on :func:`group_norm_forward` and :func:`group_norm_backward`."""
 import numbers
-import operator
 
 import numpy as np
 
-from ._core import group_norm_backward, group_norm_forward
+from ._core import _index, group_norm_backward, group_norm_forward
 
 
 _MAX_ELEMENTS = 2**57  # the C++ entry points' limit on a tensor's size (cpp/dispatch.cpp, kMaxElements)
 
 
 def _positive_int(value, name):
-    if isinstance(value, bool):
-        raise TypeError(f"{name}={value!r} must be an integer, not bool")
-    try:
-        count = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name}={value!r} must be an integer") from None
+    count = _index(value, name)
     if count <= 0:
         raise ValueError(f"{name}={count} must be positive")
     return count
