@@ -193,11 +193,13 @@ template <class T, bool kSilu, class S>
 __attribute__((noinline)) void wide_apply_run(const S* x, S* y, int64_t n, int64_t stride, const GroupStats& s,
                                               const T* weight, const T* bias, int64_t c) {
   using Wd = Wide<T>;
-  const Wd mean = Wd(s.mean) + Wd(s.mean_lo);
+  // The mean's two parts are subtracted one after the other: their sum rounded to Wd (64 bits for long
+  // double) would lose what mean_lo carries when the spread is far below the offset.
+  const Wd mean_hi = Wd(s.mean), mean_lo = Wd(s.mean_lo);
   const Wd scale = Wd(s.rstd) * (weight ? Wd(weight[c]) : Wd(1));
   const Wd b = bias ? Wd(bias[c]) : Wd(0);
   for (int64_t i = 0; i < n; ++i) {
-    Wd v = (Wd(widen(x[i * stride])) - mean) * scale + b;
+    Wd v = ((Wd(widen(x[i * stride])) - mean_hi) - mean_lo) * scale + b;
     if (kSilu) v = v / (Wd(1) + wide_exp(-v));
     put_wide(y + i * stride, v);
   }
