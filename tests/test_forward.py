@@ -188,6 +188,55 @@ def test_group_of_one_element(isa, rng, dtype):
     np.testing.assert_array_equal(y, np.broadcast_to(bias, (3, 5)))
 
 
+# One position per sample (HxW = 1, an (N, C) input): the kernels' single-row path, groups of D values around
+# every vector width, next to groups the float sums cannot hold and to non-finite values.
+ROW_DS = (1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 65)
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("G", [1, 2, 5])
+@pytest.mark.parametrize("D", ROW_DS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_position_per_sample(isa, rng, dtype, D, G, activation):
+    C = D * G
+    x = random_array(rng, (9, C), dtype, offset=100.0 * (D % 3))
+    weight, bias = affine_params(rng, C, dtype, AFFINE[(D + G) % len(AFFINE)])
+    check_group_norm(x, G, weight, bias, activation=activation)
+    if D > 1:  # a 3-D view with HxW = 1 and channels last is the same memory and the same answer
+        x3 = x.reshape(9, 1, C)
+        check_group_norm(x3, G, weight, bias, activation=activation, channel_axis=-1)
+    y_ref = group_norm_reference(x, G, weight, bias, activation=activation)
+    in_place = x.copy()
+    assert gn.group_norm(in_place, G, weight, bias, activation=activation, out=in_place) is in_place
+    assert_matches_reference(in_place, y_ref, activation=activation, what="group_norm in place")
+
+
+@pytest.mark.parametrize("D", [1, 2, 7, 16, 33])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_position_extreme_and_non_finite_groups(isa, rng, dtype, D):
+    """Single-row groups whose sums leave the compute type (huge spread, tiny values, constant, NaN, inf) beside
+    ordinary ones: each is normalised as the reference says, and only a non-finite group turns NaN."""
+    G = 6
+    x = random_array(rng, (4, G * D), dtype)
+    big = 1e30 if dtype == np.float32 else 1e200
+    tiny = 1e-30 if dtype == np.float32 else 1e-300
+    x[0, :D] = big * np.linspace(-1, 1, D)                  # spread beyond the float sums of squares
+    x[0, 2 * D:3 * D] = tiny * np.arange(D)                 # squares that underflow
+    x[1, D:2 * D] = 7.5                                      # constant
+    x[2, 3 * D] = np.nan
+    x[3, 4 * D] = np.inf
+    weight, bias = affine_params(rng, G * D, dtype, "both")
+    y_ref = group_norm_reference(x, G, weight, bias)
+    out = empty_like_layout(x, -12345.0)
+    assert gn.group_norm(x, G, weight, bias, out=out) is out
+    assert_matches_reference(out, y_ref)
+    nan_groups = np.isnan(out).reshape(4, G, D).any(axis=2)
+    expected = np.zeros((4, G), bool)
+    expected[2, 3] = expected[3, 4] = True
+    np.testing.assert_array_equal(nan_groups, expected)
+    np.testing.assert_array_equal(out[1, D:2 * D], bias[D:2 * D])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_hand_computed_values(isa, dtype):
     x = np.arange(8, dtype=dtype).reshape(1, 4, 2)

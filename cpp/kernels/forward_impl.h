@@ -46,9 +46,10 @@ struct GroupStats {
   bool wide;
 };
 
-// Statistics of `count` values (inv_count = 1/count) from s1 = sum(x - shift) and s2 = sum((x - shift)^2).
-// The variance is clamped at 0 (a NaN stays NaN); TwoSum recovers the rounding error of shift + s1/count.
-inline GroupStats group_stats(double count, double inv_count, double shift, double s1, double s2, double eps) {
+// Mean and shifted variance of `count` values (inv_count = 1/count) from s1 = sum(x - shift) and
+// s2 = sum((x - shift)^2), with var + eps left in `rstd` for finish_rstd. The variance is clamped at 0 (a NaN
+// stays NaN); TwoSum recovers the rounding error of shift + s1/count.
+inline GroupStats group_moments(double count, double inv_count, double shift, double s1, double s2, double eps) {
   if (count == 0) return {__builtin_nan(""), 0.0, __builtin_nan(""), false};
   const double q = s1 * inv_count;
   const double mean = shift + q;
@@ -56,7 +57,18 @@ inline GroupStats group_stats(double count, double inv_count, double shift, doub
   const double mean_lo = (shift - (mean - q_part)) + (q - q_part);
   double var = (s2 - s1 * q) * inv_count;
   if (var < 0.0) var = 0.0;
-  return {mean, mean_lo, 1.0 / __builtin_sqrt(var + eps), false};
+  return {mean, mean_lo, var + eps, false};
+}
+
+// 1/sqrt(var + eps) from what group_moments left in rstd. Kept apart so that a loop over many small groups
+// runs their square roots and divisions back to back, overlapped, not each behind its group's sums.
+inline double finish_rstd(double var_eps) { return 1.0 / __builtin_sqrt(var_eps); }
+
+// Statistics of one group: group_moments, then finish_rstd.
+inline GroupStats group_stats(double count, double inv_count, double shift, double s1, double s2, double eps) {
+  GroupStats s = group_moments(count, inv_count, shift, s1, s2, eps);
+  s.rstd = finish_rstd(s.rstd);
+  return s;
 }
 
 // The middle one of three values: the shift of a group is the median of three of its samples, so one
@@ -210,6 +222,14 @@ struct ShiftedSums {
   double s1;
   double s2;
 };
+
+// A run of at most one vector, inline: a tiny group (a row of an (N, C) input, say) pays no call and no stack
+// frame, and its at most W terms are summed in T (as run_shifted_sums sums up to 2*kFlushIters terms a lane).
+template <class V, class S>
+inline ShiftedSums short_run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift) {
+  const V d = V::load_tail(x, n, shift) - V::broadcast(shift);  // filled lanes give d = 0
+  return {double(V::sum_lanes(d)), double(V::sum_lanes(d * d))};
+}
 
 template <class V, class S>
 ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift) {
@@ -559,7 +579,8 @@ void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scal
   const int64_t C = p.C, D = C / p.G, c_full = C / W * W;
   if (r1 - r0 == 1) {  // one row: each group is a contiguous run of D channels
     for (int64_t g = 0; g < p.G; ++g)
-      out[g] = run_shifted_sums<V>(sample + r0 * C + g * D, D, shifts[g]);
+      out[g] = D <= W ? short_run_shifted_sums<V>(sample + r0 * C + g * D, D, shifts[g])
+                      : run_shifted_sums<V>(sample + r0 * C + g * D, D, shifts[g]);
     return;
   }
   T* const shift = b.shift;
@@ -735,16 +756,20 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
         return wide_group_stats(count, shift, p.eps, visit);
       return group_stats(count, inv_count, double(shift), s1, s2, p.eps);
     };
-    unsigned char wide = 0;
+    // Two passes: the moments of every group, then the groups' 1/sqrt back to back and the rare second looks.
+    GroupStats* const sample_stats = stats + n * G;
+    unsigned char refine = 0, wide = 0;
     for (int64_t g = 0; g < G; ++g) {
       const double s1 = total[g].s1, s2 = total[g].s2;
-      const T shift = shifts.data[n * G + g];
-      if (needs_refine<T>(inv_count, s1, s2)) {
-        stats[n * G + g] = refined_stats(g, shift, s1, s2);
-        wide |= stats[n * G + g].wide ? 1 : 0;
-      } else {
-        stats[n * G + g] = group_stats(count, inv_count, double(shift), s1, s2, p.eps);
-      }
+      sample_stats[g] = group_moments(count, inv_count, double(shifts.data[n * G + g]), s1, s2, p.eps);
+      sample_stats[g].wide = needs_refine<T>(inv_count, s1, s2);  // marks the group for its second look
+      refine |= sample_stats[g].wide ? 1 : 0;
+    }
+    for (int64_t g = 0; g < G; ++g) sample_stats[g].rstd = finish_rstd(sample_stats[g].rstd);
+    for (int64_t g = 0; refine && g < G; ++g) {
+      if (!sample_stats[g].wide) continue;
+      sample_stats[g] = refined_stats(g, shifts.data[n * G + g], total[g].s1, total[g].s2);
+      wide |= sample_stats[g].wide ? 1 : 0;
     }
     sample_wide.data[n] = wide;
   };
@@ -818,6 +843,97 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// One position per sample (HxW = 1: an (N, C) input, either layout): a group is D contiguous values of one row.
+// A sample is done in one go: its groups' sums, their 1/sqrt back to back, then the apply straight from weight
+// and bias, with none of the per-channel buffers that rows of many positions amortise.
+
+// y = act((x - mean) * rstd * weight + bias) over one group's D contiguous channels of a single row; weight and
+// bias point at the group's first channel (or are null).
+template <class V, bool kSilu, class S>
+void apply_group_row(const S* x, S* y, int64_t D, const GroupStats& s, const typename V::Scalar* weight,
+                     const typename V::Scalar* bias) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  const T mean_hi_s = T(s.mean);
+  const V mean_hi = V::broadcast(mean_hi_s), rstd = V::broadcast(T(s.rstd));
+  const V mean_lo = V::broadcast(T((s.mean - double(mean_hi_s)) + s.mean_lo));
+  for (int64_t c = 0; c < D; c += W) {
+    const int64_t n = min_i64(W, D - c);
+    const V w = !weight ? V::broadcast(T(1)) : n == W ? V::load(weight + c) : V::load_tail(weight + c, n, T(1));
+    const V b = !bias ? V::zero() : n == W ? V::load(bias + c) : V::load_tail(bias + c, n, T(0));
+    const V scale = rstd * w;
+    const V v = n == W ? V::load(x + c) : V::load_tail(x + c, n, T(0));
+    const V out = activate<V, kSilu>(fma(v - mean_hi, scale, b - mean_lo * scale));
+    if (n == W)
+      V::store(y + c, out);
+    else
+      V::store_tail(y + c, out, n);
+  }
+}
+
+template <class V, class S, bool kSilu>
+Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar* weight,
+                          const typename V::Scalar* bias, S* y, GroupStats* stats) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  const int64_t C = p.C, G = p.G, D = C / G;
+  const double count = double(D), inv_count = 1.0 / count;
+  auto group_shift = [&](const S* run) { return median3(T(widen(run[0])), T(widen(run[D / 2])), T(widen(run[D - 1]))); };
+  auto sums_of = [&](const S* run, T shift) {
+    return D <= W ? short_run_shifted_sums<V>(run, D, shift) : run_shifted_sums<V>(run, D, shift);
+  };
+  // The second look at a group's sums (rare), out of line.
+  auto refined_stats = [&](const S* run, T shift, double s1, double s2) __attribute__((noinline)) {
+    auto visit = [&](auto&& f) { f(run, D); };
+    auto resum = [&](T k, double& r1, double& r2) {
+      const ShiftedSums sums = run_shifted_sums<V>(run, D, k);
+      r1 = sums.s1;
+      r2 = sums.s2;
+    };
+    if (refine_sums<V>(inv_count, shift, s1, s2, resum, visit)) return wide_group_stats(count, shift, p.eps, visit);
+    return group_stats(count, inv_count, double(shift), s1, s2, p.eps);
+  };
+  auto one_sample = [&](int64_t n) {
+    const S* xs = x + n * C;
+    S* ys = y + n * C;
+    GroupStats* st = stats + n * G;
+    bool refine = false;
+    for (int64_t g = 0; g < G; ++g) {
+      const T shift = group_shift(xs + g * D);
+      const ShiftedSums sums = sums_of(xs + g * D, shift);
+      st[g] = group_moments(count, inv_count, double(shift), sums.s1, sums.s2, p.eps);
+      // A single value is its own shift: sums of exactly 0 then say a constant group, nothing to look at again.
+      st[g].wide = needs_refine<T>(inv_count, sums.s1, sums.s2) && (D > 1 || sums.s1 != 0.0 || sums.s2 != 0.0);
+      refine = refine || st[g].wide;
+    }
+    for (int64_t g = 0; g < G; ++g) st[g].rstd = finish_rstd(st[g].rstd);
+    for (int64_t g = 0; refine && g < G; ++g) {
+      if (!st[g].wide) continue;
+      const S* run = xs + g * D;
+      const T shift = group_shift(run);
+      const ShiftedSums sums = sums_of(run, shift);
+      st[g] = refined_stats(run, shift, sums.s1, sums.s2);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      if (st[g].wide) {
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) wide_apply_run<T, kSilu>(xs + c, ys + c, 1, 1, st[g], weight, bias, c);
+      } else {
+        apply_group_row<V, kSilu>(xs + g * D, ys + g * D, D, st[g], weight ? weight + g * D : nullptr,
+                                  bias ? bias + g * D : nullptr);
+      }
+    }
+  };
+  const int nt = team_size(p.num_threads, p.N * C, p.N);
+  if (nt == 1) {  // no OpenMP region at all: a tiny call must not pay for a team
+    for (int64_t n = 0; n < p.N; ++n) one_sample(n);
+    return kOk;
+  }
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t n = 0; n < p.N; ++n) one_sample(n);
+  return kOk;
+}
+
+// ---------------------------------------------------------------------------------------------------------
 
 template <class V, class S>
 Status group_norm_forward_impl(const Problem& p, const S* x, const typename V::Scalar* weight,
@@ -832,7 +948,10 @@ Status group_norm_forward_impl(const Problem& p, const S* x, const typename V::S
     for (int64_t i = 0; i < groups; ++i) stats.data[i] = group_stats(0.0, 0.0, 0.0, 0.0, 0.0, p.eps);
   } else {
     const bool silu = p.activation == Activation::kSilu;
-    if (p.layout == Layout::kChannelsFirst)
+    if (p.HxW == 1)  // both layouts are the same memory then
+      status = silu ? forward_single_row<V, S, true>(p, x, weight, bias, y, stats.data)
+                    : forward_single_row<V, S, false>(p, x, weight, bias, y, stats.data);
+    else if (p.layout == Layout::kChannelsFirst)
       status = silu ? forward_channels_first<V, S, true>(p, x, weight, bias, y, stats.data)
                     : forward_channels_first<V, S, false>(p, x, weight, bias, y, stats.data);
     else

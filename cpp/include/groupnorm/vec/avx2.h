@@ -111,7 +111,14 @@ struct VecF32 {
     acc.lo = _mm256_add_pd(acc.lo, _mm256_cvtps_pd(_mm256_castps256_ps128(a.v)));
     acc.hi = _mm256_add_pd(acc.hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a.v, 1)));
   }
-  static double acc_sum(const Acc& acc) { return sum_lanes(_mm256_add_pd(acc.lo, acc.hi)); }
+  static double acc_sum(const Acc& acc) { return avx2::sum_lanes(_mm256_add_pd(acc.lo, acc.hi)); }
+  // The sum of the lanes, in float: for a short run, whose few terms the float sum holds well enough.
+  static float sum_lanes(VecF32 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
 };
 
 struct VecF64 {
@@ -160,7 +167,8 @@ struct VecF64 {
   };
   static Acc acc_zero() { return {_mm256_setzero_pd()}; }
   static void acc_add(Acc& acc, VecF64 a) { acc.v = _mm256_add_pd(acc.v, a.v); }
-  static double acc_sum(const Acc& acc) { return sum_lanes(acc.v); }
+  static double acc_sum(const Acc& acc) { return avx2::sum_lanes(acc.v); }
+  static double sum_lanes(VecF64 a) { return avx2::sum_lanes(a.v); }
 };
 
 }  // namespace avx2

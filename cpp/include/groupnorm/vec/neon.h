@@ -97,6 +97,8 @@ struct VecF32 {
     acc.hi = vaddq_f64(acc.hi, vcvt_high_f64_f32(a.v));
   }
   static double acc_sum(const Acc& acc) { return vaddvq_f64(vaddq_f64(acc.lo, acc.hi)); }
+  // The sum of the lanes, in float: for a short run, whose few terms the float sum holds well enough.
+  static float sum_lanes(VecF32 a) { return vaddvq_f32(a.v); }
 };
 
 struct VecF64 {
@@ -140,6 +142,7 @@ struct VecF64 {
   static Acc acc_zero() { return {vdupq_n_f64(0.0)}; }
   static void acc_add(Acc& acc, VecF64 a) { acc.v = vaddq_f64(acc.v, a.v); }
   static double acc_sum(const Acc& acc) { return vaddvq_f64(acc.v); }
+  static double sum_lanes(VecF64 a) { return vaddvq_f64(a.v); }
 };
 
 }  // namespace neon

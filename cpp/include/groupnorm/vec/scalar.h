@@ -77,6 +77,7 @@ struct ScalarVec {
   static Acc acc_zero() { return {0.0}; }
   static void acc_add(Acc& acc, ScalarVec a) { acc.v += double(a.v); }
   static double acc_sum(const Acc& acc) { return acc.v; }
+  static T sum_lanes(ScalarVec a) { return a.v; }
 };
 
 using VecF32 = ScalarVec<float>;
