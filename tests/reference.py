@@ -123,6 +123,21 @@ def at_odd_address(a):
     return odd
 
 
+def off_cache_line(physical_shape, dtype, offset_bytes, guard=64):
+    """An empty array of physical_shape whose data starts offset_bytes past a 64-byte boundary, inside a byte
+    buffer whose other bytes (at least `guard` on each side) hold 0xAB: returns (array, buffer, start)."""
+    nbytes = int(np.prod(physical_shape)) * np.dtype(dtype).itemsize
+    buffer = np.full(nbytes + 2 * guard + 128, 0xAB, np.uint8)
+    start = guard + (-(buffer.ctypes.data + guard)) % 64 + offset_bytes
+    array = buffer[start:start + nbytes].view(dtype).reshape(physical_shape)
+    return array, buffer, start
+
+
+def guard_untouched(buffer, start, nbytes):
+    """Every byte of buffer outside [start, start + nbytes) still holds 0xAB (off_cache_line's fill)."""
+    return bool((buffer[:start] == 0xAB).all() and (buffer[start + nbytes:] == 0xAB).all())
+
+
 def same_bits(a, b):
     """Bitwise equality (NaN payloads included) of two arrays of one dtype and shape."""
     a, b = np.asarray(a), np.asarray(b)

@@ -6,7 +6,7 @@ import pytest
 
 import groupnorm as gn
 from reference import (affine_params, assert_matches_reference, at_odd_address, check_group_norm, empty_like_layout,
-                       group_norm_reference, random_array, same_bits)
+                       group_norm_reference, guard_untouched, off_cache_line, random_array, same_bits)
 
 DTYPES = [np.float32, np.float64]
 TAILS = (1, 3, 7, 15, 16, 17, 31, 33, 63, 65)
@@ -305,6 +305,46 @@ def test_unaligned_input_and_output(isa, rng, dtype):
     assert y is out
     assert_matches_reference(out, group_norm_reference(x, 3))
     assert_matches_reference(gn.group_norm(x, 3), group_norm_reference(x, 3))
+
+
+@pytest.mark.parametrize("offset", [1, 3, 8, 15])
+@pytest.mark.parametrize("C", [64, 80])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_output_off_a_vector_boundary(isa, rng, dtype, C, offset):
+    """Channels-last rows of whole vectors written to an out= that starts `offset` elements past a cache line: each
+    row's first channels go out through a masked store so that the others are aligned. Also in place there."""
+    N, H, W, G = 2, 5, 7, 8
+    x = random_array(rng, (N, C, H, W), dtype, "channels_last")
+    weight, bias = affine_params(rng, C, dtype, "both")
+    nbytes = x.nbytes
+    for activation in (None, "silu"):
+        y_ref = group_norm_reference(x, G, weight, bias, activation=activation)
+        out_nhwc, buffer, start = off_cache_line((N, H, W, C), dtype, offset * np.dtype(dtype).itemsize)
+        out = out_nhwc.transpose(0, 3, 1, 2)
+        out[...] = np.nan
+        assert gn.group_norm(x, G, weight, bias, activation=activation, out=out) is out
+        assert_matches_reference(out, y_ref, activation=activation, what="out= off a vector boundary")
+        assert guard_untouched(buffer, start, nbytes), "a byte outside out= was written"
+        out[...] = x
+        assert gn.group_norm(out, G, weight, bias, activation=activation, out=out) is out
+        assert_matches_reference(out, y_ref, activation=activation, what="in place off a vector boundary")
+        assert guard_untouched(buffer, start, nbytes), "a byte outside the array was written in place"
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [np.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_results_start_on_a_cache_line(rng, dtype, layout):
+    """A result of 64 KiB or more in a native layout starts on a 64-byte boundary, in the input's memory order;
+    smaller ones, and those of other layouts, are as NumPy allocates them."""
+    x = random_array(rng, (2, 64, 16, 16), dtype, layout)
+    assert x.nbytes >= 1 << 16
+    for y in (gn.group_norm(x, 8), gn.group_norm_forward(x, 8)[0]):
+        assert y.ctypes.data % 64 == 0
+        assert y.strides == x.strides and y.flags.writeable and y.flags.aligned
+    out = empty_like_layout(x, np.nan)
+    assert same_bits(gn.group_norm(x, 8), gn.group_norm(x, 8, out=out)), "the aligned result differs from out="
+    if dtype != np.float16:  # test_half judges 16-bit values
+        assert_matches_reference(out, group_norm_reference(x, 8))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
