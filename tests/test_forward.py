@@ -347,6 +347,29 @@ def test_large_results_start_on_a_cache_line(rng, dtype, layout):
         assert_matches_reference(out, group_norm_reference(x, 8))
 
 
+def test_large_results_reuse_freed_memory(rng):
+    """A freed result of 1 MiB or more is kept for the next call of its size (no fresh pages to fault in), never
+    while the caller holds it, and the pool stays within its bounds (4 buffers, 256 MiB)."""
+    from groupnorm import _core
+    x = random_array(rng, (1, 64, 64, 64), np.float32)
+    y = gn.group_norm(x, 8)
+    address = y.ctypes.data
+    del y
+    y = gn.group_norm(x, 8)
+    assert y.ctypes.data == address, "the freed result's memory was not reused"
+    y_copy = y.copy()
+    z = gn.group_norm(x * 2, 8)
+    assert z.ctypes.data != y.ctypes.data and same_bits(y, y_copy), "a result still held was reused"
+    del y, z
+    for n in range(1, 9):
+        gn.group_norm(random_array(rng, (n, 64, 32, 32), np.float32), 8)  # eight sizes, freed at once
+    buffers, held = _core._result_pool()
+    assert 1 <= buffers <= 4 and held <= 1 << 28
+    huge = gn.group_norm(np.zeros((1, 1, 40, 1 << 20), np.float32), 1)  # 160 MiB: beyond a pooled buffer
+    del huge
+    assert _core._result_pool()[1] <= 1 << 28
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_unaligned_weight_and_bias(isa, rng, dtype):
     """Misaligned weight and bias give the bits of their aligned copies (the kernels take aligned pointers)."""
