@@ -414,11 +414,11 @@ void print_table(const Header& h, const std::vector<Row>& rows) {
   std::printf("date:     %s\ncommand:  %s\n", h.date.c_str(), h.command.c_str());
   std::printf("timings:  median us per call over interleaved rounds; GB/s on the minimal bytes (forward: read x,\n"
               "          write y; backward: read x, dy, write dx); copy = single-threaded memcpy of the same bytes\n\n");
-  std::printf("%-18s %-6s %-5s %-8s %-7s %7s %11s %9s %11s %9s %8s\n", "case", "layout", "dtype", "pass", "isa",
+  std::printf("%-18s %-6s %-5s %-8s %-11s %7s %11s %9s %11s %9s %8s\n", "case", "layout", "dtype", "pass", "isa",
               "threads", "median us", "GB/s", "copy us", "copy GB/s", "gn/copy");
-  std::printf("%s\n", std::string(108, '-').c_str());
+  std::printf("%s\n", std::string(112, '-').c_str());
   for (const Row& r : rows) {
-    std::printf("%-18s %-6s %-5s %-8s %-7s %7d %11.2f %9.2f %11.2f %9.2f %8.2f\n", r.case_name.c_str(),
+    std::printf("%-18s %-6s %-5s %-8s %-11s %7d %11.2f %9.2f %11.2f %9.2f %8.2f\n", r.case_name.c_str(),
                 r.layout.c_str(), r.dtype.c_str(), r.pass.c_str(), r.isa.c_str(), r.threads, r.median_us, r.gbps,
                 r.copy_us, r.copy_gbps, r.ratio);
   }

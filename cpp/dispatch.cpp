@@ -25,6 +25,7 @@ namespace {
 struct X86Features {
   bool avx2 = false;    // AVX2 + FMA + F16C, with the OS saving ymm state
   bool avx512 = false;  // AVX-512 F, BW, DQ, VL, with the OS saving opmask and zmm state
+  bool avx512_bf16 = false;  // and AVX512_BF16 (CPUID leaf 7, subleaf 1, EAX bit 5)
 };
 
 uint64_t read_xcr0() {
@@ -47,6 +48,9 @@ X86Features detect_x86() {
              avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31);
   f.avx2 = os_ymm && avx2 && fma && f16c;
   f.avx512 = f.avx2 && os_zmm && avx512f && avx512dq && avx512bw && avx512vl;
+  const unsigned max_subleaf = eax;
+  if (f.avx512 && max_subleaf >= 1 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx))
+    f.avx512_bf16 = eax & (1u << 5);
   return f;
 }
 #endif
@@ -60,6 +64,8 @@ bool cpu_has(Isa isa) {
       return detect_x86().avx2;
     case Isa::kAvx512:
       return detect_x86().avx512;
+    case Isa::kAvx512Bf16:
+      return detect_x86().avx512_bf16;
 #endif
 #if defined(__aarch64__)
     case Isa::kNeon:
@@ -85,6 +91,10 @@ const KernelTable* compiled_table(Isa isa) {
 #ifdef GROUPNORM_HAVE_AVX512
     case Isa::kAvx512:
       return avx512::kernel_table();
+#endif
+#ifdef GROUPNORM_HAVE_AVX512_BF16
+    case Isa::kAvx512Bf16:
+      return avx512_bf16::kernel_table();
 #endif
 #ifdef GROUPNORM_HAVE_NEON
     case Isa::kNeon:
@@ -162,6 +172,8 @@ const char* isa_name(Isa isa) {
       return "avx512";
     case Isa::kNeon:
       return "neon";
+    case Isa::kAvx512Bf16:
+      return "avx512_bf16";
   }
   return "unknown";
 }
@@ -170,7 +182,7 @@ bool isa_compiled(Isa isa) { return compiled_table(isa) != nullptr; }
 bool isa_supported(Isa isa) { return cpu_has(isa); }
 
 Isa isa_best() {
-  const Isa preferred[] = {Isa::kAvx512, Isa::kAvx2, Isa::kNeon};
+  const Isa preferred[] = {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2, Isa::kNeon};
   for (Isa isa : preferred)
     if (isa_compiled(isa) && isa_supported(isa)) return isa;
   return Isa::kScalar;

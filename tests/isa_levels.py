@@ -7,7 +7,7 @@ import pytest
 import groupnorm as gn
 from groupnorm import _core
 
-ISA_LEVELS = ("scalar", "avx2", "avx512", "neon")
+ISA_LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16", "neon")
 DEFAULT_ISA = _core.get_isa()  # the level chosen at import (GROUPNORM_ISA or the best available)
 
 

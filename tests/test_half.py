@@ -7,6 +7,7 @@ import pytest
 
 import groupnorm as gn
 from groupnorm._dlpack import BFLOAT16_STORAGE
+from isa_levels import use_isa
 from reference import (affine_params, empty_like_layout, group_norm_backward_reference, group_norm_reference,
                        group_stats_reference, guard_untouched, off_cache_line, random_array, same_bits,
                        same_memory_order)
@@ -148,8 +149,12 @@ def test_narrowing_rounds_ties_to_even(isa, rng, dtype, layout):
     # No -0.0: (x - mean) * 0 + -0.0 is +0.0 or -0.0 by the sign of x - mean, before any narrowing.
     specials = np.array([1 + half_ulp, 1 + 3 * half_ulp, -(1 + half_ulp), 1 + half_ulp * 1.0001, 2 - half_ulp / 2,
                          largest * np.float32(1.001), largest, -1e38, 1e-8, 3e-6, 6.1e-5, -2.9e-8, 2.0 ** -25,
-                         1.5 * 2.0 ** -24, np.nan, np.inf, -np.inf, 0.0, 65519.0, 65520.0, one / 3], np.float32)
-    values = np.concatenate([specials, rng.standard_normal(45).astype(np.float32) * 10.0 ** rng.integers(-9, 5, 45)])
+                         1.5 * 2.0 ** -24, np.nan, np.inf, -np.inf, 0.0, 65519.0, 65520.0, one / 3,
+                         1e-39, -3e-40, 1.4e-45, 2.0 ** -133 * 1.5, 2.0 ** -126 * (1 - 2.0 ** -9)], np.float32)
+    # float32 subnormals too: vcvtneps2bf16 (the avx512_bf16 level) flushes them, the kernels must not
+    magnitudes = 10.0 ** rng.integers(-45, 5, 45).astype(np.float64)
+    drawn = (rng.standard_normal(45) * magnitudes).astype(np.float32)
+    values = np.concatenate([specials, np.where(drawn == 0, np.float32(1), drawn)])  # no -0.0 (above)
     C = values.size  # 67 channels: whole vectors and a tail on every level
     x = random_array(rng, (2, C, 19), dtype, layout)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -159,6 +164,32 @@ def test_narrowing_rounds_ties_to_even(isa, rng, dtype, layout):
     assert same_bits(np.ascontiguousarray(y[:, numbers]), np.ascontiguousarray(expected[:, numbers])), \
         "narrowing differs from round to nearest, ties to even"
     assert np.isnan(y[:, np.isnan(values)].astype(np.float32)).all()
+
+
+def test_bfloat16_narrowing_is_the_same_on_every_level(rng):
+    """Every float32 bit pattern class (normals, subnormals, ties, infinities, NaNs with payloads) narrows to the
+    same bfloat16 bits on every level the machine has, vcvtneps2bf16's included, as the bias of a weight-0 call."""
+    if ml_dtypes is None:
+        pytest.skip("ml_dtypes is not installed")
+    bits = rng.integers(0, 2 ** 32, 4096, dtype=np.uint64).astype(np.uint32)
+    bits[:1024] &= np.uint32(0x807FFFFF)  # subnormals and zeros
+    bits[1024:1280] = (bits[1024:1280] & np.uint32(0xFFFF0000)) | np.uint32(0x8000)  # ties
+    bits[1280:1536] |= np.uint32(0x7F800000)  # infinities and NaNs
+    values = bits.view(np.float32)
+    values = values[values != 0]  # (x - mean) * 0 + -0.0 takes the sign of x - mean, before narrowing
+    C = values.size
+    x = random_array(rng, (1, C, 3), np.dtype(ml_dtypes.bfloat16), "channels_last")
+    results = {}
+    for name in gn.config()["isa_available"]:
+        with use_isa(name), np.errstate(over="ignore", invalid="ignore"):
+            results[name] = gn.group_norm(x, 1, np.zeros(C, np.float32), values)
+    first = next(iter(results.values()))
+    for name, y in results.items():
+        assert same_bits(y, first), f"bfloat16 narrowing on {name} differs from {next(iter(results))}"
+    finite = ~np.isnan(values)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = np.broadcast_to(values.astype(ml_dtypes.bfloat16)[None, :, None], x.shape)
+    assert same_bits(np.ascontiguousarray(first[:, finite]), np.ascontiguousarray(expected[:, finite]))
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)

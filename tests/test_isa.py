@@ -20,7 +20,7 @@ from reference import assert_matches_reference, group_norm_reference
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 ARM64 = platform.machine().lower() in ("aarch64", "arm64")
-RANK = {"scalar": 0, "neon": 1, "avx2": 1, "avx512": 2}
+RANK = {"scalar": 0, "neon": 1, "avx2": 1, "avx512": 2, "avx512_bf16": 3}
 
 
 def _cpu_flags():
@@ -76,8 +76,11 @@ def test_supported_levels_match_the_cpu():
         assert ("avx2" in supported) == has_avx2, f"avx2 in cpuinfo: {has_avx2}; supported: {sorted(supported)}"
         assert ("avx512" in supported) == has_avx512, \
             f"avx512 F/BW/DQ/VL in cpuinfo: {has_avx512}; supported: {sorted(supported)}"
+        has_avx512_bf16 = has_avx512 and "avx512_bf16" in flags
+        assert ("avx512_bf16" in supported) == has_avx512_bf16, \
+            f"avx512_bf16 in cpuinfo: {has_avx512_bf16}; supported: {sorted(supported)}"
     elif ARM64:
-        assert not supported & {"avx2", "avx512"}
+        assert not supported & {"avx2", "avx512", "avx512_bf16"}
         assert ("neon" in supported) == ("asimd" in flags)
 
 

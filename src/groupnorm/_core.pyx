@@ -57,8 +57,8 @@ cdef object _float64 = np.dtype(np.float64)
 cdef object _bfloat16_storage = BFLOAT16_STORAGE
 cdef int _bfloat16_typenum = -1  # ml_dtypes.bfloat16's type number, once one has been seen
 cdef str _SUPPORTED_DTYPES = "float16, bfloat16, float32 and float64"
-cdef tuple _ISA_NAMES = ("scalar", "avx2", "avx512", "neon")
-cdef tuple _ISAS = (Isa.kScalar, Isa.kAvx2, Isa.kAvx512, Isa.kNeon)
+cdef tuple _ISA_NAMES = ("scalar", "avx2", "avx512", "neon", "avx512_bf16")
+cdef tuple _ISAS = (Isa.kScalar, Isa.kAvx2, Isa.kAvx512, Isa.kNeon, Isa.kAvx512Bf16)
 
 # Layout codes of the (N, C, spatial...) view of an array.
 cdef enum:

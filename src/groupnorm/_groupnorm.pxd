@@ -28,6 +28,7 @@ cdef extern from "groupnorm/groupnorm.h" namespace "groupnorm" nogil:
         kAvx2
         kAvx512
         kNeon
+        kAvx512Bf16
 
     cdef struct Problem:
         int64_t N

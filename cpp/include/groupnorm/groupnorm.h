@@ -20,8 +20,10 @@ enum class Activation : int { kNone = 0, kSilu = 1 };
 // kFloat16 (IEEE binary16) and kBFloat16 are storage types: they compute in float, and their weight, bias,
 // mean, rstd and parameter gradients are float arrays.
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3 };
-constexpr int kIsaCount = 4;
+// kAvx512Bf16: the AVX-512 kernels with AVX512_BF16's float -> bfloat16 conversion (Cooper Lake, Sapphire Rapids,
+// Zen 4 and later); it differs from kAvx512 only in how bfloat16 results are rounded to storage, not in them.
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3, kAvx512Bf16 = 4 };
+constexpr int kIsaCount = 5;
 
 // One group-norm problem. Shape names follow the paper: C channels in G groups of D = C/G, HxW positions.
 // Entry points return kInvalidArgument for a descriptor with a negative extent, G not a positive divisor of

@@ -1,8 +1,10 @@
 // vec/avx512.h — Vec<T> on AVX-512 (F, BW, DQ, VL): 16 float or 8 double lanes in a zmm register.
 // Tails use masked loads and stores, so no byte outside [p, p + n) is ever touched.
 // float16 / bfloat16 storage converts in registers: vcvtph2ps / vcvtps2ph (round to nearest even) for binary16,
-// a 16-bit shift for bfloat16, and an integer round-half-even for its narrowing.
-// Include only from a translation unit compiled with the AVX-512 flags (cpp/kernels/isa/avx512.cpp).
+// a 16-bit shift for bfloat16, and an integer round-half-even for its narrowing, or with AVX512_BF16 (compiled
+// with -mavx512bf16) vcvtneps2bf16, whose flushed subnormals are redone the integer way.
+// Include only from a translation unit compiled with the AVX-512 flags (cpp/kernels/isa/avx512.cpp, and
+// avx512_bf16.cpp: its own namespace, so the two builds of these types never meet at link time).
 #pragma once
 
 #include <immintrin.h>
@@ -11,7 +13,11 @@
 #include "groupnorm/half.h"
 
 namespace groupnorm {
+#ifdef __AVX512BF16__
+namespace avx512_bf16 {
+#else
 namespace avx512 {
+#endif
 
 struct VecF32 {
   using Scalar = float;
@@ -40,7 +46,20 @@ struct VecF32 {
   static __m256i narrow(VecF32 a, const Half*) {
     return _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
-  static __m256i narrow(VecF32 a, const BFloat16*) {
+#ifdef __AVX512BF16__
+  // vcvtneps2bf16 rounds to nearest even and quiets NaNs as narrow_bf16_bits does, but takes a subnormal float as
+  // zero: such lanes (rare: results below 2^-126) take the integer rounding.
+  static __m256i narrow(VecF32 a, const BFloat16* p) {
+    const __m256i bits = __m256i(_mm512_cvtneps_pbh(a.v));
+    const __mmask16 subnormal = _mm512_fpclass_ps_mask(a.v, 0x20);
+    return subnormal ? _mm256_mask_blend_epi16(subnormal, bits, narrow_bf16_bits(a, p)) : bits;
+  }
+#else
+  static __m256i narrow(VecF32 a, const BFloat16* p) { return narrow_bf16_bits(a, p); }
+#endif
+  // Round to nearest even in integer arithmetic: add 0x7fff plus the kept part's lowest bit, keep the high half;
+  // a NaN keeps its sign and top payload bits and is made quiet.
+  static __m256i narrow_bf16_bits(VecF32 a, const BFloat16*) {
     const __m512i u = _mm512_castps_si512(a.v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
@@ -134,5 +153,5 @@ struct VecF64 {
   static double sum_lanes(VecF64 a) { return _mm512_reduce_add_pd(a.v); }
 };
 
-}  // namespace avx512
+}  // namespace avx512 / avx512_bf16
 }  // namespace groupnorm

@@ -1,0 +1,12 @@
+// AVX-512 (F, BW, DQ, VL) + AVX512_BF16 build of the kernels: the avx512 level's code, with float -> bfloat16
+// narrowing by vcvtneps2bf16 (vec/avx512.h, under __AVX512BF16__); the only file compiled with -mavx512bf16.
+#define GROUPNORM_ISA avx512_bf16
+#include "groupnorm/vec/avx512.h"
+#include "../forward_impl.h"
+#include "../backward_impl.h"
+
+namespace groupnorm {
+namespace avx512_bf16 {
+GROUPNORM_DEFINE_KERNEL_TABLE(VecF32, VecF64)
+}  // namespace avx512_bf16
+}  // namespace groupnorm
