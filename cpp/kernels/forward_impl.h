@@ -879,7 +879,9 @@ Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar
   constexpr int64_t W = V::kWidth;
   const int64_t C = p.C, G = p.G, D = C / G;
   const double count = double(D), inv_count = 1.0 / count;
-  auto group_shift = [&](const S* run) { return median3(T(widen(run[0])), T(widen(run[D / 2])), T(widen(run[D - 1]))); };
+  auto group_shift = [&](const S* run) {
+    return median3(T(widen(run[0])), T(widen(run[D / 2])), T(widen(run[D - 1])));
+  };
   auto sums_of = [&](const S* run, T shift) {
     return D <= W ? short_run_shifted_sums<V>(run, D, shift) : run_shifted_sums<V>(run, D, shift);
   };
@@ -917,7 +919,8 @@ Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar
     }
     for (int64_t g = 0; g < G; ++g) {
       if (st[g].wide) {
-        for (int64_t c = g * D; c < (g + 1) * D; ++c) wide_apply_run<T, kSilu>(xs + c, ys + c, 1, 1, st[g], weight, bias, c);
+        for (int64_t c = g * D; c < (g + 1) * D; ++c)
+          wide_apply_run<T, kSilu>(xs + c, ys + c, 1, 1, st[g], weight, bias, c);
       } else {
         apply_group_row<V, kSilu>(xs + g * D, ys + g * D, D, st[g], weight ? weight + g * D : nullptr,
                                   bias ? bias + g * D : nullptr);

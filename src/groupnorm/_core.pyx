@@ -32,8 +32,9 @@ cdef extern from "numpy/arrayobject.h":
     object _PyArray_Empty "PyArray_Empty"(int nd, cnp.npy_intp* dims, _Descr* descr, int fortran)
     # Steals a reference to descr; data is borrowed (the caller sets a base that owns it).
     PyTypeObject PyArray_Type
-    object _PyArray_NewFromDescr "PyArray_NewFromDescr"(PyTypeObject* subtype, _Descr* descr, int nd, cnp.npy_intp* dims,
-                                                         cnp.npy_intp* strides, void* data, int flags, void* obj)
+    object _PyArray_NewFromDescr "PyArray_NewFromDescr"(PyTypeObject* subtype, _Descr* descr, int nd,
+                                                         cnp.npy_intp* dims, cnp.npy_intp* strides, void* data,
+                                                         int flags, void* obj)
 
 cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)  # C11 / C++17
