@@ -32,6 +32,7 @@ constexpr int64_t kChunksMax = 64;         // per group (channels-first) or per 
 constexpr int kFlushIters = 16;            // vector iterations summed in T before flushing into double
 constexpr int64_t kSerialElems = 32768;    // below this per thread, a thread costs more than it saves
 constexpr int64_t kL1TileBytes = 16384;    // rows of a channels-last block kept in L1 across channel tiles
+constexpr int64_t kRowBlockElems = 4096;   // (N, C) input: consecutive groups summed, then applied, while in L1
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -845,14 +846,15 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
 
 // ---------------------------------------------------------------------------------------------------------
 // One position per sample (HxW = 1: an (N, C) input, either layout): a group is D contiguous values of one row.
-// A sample is done in one go: its groups' sums, their 1/sqrt back to back, then the apply straight from weight
+// Consecutive groups go in blocks: their sums, their 1/sqrt back to back, then the apply straight from weight
 // and bias, with none of the per-channel buffers that rows of many positions amortise.
 
 // y = act((x - mean) * rstd * weight + bias) over one group's D contiguous channels of a single row; weight and
-// bias point at the group's first channel (or are null).
+// bias point at the group's first channel (or are null). Inline: a tiny group's apply is a handful of operations.
 template <class V, bool kSilu, class S>
-void apply_group_row(const S* x, S* y, int64_t D, const GroupStats& s, const typename V::Scalar* weight,
-                     const typename V::Scalar* bias) {
+__attribute__((always_inline)) inline void apply_group_row(const S* x, S* y, int64_t D, const GroupStats& s,
+                                                          const typename V::Scalar* weight,
+                                                          const typename V::Scalar* bias) {
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   const T mean_hi_s = T(s.mean);
@@ -896,44 +898,47 @@ Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar
     if (refine_sums<V>(inv_count, shift, s1, s2, resum, visit)) return wide_group_stats(count, shift, p.eps, visit);
     return group_stats(count, inv_count, double(shift), s1, s2, p.eps);
   };
-  auto one_sample = [&](int64_t n) {
-    const S* xs = x + n * C;
-    S* ys = y + n * C;
-    GroupStats* st = stats + n * G;
+  // The N*G groups follow one another in memory, D values each (group i holds channels (i % G)*D onwards), so
+  // they go in blocks of consecutive groups, whatever the sample: a few loops of many iterations, not four
+  // short loops a sample, whose exits a tiny call would pay in mispredicted branches.
+  auto group_block = [&](int64_t i0, int64_t i1) {
     bool refine = false;
-    for (int64_t g = 0; g < G; ++g) {
-      const T shift = group_shift(xs + g * D);
-      const ShiftedSums sums = sums_of(xs + g * D, shift);
-      st[g] = group_moments(count, inv_count, double(shift), sums.s1, sums.s2, p.eps);
+    for (int64_t i = i0; i < i1; ++i) {
+      const T shift = group_shift(x + i * D);
+      const ShiftedSums sums = sums_of(x + i * D, shift);
+      stats[i] = group_moments(count, inv_count, double(shift), sums.s1, sums.s2, p.eps);
       // A single value is its own shift: sums of exactly 0 then say a constant group, nothing to look at again.
-      st[g].wide = needs_refine<T>(inv_count, sums.s1, sums.s2) && (D > 1 || sums.s1 != 0.0 || sums.s2 != 0.0);
-      refine = refine || st[g].wide;
+      stats[i].wide = needs_refine<T>(inv_count, sums.s1, sums.s2) && (D > 1 || sums.s1 != 0.0 || sums.s2 != 0.0);
+      refine = refine || stats[i].wide;
     }
-    for (int64_t g = 0; g < G; ++g) st[g].rstd = finish_rstd(st[g].rstd);
-    for (int64_t g = 0; refine && g < G; ++g) {
-      if (!st[g].wide) continue;
-      const S* run = xs + g * D;
+    for (int64_t i = i0; i < i1; ++i) stats[i].rstd = finish_rstd(stats[i].rstd);
+    for (int64_t i = i0; refine && i < i1; ++i) {
+      if (!stats[i].wide) continue;
+      const S* run = x + i * D;
       const T shift = group_shift(run);
       const ShiftedSums sums = sums_of(run, shift);
-      st[g] = refined_stats(run, shift, sums.s1, sums.s2);
+      stats[i] = refined_stats(run, shift, sums.s1, sums.s2);
     }
-    for (int64_t g = 0; g < G; ++g) {
-      if (st[g].wide) {
-        for (int64_t c = g * D; c < (g + 1) * D; ++c)
-          wide_apply_run<T, kSilu>(xs + c, ys + c, 1, 1, st[g], weight, bias, c);
+    for (int64_t i = i0, c0 = (i0 % G) * D; i < i1; ++i, c0 = c0 + D == C ? 0 : c0 + D) {
+      if (stats[i].wide) {
+        for (int64_t j = 0; j < D; ++j)
+          wide_apply_run<T, kSilu>(x + i * D + j, y + i * D + j, 1, 1, stats[i], weight, bias, c0 + j);
       } else {
-        apply_group_row<V, kSilu>(xs + g * D, ys + g * D, D, st[g], weight ? weight + g * D : nullptr,
-                                  bias ? bias + g * D : nullptr);
+        apply_group_row<V, kSilu>(x + i * D, y + i * D, D, stats[i], weight ? weight + c0 : nullptr,
+                                  bias ? bias + c0 : nullptr);
       }
     }
   };
-  const int nt = team_size(p.num_threads, p.N * C, p.N);
+  const int64_t groups = p.N * G, block_groups = max_i64(1, kRowBlockElems / D);
+  const int64_t nblocks = ceil_div(groups, block_groups);
+  auto one_block = [&](int64_t k) { group_block(k * block_groups, min_i64(groups, (k + 1) * block_groups)); };
+  const int nt = team_size(p.num_threads, p.N * C, nblocks);
   if (nt == 1) {  // no OpenMP region at all: a tiny call must not pay for a team
-    for (int64_t n = 0; n < p.N; ++n) one_sample(n);
+    for (int64_t k = 0; k < nblocks; ++k) one_block(k);
     return kOk;
   }
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t n = 0; n < p.N; ++n) one_sample(n);
+  for (int64_t k = 0; k < nblocks; ++k) one_block(k);
   return kOk;
 }
 
