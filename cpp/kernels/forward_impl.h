@@ -269,6 +269,13 @@ ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift) {
   return {V::acc_sum(s1), V::acc_sum(s2)};
 }
 
+// The sums of a run of any length: one vector or less inline (short_run_shifted_sums), longer through
+// run_shifted_sums.
+template <class V, class S>
+inline ShiftedSums any_run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift) {
+  return n <= V::kWidth ? short_run_shifted_sums<V>(x, n, shift) : run_shifted_sums<V>(x, n, shift);
+}
+
 // exp(x) for the SiLU: Cody-Waite reduction by ln 2 and a Taylor polynomial good to ~1 ulp of T.
 template <class V>
 V exp_approx(V x) {
@@ -580,8 +587,7 @@ void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scal
   const int64_t C = p.C, D = C / p.G, c_full = C / W * W;
   if (r1 - r0 == 1) {  // one row: each group is a contiguous run of D channels
     for (int64_t g = 0; g < p.G; ++g)
-      out[g] = D <= W ? short_run_shifted_sums<V>(sample + r0 * C + g * D, D, shifts[g])
-                      : run_shifted_sums<V>(sample + r0 * C + g * D, D, shifts[g]);
+      out[g] = any_run_shifted_sums<V>(sample + r0 * C + g * D, D, shifts[g]);
     return;
   }
   T* const shift = b.shift;
@@ -878,14 +884,10 @@ template <class V, class S, bool kSilu>
 Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar* weight,
                           const typename V::Scalar* bias, S* y, GroupStats* stats) {
   using T = typename V::Scalar;
-  constexpr int64_t W = V::kWidth;
   const int64_t C = p.C, G = p.G, D = C / G;
   const double count = double(D), inv_count = 1.0 / count;
   auto group_shift = [&](const S* run) {
     return median3(T(widen(run[0])), T(widen(run[D / 2])), T(widen(run[D - 1])));
-  };
-  auto sums_of = [&](const S* run, T shift) {
-    return D <= W ? short_run_shifted_sums<V>(run, D, shift) : run_shifted_sums<V>(run, D, shift);
   };
   // The second look at a group's sums (rare), out of line.
   auto refined_stats = [&](const S* run, T shift, double s1, double s2) __attribute__((noinline)) {
@@ -905,7 +907,7 @@ Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar
     bool refine = false;
     for (int64_t i = i0; i < i1; ++i) {
       const T shift = group_shift(x + i * D);
-      const ShiftedSums sums = sums_of(x + i * D, shift);
+      const ShiftedSums sums = any_run_shifted_sums<V>(x + i * D, D, shift);
       stats[i] = group_moments(count, inv_count, double(shift), sums.s1, sums.s2, p.eps);
       // A single value is its own shift: sums of exactly 0 then say a constant group, nothing to look at again.
       stats[i].wide = needs_refine<T>(inv_count, sums.s1, sums.s2) && (D > 1 || sums.s1 != 0.0 || sums.s2 != 0.0);
@@ -916,7 +918,7 @@ Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar
       if (!stats[i].wide) continue;
       const S* run = x + i * D;
       const T shift = group_shift(run);
-      const ShiftedSums sums = sums_of(run, shift);
+      const ShiftedSums sums = any_run_shifted_sums<V>(run, D, shift);
       stats[i] = refined_stats(run, shift, sums.s1, sums.s2);
     }
     for (int64_t i = i0, c0 = (i0 % G) * D; i < i1; ++i, c0 = c0 + D == C ? 0 : c0 + D) {
