@@ -211,6 +211,36 @@ def test_one_position_per_sample(isa, rng, dtype, D, G, activation):
     assert_matches_reference(in_place, y_ref, activation=activation, what="group_norm in place")
 
 
+@pytest.mark.parametrize("D", [1, 3, 8, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_position_many_groups(isa, rng, dtype, D):
+    """Hundreds of single-row groups, which the kernel takes in batches of 64 within blocks of 4096 values: groups
+    that need a second look (huge spread, underflowing squares, a constant, NaN) on both sides of every batch
+    boundary, each normalised as the reference says, and no other group touched by them."""
+    N, G = 7, 30  # 210 groups: batches of 64 and a partial one; D = 40 also cuts blocks of 102 groups
+    x = random_array(rng, (N, G * D), dtype, offset=50.0)
+    groups = x.reshape(N * G, D)  # a view: group i is row i
+    big = 1e30 if dtype == np.float32 else 1e200
+    tiny = 1e-30 if dtype == np.float32 else 1e-300
+    for i in (0, 62, 63, 64, 65, 127, 128, 191, 192, N * G - 1):
+        kind = i % 4
+        if kind == 0:
+            groups[i] = big * np.linspace(-1, 1, D)
+        elif kind == 1:
+            groups[i] = tiny * np.arange(D)
+        elif kind == 2:
+            groups[i] = 7.5
+        else:
+            groups[i, D // 2] = np.nan
+    weight, bias = affine_params(rng, G * D, dtype, "both")
+    y_ref = group_norm_reference(x, G, weight, bias)
+    out = empty_like_layout(x, -12345.0)
+    assert gn.group_norm(x, G, weight, bias, out=out) is out
+    assert_matches_reference(out, y_ref)
+    nan_groups = np.isnan(out).reshape(N * G, D).any(axis=1)
+    np.testing.assert_array_equal(np.flatnonzero(nan_groups), [63, 127, 191])
+
+
 @pytest.mark.parametrize("D", [1, 2, 7, 16, 33])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_one_position_extreme_and_non_finite_groups(isa, rng, dtype, D):

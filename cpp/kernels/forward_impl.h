@@ -902,34 +902,55 @@ Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar
   };
   // The N*G groups follow one another in memory, D values each (group i holds channels (i % G)*D onwards), so
   // they go in blocks of consecutive groups, whatever the sample: a few loops of many iterations, not four
-  // short loops a sample, whose exits a tiny call would pay in mispredicted branches.
-  auto group_block = [&](int64_t i0, int64_t i1) {
-    bool refine = false;
-    for (int64_t i = i0; i < i1; ++i) {
-      const T shift = group_shift(x + i * D);
-      const ShiftedSums sums = any_run_shifted_sums<V>(x + i * D, D, shift);
-      stats[i] = group_moments(count, inv_count, double(shift), sums.s1, sums.s2, p.eps);
+  // short loops a sample, whose exits a tiny call would pay in mispredicted branches. Within a block, batches of
+  // kBatch groups go in phases: each group's sums; then the moments, the checks and the 1/sqrt of the whole
+  // batch, straight-line arithmetic over arrays that the compiler vectorises across groups; then the rare second
+  // looks; then the apply.
+  constexpr int64_t kBatch = 64;
+  auto group_batch = [&](int64_t i0, int64_t i1) {
+    const int64_t m = i1 - i0;
+    double shift_d[kBatch], s1[kBatch], s2[kBatch], mean[kBatch], mean_lo[kBatch], rstd[kBatch];
+    unsigned char again[kBatch];
+    const S* const xs = x + i0 * D;
+    for (int64_t j = 0; j < m; ++j) {
+      const T shift = group_shift(xs + j * D);
+      const ShiftedSums sums = any_run_shifted_sums<V>(xs + j * D, D, shift);
+      shift_d[j] = double(shift);
+      s1[j] = sums.s1;
+      s2[j] = sums.s2;
+    }
+    const double eps = p.eps, n_values = count, inv = inv_count;
+    const bool single = D == 1;
+    unsigned char any_again = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      const GroupStats g = group_moments(n_values, inv, shift_d[j], s1[j], s2[j], eps);
+      mean[j] = g.mean;
+      mean_lo[j] = g.mean_lo;
+      rstd[j] = finish_rstd(g.rstd);
       // A single value is its own shift: sums of exactly 0 then say a constant group, nothing to look at again.
-      stats[i].wide = needs_refine<T>(inv_count, sums.s1, sums.s2) && (D > 1 || sums.s1 != 0.0 || sums.s2 != 0.0);
-      refine = refine || stats[i].wide;
+      const bool look = needs_refine<T>(inv, s1[j], s2[j]) && (!single || s1[j] != 0.0 || s2[j] != 0.0);
+      again[j] = look ? 1 : 0;
+      any_again |= again[j];
     }
-    for (int64_t i = i0; i < i1; ++i) stats[i].rstd = finish_rstd(stats[i].rstd);
-    for (int64_t i = i0; refine && i < i1; ++i) {
-      if (!stats[i].wide) continue;
-      const S* run = x + i * D;
-      const T shift = group_shift(run);
-      const ShiftedSums sums = any_run_shifted_sums<V>(run, D, shift);
-      stats[i] = refined_stats(run, shift, sums.s1, sums.s2);
+    GroupStats* const st = stats + i0;
+    for (int64_t j = 0; j < m; ++j) st[j] = {mean[j], mean_lo[j], rstd[j], false};
+    for (int64_t j = 0; any_again && j < m; ++j) {
+      if (!again[j]) continue;
+      const S* run = xs + j * D;
+      st[j] = refined_stats(run, T(shift_d[j]), s1[j], s2[j]);
     }
-    for (int64_t i = i0, c0 = (i0 % G) * D; i < i1; ++i, c0 = c0 + D == C ? 0 : c0 + D) {
-      if (stats[i].wide) {
-        for (int64_t j = 0; j < D; ++j)
-          wide_apply_run<T, kSilu>(x + i * D + j, y + i * D + j, 1, 1, stats[i], weight, bias, c0 + j);
+    for (int64_t j = 0, c0 = (i0 % G) * D; j < m; ++j, c0 = c0 + D == C ? 0 : c0 + D) {
+      if (st[j].wide) {
+        for (int64_t k = 0; k < D; ++k)
+          wide_apply_run<T, kSilu>(xs + j * D + k, y + (i0 + j) * D + k, 1, 1, st[j], weight, bias, c0 + k);
       } else {
-        apply_group_row<V, kSilu>(x + i * D, y + i * D, D, stats[i], weight ? weight + c0 : nullptr,
+        apply_group_row<V, kSilu>(xs + j * D, y + (i0 + j) * D, D, st[j], weight ? weight + c0 : nullptr,
                                   bias ? bias + c0 : nullptr);
       }
     }
+  };
+  auto group_block = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i += kBatch) group_batch(i, min_i64(i1, i + kBatch));
   };
   const int64_t groups = p.N * G, block_groups = max_i64(1, kRowBlockElems / D);
   const int64_t nblocks = ceil_div(groups, block_groups);
