@@ -919,6 +919,8 @@ Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar
       s1[j] = sums.s1;
       s2[j] = sums.s2;
     }
+    // Locals, not the captured references: through those GCC cannot prove the loop's stores leave them alone,
+    // and does not vectorise it (no vsqrtpd/vdivpd).
     const double eps = p.eps, n_values = count, inv = inv_count;
     const bool single = D == 1;
     unsigned char any_again = 0;
