@@ -14,7 +14,7 @@ import pytest
 
 import groupnorm as gn
 from groupnorm import bench
-from test_cpp_kernels import ROOT, build_target
+from test_cpp_kernels import ROOT, build_target, shared_build_dir
 
 BENCH_FORWARD = ROOT / "bench" / "bench_forward.py"
 REGENERATE = ROOT / "bench" / "regenerate.py"
@@ -24,8 +24,8 @@ needs_flax = pytest.mark.skipif(importlib.util.find_spec("flax") is None, reason
 
 @pytest.fixture(scope="module")
 def bench_exe(tmp_path_factory):
-    """groupnorm_bench built once for this module from the source tree."""
-    return build_target(tmp_path_factory.mktemp("bench") / "build", "groupnorm_bench", "GROUPNORM_BUILD_BENCH")
+    """groupnorm_bench from the session's shared C++ build of the source tree."""
+    return build_target(shared_build_dir(tmp_path_factory), "groupnorm_bench")
 
 
 def test_cpp_bench_tiny_case(bench_exe, tmp_path):

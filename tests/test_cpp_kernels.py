@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+try:
+    import fcntl
+except ImportError:  # no POSIX locks (Windows): each xdist worker then builds in its own directory
+    fcntl = None
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,13 +29,29 @@ def _cmake():
     return exe
 
 
-def build_target(build: Path, target: str, option: str) -> Path:
-    """Configures the source tree into `build` with `option` ON and builds `target`; skips the test when the
-    source tree, cmake or a C++ compiler is missing. Returns the executable. With GROUPNORM_CPP_BUILD_DIR set
-    (.ci/sanitize sets it to its sanitized build), returns that build's `target` instead."""
+# The CMake option that adds each C++ target the tests run.
+TARGET_OPTIONS = {"groupnorm_kernel_check": "GROUPNORM_BUILD_TESTS", "groupnorm_bench": "GROUPNORM_BUILD_BENCH"}
+
+
+def shared_build_dir(tmp_path_factory) -> Path:
+    """Where the session's one C++ build goes: beside the xdist workers' temp directories, so that every worker
+    uses the same build (under build_target's lock), or in this process's own temp directory without xdist or
+    without a lock."""
+    base = tmp_path_factory.getbasetemp()
+    shared = os.environ.get("PYTEST_XDIST_WORKER") and fcntl is not None
+    return (base.parent if shared else base) / "cpp-build"
+
+
+def build_target(build: Path, target: str) -> Path:
+    """Configures the source tree into `build` with every C++ target of TARGET_OPTIONS on and builds `target`;
+    skips the test when the source tree, cmake or a C++ compiler is missing. Returns the executable. The build is
+    shared: a lock beside it lets one process configure and build at a time, so the core library compiles once
+    and a later caller finds its target built. With GROUPNORM_CPP_BUILD_DIR set (.ci/sanitize sets it to its
+    sanitized build), returns that build's `target` instead."""
     prebuilt = os.environ.get("GROUPNORM_CPP_BUILD_DIR")
     if prebuilt:
         exe = Path(prebuilt) / target
+        option = TARGET_OPTIONS[target]
         assert exe.is_file(), f"GROUPNORM_CPP_BUILD_DIR={prebuilt} has no {target}; build it with {option}=ON"
         return exe
     if not (ROOT / "CMakeLists.txt").exists():
@@ -38,17 +59,22 @@ def build_target(build: Path, target: str, option: str) -> Path:
     cmake = _cmake()
     if cmake is None or shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("cmake or a C++ compiler is not available")
-    configure = [cmake, "-S", str(ROOT), "-B", str(build), f"-D{option}=ON", "-DCMAKE_BUILD_TYPE=Release"]
+    configure = [cmake, "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
+    configure += [f"-D{option}=ON" for option in TARGET_OPTIONS.values()]
     if shutil.which("ninja"):
         configure += ["-G", "Ninja"]
-    subprocess.run(configure, check=True, capture_output=True, text=True)
-    subprocess.run([cmake, "--build", str(build), "--target", target, "-j", "2"],
-                   check=True, capture_output=True, text=True)
+    build.parent.mkdir(parents=True, exist_ok=True)
+    with open(build.parent / (build.name + ".lock"), "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        subprocess.run(configure, check=True, capture_output=True, text=True)
+        subprocess.run([cmake, "--build", str(build), "--target", target, "-j", "2"],
+                       check=True, capture_output=True, text=True)
     return next(build.rglob(target))
 
 
-def test_kernel_check(tmp_path):
-    exe = build_target(tmp_path / "build", "groupnorm_kernel_check", "GROUPNORM_BUILD_TESTS")
+def test_kernel_check(tmp_path_factory):
+    exe = build_target(shared_build_dir(tmp_path_factory), "groupnorm_kernel_check")
     # About 50 s in a release build with four x86 levels; a sanitized build (.ci/sanitize) runs several times
     # slower, beside the rest of the suite on both cores.
     timeout = 1500 if os.environ.get("GROUPNORM_CPP_BUILD_DIR") else 300
