@@ -307,6 +307,7 @@ def test_plain_progress_bar(monkeypatch, capsys):
     assert "4/4" in err and "#" * 30 in err
 
 
+@pytest.mark.asan_heavy
 def test_regenerate_quick(bench_exe, tmp_path):
     """bench/regenerate.py --quick in this interpreter writes a RESULTS.md with every section: the header, the
     targets, and one section per benchmark, each with its command and either its tables or why it was skipped."""

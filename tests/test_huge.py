@@ -81,6 +81,7 @@ def _assert_within_one_ulp(got, ref, what):
     assert (err <= ulp).all(), f"{what}: {got} vs reference {ref} (error {err}, ulp {ulp})"
 
 
+@pytest.mark.asan_heavy
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_forward_group_over_2_31_elements(layout):
     _require_memory()
@@ -105,6 +106,7 @@ def test_forward_group_over_2_31_elements(layout):
     assert (flat[:P] == PATTERN).all(), "the input was modified"
 
 
+@pytest.mark.asan_heavy
 def test_backward_group_over_2_31_elements():
     """dy = x and eps = var make dx = x_hat / 2 (rstd^2 * var = 1/2): well conditioned, known exactly."""
     _require_memory()
