@@ -420,9 +420,14 @@ void check_forward(Tally& tally, const std::string& label, const Problem& p, con
   if (!tally.expect(status == groupnorm::kOk, format("%s: status %d", label.c_str(), int(status)))) return;
   tally.expect(y.guards_intact(), label + ": y guard region overwritten");
   const bool silu = p.activation == Activation::kSilu;
+  // The slack: 2^-19 of the terms, about 16 float32 ulps of them. The statistics of a small group come from runs
+  // of 32 float32 terms a lane, whose rounding reaches rstd at a few 1e-6 relative where the shift sits a
+  // standard deviation off the mean. 2^-20 failed --seed=2796726272835179160 (scalar, a group of 31: error 3.2e-7
+  // against a slack of 2.5e-7, the reference 0.04 ulp from a float16 midpoint). Still 256 times finer than the
+  // issue's rule, which forgives anything within half an ulp of a midpoint.
   if constexpr (is_half_v<T>)
     expect_rounded(tally, label, "y", silu ? kOutputSilu : kOutput, y, y_ref.value, y_ref.terms,
-                   (silu ? 1.1L : 1.0L) * 0x1p-20L);
+                   (silu ? 1.1L : 1.0L) * 0x1p-19L);
   else
     expect_close_output(tally, label, p.activation, y, y_ref);
   if (want_stats) {
