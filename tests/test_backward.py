@@ -163,11 +163,14 @@ def test_weight_none_is_ones(isa, rng, dtype, layout):
         assert same_bits(a, b), "weight=None and weight=ones differ"
 
 
-# Each has >= 4 * 32768 elements so a team of several threads forms; N*G below and above the thread count.
+# Each has >= 4 * 32768 elements so a team of several threads forms; N*G below and above the thread count. The
+# last two have many samples and C = 600 in groups of 100: the parameter gradients go in tiles of 256 channels
+# whose edges fall inside groups.
 DETERMINISM_CASES = [((1, 4, 256, 256), 1, "contiguous"), ((1, 4, 256, 256), 1, "channels_last"),
                      ((1, 1, 1 << 18), 1, "contiguous"), ((3, 6, 129, 127), 3, "contiguous"),
                      ((3, 6, 129, 127), 3, "channels_last"), ((8, 32, 33, 31), 8, "channels_last"),
-                     ((16, 64, 1), 4, "contiguous")]
+                     ((16, 64, 1), 4, "contiguous"), ((300, 600), 6, "contiguous"),
+                     ((100, 600, 3), 6, "contiguous")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
