@@ -121,28 +121,27 @@ GroupGradCoeffs<T> group_grad_coeffs(const Problem& p, int64_t ng, const GradSum
 }
 
 // grad_weight[c] = sum_n dy*(x - mean)*rstd and grad_bias[c] = sum_n dy for channels [c0, c0 + kParamTile), each
-// summed over n in order whatever the tiling: samples outermost, so every sweep reads a row contiguously
-// (channel by channel, a large N strode C doubles a step: [256,512] spent 1 ms here). terms(n, c, coeffs, dy_xc, dy)
-// gives sample n's sums of dy*(x - mean_hi) and of dy over channel c, whose group's coefficients are `coeffs`.
+// summed over n in order whatever the tiling: samples outermost, so every sweep reads a row of the sums
+// contiguously (channel by channel, a large N strode C doubles a step: [256,512] spent 1 ms here).
 constexpr int64_t kParamTile = 256;
 inline int64_t param_tiles(const Problem& p) { return ceil_div(p.C, kParamTile); }
 
-template <class T, class S, class Terms>
-void param_grads(const Problem& p, int64_t tile, const GroupGradCoeffs<T>* coeffs, S* dweight, S* dbias,
-                 Terms&& terms) {
+template <class T, class S>
+void param_grads(const Problem& p, int64_t tile, const GradSums& sums, const GroupGradCoeffs<T>* coeffs, S* dweight,
+                 S* dbias) {
   const int64_t D = p.C / p.G, c0 = tile * kParamTile, c1 = min_i64(p.C, c0 + kParamTile), width = c1 - c0;
   double dw[kParamTile], db[kParamTile];
   for (int64_t i = 0; i < width; ++i) dw[i] = db[i] = 0.0;
   for (int64_t n = 0; n < p.N; ++n) {
+    const double* const dy_xc = sums.dy_xc + n * p.C;
+    const double* const dy = sums.dy + n * p.C;
     const GroupGradCoeffs<T>* const k = coeffs + n * p.G;
     for (int64_t c = c0, g = c0 / D; c < c1; ++g) {  // a group's channels at a time: its coefficients are constants
       const int64_t end = min_i64(c1, (g + 1) * D);
       const double mean_lo = k[g].mean_lo, rstd = k[g].rstd;
       for (; c < end; ++c) {
-        double dy_xc, dy;
-        terms(n, c, k[g], dy_xc, dy);
-        dw[c - c0] += (dy_xc - mean_lo * dy) * rstd;
-        db[c - c0] += dy;
+        dw[c - c0] += (dy_xc[c] - mean_lo * dy[c]) * rstd;
+        db[c - c0] += dy[c];
       }
     }
   }
@@ -150,17 +149,6 @@ void param_grads(const Problem& p, int64_t tile, const GroupGradCoeffs<T>* coeff
     if (dweight) dweight[c0 + i] = S(dw[i]);
     if (dbias) dbias[c0 + i] = S(db[i]);
   }
-}
-
-// param_grads over the per-(n, c) sums of pass 1.
-template <class T, class S>
-void param_grads(const Problem& p, int64_t tile, const GradSums& sums, const GroupGradCoeffs<T>* coeffs, S* dweight,
-                 S* dbias) {
-  param_grads(p, tile, coeffs, dweight, dbias, [&](int64_t n, int64_t c, const GroupGradCoeffs<T>&, double& dy_xc,
-                                                   double& dy) {
-    dy_xc = sums.dy_xc[n * p.C + c];
-    dy = sums.dy[n * p.C + c];
-  });
 }
 
 // Adds chunk partials in chunk order: partial slot (outer, k, i), k < nchunks, i < inner, into out (outer, i).
@@ -472,25 +460,25 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// One position per sample (HxW = 1: an (N, C) input, either layout): a group is D contiguous values of one row,
-// and a channel holds one value a sample, so the paths above would keep three double sums per value. Here a
-// group's weighted sums are a few vectors; the coefficients of all groups come first, then the parameter
-// gradients from x and dy themselves (dx may be either), then dx: three sweeps, the later two from cache unless
-// the input outgrows it.
-
-// Group (n, g)'s coefficients from its D values (weight: the group's first channel, or null).
+// Short runs: one position a sample (HxW = 1: an (N, C) input, either layout), or channels-first with at most
+// kShortRun positions a channel. A group is then one contiguous run of L = D*HxW values, and a channel's run is
+// too short for the paths above, which keep three double sums and three horizontal sums per (n, c). Here a
+// group's weighted sums are a few vectors over its whole run, with the weights spread over the positions once a
+// call (C*HxW values); the coefficients of all groups come first, then the parameter gradients from x and dy
+// themselves (dx may be either), then dx: three sweeps, the later two from cache unless the input outgrows it.
+// Group (n, g)'s coefficients from its L values (weight: one per value, from the group's first, or null).
 template <class V, class S>
-GroupGradCoeffs<typename V::Scalar> row_group_grad_coeffs(const S* dy, const S* x, int64_t D, double mean,
+GroupGradCoeffs<typename V::Scalar> row_group_grad_coeffs(const S* dy, const S* x, int64_t L, double mean,
                                                           double rstd, const typename V::Scalar* weight) {
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   const T mean_hi = T(mean);
   const V m = V::broadcast(mean_hi);
   typename V::Acc a_xc = V::acc_zero(), a_wdy = V::acc_zero(), a_wdy_xc = V::acc_zero();
-  for (int64_t c = 0; c < D;) {  // short runs in T, flushed to double
+  for (int64_t c = 0; c < L;) {  // short runs in T, flushed to double
     V s_xc = V::zero(), s_wdy = V::zero(), s_wdy_xc = V::zero();
-    for (int it = 0; it < kFlushIters && c < D; ++it, c += W) {
-      const int64_t n = min_i64(W, D - c);  // filled lanes give dy = 0, w = 0 and x - mean_hi = 0
+    for (int it = 0; it < kFlushIters && c < L; ++it, c += W) {
+      const int64_t n = min_i64(W, L - c);  // filled lanes give dy = 0, w = 0 and x - mean_hi = 0
       const V g = n == W ? V::load(dy + c) : V::load_tail(dy + c, n, T(0));
       const V xc = (n == W ? V::load(x + c) : V::load_tail(x + c, n, mean_hi)) - m;
       const V wg = !weight ? g : (n == W ? V::load(weight + c) : V::load_tail(weight + c, n, T(0))) * g;
@@ -502,22 +490,22 @@ GroupGradCoeffs<typename V::Scalar> row_group_grad_coeffs(const S* dy, const S* 
     V::acc_add(a_wdy, s_wdy);
     V::acc_add(a_wdy_xc, s_wdy_xc);
   }
-  const double M = double(D), mean_lo = V::acc_sum(a_xc) / M, wdy = V::acc_sum(a_wdy);
+  const double M = double(L), mean_lo = V::acc_sum(a_xc) / M, wdy = V::acc_sum(a_wdy);
   const double ds = V::acc_sum(a_wdy_xc) - mean_lo * wdy;
   const double c2 = -ds * rstd * rstd * rstd / M, c3 = -wdy * rstd / M;
   return {mean_hi, T(c2), T(c3 - c2 * mean_lo), mean_lo, rstd};
 }
 
-// dx of one group's D values: dy*(rstd*w) + (x - mean_hi)*c2 + shift.
+// dx of one group's L values: dy*(rstd*w) + (x - mean_hi)*c2 + shift.
 template <class V, class S>
-void row_group_grad_apply(const S* dy, const S* x, S* dx, int64_t D, const GroupGradCoeffs<typename V::Scalar>& k,
+void row_group_grad_apply(const S* dy, const S* x, S* dx, int64_t L, const GroupGradCoeffs<typename V::Scalar>& k,
                           const typename V::Scalar* weight) {
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   const V m = V::broadcast(k.mean_hi), rstd = V::broadcast(T(k.rstd)), c2 = V::broadcast(k.c2),
           shift = V::broadcast(k.shift);
-  for (int64_t c = 0; c < D; c += W) {
-    const int64_t n = min_i64(W, D - c);
+  for (int64_t c = 0; c < L; c += W) {
+    const int64_t n = min_i64(W, L - c);
     const V g = n == W ? V::load(dy + c) : V::load_tail(dy + c, n, T(0));
     const V xc = (n == W ? V::load(x + c) : V::load_tail(x + c, n, T(0))) - m;
     const V scale = !weight ? rstd : rstd * (n == W ? V::load(weight + c) : V::load_tail(weight + c, n, T(0)));
@@ -529,38 +517,77 @@ void row_group_grad_apply(const S* dy, const S* x, S* dx, int64_t D, const Group
   }
 }
 
+// The short-run path's parameter gradients for tile `tile` of max(1, kParamTile / HxW) channels: at each position
+// of its channels, sums over n in order (samples outermost: every sweep reads x and dy contiguously, straight
+// from the values), then each channel's positions in order. A fixed order for any thread count.
+inline int64_t short_run_tile_channels(const Problem& p) { return max_i64(1, kParamTile / p.HxW); }
+
+template <class T, class S>
+void short_run_param_grads(const Problem& p, int64_t tile, const S* dy, const S* x, const GroupGradCoeffs<T>* coeffs,
+                           T* dweight, T* dbias) {
+  const int64_t HxW = p.HxW, D = p.C / p.G, sample_len = p.C * HxW, per_tile = short_run_tile_channels(p);
+  const int64_t c0 = tile * per_tile, c1 = min_i64(p.C, c0 + per_tile), j0 = c0 * HxW, width = (c1 - c0) * HxW;
+  double dw[kParamTile], db[kParamTile];
+  for (int64_t j = 0; j < width; ++j) dw[j] = db[j] = 0.0;
+  for (int64_t n = 0; n < p.N; ++n) {
+    const S* const dy_n = dy + n * sample_len;
+    const S* const x_n = x + n * sample_len;
+    const GroupGradCoeffs<T>* const k = coeffs + n * p.G;
+    for (int64_t c = c0, g = c0 / D; c < c1; ++g) {  // a group's channels at a time: its coefficients are constants
+      const int64_t end = min_i64(c1, (g + 1) * D);
+      const double mean_hi = double(k[g].mean_hi), mean_lo = k[g].mean_lo, rstd = k[g].rstd;
+      for (int64_t j = c * HxW; j < end * HxW; ++j) {
+        const double d = double(widen(dy_n[j]));
+        dw[j - j0] += (d * (double(widen(x_n[j])) - mean_hi) - mean_lo * d) * rstd;
+        db[j - j0] += d;
+      }
+      c = end;
+    }
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    double w = 0.0, b = 0.0;
+    for (int64_t i = 0; i < HxW; ++i) {
+      w += dw[(c - c0) * HxW + i];
+      b += db[(c - c0) * HxW + i];
+    }
+    if (dweight) dweight[c] = T(w);
+    if (dbias) dbias[c] = T(b);
+  }
+}
+
 template <class V, class S>
-Status backward_single_row(const Problem& p, const S* dy, const S* x, const typename V::Scalar* mean,
+Status backward_short_runs(const Problem& p, const S* dy, const S* x, const typename V::Scalar* mean,
                            const typename V::Scalar* rstd, const typename V::Scalar* weight, S* dx,
                            typename V::Scalar* dweight, typename V::Scalar* dbias,
                            GroupGradCoeffs<typename V::Scalar>* coeffs) {
-  const int64_t C = p.C, G = p.G, D = C / G;
-  // Fixed blocks of rows, whatever the thread count (each sweep's results do not depend on the split anyway).
-  const int64_t block_rows = max_i64(1, kRowBlockElems / C), nblocks = ceil_div(p.N, block_rows);
-  auto rows_of = [&](int64_t k, auto&& body) {
+  using T = typename V::Scalar;
+  const int64_t C = p.C, G = p.G, HxW = p.HxW, L = C / G * HxW, sample_len = C * HxW;
+  const bool spread_weight = weight && HxW > 1;
+  Scratch<T> spread(spread_weight ? sample_len : 0);  // weight[c] at every position of channel c
+  if (!spread.data) return kOutOfMemory;
+  for (int64_t c = 0; spread_weight && c < C; ++c)
+    for (int64_t i = 0; i < HxW; ++i) spread.data[c * HxW + i] = weight[c];
+  const T* const w_all = spread_weight ? spread.data : weight;
+  // Fixed blocks of samples, whatever the thread count (each sweep's results do not depend on the split anyway).
+  const int64_t block_rows = max_i64(1, kRowBlockElems / sample_len), nblocks = ceil_div(p.N, block_rows);
+  auto groups_of = [&](int64_t k, auto&& body) {
     for (int64_t n = k * block_rows; n < min_i64(p.N, (k + 1) * block_rows); ++n)
-      for (int64_t g = 0; g < G; ++g) body(n * G + g, n * C + g * D, weight ? weight + g * D : nullptr);
+      for (int64_t g = 0; g < G; ++g) body(n * G + g, n * sample_len + g * L, w_all ? w_all + g * L : nullptr);
   };
   auto block_coeffs = [&](int64_t k) {
-    rows_of(k, [&](int64_t ng, int64_t off, const typename V::Scalar* w) {
-      coeffs[ng] = row_group_grad_coeffs<V>(dy + off, x + off, D, double(mean[ng]), double(rstd[ng]), w);
+    groups_of(k, [&](int64_t ng, int64_t off, const T* w) {
+      coeffs[ng] = row_group_grad_coeffs<V>(dy + off, x + off, L, double(mean[ng]), double(rstd[ng]), w);
     });
   };
   auto block_apply = [&](int64_t k) {
-    rows_of(k, [&](int64_t ng, int64_t off, const typename V::Scalar* w) {
-      row_group_grad_apply<V>(dy + off, x + off, dx + off, D, coeffs[ng], w);
+    groups_of(k, [&](int64_t ng, int64_t off, const T* w) {
+      row_group_grad_apply<V>(dy + off, x + off, dx + off, L, coeffs[ng], w);
     });
   };
-  auto tile_params = [&](int64_t tile) {
-    param_grads(p, tile, coeffs, dweight, dbias,
-                [&](int64_t n, int64_t c, const GroupGradCoeffs<typename V::Scalar>& k, double& dy_xc, double& dy_c) {
-                  dy_c = double(widen(dy[n * C + c]));
-                  dy_xc = dy_c * (double(widen(x[n * C + c])) - double(k.mean_hi));
-                });
-  };
+  auto tile_params = [&](int64_t tile) { short_run_param_grads(p, tile, dy, x, coeffs, dweight, dbias); };
   const bool want_params = dweight || dbias;
-  const int64_t tiles = want_params ? param_tiles(p) : 0;
-  const int nt = team_size(p.num_threads, 2 * p.N * C, nblocks);
+  const int64_t tiles = want_params ? ceil_div(C, short_run_tile_channels(p)) : 0;
+  const int nt = team_size(p.num_threads, 2 * p.N * sample_len, nblocks);
   if (nt == 1) {  // no OpenMP region at all: a tiny call must not pay for a team
     for (int64_t k = 0; k < nblocks; ++k) block_coeffs(k);
     for (int64_t tile = 0; tile < tiles; ++tile) tile_params(tile);
@@ -597,8 +624,8 @@ Status group_norm_backward_impl(const Problem& p, const S* dy, const S* x, const
   }
   Scratch<GroupGradCoeffs<T>> coeffs(p.N * p.G);
   if (!coeffs.data) return kOutOfMemory;
-  if (p.HxW == 1)  // both layouts are the same memory then
-    return backward_single_row<V>(p, dy, x, mean, rstd, weight, dx, dweight, dbias, coeffs.data);
+  if (p.HxW == 1 || (p.layout == Layout::kChannelsFirst && p.HxW <= kShortRun))  // HxW = 1: either layout
+    return backward_short_runs<V>(p, dy, x, mean, rstd, weight, dx, dweight, dbias, coeffs.data);
   const int64_t channels = p.N * p.C;
   Scratch<double> sums_block(3 * channels);
   if (!sums_block.data) return kOutOfMemory;
