@@ -519,7 +519,8 @@ void row_group_grad_apply(const S* dy, const S* x, S* dx, int64_t L, const Group
 
 // The short-run path's parameter gradients for tile `tile` of max(1, kParamTile / HxW) channels: at each position
 // of its channels, sums over n in order (samples outermost: every sweep reads x and dy contiguously, straight
-// from the values), then each channel's positions in order. A fixed order for any thread count.
+// from the values), then each channel's positions in order. A fixed order for any thread count. A tile holds at
+// most kParamTile values because its callers keep HxW <= kShortRun.
 inline int64_t short_run_tile_channels(const Problem& p) { return max_i64(1, kParamTile / p.HxW); }
 
 template <class T, class S>
