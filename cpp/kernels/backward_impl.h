@@ -566,8 +566,7 @@ Status backward_short_runs(const Problem& p, const S* dy, const S* x, const type
   const bool spread_weight = weight && HxW > 1;
   Scratch<T> spread(spread_weight ? sample_len : 0);  // weight[c] at every position of channel c
   if (!spread.data) return kOutOfMemory;
-  for (int64_t c = 0; spread_weight && c < C; ++c)
-    for (int64_t i = 0; i < HxW; ++i) spread.data[c * HxW + i] = weight[c];
+  if (spread_weight) spread_over_positions(weight, C, HxW, spread.data);
   const T* const w_all = spread_weight ? spread.data : weight;
   // Fixed blocks of samples, whatever the thread count (each sweep's results do not depend on the split anyway).
   const int64_t block_rows = max_i64(1, kRowBlockElems / sample_len), nblocks = ceil_div(p.N, block_rows);

@@ -33,7 +33,7 @@ constexpr int kFlushIters = 16;            // vector iterations summed in T befo
 constexpr int64_t kSerialElems = 32768;    // below this per thread, a thread costs more than it saves
 constexpr int64_t kL1TileBytes = 16384;    // rows of a channels-last block kept in L1 across channel tiles
 constexpr int64_t kRowBlockElems = 4096;   // (N, C) input: consecutive groups summed, then applied, while in L1
-constexpr int64_t kShortRun = 16;          // channels-first with HxW <= this: runs too short for per-channel work
+constexpr int64_t kShortRun = 16;          // channels-first runs about this short: too short for per-channel work
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -968,6 +968,14 @@ Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar
   return kOk;
 }
 
+// out[c*HxW + i] = per_channel[c] for every position i of channel c: per-channel parameters for the short-run
+// paths, which index them by position.
+template <class T>
+void spread_over_positions(const T* per_channel, int64_t C, int64_t HxW, T* out) {
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t i = 0; i < HxW; ++i) out[c * HxW + i] = per_channel[c];
+}
+
 // Channels-first with under kShortRun positions a channel: sample n is one row of C*HxW values in G groups of
 // D*HxW, so it runs as a single row whose "channels" are the positions, with weight and bias spread over them
 // (C*HxW values each, once a call). Per channel, runs of under a vector paid a masked apply and its coefficients
@@ -980,11 +988,8 @@ Status forward_short_runs(const Problem& p, const S* x, const typename V::Scalar
   const int64_t len = p.C * p.HxW;
   Scratch<T> spread_w(weight ? len : 0), spread_b(bias ? len : 0);
   if (!spread_w.data || !spread_b.data) return kOutOfMemory;
-  for (int64_t c = 0; c < p.C; ++c)
-    for (int64_t i = 0; i < p.HxW; ++i) {
-      if (weight) spread_w.data[c * p.HxW + i] = weight[c];
-      if (bias) spread_b.data[c * p.HxW + i] = bias[c];
-    }
+  if (weight) spread_over_positions(weight, p.C, p.HxW, spread_w.data);
+  if (bias) spread_over_positions(bias, p.C, p.HxW, spread_b.data);
   Problem row = p;
   row.C = len;
   row.HxW = 1;
