@@ -41,3 +41,31 @@ def test_tiny_values_float32(isa):
         x = (1e-30 * rng.standard_normal((2, 8, 100))).astype(np.float32)
         y = gn.group_norm(x, 4, eps=0.0)
         assert_matches_reference(y, group_norm_reference(x, 4, eps=0.0), what=f"seed {seed}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,groups", [((64, 32), 4), ((33, 16), 1), ((40, 8), 8), ((9, 48), 24),
+                                          ((12, 8, 2), 4), ((7, 20), 5)])
+def test_short_groups_mixed_magnitudes(isa, dtype, shape, groups):
+    # Groups of a power of two values up to a vector go several to a register (the vectors whose squares leave
+    # that arithmetic's range take the general path). Rows mixing ordinary groups with constant ones, spreads
+    # far below and above float's square range, an offset of 1e4, a NaN and an infinity: every group as the
+    # reference, the NaN and the infinity confined to their own groups; eps = 0 too (a constant group is NaN).
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = np.random.default_rng(seed)
+    N, C = shape[:2]
+    D = C // groups * int(np.prod(shape[2:]))
+    tiny, big = (1e-25, 1e25) if dtype == np.float32 else (1e-160, 1e160)
+    kinds = rng.integers(0, 6, size=(N, groups))
+    values = rng.standard_normal((N, groups, D)) * np.choose(kinds, [1.0, tiny, big, 1.0, 1.0, 1.0])[..., None]
+    values += np.where(kinds == 3, 1e4, 0.0)[..., None]
+    values[kinds == 4] = values[kinds == 4][:, :1]  # constant groups
+    special = np.argwhere(kinds == 5)
+    for (n, g), bad in zip(special[:2], (np.nan, np.inf)):
+        values[n, g, D // 2] = bad
+    x = values.reshape(shape).astype(dtype)
+    w = rng.standard_normal(C).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    for eps in (1e-5, 0.0):
+        y = gn.group_norm(x, groups, w, b, eps=eps)
+        assert_matches_reference(y, group_norm_reference(x, groups, w, b, eps=eps), what=f"seed {seed} eps {eps}")

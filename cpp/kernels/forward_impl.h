@@ -854,7 +854,8 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
 // ---------------------------------------------------------------------------------------------------------
 // One position per sample (HxW = 1: an (N, C) input, either layout): a group is D contiguous values of one row.
 // Consecutive groups go in blocks: their sums, their 1/sqrt back to back, then the apply straight from weight
-// and bias, with none of the per-channel buffers that rows of many positions amortise.
+// and bias, with none of the per-channel buffers that rows of many positions amortise. Groups of a power of two
+// values up to a vector go several to a register instead (packed_batch).
 
 // y = act((x - mean) * rstd * weight + bias) over one group's D contiguous channels of a single row; weight and
 // bias point at the group's first channel (or are null). Inline: a tiny group's apply is a handful of operations.
@@ -879,6 +880,92 @@ __attribute__((always_inline)) inline void apply_group_row(const S* x, S* y, int
     else
       V::store_tail(y + c, out, n);
   }
+}
+
+// Every lane's sum over its aligned run of `len` lanes (len a power of two, at most the width): a butterfly of
+// swap_lanes, after which every lane of a run holds the same bits.
+template <int kLen, class V>
+inline V segment_sum(V a) {
+  for (int stride = 1; stride < kLen; stride *= 2) a = a + V::swap_lanes(a, stride);
+  return a;
+}
+
+// Groups of D values, D a power of two dividing the vector width W, packed W / D to a vector: every lane carries
+// its group's sums, a few lane swaps and no horizontal sum, scalar step or broadcast a group. In T, each pass
+// relative to the one before: the group's mean as summed (the shift: x - shift holds no offset, exactly where x
+// lies within a factor 2 of it), then the mean q of x - shift, then the squares of e = x - shift - q, so every
+// rounding error is a few ulps of the group's spread, never of its offset; y = e * (rstd * w) + b. In three
+// phases over the batch's len values (a multiple of D, at most kPackedBatch): the vectors' e and variances, the
+// groups' 1/sqrt back to back (W groups an instruction, not W / D), then the apply. x and y point at flat offset
+// f0 (a multiple of W) of the row, c0 = f0 mod C; lane_w and lane_b (or null) hold W readable parameters from
+// every channel c < C on. A vector whose variance leaves [var_lo, var_hi] without its group being constant
+// (squares that overflow or underflow T, an infinity or a NaN) is left to fallback(offset, n), which writes
+// its groups (and their stats) the general way. st (if not null) receives the batch's groups' statistics.
+constexpr int64_t kPackedBatch = 256;
+
+// A run length as a type, for dispatch to packed_batch (no std template in an ISA translation unit).
+template <int64_t k>
+struct RunLength {
+  static constexpr int64_t value = k;
+};
+
+template <class V, bool kSilu, int64_t D, class S, class Fallback>
+void packed_batch(const S* x, S* y, int64_t len, int64_t C, int64_t c0, const typename V::Scalar* lane_w,
+                  const typename V::Scalar* lane_b, double eps, GroupStats* st, Fallback&& fallback) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  static_assert(kPackedBatch % W == 0, "a batch is whole vectors");
+  constexpr T var_lo = sizeof(T) == 4 ? T(0x1p-100) : T(0x1p-900), var_hi = sizeof(T) == 4 ? T(0x1p100) : T(0x1p900);
+  alignas(64) T e_all[kPackedBatch], lanes[W], var_g[kPackedBatch], rstd_g[kPackedBatch + W];
+  alignas(64) T mean_g[kPackedBatch];
+  bool bad[kPackedBatch / W];
+  bool any_bad = false;
+  const V inv = V::broadcast(T(1) / T(D));  // exact: D is a power of two
+  const int64_t nvec = ceil_div(len, W), groups = len / D;
+  auto keep_lanes = [&](const V& a, T* per_group, int64_t f, int64_t n) {
+    V::store(lanes, a);
+    for (int64_t k = 0; k < n; k += D) per_group[(f + k) / D] = lanes[k];
+  };
+  for (int64_t i = 0; i < nvec; ++i) {
+    const int64_t f = i * W, n = min_i64(W, len - f);
+    const V v = n == W ? V::load(x + f) : V::load_tail(x + f, n, T(0));  // filled lanes: constant groups of 0
+    const V shift = V::segment_first(v, D);
+    const V d = v - shift;
+    const V q = segment_sum<D>(d) * inv;
+    const V e = d - q;
+    const V var = segment_sum<D>(e * e) * inv;
+    V::store(e_all + f, e);
+    keep_lanes(var, var_g, f, n);
+    bool ok = V::all_in(var, var_lo, var_hi);
+    if (!ok) {
+      // A group of one value (D = 1), of equal values (zero padding), or one the sums cannot hold: only the
+      // constant groups (every e exactly 0, their variance 0) stay.
+      ok = true;
+      for (int64_t k = 0; k < W; ++k)
+        ok = ok && ((var_lo <= lanes[k] && lanes[k] <= var_hi) || (lanes[k] == T(0) && e_all[f + k] == T(0)));
+    }
+    bad[i] = !ok;
+    any_bad = any_bad || !ok;
+    if (st) keep_lanes(shift + q, mean_g, f, n);  // the mean rounded once, as T(GroupStats::mean) would be
+  }
+  // In double, as the general path: eps may be far below float's precision or range (a subnormal, say).
+  for (int64_t j = 0; j < groups; ++j) rstd_g[j] = T(1.0 / __builtin_sqrt(double(var_g[j]) + eps));
+  for (int64_t j = groups; j < groups + W; ++j) rstd_g[j] = T(0);  // spread reads a whole vector
+  const int64_t step = W % C;  // the next vector's first channel: (c + W) mod C, with no division
+  for (int64_t i = 0, c = c0; i < nvec; ++i, c = c + step >= C ? c + step - C : c + step) {
+    if (bad[i]) continue;
+    const int64_t f = i * W, n = min_i64(W, len - f);
+    const V rstd = V::spread(rstd_g + f / D, D);
+    const V scale = lane_w ? rstd * V::load(lane_w + c) : rstd;
+    const V out = activate<V, kSilu>(fma(V::load(e_all + f), scale, lane_b ? V::load(lane_b + c) : V::zero()));
+    if (n == W)
+      V::store(y + f, out);
+    else
+      V::store_tail(y + f, out, n);
+  }
+  for (int64_t j = 0; st && j < groups; ++j) st[j] = {double(mean_g[j]), 0.0, double(rstd_g[j]), false};
+  for (int64_t i = 0; any_bad && i < nvec; ++i)
+    if (bad[i]) fallback(i * W, min_i64(W, len - i * W));
 }
 
 template <class V, class S, bool kSilu>
@@ -935,7 +1022,8 @@ Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar
       again[j] = look ? 1 : 0;
       any_again |= again[j];
     }
-    GroupStats* const st = stats + i0;
+    GroupStats local[kBatch];  // when the caller keeps no statistics
+    GroupStats* const st = stats ? stats + i0 : local;
     for (int64_t j = 0; j < m; ++j) st[j] = {mean[j], mean_lo[j], rstd[j], false};
     for (int64_t j = 0; any_again && j < m; ++j) {
       if (!again[j]) continue;
@@ -952,7 +1040,42 @@ Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar
       }
     }
   };
+  // Groups of a power of two values up to a vector go W / D to a vector (packed_groups), whose lanes take their
+  // parameters from flat offset f's channel f mod C onwards: straight from weight and bias when C is a multiple
+  // of W (so is f), otherwise from copies tiled past C (entry k = param[k mod C], k < C + W).
+  constexpr int64_t W = V::kWidth;
+  const bool packed = W % D == 0;
+  const bool tile = packed && C % W != 0;
+  Scratch<T> tiled_w(tile && weight ? C + W : 0), tiled_b(tile && bias ? C + W : 0);
+  if (!tiled_w.data || !tiled_b.data) return kOutOfMemory;
+  if (tile) {
+    for (int64_t k = 0; weight && k < C + W; ++k) tiled_w.data[k] = weight[k % C];
+    for (int64_t k = 0; bias && k < C + W; ++k) tiled_b.data[k] = bias[k % C];
+  }
+  const T* const lane_w = !weight ? nullptr : tile ? tiled_w.data : weight;
+  const T* const lane_b = !bias ? nullptr : tile ? tiled_b.data : bias;
+  const double eps = p.eps;
+  auto packed_block = [&](int64_t i0, int64_t i1) {  // i0 * D is a multiple of W (blocks are)
+    const int64_t f1 = i1 * D;
+    for (int64_t f = i0 * D; f < f1; f += kPackedBatch) {
+      const int64_t len = min_i64(kPackedBatch, f1 - f);
+      GroupStats* const st = stats ? stats + f / D : nullptr;
+      auto fallback = [&](int64_t k, int64_t n) { group_batch((f + k) / D, (f + k + n) / D); };
+      auto run = [&](auto d) {
+        constexpr int64_t kD = decltype(d)::value;
+        if constexpr (kD <= W) packed_batch<V, kSilu, kD>(x + f, y + f, len, C, f % C, lane_w, lane_b, eps, st, fallback);
+      };
+      switch (D) {
+        case 1: run(RunLength<1>()); break;
+        case 2: run(RunLength<2>()); break;
+        case 4: run(RunLength<4>()); break;
+        case 8: run(RunLength<8>()); break;
+        default: run(RunLength<16>()); break;
+      }
+    }
+  };
   auto group_block = [&](int64_t i0, int64_t i1) {
+    if (packed) return packed_block(i0, i1);
     for (int64_t i = i0; i < i1; i += kBatch) group_batch(i, min_i64(i1, i + kBatch));
   };
   const int64_t groups = p.N * G, block_groups = max_i64(1, kRowBlockElems / D);
@@ -1014,11 +1137,12 @@ Status group_norm_forward_impl(const Problem& p, const S* x, const typename V::S
     for (int64_t i = 0; i < groups; ++i) stats.data[i] = group_stats(0.0, 0.0, 0.0, 0.0, 0.0, p.eps);
   } else {
     const bool silu = p.activation == Activation::kSilu;
+    GroupStats* const kept = mean_out || rstd_out ? stats.data : nullptr;  // the single-row paths may skip them
     if (p.HxW == 1)  // both layouts are the same memory then
-      status = silu ? forward_single_row<V, S, true>(p, x, weight, bias, y, stats.data)
-                    : forward_single_row<V, S, false>(p, x, weight, bias, y, stats.data);
+      status = silu ? forward_single_row<V, S, true>(p, x, weight, bias, y, kept)
+                    : forward_single_row<V, S, false>(p, x, weight, bias, y, kept);
     else if (p.layout == Layout::kChannelsFirst && p.HxW < kShortRun && !streams_output(p, sizeof(S)))
-      status = forward_short_runs<V, S>(p, x, weight, bias, y, stats.data);
+      status = forward_short_runs<V, S>(p, x, weight, bias, y, kept);
     else if (p.layout == Layout::kChannelsFirst)
       status = silu ? forward_channels_first<V, S, true>(p, x, weight, bias, y, stats.data)
                     : forward_channels_first<V, S, false>(p, x, weight, bias, y, stats.data);

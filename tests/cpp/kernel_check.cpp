@@ -578,6 +578,47 @@ void check_border_outliers(Tally& tally, const Levels& levels, std::mt19937_64& 
   for (const Shape& s : shapes) check_shape<T>(tally, levels, s, master, 200.0, 1.0, false, false, border_pixels, 0.0);
 }
 
+// Groups of a power of two values up to a vector (an (N, C) input, or channels-first with D * HxW such), which the
+// forward packs several to a vector: every vector width and group length, rows crossing the packed batches and
+// blocks, C a multiple of the width or not; data with an offset (1e4 + N(0,1)), groups of equal values beside
+// ordinary ones (kept in the packed path), and spreads whose squares leave its range (1e-20 and 1e25: those
+// vectors take the general path, their neighbours not).
+template <class T, class P = param_t<T>>
+void check_short_groups(Tally& tally, const Levels& levels, std::mt19937_64& master) {
+  struct Data {
+    const char* name;
+    double offset, spread;
+    int constant_every;  // every k-th group holds one repeated value (0: none)
+  };
+  const Data data[] = {{"1e4+N(0,1)", 1e4, 1.0, 0}, {"N(0,1), every 3rd group constant", 0.0, 1.0, 3},
+                       {"1e-20*N(0,1), every 5th group constant", 0.0, 1e-20, 5}, {"1e25*N(0,1)", 0.0, 1e25, 0}};
+  std::vector<Shape> shapes;
+  for (int64_t D : {1, 2, 4, 8, 16})
+    for (const auto& ng : {std::pair<int64_t, int64_t>{1, 1}, {3, 5}, {16, 4}, {7, 33}, {130, 8}})
+      shapes.push_back({ng.first, ng.second * D, ng.second, 1});
+  shapes.push_back({2, 64, 16, 2});   // channels-first: runs of D * HxW = 8
+  shapes.push_back({5, 24, 12, 8});   // 16
+  shapes.push_back({3, 40, 40, 4});   // 4, C not a multiple of the width
+  for (const Data& d : data)
+    for (const Shape& s : shapes) {
+      if (g_quick && s.size() > 4096) continue;
+      if (sizeof(T) == 2 && std::fabs(d.offset) + 10 * d.spread > 6e4) continue;  // beyond float16's range
+      const uint64_t case_seed = master();
+      std::mt19937_64 rng(case_seed);
+      std::vector<T> x = normal_data<T>(rng, s.size(), d.offset, d.spread);
+      const int64_t D = s.C / s.G;
+      for (int64_t n = 0; d.constant_every && n < s.N; ++n)
+        for (int64_t g = 0; g < s.G; g += d.constant_every)
+          for (int64_t c = g * D; c < (g + 1) * D; ++c)
+            for (int64_t i = 0; i < s.HxW; ++i)
+              x[size_t((n * s.C + c) * s.HxW + i)] = x[size_t((n * s.C + g * D) * s.HxW)];
+      const std::vector<P> weight = uniform_data<P>(rng, s.C, -2.0, 2.0);
+      const std::vector<P> bias = normal_data<P>(rng, s.C, 0.0, 1.0);
+      check_data(tally, levels, s, x, weight, bias, true, true,
+                 format("short groups data=%s case_seed=%llu", d.name, (unsigned long long)case_seed));
+    }
+}
+
 // Same bits for num_threads = 1, 2, 3, 5 (and the set_num_threads default), on shapes large enough to split;
 // --quick takes the cases marked in_quick only, 16-bit types (whose parallel paths are float32's) the first
 // of those only.
@@ -1148,6 +1189,10 @@ int main(int argc, char** argv) {
   section("first pixel 0, rest 200 f64", [&] { check_border_outliers<double>(tally, levels, master, 1); });
   section("both ends 0, rest 200 f32", [&] { check_border_outliers<float>(tally, levels, master, 2); });
   section("both ends 0, rest 200 f64", [&] { check_border_outliers<double>(tally, levels, master, 2); });
+  section("short groups f32", [&] { check_short_groups<float>(tally, levels, master); });
+  section("short groups f64", [&] { check_short_groups<double>(tally, levels, master); });
+  section("short groups f16", [&] { check_short_groups<Half>(tally, levels, master); });
+  section("short groups bf16", [&] { check_short_groups<BFloat16>(tally, levels, master); });
   section("thread determinism f32", [&] { check_thread_determinism<float>(tally, levels, master); });
   section("thread determinism f64", [&] { check_thread_determinism<double>(tally, levels, master); });
   section("edge cases", [&] { check_edge_cases(tally, levels); });

@@ -119,6 +119,31 @@ struct VecF32 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // Lane i of the result is lane i ^ stride of a (stride 1, 2 or 4): a step of segment_sum's butterfly.
+  static VecF32 swap_lanes(VecF32 a, int stride) {
+    switch (stride) {
+      case 1: return {_mm256_permute_ps(a.v, 0xB1)};
+      case 2: return {_mm256_permute_ps(a.v, 0x4E)};
+      default: return {_mm256_permute2f128_ps(a.v, a.v, 0x01)};
+    }
+  }
+  // Lane k holds lane k & ~(len - 1) of a: the first lane of its aligned run of len (a power of two).
+  static VecF32 segment_first(VecF32 a, int64_t len) {
+    const __m256i idx = _mm256_and_si256(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(-int(len)));
+    return {_mm256_permutevar8x32_ps(a.v, idx)};
+  }
+  // Lane k holds p[k / len] (len a power of two up to the width; p[0, W) must be readable, p[0, W / len) is used).
+  static VecF32 spread(const float* p, int64_t len) {
+    const __m256i idx = _mm256_srl_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                         _mm_cvtsi32_si128(__builtin_ctzll(uint64_t(len))));
+    return {_mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx)};
+  }
+  // Whether every lane lies in [lo, hi] (a NaN lane does not).
+  static bool all_in(VecF32 a, float lo, float hi) {
+    const __m256 in = _mm256_and_ps(_mm256_cmp_ps(a.v, _mm256_set1_ps(lo), _CMP_GE_OQ),
+                                    _mm256_cmp_ps(a.v, _mm256_set1_ps(hi), _CMP_LE_OQ));
+    return _mm256_movemask_ps(in) == 0xFF;
+  }
 };
 
 struct VecF64 {
@@ -169,6 +194,28 @@ struct VecF64 {
   static void acc_add(Acc& acc, VecF64 a) { acc.v = _mm256_add_pd(acc.v, a.v); }
   static double acc_sum(const Acc& acc) { return avx2::sum_lanes(acc.v); }
   static double sum_lanes(VecF64 a) { return avx2::sum_lanes(a.v); }
+  static VecF64 swap_lanes(VecF64 a, int stride) {  // stride 1 or 2
+    return stride == 1 ? VecF64{_mm256_permute_pd(a.v, 0x5)} : VecF64{_mm256_permute2f128_pd(a.v, a.v, 0x01)};
+  }
+  static VecF64 segment_first(VecF64 a, int64_t len) {
+    switch (len) {
+      case 1: return a;
+      case 2: return {_mm256_permute4x64_pd(a.v, 0xA0)};
+      default: return {_mm256_permute4x64_pd(a.v, 0x00)};
+    }
+  }
+  static VecF64 spread(const double* p, int64_t len) {
+    switch (len) {
+      case 1: return {_mm256_loadu_pd(p)};
+      case 2: return {_mm256_permute4x64_pd(_mm256_castpd128_pd256(_mm_loadu_pd(p)), 0x50)};
+      default: return {_mm256_broadcast_sd(p)};
+    }
+  }
+  static bool all_in(VecF64 a, double lo, double hi) {
+    const __m256d in = _mm256_and_pd(_mm256_cmp_pd(a.v, _mm256_set1_pd(lo), _CMP_GE_OQ),
+                                     _mm256_cmp_pd(a.v, _mm256_set1_pd(hi), _CMP_LE_OQ));
+    return _mm256_movemask_pd(in) == 0xF;
+  }
 };
 
 }  // namespace avx2

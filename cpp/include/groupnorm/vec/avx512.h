@@ -113,6 +113,32 @@ struct VecF32 {
   static double acc_sum(const Acc& acc) { return _mm512_reduce_add_pd(_mm512_add_pd(acc.lo, acc.hi)); }
   // The sum of the lanes, in float: for a short run, whose few terms the float sum holds well enough.
   static float sum_lanes(VecF32 a) { return _mm512_reduce_add_ps(a.v); }
+  // Lane i of the result is lane i ^ stride of a (stride 1, 2, 4 or 8): a step of segment_sum's butterfly.
+  static VecF32 swap_lanes(VecF32 a, int stride) {
+    switch (stride) {
+      case 1: return {_mm512_permute_ps(a.v, 0xB1)};
+      case 2: return {_mm512_permute_ps(a.v, 0x4E)};
+      case 4: return {_mm512_shuffle_f32x4(a.v, a.v, 0xB1)};
+      default: return {_mm512_shuffle_f32x4(a.v, a.v, 0x4E)};
+    }
+  }
+  // Lane k holds lane k & ~(len - 1) of a: the first lane of its aligned run of len (a power of two).
+  static VecF32 segment_first(VecF32 a, int64_t len) {
+    const __m512i idx = _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(-int(len)));
+    return {_mm512_permutexvar_ps(idx, a.v)};
+  }
+  // Lane k holds p[k / len] (len a power of two up to the width; p[0, W / len) is read).
+  static VecF32 spread(const float* p, int64_t len) {
+    const __m512i idx = _mm512_srl_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm_cvtsi32_si128(__builtin_ctzll(uint64_t(len))));
+    return {_mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(mask(kWidth / len), p))};
+  }
+  // Whether every lane lies in [lo, hi] (a NaN lane does not).
+  static bool all_in(VecF32 a, float lo, float hi) {
+    return (_mm512_cmp_ps_mask(a.v, _mm512_set1_ps(lo), _CMP_GE_OQ) &
+            _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(hi), _CMP_LE_OQ)) == 0xFFFF;
+  }
 };
 
 struct VecF64 {
@@ -151,6 +177,26 @@ struct VecF64 {
   static void acc_add(Acc& acc, VecF64 a) { acc.v = _mm512_add_pd(acc.v, a.v); }
   static double acc_sum(const Acc& acc) { return _mm512_reduce_add_pd(acc.v); }
   static double sum_lanes(VecF64 a) { return _mm512_reduce_add_pd(a.v); }
+  static VecF64 swap_lanes(VecF64 a, int stride) {  // stride 1, 2 or 4
+    switch (stride) {
+      case 1: return {_mm512_permute_pd(a.v, 0x55)};
+      case 2: return {_mm512_shuffle_f64x2(a.v, a.v, 0xB1)};
+      default: return {_mm512_shuffle_f64x2(a.v, a.v, 0x4E)};
+    }
+  }
+  static VecF64 segment_first(VecF64 a, int64_t len) {
+    const __m512i idx = _mm512_and_si512(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(-len));
+    return {_mm512_permutexvar_pd(idx, a.v)};
+  }
+  static VecF64 spread(const double* p, int64_t len) {
+    const __m512i idx = _mm512_srl_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7),
+                                         _mm_cvtsi32_si128(__builtin_ctzll(uint64_t(len))));
+    return {_mm512_permutexvar_pd(idx, _mm512_maskz_loadu_pd(mask(kWidth / len), p))};
+  }
+  static bool all_in(VecF64 a, double lo, double hi) {
+    return (_mm512_cmp_pd_mask(a.v, _mm512_set1_pd(lo), _CMP_GE_OQ) &
+            _mm512_cmp_pd_mask(a.v, _mm512_set1_pd(hi), _CMP_LE_OQ)) == 0xFF;
+  }
 };
 
 }  // namespace avx512 / avx512_bf16

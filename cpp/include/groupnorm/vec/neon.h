@@ -99,6 +99,30 @@ struct VecF32 {
   static double acc_sum(const Acc& acc) { return vaddvq_f64(vaddq_f64(acc.lo, acc.hi)); }
   // The sum of the lanes, in float: for a short run, whose few terms the float sum holds well enough.
   static float sum_lanes(VecF32 a) { return vaddvq_f32(a.v); }
+  // Lane i of the result is lane i ^ stride of a (stride 1 or 2): a step of segment_sum's butterfly.
+  static VecF32 swap_lanes(VecF32 a, int stride) {
+    return stride == 1 ? VecF32{vrev64q_f32(a.v)} : VecF32{vextq_f32(a.v, a.v, 2)};
+  }
+  // Lane k holds lane k & ~(len - 1) of a: the first lane of its aligned run of len (a power of two).
+  static VecF32 segment_first(VecF32 a, int64_t len) {
+    switch (len) {
+      case 1: return a;
+      case 2: return {vtrn1q_f32(a.v, a.v)};
+      default: return {vdupq_laneq_f32(a.v, 0)};
+    }
+  }
+  // Lane k holds p[k / len] (len a power of two up to the width; p[0, W) must be readable, p[0, W / len) is used).
+  static VecF32 spread(const float* p, int64_t len) {
+    switch (len) {
+      case 1: return {vld1q_f32(p)};
+      case 2: return {vcombine_f32(vdup_n_f32(p[0]), vdup_n_f32(p[1]))};
+      default: return {vld1q_dup_f32(p)};
+    }
+  }
+  // Whether every lane lies in [lo, hi] (a NaN lane does not).
+  static bool all_in(VecF32 a, float lo, float hi) {
+    return vminvq_u32(vandq_u32(vcgeq_f32(a.v, vdupq_n_f32(lo)), vcleq_f32(a.v, vdupq_n_f32(hi)))) != 0;
+  }
 };
 
 struct VecF64 {
@@ -143,6 +167,13 @@ struct VecF64 {
   static void acc_add(Acc& acc, VecF64 a) { acc.v = vaddq_f64(acc.v, a.v); }
   static double acc_sum(const Acc& acc) { return vaddvq_f64(acc.v); }
   static double sum_lanes(VecF64 a) { return vaddvq_f64(a.v); }
+  static VecF64 swap_lanes(VecF64 a, int) { return {vextq_f64(a.v, a.v, 1)}; }  // stride 1
+  static VecF64 segment_first(VecF64 a, int64_t len) { return len == 1 ? a : VecF64{vdupq_laneq_f64(a.v, 0)}; }
+  static VecF64 spread(const double* p, int64_t len) { return len == 1 ? VecF64{vld1q_f64(p)} : VecF64{vld1q_dup_f64(p)}; }
+  static bool all_in(VecF64 a, double lo, double hi) {
+    const uint64x2_t in = vandq_u64(vcgeq_f64(a.v, vdupq_n_f64(lo)), vcleq_f64(a.v, vdupq_n_f64(hi)));
+    return vminvq_u32(vreinterpretq_u32_u64(in)) != 0;
+  }
 };
 
 }  // namespace neon

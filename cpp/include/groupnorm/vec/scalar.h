@@ -78,6 +78,12 @@ struct ScalarVec {
   static void acc_add(Acc& acc, ScalarVec a) { acc.v += double(a.v); }
   static double acc_sum(const Acc& acc) { return acc.v; }
   static T sum_lanes(ScalarVec a) { return a.v; }
+  // One lane: segment_sum never swaps (its runs are one lane), kept so the kernel templates compile unchanged.
+  static ScalarVec swap_lanes(ScalarVec a, int) { return a; }
+  static ScalarVec spread(const T* p, int64_t) { return {*p}; }  // lane k holds p[k / len]
+  static ScalarVec segment_first(ScalarVec a, int64_t) { return a; }  // lane k holds lane k & ~(len - 1)
+  // Whether the lane lies in [lo, hi] (a NaN does not).
+  static bool all_in(ScalarVec a, T lo, T hi) { return lo <= a.v && a.v <= hi; }
 };
 
 using VecF32 = ScalarVec<float>;
