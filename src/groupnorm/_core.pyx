@@ -453,8 +453,11 @@ cdef size_t _CACHE_LINE = 64
 # allocation is fresh pages that the kernel zeroes and faults in one by one, which cost a [1,128,256,256] float32
 # call (33.5 MB) as much as its kernel (7.4 ms against 4.1 ms into a reused buffer, 2 threads). Bounded: at most
 # _POOL_SLOTS buffers of at most _POOL_MAX_BUFFER bytes each, _POOL_MAX_TOTAL in all; the GIL guards the pool.
+# Slots for a network's worth of sizes, each with its output and its gradient alive at once: with 4, a training
+# loop over four sizes (bench_training.py's cases) evicted a buffer most steps, and every miss paid fresh pages
+# and every eviction an munmap ([1,256,56,56] G1 forward+backward: 1.1 ms alone, 2-3.4 ms in that loop).
 cdef enum:
-    _POOL_SLOTS = 4
+    _POOL_SLOTS = 16
 cdef size_t _POOL_MIN_BUFFER = 1 << 20
 cdef size_t _POOL_MAX_BUFFER = 1 << 27
 cdef size_t _POOL_MAX_TOTAL = 1 << 28
