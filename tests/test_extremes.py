@@ -45,12 +45,14 @@ def test_tiny_values_float32(isa):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,groups", [((64, 32), 4), ((33, 16), 1), ((40, 8), 8), ((9, 48), 24),
-                                          ((12, 8, 2), 4), ((7, 20), 5)])
+                                          ((12, 8, 2), 4), ((7, 20), 5), ((20, 128), 4), ((6, 128), 2),
+                                          ((10, 32, 2), 2)])
 def test_short_groups_mixed_magnitudes(isa, dtype, shape, groups):
-    # Groups of a power of two values up to a vector go several to a register (the vectors whose squares leave
-    # that arithmetic's range take the general path). Rows mixing ordinary groups with constant ones, spreads
-    # far below and above float's square range, an offset of 1e4, a NaN and an infinity: every group as the
-    # reference, the NaN and the infinity confined to their own groups; eps = 0 too (a constant group is NaN).
+    # Groups of a power of two values up to a few vectors go packed, several to a register or a few registers a
+    # group (the units whose squares leave that arithmetic's range take the general path). Rows mixing ordinary
+    # groups with constant ones, spreads far below and above float's square range, an offset of 1e4, a NaN and
+    # an infinity: every group as the reference, the NaN and the infinity confined to their own groups; eps = 0
+    # too (a constant group is NaN).
     seed = int.from_bytes(os.urandom(4), "little")
     rng = np.random.default_rng(seed)
     N, C = shape[:2]

@@ -855,7 +855,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
 // One position per sample (HxW = 1: an (N, C) input, either layout): a group is D contiguous values of one row.
 // Consecutive groups go in blocks: their sums, their 1/sqrt back to back, then the apply straight from weight
 // and bias, with none of the per-channel buffers that rows of many positions amortise. Groups of a power of two
-// values up to a vector go several to a register instead (packed_batch).
+// values up to a few vectors go packed instead (packed_batch).
 
 // y = act((x - mean) * rstd * weight + bias) over one group's D contiguous channels of a single row; weight and
 // bias point at the group's first channel (or are null). Inline: a tiny group's apply is a handful of operations.
@@ -890,18 +890,20 @@ inline V segment_sum(V a) {
   return a;
 }
 
-// Groups of D values, D a power of two dividing the vector width W, packed W / D to a vector: every lane carries
-// its group's sums, a few lane swaps and no horizontal sum, scalar step or broadcast a group. In T, each pass
-// relative to the one before: the group's mean as summed (the shift: x - shift holds no offset, exactly where x
-// lies within a factor 2 of it), then the mean q of x - shift, then the squares of e = x - shift - q, so every
-// rounding error is a few ulps of the group's spread, never of its offset; y = e * (rstd * w) + b. In three
-// phases over the batch's len values (a multiple of D, at most kPackedBatch): the vectors' e and variances, the
-// groups' 1/sqrt back to back (W groups an instruction, not W / D), then the apply. x and y point at flat offset
-// f0 (a multiple of W) of the row, c0 = f0 mod C; lane_w and lane_b (or null) hold W readable parameters from
-// every channel c < C on. A vector whose variance leaves [var_lo, var_hi] without its group being constant
-// (squares that overflow or underflow T, an infinity or a NaN) is left to fallback(offset, n), which writes
-// its groups (and their stats) the general way. st (if not null) receives the batch's groups' statistics.
+// Groups of D values, D a power of two, packed: W / D groups to a vector when D divides the width W, else a group
+// to D / W vectors (up to kPackedMaxVecs), summed lane-wise first. Every lane carries its group's sums, so a group
+// costs a few lane swaps and no horizontal sum, scalar step or broadcast. In T, each pass relative to the one
+// before: the group's first value is the shift (x - shift holds no offset, exactly where x lies within a factor 2
+// of it), then q is the mean of x - shift, then var the mean square of e = x - shift - q: every rounding error is
+// a few ulps of the group's spread, never of its offset; y = e * (rstd * w) + b. In three phases over the batch's
+// len values (a multiple of D, at most kPackedBatch): the units' e and variances; the groups' 1/sqrt in double,
+// back to back (one per group, not one per lane); then the apply. x and y point at flat offset f0 (a multiple of
+// W) of the row, c0 = f0 mod C; lane_w and lane_b (or null) hold W readable parameters from every channel c < C
+// on. A unit whose variance leaves [var_lo, var_hi] without its group being constant (squares that overflow or
+// underflow T, an infinity or a NaN) is left to fallback(offset, n), which writes its groups (and their
+// statistics) the general way. st (if not null) receives the batch's groups' statistics.
 constexpr int64_t kPackedBatch = 256;
+constexpr int64_t kPackedMaxVecs = 4;  // groups of up to this many vectors are packed too
 
 // A run length as a type, for dispatch to packed_batch (no std template in an ISA translation unit).
 template <int64_t k>
@@ -914,37 +916,51 @@ void packed_batch(const S* x, S* y, int64_t len, int64_t C, int64_t c0, const ty
                   const typename V::Scalar* lane_b, double eps, GroupStats* st, Fallback&& fallback) {
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
-  static_assert(kPackedBatch % W == 0, "a batch is whole vectors");
+  // A unit: one vector of W / D groups, or the kVecs vectors of one group (kLen: the lanes a sum runs over).
+  constexpr int64_t kVecs = D > W ? D / W : 1, kLen = D > W ? W : D, kUnit = kVecs * W;
+  static_assert(kPackedBatch % kUnit == 0, "a batch is whole units");
   constexpr T var_lo = sizeof(T) == 4 ? T(0x1p-100) : T(0x1p-900), var_hi = sizeof(T) == 4 ? T(0x1p100) : T(0x1p900);
   alignas(64) T e_all[kPackedBatch], lanes[W], var_g[kPackedBatch], rstd_g[kPackedBatch + W];
   alignas(64) T mean_g[kPackedBatch];
-  bool bad[kPackedBatch / W];
+  bool bad[kPackedBatch / kUnit];
   bool any_bad = false;
   const V inv = V::broadcast(T(1) / T(D));  // exact: D is a power of two
-  const int64_t nvec = ceil_div(len, W), groups = len / D;
+  const int64_t nunits = ceil_div(len, kUnit), groups = len / D;
   auto keep_lanes = [&](const V& a, T* per_group, int64_t f, int64_t n) {
     V::store(lanes, a);
-    for (int64_t k = 0; k < n; k += D) per_group[(f + k) / D] = lanes[k];
+    for (int64_t k = 0; k < n && k < W; k += D) per_group[(f + k) / D] = lanes[k];
   };
-  for (int64_t i = 0; i < nvec; ++i) {
-    const int64_t f = i * W, n = min_i64(W, len - f);
-    const V v = n == W ? V::load(x + f) : V::load_tail(x + f, n, T(0));  // filled lanes: constant groups of 0
-    const V shift = V::segment_first(v, D);
-    const V d = v - shift;
-    const V q = segment_sum<D>(d) * inv;
-    const V e = d - q;
-    const V var = segment_sum<D>(e * e) * inv;
-    V::store(e_all + f, e);
+  for (int64_t u = 0; u < nunits; ++u) {
+    const int64_t f = u * kUnit, n = min_i64(kUnit, len - f);  // n < kUnit only with one vector a unit
+    V v[kVecs];
+    v[0] = n == kUnit ? V::load(x + f) : V::load_tail(x + f, n, T(0));  // filled lanes: constant groups of 0
+    for (int64_t i = 1; i < kVecs; ++i) v[i] = V::load(x + f + i * W);
+    const V shift = V::segment_first(v[0], kLen);
+    V sum = V::zero();
+    for (int64_t i = 0; i < kVecs; ++i) {
+      v[i] = v[i] - shift;
+      sum = sum + v[i];
+    }
+    const V q = segment_sum<kLen>(sum) * inv;
+    V squares = V::zero();
+    for (int64_t i = 0; i < kVecs; ++i) {
+      v[i] = v[i] - q;
+      squares = squares + v[i] * v[i];
+      V::store(e_all + f + i * W, v[i]);
+    }
+    const V var = segment_sum<kLen>(squares) * inv;
     keep_lanes(var, var_g, f, n);
     bool ok = V::all_in(var, var_lo, var_hi);
     if (!ok) {
       // A group of one value (D = 1), of equal values (zero padding), or one the sums cannot hold: only the
       // constant groups (every e exactly 0, their variance 0) stay.
       ok = true;
-      for (int64_t k = 0; k < W; ++k)
-        ok = ok && ((var_lo <= lanes[k] && lanes[k] <= var_hi) || (lanes[k] == T(0) && e_all[f + k] == T(0)));
+      for (int64_t j = 0; j < kUnit; ++j) {
+        const T var_j = lanes[j % W];
+        ok = ok && ((var_lo <= var_j && var_j <= var_hi) || (var_j == T(0) && e_all[f + j] == T(0)));
+      }
     }
-    bad[i] = !ok;
+    bad[u] = !ok;
     any_bad = any_bad || !ok;
     if (st) keep_lanes(shift + q, mean_g, f, n);  // the mean rounded once, as T(GroupStats::mean) would be
   }
@@ -952,10 +968,10 @@ void packed_batch(const S* x, S* y, int64_t len, int64_t C, int64_t c0, const ty
   for (int64_t j = 0; j < groups; ++j) rstd_g[j] = T(1.0 / __builtin_sqrt(double(var_g[j]) + eps));
   for (int64_t j = groups; j < groups + W; ++j) rstd_g[j] = T(0);  // spread reads a whole vector
   const int64_t step = W % C;  // the next vector's first channel: (c + W) mod C, with no division
-  for (int64_t i = 0, c = c0; i < nvec; ++i, c = c + step >= C ? c + step - C : c + step) {
-    if (bad[i]) continue;
-    const int64_t f = i * W, n = min_i64(W, len - f);
-    const V rstd = V::spread(rstd_g + f / D, D);
+  for (int64_t f = 0, c = c0; f < len; f += W, c = c + step >= C ? c + step - C : c + step) {
+    if (bad[f / kUnit]) continue;
+    const int64_t n = min_i64(W, len - f);
+    const V rstd = V::spread(rstd_g + f / D, kLen);
     const V scale = lane_w ? rstd * V::load(lane_w + c) : rstd;
     const V out = activate<V, kSilu>(fma(V::load(e_all + f), scale, lane_b ? V::load(lane_b + c) : V::zero()));
     if (n == W)
@@ -964,8 +980,8 @@ void packed_batch(const S* x, S* y, int64_t len, int64_t C, int64_t c0, const ty
       V::store_tail(y + f, out, n);
   }
   for (int64_t j = 0; st && j < groups; ++j) st[j] = {double(mean_g[j]), 0.0, double(rstd_g[j]), false};
-  for (int64_t i = 0; any_bad && i < nvec; ++i)
-    if (bad[i]) fallback(i * W, min_i64(W, len - i * W));
+  for (int64_t u = 0; any_bad && u < nunits; ++u)
+    if (bad[u]) fallback(u * kUnit, min_i64(kUnit, len - u * kUnit));
 }
 
 template <class V, class S, bool kSilu>
@@ -1040,11 +1056,11 @@ Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar
       }
     }
   };
-  // Groups of a power of two values up to a vector go W / D to a vector (packed_groups), whose lanes take their
-  // parameters from flat offset f's channel f mod C onwards: straight from weight and bias when C is a multiple
-  // of W (so is f), otherwise from copies tiled past C (entry k = param[k mod C], k < C + W).
+  // Groups of a power of two values up to kPackedMaxVecs vectors go packed (packed_batch): the vector at flat
+  // offset f takes its lanes' parameters from channel f mod C onwards, straight from weight and bias when C is a
+  // multiple of W (so is f), otherwise from copies tiled past C (entry k = param[k mod C], k < C + W).
   constexpr int64_t W = V::kWidth;
-  const bool packed = W % D == 0;
+  const bool packed = (D & (D - 1)) == 0 && D <= kPackedMaxVecs * W;
   const bool tile = packed && C % W != 0;
   Scratch<T> tiled_w(tile && weight ? C + W : 0), tiled_b(tile && bias ? C + W : 0);
   if (!tiled_w.data || !tiled_b.data) return kOutOfMemory;
@@ -1063,14 +1079,17 @@ Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar
       auto fallback = [&](int64_t k, int64_t n) { group_batch((f + k) / D, (f + k + n) / D); };
       auto run = [&](auto d) {
         constexpr int64_t kD = decltype(d)::value;
-        if constexpr (kD <= W) packed_batch<V, kSilu, kD>(x + f, y + f, len, C, f % C, lane_w, lane_b, eps, st, fallback);
+        if constexpr (kD <= kPackedMaxVecs * W)
+          packed_batch<V, kSilu, kD>(x + f, y + f, len, C, f % C, lane_w, lane_b, eps, st, fallback);
       };
       switch (D) {
         case 1: run(RunLength<1>()); break;
         case 2: run(RunLength<2>()); break;
         case 4: run(RunLength<4>()); break;
         case 8: run(RunLength<8>()); break;
-        default: run(RunLength<16>()); break;
+        case 16: run(RunLength<16>()); break;
+        case 32: run(RunLength<32>()); break;
+        default: run(RunLength<64>()); break;
       }
     }
   };

@@ -578,8 +578,8 @@ void check_border_outliers(Tally& tally, const Levels& levels, std::mt19937_64& 
   for (const Shape& s : shapes) check_shape<T>(tally, levels, s, master, 200.0, 1.0, false, false, border_pixels, 0.0);
 }
 
-// Groups of a power of two values up to a vector (an (N, C) input, or channels-first with D * HxW such), which the
-// forward packs several to a vector: every vector width and group length, rows crossing the packed batches and
+// Groups of a power of two values up to a few vectors (an (N, C) input, or channels-first with D * HxW such), which
+// the forward packs (several to a vector, or a few vectors a group): every length, rows crossing the batches and
 // blocks, C a multiple of the width or not; data with an offset (1e4 + N(0,1)), groups of equal values beside
 // ordinary ones (kept in the packed path), and spreads whose squares leave its range (1e-20 and 1e25: those
 // vectors take the general path, their neighbours not).
@@ -593,12 +593,16 @@ void check_short_groups(Tally& tally, const Levels& levels, std::mt19937_64& mas
   const Data data[] = {{"1e4+N(0,1)", 1e4, 1.0, 0}, {"N(0,1), every 3rd group constant", 0.0, 1.0, 3},
                        {"1e-20*N(0,1), every 5th group constant", 0.0, 1e-20, 5}, {"1e25*N(0,1)", 0.0, 1e25, 0}};
   std::vector<Shape> shapes;
-  for (int64_t D : {1, 2, 4, 8, 16})
-    for (const auto& ng : {std::pair<int64_t, int64_t>{1, 1}, {3, 5}, {16, 4}, {7, 33}, {130, 8}})
+  for (int64_t D : {1, 2, 4, 8, 16, 32, 64, 128}) {  // 128: beyond the packed lengths (the general path)
+    for (const auto& ng : {std::pair<int64_t, int64_t>{1, 1}, {3, 5}, {16, 4}, {7, D <= 16 ? 33 : 3}})
       shapes.push_back({ng.first, ng.second * D, ng.second, 1});
+    shapes.push_back({(9000 + 8 * D - 1) / (8 * D), 8 * D, 8, 1});  // past two blocks of 4096 values
+  }
   shapes.push_back({2, 64, 16, 2});   // channels-first: runs of D * HxW = 8
   shapes.push_back({5, 24, 12, 8});   // 16
   shapes.push_back({3, 40, 40, 4});   // 4, C not a multiple of the width
+  shapes.push_back({9, 64, 8, 4});    // 32
+  shapes.push_back({4, 96, 6, 4});    // 64
   for (const Data& d : data)
     for (const Shape& s : shapes) {
       if (g_quick && s.size() > 4096) continue;
