@@ -855,7 +855,8 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
 // One position per sample (HxW = 1: an (N, C) input, either layout): a group is D contiguous values of one row.
 // Consecutive groups go in blocks: their sums, their 1/sqrt back to back, then the apply straight from weight
 // and bias, with none of the per-channel buffers that rows of many positions amortise. Groups of a power of two
-// values up to a few vectors go packed instead (packed_batch).
+// values up to a few vectors go packed instead (packed_batch). The groups' statistics go to `stats`, which may be
+// null when the caller keeps none.
 
 // y = act((x - mean) * rstd * weight + bias) over one group's D contiguous channels of a single row; weight and
 // bias point at the group's first channel (or are null). Inline: a tiny group's apply is a handful of operations.
