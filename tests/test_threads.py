@@ -20,6 +20,8 @@ DETERMINISM_CASES = [
     ((3, 6, 129, 127), 3, "channels_last"),  # N = 3
     ((8, 32, 33, 31), 8, "channels_last"),   # many samples
     ((16, 64, 1), 4, "contiguous"),          # HxW = 1, tiny: stays serial
+    ((1024, 80), 10, "contiguous"),          # packed groups of 8, blocks split across threads, C not whole vectors
+    ((640, 128, 1), 2, "contiguous"),        # packed groups of 64 (a few vectors each)
     ((2, 3, 3 * 16384 + 5), 1, "contiguous"),
 ]
 
