@@ -906,32 +906,26 @@ inline V segment_sum(V a) {
 constexpr int64_t kPackedBatch = 256;
 constexpr int64_t kPackedMaxVecs = 4;  // groups of up to this many vectors are packed too
 
-// A run length as a type, for dispatch to packed_batch (no std template in an ISA translation unit).
-template <int64_t k>
-struct RunLength {
-  static constexpr int64_t value = k;
-};
-
-template <class V, bool kSilu, int64_t D, class S, class Fallback>
-void packed_batch(const S* x, S* y, int64_t len, int64_t C, int64_t c0, const typename V::Scalar* lane_w,
-                  const typename V::Scalar* lane_b, double eps, GroupStats* st, Fallback&& fallback) {
+// The first phase for groups of D values (the only one templated on D): each unit's e (to e_all) and its groups'
+// variances (var_g) and, if mean_g is not null, means; bad[u] marks the units left to the general path. Returns
+// whether any is.
+template <class V, int64_t D, class S>
+bool packed_sums(const S* x, int64_t len, typename V::Scalar* e_all, typename V::Scalar* var_g,
+                 typename V::Scalar* mean_g, bool* bad) {
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   // A unit: one vector of W / D groups, or the kVecs vectors of one group (kLen: the lanes a sum runs over).
   constexpr int64_t kVecs = D > W ? D / W : 1, kLen = D > W ? W : D, kUnit = kVecs * W;
   static_assert(kPackedBatch % kUnit == 0, "a batch is whole units");
   constexpr T var_lo = sizeof(T) == 4 ? T(0x1p-100) : T(0x1p-900), var_hi = sizeof(T) == 4 ? T(0x1p100) : T(0x1p900);
-  alignas(64) T e_all[kPackedBatch], lanes[W], var_g[kPackedBatch], rstd_g[kPackedBatch + W];
-  alignas(64) T mean_g[kPackedBatch];
-  bool bad[kPackedBatch / kUnit];
+  alignas(64) T lanes[W];
   bool any_bad = false;
   const V inv = V::broadcast(T(1) / T(D));  // exact: D is a power of two
-  const int64_t nunits = ceil_div(len, kUnit), groups = len / D;
   auto keep_lanes = [&](const V& a, T* per_group, int64_t f, int64_t n) {
     V::store(lanes, a);
     for (int64_t k = 0; k < n && k < W; k += D) per_group[(f + k) / D] = lanes[k];
   };
-  for (int64_t u = 0; u < nunits; ++u) {
+  for (int64_t u = 0, nunits = ceil_div(len, kUnit); u < nunits; ++u) {
     const int64_t f = u * kUnit, n = min_i64(kUnit, len - f);  // n < kUnit only with one vector a unit
     V v[kVecs];
     v[0] = n == kUnit ? V::load(x + f) : V::load_tail(x + f, n, T(0));  // filled lanes: constant groups of 0
@@ -963,16 +957,42 @@ void packed_batch(const S* x, S* y, int64_t len, int64_t C, int64_t c0, const ty
     }
     bad[u] = !ok;
     any_bad = any_bad || !ok;
-    if (st) keep_lanes(shift + q, mean_g, f, n);  // the mean rounded once, as T(GroupStats::mean) would be
+    if (mean_g) keep_lanes(shift + q, mean_g, f, n);  // the mean rounded once, as T(GroupStats::mean) would be
   }
+  return any_bad;
+}
+
+// A batch of packed groups of D = 2^log2_d values: packed_sums, then the groups' 1/sqrt, then the apply (not
+// templated on D: only the first phase's arithmetic depends on it at compile time).
+template <class V, bool kSilu, class S, class Fallback>
+void packed_batch(const S* x, S* y, int64_t len, int log2_d, int64_t C, int64_t c0, const typename V::Scalar* lane_w,
+                  const typename V::Scalar* lane_b, double eps, GroupStats* st, Fallback&& fallback) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  const int64_t D = int64_t(1) << log2_d, len_lanes = min_i64(D, W), unit = max_i64(D, W);
+  const int log2_unit = log2_d > __builtin_ctzll(uint64_t(W)) ? log2_d : __builtin_ctzll(uint64_t(W));
+  alignas(64) T e_all[kPackedBatch], var_g[kPackedBatch], rstd_g[kPackedBatch + W], mean_g[kPackedBatch];
+  bool bad[kPackedBatch];
+  T* const means = st ? mean_g : nullptr;
+  bool any_bad = false;
+  switch (log2_d) {
+    case 0: any_bad = packed_sums<V, 1>(x, len, e_all, var_g, means, bad); break;
+    case 1: any_bad = packed_sums<V, 2>(x, len, e_all, var_g, means, bad); break;
+    case 2: any_bad = packed_sums<V, 4>(x, len, e_all, var_g, means, bad); break;
+    case 3: if constexpr (8 <= kPackedMaxVecs * W) any_bad = packed_sums<V, 8>(x, len, e_all, var_g, means, bad); break;
+    case 4: if constexpr (16 <= kPackedMaxVecs * W) any_bad = packed_sums<V, 16>(x, len, e_all, var_g, means, bad); break;
+    case 5: if constexpr (32 <= kPackedMaxVecs * W) any_bad = packed_sums<V, 32>(x, len, e_all, var_g, means, bad); break;
+    default: if constexpr (64 <= kPackedMaxVecs * W) any_bad = packed_sums<V, 64>(x, len, e_all, var_g, means, bad); break;
+  }
+  const int64_t groups = len >> log2_d;
   // In double, as the general path: eps may be far below float's precision or range (a subnormal, say).
   for (int64_t j = 0; j < groups; ++j) rstd_g[j] = T(1.0 / __builtin_sqrt(double(var_g[j]) + eps));
   for (int64_t j = groups; j < groups + W; ++j) rstd_g[j] = T(0);  // spread reads a whole vector
   const int64_t step = W % C;  // the next vector's first channel: (c + W) mod C, with no division
   for (int64_t f = 0, c = c0; f < len; f += W, c = c + step >= C ? c + step - C : c + step) {
-    if (bad[f / kUnit]) continue;
+    if (bad[f >> log2_unit]) continue;
     const int64_t n = min_i64(W, len - f);
-    const V rstd = V::spread(rstd_g + f / D, kLen);
+    const V rstd = V::spread(rstd_g + (f >> log2_d), len_lanes);
     const V scale = lane_w ? rstd * V::load(lane_w + c) : rstd;
     const V out = activate<V, kSilu>(fma(V::load(e_all + f), scale, lane_b ? V::load(lane_b + c) : V::zero()));
     if (n == W)
@@ -981,8 +1001,8 @@ void packed_batch(const S* x, S* y, int64_t len, int64_t C, int64_t c0, const ty
       V::store_tail(y + f, out, n);
   }
   for (int64_t j = 0; st && j < groups; ++j) st[j] = {double(mean_g[j]), 0.0, double(rstd_g[j]), false};
-  for (int64_t u = 0; any_bad && u < nunits; ++u)
-    if (bad[u]) fallback(u * kUnit, min_i64(kUnit, len - u * kUnit));
+  for (int64_t f = 0; any_bad && f < len; f += unit)
+    if (bad[f >> log2_unit]) fallback(f, min_i64(unit, len - f));
 }
 
 template <class V, class S, bool kSilu>
@@ -1072,26 +1092,14 @@ Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar
   const T* const lane_w = !weight ? nullptr : tile ? tiled_w.data : weight;
   const T* const lane_b = !bias ? nullptr : tile ? tiled_b.data : bias;
   const double eps = p.eps;
+  const int log2_d = __builtin_ctzll(uint64_t(D));
   auto packed_block = [&](int64_t i0, int64_t i1) {  // i0 * D is a multiple of W (blocks are)
     const int64_t f1 = i1 * D;
     for (int64_t f = i0 * D; f < f1; f += kPackedBatch) {
       const int64_t len = min_i64(kPackedBatch, f1 - f);
       GroupStats* const st = stats ? stats + f / D : nullptr;
       auto fallback = [&](int64_t k, int64_t n) { group_batch((f + k) / D, (f + k + n) / D); };
-      auto run = [&](auto d) {
-        constexpr int64_t kD = decltype(d)::value;
-        if constexpr (kD <= kPackedMaxVecs * W)
-          packed_batch<V, kSilu, kD>(x + f, y + f, len, C, f % C, lane_w, lane_b, eps, st, fallback);
-      };
-      switch (D) {
-        case 1: run(RunLength<1>()); break;
-        case 2: run(RunLength<2>()); break;
-        case 4: run(RunLength<4>()); break;
-        case 8: run(RunLength<8>()); break;
-        case 16: run(RunLength<16>()); break;
-        case 32: run(RunLength<32>()); break;
-        default: run(RunLength<64>()); break;
-      }
+      packed_batch<V, kSilu>(x + f, y + f, len, log2_d, C, f % C, lane_w, lane_b, eps, st, fallback);
     }
   };
   auto group_block = [&](int64_t i0, int64_t i1) {
