@@ -948,7 +948,7 @@ bool packed_sums(const S* x, int64_t len, typename V::Scalar* e_all, typename V:
     bool ok = V::all_in(var, var_lo, var_hi);
     if (!ok) {
       // A group of one value (D = 1), of equal values (zero padding), or one the sums cannot hold: only the
-      // constant groups (every e exactly 0, their variance 0) stay.
+      // constant groups (every e exactly 0, their variance 0) stay. `lanes` holds var (keep_lanes stored it).
       ok = true;
       for (int64_t j = 0; j < kUnit; ++j) {
         const T var_j = lanes[j % W];
@@ -1158,27 +1158,31 @@ Status group_norm_forward_impl(const Problem& p, const S* x, const typename V::S
                                typename V::Scalar* rstd_out) {
   const int64_t groups = p.N * p.G;
   if (groups == 0) return kOk;
-  Scratch<GroupStats> stats(groups);
+  const bool empty = p.HxW == 0 || p.C == 0, silu = p.activation == Activation::kSilu;
+  const bool single_row = p.HxW == 1;  // both layouts are the same memory then
+  const bool short_runs = !single_row && p.layout == Layout::kChannelsFirst && p.HxW < kShortRun &&
+                          !streams_output(p, sizeof(S));
+  // The statistics: asked for, or what the per-channel paths' apply reads; the single-row paths need none.
+  const bool keep = mean_out || rstd_out;
+  Scratch<GroupStats> stats(keep || !(empty || single_row || short_runs) ? groups : 0);
   if (!stats.data) return kOutOfMemory;
+  GroupStats* const kept = keep ? stats.data : nullptr;
   Status status = kOk;
-  if (p.HxW == 0 || p.C == 0) {
-    for (int64_t i = 0; i < groups; ++i) stats.data[i] = group_stats(0.0, 0.0, 0.0, 0.0, 0.0, p.eps);
+  if (empty) {
+    for (int64_t i = 0; keep && i < groups; ++i) stats.data[i] = group_stats(0.0, 0.0, 0.0, 0.0, 0.0, p.eps);
+  } else if (single_row) {
+    status = silu ? forward_single_row<V, S, true>(p, x, weight, bias, y, kept)
+                  : forward_single_row<V, S, false>(p, x, weight, bias, y, kept);
+  } else if (short_runs) {
+    status = forward_short_runs<V, S>(p, x, weight, bias, y, kept);
+  } else if (p.layout == Layout::kChannelsFirst) {
+    status = silu ? forward_channels_first<V, S, true>(p, x, weight, bias, y, stats.data)
+                  : forward_channels_first<V, S, false>(p, x, weight, bias, y, stats.data);
   } else {
-    const bool silu = p.activation == Activation::kSilu;
-    GroupStats* const kept = mean_out || rstd_out ? stats.data : nullptr;  // the single-row paths may skip them
-    if (p.HxW == 1)  // both layouts are the same memory then
-      status = silu ? forward_single_row<V, S, true>(p, x, weight, bias, y, kept)
-                    : forward_single_row<V, S, false>(p, x, weight, bias, y, kept);
-    else if (p.layout == Layout::kChannelsFirst && p.HxW < kShortRun && !streams_output(p, sizeof(S)))
-      status = forward_short_runs<V, S>(p, x, weight, bias, y, kept);
-    else if (p.layout == Layout::kChannelsFirst)
-      status = silu ? forward_channels_first<V, S, true>(p, x, weight, bias, y, stats.data)
-                    : forward_channels_first<V, S, false>(p, x, weight, bias, y, stats.data);
-    else
-      status = silu ? forward_channels_last<V, S, true>(p, x, weight, bias, y, stats.data)
-                    : forward_channels_last<V, S, false>(p, x, weight, bias, y, stats.data);
+    status = silu ? forward_channels_last<V, S, true>(p, x, weight, bias, y, stats.data)
+                  : forward_channels_last<V, S, false>(p, x, weight, bias, y, stats.data);
   }
-  if (status == kOk) store_group_stats(stats.data, groups, mean_out, rstd_out);
+  if (status == kOk && keep) store_group_stats(stats.data, groups, mean_out, rstd_out);
   return status;
 }
 
