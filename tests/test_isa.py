@@ -227,3 +227,40 @@ def test_show_config_prints_the_configuration(capfd):
     assert cfg["version"] in printed and _reported_isa(printed) == cfg["isa"]
     for name in cfg["isa_available"]:
         assert name in printed
+
+
+# The isa fixture (conftest.py) skips the avx512_bf16 level in tests of one dtype other than bfloat16, because
+# that level's table lends the avx512 level's kernels for them. This holds it to that: the same bits on every path.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape, num_groups, channels_last", [
+    ((2, 64, 37, 5), 8, False),  # channels-first runs
+    ((2, 64, 37, 5), 8, True),  # channels-last rows
+    ((16, 32), 4, False),  # packed (N, C) groups
+    ((3, 12, 2, 2), 6, False),  # short runs
+    ((1, 8, 3000), 1, False),  # one group split into chunks
+], ids=["nchw", "nhwc", "nc", "short", "chunks"])
+def test_avx512_bf16_runs_the_avx512_kernels_besides_bfloat16(rng, dtype, shape, num_groups, channels_last):
+    for name in ("avx512", "avx512_bf16"):
+        if isa_unavailable_reason(name) is not None:
+            pytest.skip(isa_unavailable_reason(name))
+    param = np.float32 if dtype == np.float16 else dtype
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    if channels_last:
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal(shape[1]).astype(param)
+    b = rng.standard_normal(shape[1]).astype(param)
+    results = {}
+    try:
+        for name in ("avx512", "avx512_bf16"):
+            _core.set_isa(name)
+            y, mean, rstd = gn.group_norm_forward(x, num_groups, w, b)
+            silu = gn.group_norm(x, num_groups, w, b, activation="silu")
+            grads = gn.group_norm_backward(dy, x, mean, rstd, num_groups, w)
+            results[name] = (y, mean, rstd, silu) + tuple(grads)
+    finally:
+        _core.set_isa(DEFAULT_ISA)
+    for a, b_ in zip(results["avx512"], results["avx512_bf16"]):
+        assert a.dtype == b_.dtype and a.shape == b_.shape and a.strides == b_.strides
+        assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b_).tobytes(), \
+            "avx512_bf16 gave other bits than avx512"

@@ -49,3 +49,17 @@ namespace neon { const KernelTable* kernel_table(); }
                                           &group_norm_backward_impl<VecF32, BFloat16>}; \
     return &table;                                                                      \
   }
+
+// Defines GROUPNORM_ISA::kernel_table() as `base`'s table with only the bfloat16 kernels taken from this TU's
+// templates: for a level that differs from `base` in its bfloat16 narrowing alone (avx512_bf16 over avx512),
+// whose float32, float64 and float16 code would be the same instructions compiled a second time.
+#define GROUPNORM_DEFINE_BF16_KERNEL_TABLE(VecF32, base)                                \
+  const KernelTable* kernel_table() {                                                   \
+    static const KernelTable table = [] {                                               \
+      KernelTable t = *base::kernel_table();                                            \
+      t.forward_bf16 = &group_norm_forward_impl<VecF32, BFloat16>;                      \
+      t.backward_bf16 = &group_norm_backward_impl<VecF32, BFloat16>;                    \
+      return t;                                                                         \
+    }();                                                                                \
+    return &table;                                                                      \
+  }
