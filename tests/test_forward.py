@@ -430,3 +430,39 @@ def test_byte_swapped_input_is_correct_or_refused(rng, dtype):
         assert "input" in str(exc) or "dtype" in str(exc)
     else:
         assert_matches_reference(np.asarray(y, dtype=dtype), group_norm_reference(x, 3))
+
+
+@pytest.mark.parametrize("lead", [1, 16, -1], ids=["one_element_after", "a_line_after", "one_element_before"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_just_after_the_input_modulo_a_page(isa, rng, dtype, layout, lead):
+    """x and out= in one buffer, out starting `lead` elements past x modulo 4 KiB (as np.empty_like(x) right after
+    x tends to be): the apply pass then runs backwards to avoid 4K-aliasing stalls (forwards for a negative
+    lead). Long channel runs and whole-vector channels-last rows, 68672 elements in all; the same bits
+    as into a separate buffer, and nothing written outside out."""
+    shape, G = (2, 32, 37, 29), 4
+    itemsize = np.dtype(dtype).itemsize
+    physical = shape if layout == "contiguous" else (shape[0], shape[2], shape[3], shape[1])
+    size = int(np.prod(shape))
+    page = 4096 // itemsize
+    at = -(-(size + 64) // page) * page + lead % page  # out's element index: lead past a page boundary
+    buffer = np.full((at + size + 64) * itemsize + 4096, 0xAB, np.uint8)
+    base = (-buffer.ctypes.data) % 4096  # x starts on a page boundary
+    x_flat = buffer[base:base + size * itemsize].view(dtype)
+    out_start = base + at * itemsize
+    out_flat = buffer[out_start:out_start + size * itemsize].view(dtype)
+    x_physical = x_flat.reshape(physical)
+    x_physical[...] = rng.standard_normal(physical)
+    x = x_physical if layout == "contiguous" else x_physical.transpose(0, 3, 1, 2)
+    out = out_flat.reshape(physical)
+    out = out if layout == "contiguous" else out.transpose(0, 3, 1, 2)
+    assert (out.ctypes.data - x.ctypes.data) % 4096 == (lead % page) * itemsize
+    weight, bias = affine_params(rng, shape[1], dtype, "both")
+    x_before = x.copy()
+    out[...] = np.nan
+    assert gn.group_norm(x, G, weight, bias, out=out) is out
+    y_ref = group_norm_reference(x, G, weight, bias)
+    assert_matches_reference(out, y_ref)
+    assert same_bits(out, gn.group_norm(x, G, weight, bias))
+    assert same_bits(x, x_before)
+    assert (buffer[base + size * itemsize:out_start] == 0xAB).all() and (buffer[out_start + size * itemsize:] == 0xAB).all()
