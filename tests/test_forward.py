@@ -400,6 +400,34 @@ def test_large_results_reuse_freed_memory(rng):
     assert _core._result_pool()[1] <= 1 << 28
 
 
+@pytest.mark.parametrize("skew", [0, 16, 48, 2048, 4080])
+def test_large_results_start_half_a_page_from_their_inputs(rng, skew):
+    """A result of 64 KiB or more starts on a cache line, half a page (to a line) from its input modulo 4 KiB, so
+    that no load in the kernels waits on a store to the same page offset; the backward's dx keeps at least a
+    quarter page from both x and dy. Inputs at several offsets; results pooled or fresh alike."""
+    def at_skew(a, offset):
+        raw = np.empty(a.nbytes + 8192, np.uint8)
+        start = (-raw.ctypes.data) % 4096 + offset
+        out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+        out[...] = a
+        return out
+
+    shape = (2, 32, 24, 24)  # 147 KiB of float32
+    x = at_skew(random_array(rng, shape, np.float32), skew)
+    dy = at_skew(random_array(rng, shape, np.float32), (skew + 1000) % 4096 // 16 * 16)
+    for _ in range(2):  # a fresh buffer, then the pooled one
+        y, mean, rstd = gn.group_norm_forward(x, 8)
+        for result in (y, gn.group_norm(x, 8)):
+            assert result.ctypes.data % 64 == 0
+            assert abs((result.ctypes.data - x.ctypes.data) % 4096 - 2048) <= 32
+        dx, _, _ = gn.group_norm_backward(dy, x, mean, rstd, 8)
+        assert dx.ctypes.data % 64 == 0
+        for source in (x, dy):
+            assert 1024 - 64 <= (dx.ctypes.data - source.ctypes.data) % 4096 <= 3072 + 64
+        assert_matches_reference(y, group_norm_reference(x, 8))
+        del y, dx
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_unaligned_weight_and_bias(isa, rng, dtype):
     """Misaligned weight and bias give the bits of their aligned copies (the kernels take aligned pointers)."""
