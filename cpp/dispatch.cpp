@@ -80,6 +80,21 @@ bool cpu_has(Isa isa) {
   }
 }
 
+#ifdef GROUPNORM_HAVE_AVX512_BF16
+// `table` with its null entries taken from `base`.
+KernelTable with_base(KernelTable table, const KernelTable& base) {
+  if (!table.forward_f32) table.forward_f32 = base.forward_f32;
+  if (!table.forward_f64) table.forward_f64 = base.forward_f64;
+  if (!table.forward_f16) table.forward_f16 = base.forward_f16;
+  if (!table.forward_bf16) table.forward_bf16 = base.forward_bf16;
+  if (!table.backward_f32) table.backward_f32 = base.backward_f32;
+  if (!table.backward_f64) table.backward_f64 = base.backward_f64;
+  if (!table.backward_f16) table.backward_f16 = base.backward_f16;
+  if (!table.backward_bf16) table.backward_bf16 = base.backward_bf16;
+  return table;
+}
+#endif
+
 const KernelTable* compiled_table(Isa isa) {
   switch (isa) {
     case Isa::kScalar:
@@ -93,8 +108,11 @@ const KernelTable* compiled_table(Isa isa) {
       return avx512::kernel_table();
 #endif
 #ifdef GROUPNORM_HAVE_AVX512_BF16
-    case Isa::kAvx512Bf16:
-      return avx512_bf16::kernel_table();
+    case Isa::kAvx512Bf16: {
+      // Its own bfloat16 kernels, the avx512 level's for the other dtypes; merged here, in baseline code.
+      static const KernelTable merged = with_base(*avx512_bf16::kernel_table(), *avx512::kernel_table());
+      return &merged;
+    }
 #endif
 #ifdef GROUPNORM_HAVE_NEON
     case Isa::kNeon:

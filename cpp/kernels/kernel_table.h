@@ -50,16 +50,20 @@ namespace neon { const KernelTable* kernel_table(); }
     return &table;                                                                      \
   }
 
-// Defines GROUPNORM_ISA::kernel_table() as `base`'s table with only the bfloat16 kernels taken from this TU's
-// templates: for a level that differs from `base` in its bfloat16 narrowing alone (avx512_bf16 over avx512),
-// whose float32, float64 and float16 code would be the same instructions compiled a second time.
-#define GROUPNORM_DEFINE_BF16_KERNEL_TABLE(VecF32, base)                                \
+// Defines GROUPNORM_ISA::kernel_table() with the bfloat16 kernels alone, the other entries null: for a level
+// that differs from another only in its bfloat16 narrowing (avx512_bf16 over avx512), whose float32, float64
+// and float16 code would be the same instructions compiled a second time. dispatch.cpp fills the null entries
+// from that other level. The table is a constant: no instruction of this TU runs until a kernel is called, so
+// asking whether the level is compiled is safe on any CPU.
+#define GROUPNORM_DEFINE_BF16_KERNEL_TABLE(VecF32)                                       \
   const KernelTable* kernel_table() {                                                   \
-    static const KernelTable table = [] {                                               \
-      KernelTable t = *base::kernel_table();                                            \
-      t.forward_bf16 = &group_norm_forward_impl<VecF32, BFloat16>;                      \
-      t.backward_bf16 = &group_norm_backward_impl<VecF32, BFloat16>;                    \
-      return t;                                                                         \
-    }();                                                                                \
+    static constexpr KernelTable table = {nullptr,                                      \
+                                          nullptr,                                      \
+                                          nullptr,                                      \
+                                          &group_norm_forward_impl<VecF32, BFloat16>,   \
+                                          nullptr,                                      \
+                                          nullptr,                                      \
+                                          nullptr,                                      \
+                                          &group_norm_backward_impl<VecF32, BFloat16>}; \
     return &table;                                                                      \
   }
