@@ -232,6 +232,8 @@ def test_show_config_prints_the_configuration(capfd):
 
 @pytest.mark.skipif(not X86 or shutil.which("qemu-x86_64") is None,
                     reason="needs x86-64 and qemu-x86_64 (user-mode emulation of a CPU without AVX-512)")
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="a sanitized build needs ASan's runtime preloaded, which qemu-user cannot host")
 def test_import_and_run_on_a_cpu_without_avx512(tmp_path):
     """On an AVX2-only CPU (qemu's Haswell) the package imports, picks avx2 and computes: no instruction of a
     level the CPU lacks may run before that level is chosen, as the avx512_bf16 table's initialisation once did
