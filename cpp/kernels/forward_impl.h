@@ -692,19 +692,25 @@ void sample_coeffs(const Problem& p, const GroupStats* stats, const typename V::
   }
 }
 
-// Applies K vectors of channel coefficients starting at c to rows [r0, r1), the coefficients held in
-// registers; with kTail, one vector of which only `count` channels exist. `backwards` (apply_backwards): the
+// The apply coefficients of K consecutive channel vectors: pointers to their first lanes.
+template <class T>
+struct ColumnCoeffs {
+  const T *mean_hi, *scale, *shift;
+};
+
+// Applies K vectors of channel coefficients to the columns starting at c of rows [r0, r1), the coefficients held
+// in registers; with kTail, one vector of which only `count` channels exist. `backwards` (apply_backwards): the
 // last row first, and each row's vectors from the last.
 template <class V, int K, bool kTail, bool kSilu, bool kStream, class S>
 void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t r0, int64_t r1,
-                  const RowBuffers<typename V::Scalar>& b, bool backwards) {
+                  ColumnCoeffs<typename V::Scalar> k, bool backwards) {
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   V mean_hi[K], scale[K], shift[K];
   for (int i = 0; i < K; ++i) {
-    mean_hi[i] = V::load(b.mean_hi + c + i * W);
-    scale[i] = V::load(b.scale + c + i * W);
-    shift[i] = V::load(b.bias + c + i * W);
+    mean_hi[i] = V::load(k.mean_hi + i * W);
+    scale[i] = V::load(k.scale + i * W);
+    shift[i] = V::load(k.shift + i * W);
   }
   auto vector = [&](const S* xr, S* yr, int i) {
     const V v = (kTail ? V::load_tail(xr, count, T(0)) : V::load(xr + i * W)) - mean_hi[i];
@@ -726,13 +732,17 @@ void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t
 }
 
 // Applies the sample's coefficients to rows [r0, r1) in blocks of rows that stay in L1 across the tiles.
-// When rows are a whole number of vectors long, every row of y starts the same `head` channels before a vector
-// boundary: those channels go first, with a masked store, so every other store is aligned (a store split over
-// two cache lines cost 15-25% of the whole call on [1,320,64,64], and non-temporal stores need the alignment).
-// `backwards` (apply_backwards) runs the blocks, the tiles and their rows in the opposite order.
+// When rows are a whole number of vectors long but y's rows start `tail` channels past a vector boundary, every
+// row's last `tail` channels and the next row's first `head` = W - tail make one aligned vector, the seam, with
+// coefficients of its own: only the first row's head and the last row's tail go out masked, and every other
+// store is aligned and whole (a store split over two cache lines cost 15-25% of the whole call on
+// [1,320,64,64]; masking each row's head and tail instead cost up to 25% on [1,128,256,256] float16; non-temporal
+// stores need the alignment). `backwards` (apply_backwards) runs the blocks, the tiles and their rows in the
+// opposite order.
 template <class V, class S, bool kSilu, bool kStream>
 void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, const RowBuffers<typename V::Scalar>& b,
                 bool backwards) {
+  using T = typename V::Scalar;
   // Channel vectors whose coefficients stay in registers: three registers each, so 2 on 16-register ISAs.
   constexpr int64_t W = V::kWidth, K = V::kRegisters >= 32 ? 4 : 2;
   const int64_t C = p.C;
@@ -741,22 +751,46 @@ void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, cons
   const int64_t rows_per_block = max_i64(1, kL1TileBytes / int64_t(sizeof(S) * C));
   const int64_t full_end = head + (C - head) / (K * W) * (K * W);  // the K-vector tiles: [head, full_end)
   const int64_t single_end = full_end + (C - full_end) / W * W;  // then single vectors, then the tail
+  auto at = [&](int64_t c) { return ColumnCoeffs<T>{b.mean_hi + c, b.scale + c, b.bias + c}; };
+  alignas(64) T seam[3][W];  // lanes: the row's channels [single_end, C), then the next row's [0, head)
+  if (head > 0) {
+    for (int64_t i = 0; i < W; ++i) {
+      const int64_t c = i < C - single_end ? single_end + i : i - (C - single_end);
+      seam[0][i] = b.mean_hi[c];
+      seam[1][i] = b.scale[c];
+      seam[2][i] = b.bias[c];
+    }
+  }
+  const ColumnCoeffs<T> seam_coeffs{seam[0], seam[1], seam[2]};
   auto block = [&](int64_t rb, int64_t re) {
+    // With a seam, rows [rb, seam_end) end in one; the last row's tail (r1 - 1) and the first row's head (r0)
+    // are masked.
+    const int64_t seam_end = min_i64(re, r1 - 1);
     if (backwards) {
-      if (single_end < C) column_apply<V, 1, true, kSilu, false>(x, y, C, single_end, C - single_end, rb, re, b, true);
+      if (head > 0 && re == r1)
+        column_apply<V, 1, true, kSilu, false>(x, y, C, single_end, C - single_end, r1 - 1, r1, at(single_end), true);
+      if (head > 0 && rb < seam_end)
+        column_apply<V, 1, false, kSilu, kStream>(x, y, C, single_end, W, rb, seam_end, seam_coeffs, true);
+      if (head == 0 && single_end < C)
+        column_apply<V, 1, true, kSilu, false>(x, y, C, single_end, C - single_end, rb, re, at(single_end), true);
       for (int64_t c = single_end - W; c >= full_end; c -= W)
-        column_apply<V, 1, false, kSilu, kStream>(x, y, C, c, C, rb, re, b, true);
+        column_apply<V, 1, false, kSilu, kStream>(x, y, C, c, C, rb, re, at(c), true);
       for (int64_t c = full_end - K * W; c >= head; c -= K * W)
-        column_apply<V, K, false, kSilu, kStream>(x, y, C, c, C, rb, re, b, true);
-      if (head > 0) column_apply<V, 1, true, kSilu, false>(x, y, C, 0, head, rb, re, b, true);
+        column_apply<V, K, false, kSilu, kStream>(x, y, C, c, C, rb, re, at(c), true);
+      if (head > 0 && rb == r0) column_apply<V, 1, true, kSilu, false>(x, y, C, 0, head, r0, r0 + 1, at(0), true);
       return;
     }
-    if (head > 0) column_apply<V, 1, true, kSilu, false>(x, y, C, 0, head, rb, re, b, false);
+    if (head > 0 && rb == r0) column_apply<V, 1, true, kSilu, false>(x, y, C, 0, head, r0, r0 + 1, at(0), false);
     for (int64_t c = head; c < full_end; c += K * W)
-      column_apply<V, K, false, kSilu, kStream>(x, y, C, c, C, rb, re, b, false);
+      column_apply<V, K, false, kSilu, kStream>(x, y, C, c, C, rb, re, at(c), false);
     for (int64_t c = full_end; c < single_end; c += W)
-      column_apply<V, 1, false, kSilu, kStream>(x, y, C, c, C, rb, re, b, false);
-    if (single_end < C) column_apply<V, 1, true, kSilu, false>(x, y, C, single_end, C - single_end, rb, re, b, false);
+      column_apply<V, 1, false, kSilu, kStream>(x, y, C, c, C, rb, re, at(c), false);
+    if (head == 0 && single_end < C)
+      column_apply<V, 1, true, kSilu, false>(x, y, C, single_end, C - single_end, rb, re, at(single_end), false);
+    if (head > 0 && rb < seam_end)
+      column_apply<V, 1, false, kSilu, kStream>(x, y, C, single_end, W, rb, seam_end, seam_coeffs, false);
+    if (head > 0 && re == r1)
+      column_apply<V, 1, true, kSilu, false>(x, y, C, single_end, C - single_end, r1 - 1, r1, at(single_end), false);
   };
   const int64_t blocks = ceil_div(r1 - r0, rows_per_block);
   for (int64_t k = 0; k < blocks; ++k) {
