@@ -118,11 +118,12 @@ def test_set_isa_refuses_an_unknown_name(name):
     assert _core.get_isa() == DEFAULT_ISA
 
 
-def _python(code, cwd, **env_overrides):
+def _python(code, cwd, *, prefix=(), timeout=120, **env_overrides):
+    """A fresh `python -c code` (under the command `prefix`, if any) without GROUPNORM_ISA unless overridden."""
     env = {k: v for k, v in os.environ.items() if k != "GROUPNORM_ISA"}
     env.update(env_overrides)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([*prefix, sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 _FORCED = """
@@ -238,7 +239,7 @@ def test_import_and_run_on_a_cpu_without_avx512(tmp_path):
     """On an AVX2-only CPU (qemu's Haswell) the package imports, picks avx2 and computes: no instruction of a
     level the CPU lacks may run before that level is chosen, as the avx512_bf16 table's initialisation once did
     (an illegal instruction at import, which only valgrind's AVX2 CPU in .ci/memcheck had shown)."""
-    code = textwrap.dedent("""
+    code = """
         import json
         import numpy as np
         import groupnorm as gn
@@ -249,10 +250,8 @@ def test_import_and_run_on_a_cpu_without_avx512(tmp_path):
         ref = ((xg - xg.mean(-1, keepdims=True)) / np.sqrt(xg.var(-1, keepdims=True) + 1e-5)).reshape(x.shape)
         print(json.dumps({"isa": gn.config()["isa"], "compiled": gn.config()["isa_compiled"],
                           "err": float(np.abs(y32 - ref).max()), "dx": float(np.abs(dx).max())}))
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "GROUPNORM_ISA"}
-    proc = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", code], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    """
+    proc = _python(code, tmp_path, prefix=("qemu-x86_64", "-cpu", "Haswell"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["isa"] == "avx2"

@@ -763,34 +763,52 @@ void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, cons
   }
   const ColumnCoeffs<T> seam_coeffs{seam[0], seam[1], seam[2]};
   auto block = [&](int64_t rb, int64_t re) {
-    // With a seam, rows [rb, seam_end) end in one; the last row's tail (r1 - 1) and the first row's head (r0)
-    // are masked.
+    // Each column group in turn, the order reversed backwards. With a seam, rows [rb, seam_end) end in one; only
+    // the chunk's first head (row r0) and last tail (row r1 - 1) are masked.
     const int64_t seam_end = min_i64(re, r1 - 1);
-    if (backwards) {
-      if (head > 0 && re == r1)
-        column_apply<V, 1, true, kSilu, false>(x, y, C, single_end, C - single_end, r1 - 1, r1, at(single_end), true);
-      if (head > 0 && rb < seam_end)
-        column_apply<V, 1, false, kSilu, kStream>(x, y, C, single_end, W, rb, seam_end, seam_coeffs, true);
+    auto first_head = [&] {
+      if (head > 0 && rb == r0) column_apply<V, 1, true, kSilu, false>(x, y, C, 0, head, r0, r0 + 1, at(0), backwards);
+    };
+    auto tiles = [&] {
+      for (int64_t i = 0, n = (full_end - head) / (K * W); i < n; ++i) {
+        const int64_t c = head + (backwards ? n - 1 - i : i) * K * W;
+        column_apply<V, K, false, kSilu, kStream>(x, y, C, c, C, rb, re, at(c), backwards);
+      }
+    };
+    auto singles = [&] {
+      for (int64_t i = 0, n = (single_end - full_end) / W; i < n; ++i) {
+        const int64_t c = full_end + (backwards ? n - 1 - i : i) * W;
+        column_apply<V, 1, false, kSilu, kStream>(x, y, C, c, C, rb, re, at(c), backwards);
+      }
+    };
+    auto tails = [&] {  // without a seam: every row's partial last vector
       if (head == 0 && single_end < C)
-        column_apply<V, 1, true, kSilu, false>(x, y, C, single_end, C - single_end, rb, re, at(single_end), true);
-      for (int64_t c = single_end - W; c >= full_end; c -= W)
-        column_apply<V, 1, false, kSilu, kStream>(x, y, C, c, C, rb, re, at(c), true);
-      for (int64_t c = full_end - K * W; c >= head; c -= K * W)
-        column_apply<V, K, false, kSilu, kStream>(x, y, C, c, C, rb, re, at(c), true);
-      if (head > 0 && rb == r0) column_apply<V, 1, true, kSilu, false>(x, y, C, 0, head, r0, r0 + 1, at(0), true);
-      return;
+        column_apply<V, 1, true, kSilu, false>(x, y, C, single_end, C - single_end, rb, re, at(single_end), backwards);
+    };
+    auto seams = [&] {
+      if (head > 0 && rb < seam_end)
+        column_apply<V, 1, false, kSilu, kStream>(x, y, C, single_end, W, rb, seam_end, seam_coeffs, backwards);
+    };
+    auto last_tail = [&] {
+      if (head > 0 && re == r1)
+        column_apply<V, 1, true, kSilu, false>(x, y, C, single_end, C - single_end, r1 - 1, r1, at(single_end),
+                                               backwards);
+    };
+    if (backwards) {
+      last_tail();
+      seams();
+      tails();
+      singles();
+      tiles();
+      first_head();
+    } else {
+      first_head();
+      tiles();
+      singles();
+      tails();
+      seams();
+      last_tail();
     }
-    if (head > 0 && rb == r0) column_apply<V, 1, true, kSilu, false>(x, y, C, 0, head, r0, r0 + 1, at(0), false);
-    for (int64_t c = head; c < full_end; c += K * W)
-      column_apply<V, K, false, kSilu, kStream>(x, y, C, c, C, rb, re, at(c), false);
-    for (int64_t c = full_end; c < single_end; c += W)
-      column_apply<V, 1, false, kSilu, kStream>(x, y, C, c, C, rb, re, at(c), false);
-    if (head == 0 && single_end < C)
-      column_apply<V, 1, true, kSilu, false>(x, y, C, single_end, C - single_end, rb, re, at(single_end), false);
-    if (head > 0 && rb < seam_end)
-      column_apply<V, 1, false, kSilu, kStream>(x, y, C, single_end, W, rb, seam_end, seam_coeffs, false);
-    if (head > 0 && re == r1)
-      column_apply<V, 1, true, kSilu, false>(x, y, C, single_end, C - single_end, r1 - 1, r1, at(single_end), false);
   };
   const int64_t blocks = ceil_div(r1 - r0, rows_per_block);
   for (int64_t k = 0; k < blocks; ++k) {
