@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from prebuilt_core import prebuilt_core
+
 try:
     import fcntl
 except ImportError:  # no POSIX locks (Windows): each xdist worker then builds in its own directory
@@ -46,7 +48,8 @@ def build_target(build: Path, target: str) -> Path:
     """Configures the source tree into `build` with every C++ target of TARGET_OPTIONS on and builds `target`;
     skips the test when the source tree, cmake or a C++ compiler is missing. Returns the executable. The build is
     shared: a lock beside it lets one process configure and build at a time, so the core library compiles once
-    and a later caller finds its target built. With GROUPNORM_CPP_BUILD_DIR set (.ci/sanitize sets it to its
+    and a later caller finds its target built; with the wheel's build of the core at hand (prebuilt_core), it
+    compiles not at all. With GROUPNORM_CPP_BUILD_DIR set (.ci/sanitize sets it to its
     sanitized build), returns that build's `target` instead."""
     prebuilt = os.environ.get("GROUPNORM_CPP_BUILD_DIR")
     if prebuilt:
@@ -61,6 +64,9 @@ def build_target(build: Path, target: str) -> Path:
         pytest.skip("cmake or a C++ compiler is not available")
     configure = [cmake, "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
     configure += [f"-D{option}=ON" for option in TARGET_OPTIONS.values()]
+    prebuilt_lib = prebuilt_core()
+    if prebuilt_lib is not None:
+        configure += [f"-DGROUPNORM_PREBUILT_CORE={prebuilt_lib[0]}", f"-DCMAKE_CXX_COMPILER={prebuilt_lib[1]}"]
     if shutil.which("ninja"):
         configure += ["-G", "Ninja"]
     build.parent.mkdir(parents=True, exist_ok=True)
@@ -87,3 +93,45 @@ def test_kernel_check(tmp_path_factory):
     summary = re.search(r"^(\d+) passed, (\d+) failed", result.stdout, re.MULTILINE)
     assert summary, "kernel_check printed no summary line"
     assert int(summary.group(1)) > 0 and int(summary.group(2)) == 0
+
+
+def test_prebuilt_core_only_a_fresh_release_wheel_build_of_this_tree(tmp_path, monkeypatch):
+    """prebuilt_core hands the C++ builds a core library only when it is the wheel build's, of these sources, as
+    new as they are, unsanitized, in release, with the compiler the tests would use."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on PATH")
+    monkeypatch.delenv("CXX", raising=False)
+    if Path(compiler).name != "c++":
+        monkeypatch.setenv("CXX", compiler)
+    tree = tmp_path / "tree"
+    (tree / "cpp").mkdir(parents=True)
+    source = tree / "cpp" / "dispatch.cpp"
+    source.write_text("// source\n")
+    build = tree / "build" / "cp3-cp3-linux"
+    build.mkdir(parents=True)
+    library = build / "libgroupnorm_core.a"
+    library.write_bytes(b"!<arch>\n")
+    entries = {"SKBUILD:STRING": "2", "CMAKE_BUILD_TYPE:STRING": "Release", "GROUPNORM_SANITIZE:BOOL": "OFF",
+               "groupnorm_SOURCE_DIR:STATIC": str(tree), "CMAKE_CXX_COMPILER:FILEPATH": compiler}
+
+    def cache(extra="", **changes):  # changes: NAME=value, or NAME=None to leave the entry out
+        lines = [f"{key}={changes.get(key.split(':')[0], value)}" for key, value in entries.items()
+                 if changes.get(key.split(":")[0], value) is not None]
+        (build / "CMakeCache.txt").write_text("# comment\n" + "\n".join(lines) + "\n" + extra)
+        os.utime(source, (1_000_000, 1_000_000))
+        os.utime(library, (2_000_000, 2_000_000))
+
+    cache()
+    assert prebuilt_core(tree) == (library, compiler)
+    os.utime(source, (3_000_000, 3_000_000))  # a source edited after the build
+    assert prebuilt_core(tree) is None
+    for change in ({"CMAKE_BUILD_TYPE": "Debug"}, {"GROUPNORM_SANITIZE": "ON"}, {"SKBUILD": None},
+                   {"groupnorm_SOURCE_DIR": str(tmp_path)}, {"CMAKE_CXX_COMPILER": "/nonexistent/c++"}):
+        cache(**change)
+        assert prebuilt_core(tree) is None, change
+    cache(extra=f"GROUPNORM_PREBUILT_CORE:FILEPATH={library}\n")
+    assert prebuilt_core(tree) is None  # a build that itself linked a prebuilt core
+    cache()
+    library.unlink()
+    assert prebuilt_core(tree) is None
