@@ -113,6 +113,31 @@ def test_large_offset(isa, rng, shape, G, offset, dtype, layout):
     check_backward(dy, x, G, rng.standard_normal(shape[1]).astype(dtype))
 
 
+# x's spread in the first group, far below 1 with eps = 0, and dy's scale: rstd^3 overflows the data type (float32:
+# rstd ~ 1e18; float64: rstd ~ 1e200) while dx ~ dy * rstd does not.
+TINY_SPREAD = {np.float32: (1e-18, 1e6), np.float64: (1e-200, 1.0)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 4, 16, 16), (3, 4, 130, 9), (6, 4)], ids=["runs", "chunked", "rows"])
+def test_rstd_cubed_past_the_range(isa, rng, shape, dtype, layout):
+    """A group whose rstd^3 (and so c2 = -ds*rstd^3/M) lies past the data type's range, though dx does not (the
+    fuzzer found it in bfloat16: dx came out inf): its dx is computed in the wider type. The other group of the
+    sample is ordinary and must stay as accurate (on channels-last, a sample with such a group goes channel by
+    channel)."""
+    spread, dy_scale = TINY_SPREAD[dtype]
+    x = random_array(rng, shape, dtype, layout)
+    x[:, :2] *= dtype(spread)
+    dy = random_array(rng, shape, dtype, layout, scale=dy_scale)
+    w = rng.standard_normal(shape[1]).astype(dtype)
+    grads = check_backward(dy, x, 2, w, eps=0.0)
+    assert np.isfinite(grads[0]).all()
+    ordinary = (slice(None), slice(2, 4))  # group 1, against a reference of its own scale
+    ref = group_norm_backward_reference(dy[ordinary], x[ordinary], 1, w[2:], 0.0, with_scales=True)
+    assert_grads_match((grads[0][ordinary], grads[1][2:], grads[2][2:]), ref, dtype)
+
+
 MIXED = [("contiguous", "channels_last"), ("channels_last", "contiguous"), ("fortran", "channels_last"),
          ("channels_last", "fortran"), ("sliced_spatial", "contiguous"), ("contiguous", "negative_strides"),
          ("negative_strides", "all_reversed"), ("batch_strided", "sliced_channels"), ("contiguous", "broadcast"),

@@ -6,6 +6,9 @@
 // count, with no atomics. Included by cpp/kernels/isa/<isa>.cpp after forward_impl.h's shared helpers.
 #pragma once
 
+#include <cfloat>
+#include <cmath>
+
 #include "forward_impl.h"
 
 namespace groupnorm {
@@ -29,7 +32,39 @@ struct GroupGradCoeffs {
   T shift;         // c3 - c2 * mean_lo, with c3 = -db * rstd / M
   double mean_lo;  // true group mean - mean_hi, from sum (x - mean_hi)
   double rstd;
+  double ds_m, db_m;  // ds / M and db / M, for a wide group
+  // c2 or shift lies past T's range (rare: rstd^3 overflows, rstd ~ 2^43 and up in float, with eps = 0 and a
+  // group spread of ~1e-13) though dx itself need not: the group's dx is then computed in Wide<T>
+  // (wide_grad_apply), where rstd^3 fits.
+  bool wide;
 };
+
+inline double largest_finite(float) { return double(FLT_MAX); }
+inline double largest_finite(double) { return DBL_MAX; }
+
+// Group coefficients from the weighted sums ds = sum w*dy*(x - mean), db = sum w*dy over its M values.
+template <class T>
+GroupGradCoeffs<T> finish_grad_coeffs(T mean_hi, double mean_lo, double rstd, double ds, double db, double M) {
+  const double c2 = -ds * rstd * rstd * rstd / M, c3 = -db * rstd / M, shift = c3 - c2 * mean_lo;
+  const double largest = largest_finite(T(0));
+  const bool wide = !(std::fabs(c2) <= largest) || !(std::fabs(shift) <= largest);
+  return {mean_hi, wide ? T(0) : T(c2), wide ? T(0) : T(shift), mean_lo, rstd, ds / M, db / M, wide};
+}
+
+// dx of a wide group's `count` values `stride` apart (one channel's run, or a short group's L values), in
+// Wide<T>: dy*(rstd*w) + ((x - mean_hi) - mean_lo)*c2 + c3. w: null (1), one weight (w_stride 0), or one a value.
+template <class T, class S>
+__attribute__((noinline)) void wide_grad_apply(const S* dy, const S* x, S* dx, int64_t count, int64_t stride,
+                                               const T* w, int64_t w_stride, const GroupGradCoeffs<T>& k) {
+  using Wd = Wide<T>;
+  const Wd r = Wd(k.rstd), mean_hi = Wd(k.mean_hi), mean_lo = Wd(k.mean_lo);
+  const Wd c2 = -Wd(k.ds_m) * r * r * r, c3 = -Wd(k.db_m) * r;
+  for (int64_t i = 0; i < count; ++i) {
+    const Wd scale = w ? r * Wd(w[i * w_stride]) : r;
+    const Wd xc = (Wd(widen(x[i * stride])) - mean_hi) - mean_lo;
+    put_wide(dx + i * stride, Wd(widen(dy[i * stride])) * scale + xc * c2 + c3);
+  }
+}
 
 // Sums of a contiguous run of n >= 1 pairs (dy, x), centered on mean_hi, written to *sum_dy, *sum_dy_xc, *sum_xc.
 template <class V, class S>
@@ -115,9 +150,7 @@ GroupGradCoeffs<T> group_grad_coeffs(const Problem& p, int64_t ng, const GradSum
     ds += w * (sums.dy_xc[c0 + d] - mean_lo * sums.dy[c0 + d]);
     db += w * sums.dy[c0 + d];
   }
-  const double r = double(rstd[ng]);
-  const double c2 = -ds * r * r * r / M, c3 = -db * r / M;
-  return {T(mean[ng]), T(c2), T(c3 - c2 * mean_lo), mean_lo, r};
+  return finish_grad_coeffs<T>(T(mean[ng]), mean_lo, double(rstd[ng]), ds, db, M);
 }
 
 // grad_weight[c] = sum_n dy*(x - mean)*rstd and grad_bias[c] = sum_n dy for channels [c0, c0 + kParamTile), each
@@ -196,9 +229,13 @@ Status backward_channels_first(const Problem& p, const S* dy, const S* x, const 
   auto chunk_apply = [&](int64_t nc, int64_t k, int64_t ng, int64_t c) {
     const int64_t begin = k * chunk_len;
     const GroupGradCoeffs<T>& coeff = coeffs[ng];
+    const int64_t off = nc * HxW + begin, len = min_i64(chunk_len, HxW - begin);
+    if (coeff.wide) {
+      wide_grad_apply<T>(dy + off, x + off, dx + off, len, 1, weight ? weight + c : nullptr, 0, coeff);
+      return;
+    }
     const T scale = T(coeff.rstd * (weight ? double(weight[c]) : 1.0));
-    grad_apply_run<V>(dy + nc * HxW + begin, x + nc * HxW + begin, dx + nc * HxW + begin,
-                      min_i64(chunk_len, HxW - begin), scale, coeff);
+    grad_apply_run<V>(dy + off, x + off, dx + off, len, scale, coeff);
   };
   auto whole_group = [&](int64_t ng) {
     for (int64_t nc = ng * D; nc < (ng + 1) * D; ++nc) {
@@ -394,8 +431,19 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
       coeffs[ng] = group_grad_coeffs<T>(p, ng, sums, mean, rstd, weight);
   };
   auto chunk_apply = [&](int64_t n, int64_t k, const GradRowBuffers<T>& b) {
-    rows_grad_apply<V>(p, dy + n * sample_len, x + n * sample_len, dx + n * sample_len, k * chunk_rows,
-                       min_i64(rows, (k + 1) * chunk_rows), b);
+    const int64_t r0 = k * chunk_rows, r1 = min_i64(rows, (k + 1) * chunk_rows);
+    // A sample holding a wide group (rare) goes channel by channel in Wide<T>, every group of it: the vector pass
+    // writes whole rows, and in place it would overwrite the wide group's x or dy first.
+    bool wide = false;
+    for (int64_t g = 0; g < G; ++g) wide |= coeffs[n * G + g].wide;
+    if (wide) {
+      const int64_t D = C / G, off = n * sample_len + r0 * C;
+      for (int64_t c = 0; c < C; ++c)
+        wide_grad_apply<T>(dy + off + c, x + off + c, dx + off + c, r1 - r0, C, weight ? weight + c : nullptr, 0,
+                           coeffs[n * G + c / D]);
+      return;
+    }
+    rows_grad_apply<V>(p, dy + n * sample_len, x + n * sample_len, dx + n * sample_len, r0, r1, b);
   };
   auto whole_sample = [&](int64_t n, GradRowBuffers<T>& b) {
     sample_means(p, mean, n, b);
@@ -492,8 +540,7 @@ GroupGradCoeffs<typename V::Scalar> row_group_grad_coeffs(const S* dy, const S* 
   }
   const double M = double(L), mean_lo = V::acc_sum(a_xc) / M, wdy = V::acc_sum(a_wdy);
   const double ds = V::acc_sum(a_wdy_xc) - mean_lo * wdy;
-  const double c2 = -ds * rstd * rstd * rstd / M, c3 = -wdy * rstd / M;
-  return {mean_hi, T(c2), T(c3 - c2 * mean_lo), mean_lo, rstd};
+  return finish_grad_coeffs<T>(mean_hi, mean_lo, rstd, ds, wdy, M);
 }
 
 // dx of one group's L values: dy*(rstd*w) + (x - mean_hi)*c2 + shift.
@@ -581,7 +628,10 @@ Status backward_short_runs(const Problem& p, const S* dy, const S* x, const type
   };
   auto block_apply = [&](int64_t k) {
     groups_of(k, [&](int64_t ng, int64_t off, const T* w) {
-      row_group_grad_apply<V>(dy + off, x + off, dx + off, L, coeffs[ng], w);
+      if (coeffs[ng].wide)
+        wide_grad_apply<T>(dy + off, x + off, dx + off, L, 1, w, 1, coeffs[ng]);
+      else
+        row_group_grad_apply<V>(dy + off, x + off, dx + off, L, coeffs[ng], w);
     });
   };
   auto tile_params = [&](int64_t tile) { short_run_param_grads(p, tile, dy, x, coeffs, dweight, dbias); };
