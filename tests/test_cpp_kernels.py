@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from prebuilt_core import prebuilt_core
+from prebuilt_core import ROOT, prebuilt_core
 
 try:
     import fcntl
 except ImportError:  # no POSIX locks (Windows): each xdist worker then builds in its own directory
     fcntl = None
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cmake():
