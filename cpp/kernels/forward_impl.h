@@ -9,6 +9,7 @@
 // Included by cpp/kernels/isa/<isa>.cpp after defining GROUPNORM_ISA; everything lands in that namespace.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -31,6 +32,7 @@ constexpr int64_t kChunkMinElems = 16384;  // small enough to stay in L2, large 
 constexpr int64_t kChunksMax = 64;         // per group (channels-first) or per sample (channels-last)
 constexpr int kFlushIters = 16;            // vector iterations summed in T before flushing into double
 constexpr int64_t kSerialElems = 32768;    // below this per thread, a thread costs more than it saves
+constexpr int64_t kLineBytes = 64;         // a cache line
 constexpr int64_t kL1TileBytes = 16384;    // rows of a channels-last block kept in L1 across channel tiles
 constexpr int64_t kRowBlockElems = 4096;   // (N, C) input: consecutive groups summed, then applied, while in L1
 constexpr int64_t kShortRun = 16;          // channels-first runs about this short: too short for per-channel work
@@ -663,11 +665,11 @@ void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scal
 
 // Loads sample n's per-channel coefficients into the thread's buffers: for each group, scale = rstd*w and
 // shift = b - mean_lo*scale, one vector (or the group's last, partial vector) at a time, so no vector is
-// ever read back from scalar stores. weight_t / bias_t hold the parameters in T (ones and zeros where
-// absent), padded with zeros.
+// ever read back from scalar stores; then rotated by head, row_rotation's count, for rows_apply (one memmove per
+// array and sample). weight_t / bias_t hold the parameters in T (ones and zeros where absent), padded with zeros.
 template <class V>
 void sample_coeffs(const Problem& p, const GroupStats* stats, const typename V::Scalar* weight_t,
-                   const typename V::Scalar* bias_t, RowBuffers<typename V::Scalar>& b) {
+                   const typename V::Scalar* bias_t, int64_t head, RowBuffers<typename V::Scalar>& b) {
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   const int64_t D = p.C / p.G;
@@ -689,6 +691,9 @@ void sample_coeffs(const Problem& p, const GroupStats* stats, const typename V::
         V::store_tail(b.bias + c, V::load_tail(bias_t + c, n, T(0)) - mean_lo * scale, n);
       }
     }
+  }
+  if (head > 0) {  // rows_apply reads the coefficients rotated: index j holds channel (head + j) % C
+    for (T* a : {b.mean_hi, b.scale, b.bias}) std::rotate(a, a + head, a + p.C);
   }
 }
 
@@ -731,83 +736,110 @@ void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t
   }
 }
 
-// Applies the sample's coefficients to rows [r0, r1) in blocks of rows that stay in L1 across the tiles.
-// When rows are a whole number of vectors long but y's rows start `tail` channels past a vector boundary, every
-// row's last `tail` channels and the next row's first `head` = W - tail make one aligned vector, the seam, with
-// coefficients of its own: only the first row's head and the last row's tail go out masked, and every other
-// store is aligned and whole (a store split over two cache lines cost 15-25% of the whole call on
-// [1,320,64,64]; masking each row's head and tail instead cost up to 25% on [1,128,256,256] float16; non-temporal
-// stores need the alignment). `backwards` (apply_backwards) runs the blocks, the tiles and their rows in the
-// opposite order.
+// The rotation of a channels-last y: how many channels each row of y has before its first store boundary, so that
+// the rows can be applied as "virtual rows" [head, C) + the next row's [0, head), each of which starts on the
+// boundary (0 when the rows are already aligned, or when their alignment differs from row to row). The boundary
+// is a cache line when rows are a whole number of lines long, else a vector when they are a whole number of
+// vectors long. Stores that split a line between two channel tiles, written at different times, cost 7-10% on
+// [1,320,64,64] bfloat16 against the same rows started on a line; a store split over two lines cost 15-25% of the
+// whole call, and non-temporal stores need the alignment.
+template <class S>
+int64_t row_rotation(const S* y, int64_t C, int64_t W) {
+  if (C % W != 0) return 0;
+  const int64_t row_bytes = C * int64_t(sizeof(S));
+  const int64_t unit = row_bytes % kLineBytes == 0 ? kLineBytes : W * int64_t(sizeof(S));
+  const int64_t off = int64_t(reinterpret_cast<uintptr_t>(y) % uint64_t(unit));
+  return off == 0 ? 0 : (unit - off) / int64_t(sizeof(S));
+}
+
+// Applies m (1 <= m <= K - 1) whole vectors of channels starting at c as one tile, so the lines they cover are
+// written together.
+template <class V, int K, bool kSilu, bool kStream, class S>
+void column_apply_rest(const S* x, S* y, int64_t C, int64_t c, int64_t m, int64_t r0, int64_t r1,
+                       ColumnCoeffs<typename V::Scalar> k, bool backwards) {
+  if (m == 1) {
+    column_apply<V, 1, false, kSilu, kStream>(x, y, C, c, C, r0, r1, k, backwards);
+  } else if constexpr (K > 2) {
+    if (m == 2)
+      column_apply<V, 2, false, kSilu, kStream>(x, y, C, c, C, r0, r1, k, backwards);
+    else
+      column_apply<V, 3, false, kSilu, kStream>(x, y, C, c, C, r0, r1, k, backwards);
+  }
+}
+
+// Applies the sample's coefficients to rows [r0, r1) in blocks of rows that stay in L1 across the tiles. The
+// coefficients come rotated by head = row_rotation(y) (sample_coeffs): index j holds channel (head + j) % C. With
+// head > 0 the block's rows go as virtual rows (row_rotation), all of whose stores are aligned and whole; only the
+// chunk's first row's [0, head) and its last row's [head, C) go on their own, with a masked first vector.
+// `backwards` (apply_backwards) runs the blocks, the pieces, the tiles and their rows in the opposite order.
 template <class V, class S, bool kSilu, bool kStream>
 void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, const RowBuffers<typename V::Scalar>& b,
-                bool backwards) {
+                int64_t head, bool backwards) {
   using T = typename V::Scalar;
   // Channel vectors whose coefficients stay in registers: three registers each, so 2 on 16-register ISAs.
-  constexpr int64_t W = V::kWidth, K = V::kRegisters >= 32 ? 4 : 2;
+  constexpr int64_t W = V::kWidth;
+  constexpr int K = V::kRegisters >= 32 ? 4 : 2;
   const int64_t C = p.C;
-  const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(y) % (W * sizeof(S))) / int64_t(sizeof(S));
-  const int64_t head = misaligned && C % W == 0 ? W - misaligned : 0;  // kStream: C % W == 0 always
   const int64_t rows_per_block = max_i64(1, kL1TileBytes / int64_t(sizeof(S) * C));
-  const int64_t full_end = head + (C - head) / (K * W) * (K * W);  // the K-vector tiles: [head, full_end)
-  const int64_t single_end = full_end + (C - full_end) / W * W;  // then single vectors, then the tail
-  auto at = [&](int64_t c) { return ColumnCoeffs<T>{b.mean_hi + c, b.scale + c, b.bias + c}; };
-  alignas(64) T seam[3][W];  // lanes: the row's channels [single_end, C), then the next row's [0, head)
-  if (head > 0) {
-    for (int64_t i = 0; i < W; ++i) {
-      const int64_t c = i < C - single_end ? single_end + i : i - (C - single_end);
-      seam[0][i] = b.mean_hi[c];
-      seam[1][i] = b.scale[c];
-      seam[2][i] = b.bias[c];
-    }
-  }
-  const ColumnCoeffs<T> seam_coeffs{seam[0], seam[1], seam[2]};
-  auto block = [&](int64_t rb, int64_t re) {
-    // Each column group in turn, the order reversed backwards. With a seam, rows [rb, seam_end) end in one; only
-    // the chunk's first head (row r0) and last tail (row r1 - 1) are masked.
-    const int64_t seam_end = min_i64(re, r1 - 1);
-    auto first_head = [&] {
-      if (head > 0 && rb == r0) column_apply<V, 1, true, kSilu, false>(x, y, C, 0, head, r0, r0 + 1, at(0), backwards);
+  // Channels [c0, c1) of rows [rb, re) of xs / ys, their coefficients from index k0: `lead` channels as one masked
+  // vector (up to the first vector boundary of y), K-vector tiles, one tile of the whole vectors left, a masked tail.
+  auto span = [&](const S* xs, S* ys, int64_t c0, int64_t c1, int64_t k0, int64_t lead, int64_t rb, int64_t re) {
+    auto at = [&](int64_t c) { return ColumnCoeffs<T>{b.mean_hi + k0 + c - c0, b.scale + k0 + c - c0,
+                                                      b.bias + k0 + c - c0}; };
+    const int64_t a = c0 + lead;
+    const int64_t tiles = (c1 - a) / (K * W), rest_at = a + tiles * K * W;
+    const int64_t rest = (c1 - rest_at) / W, tail_at = rest_at + rest * W;
+    auto first = [&] {
+      if (lead > 0) column_apply<V, 1, true, kSilu, false>(xs, ys, C, c0, lead, rb, re, at(c0), backwards);
     };
-    auto tiles = [&] {
-      for (int64_t i = 0, n = (full_end - head) / (K * W); i < n; ++i) {
-        const int64_t c = head + (backwards ? n - 1 - i : i) * K * W;
-        column_apply<V, K, false, kSilu, kStream>(x, y, C, c, C, rb, re, at(c), backwards);
+    auto tile = [&] {
+      for (int64_t i = 0; i < tiles; ++i) {
+        const int64_t c = a + (backwards ? tiles - 1 - i : i) * K * W;
+        column_apply<V, K, false, kSilu, kStream>(xs, ys, C, c, C, rb, re, at(c), backwards);
       }
     };
-    auto singles = [&] {
-      for (int64_t i = 0, n = (single_end - full_end) / W; i < n; ++i) {
-        const int64_t c = full_end + (backwards ? n - 1 - i : i) * W;
-        column_apply<V, 1, false, kSilu, kStream>(x, y, C, c, C, rb, re, at(c), backwards);
-      }
+    auto rest_tile = [&] {
+      if (rest > 0) column_apply_rest<V, K, kSilu, kStream>(xs, ys, C, rest_at, rest, rb, re, at(rest_at), backwards);
     };
-    auto tails = [&] {  // without a seam: every row's partial last vector
-      if (head == 0 && single_end < C)
-        column_apply<V, 1, true, kSilu, false>(x, y, C, single_end, C - single_end, rb, re, at(single_end), backwards);
-    };
-    auto seams = [&] {
-      if (head > 0 && rb < seam_end)
-        column_apply<V, 1, false, kSilu, kStream>(x, y, C, single_end, W, rb, seam_end, seam_coeffs, backwards);
-    };
-    auto last_tail = [&] {
-      if (head > 0 && re == r1)
-        column_apply<V, 1, true, kSilu, false>(x, y, C, single_end, C - single_end, r1 - 1, r1, at(single_end),
-                                               backwards);
+    auto tail = [&] {
+      if (tail_at < c1)
+        column_apply<V, 1, true, kSilu, false>(xs, ys, C, tail_at, c1 - tail_at, rb, re, at(tail_at), backwards);
     };
     if (backwards) {
-      last_tail();
-      seams();
-      tails();
-      singles();
-      tiles();
-      first_head();
+      tail();
+      rest_tile();
+      tile();
+      first();
     } else {
-      first_head();
-      tiles();
-      singles();
-      tails();
-      seams();
-      last_tail();
+      first();
+      tile();
+      rest_tile();
+      tail();
+    }
+  };
+  auto block = [&](int64_t rb, int64_t re) {
+    if (head == 0) {
+      span(x, y, 0, C, 0, 0, rb, re);
+      return;
+    }
+    const int64_t virtual_end = min_i64(re, r1 - 1);  // the virtual row of r1 - 1 would run into the next chunk
+    auto first_row = [&] {
+      if (rb == r0) span(x, y, 0, head, C - head, head % W, r0, r0 + 1);
+    };
+    auto virtual_rows = [&] {
+      if (rb < virtual_end) span(x + head, y + head, 0, C, 0, 0, rb, virtual_end);
+    };
+    auto last_row = [&] {
+      if (re == r1) span(x, y, head, C, 0, 0, r1 - 1, r1);
+    };
+    if (backwards) {
+      last_row();
+      virtual_rows();
+      first_row();
+    } else {
+      first_row();
+      virtual_rows();
+      last_row();
     }
   };
   const int64_t blocks = ceil_div(r1 - r0, rows_per_block);
@@ -816,7 +848,6 @@ void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, cons
     block(rb, min_i64(r1, rb + rows_per_block));
   }
 }
-
 template <class V, class S, bool kSilu>
 Status forward_channels_last(const Problem& p, const S* x, const typename V::Scalar* weight,
                              const typename V::Scalar* bias, S* y, GroupStats* stats) {
@@ -895,6 +926,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
     sample_wide.data[n] = wide;
   };
   const bool stream = streams_output(p, sizeof(S)) && C % V::kWidth == 0, backwards = apply_backwards(x, y);
+  const int64_t head = row_rotation(y, C, V::kWidth);
   auto chunk_apply = [&](int64_t n, int64_t k, const RowBuffers<T>& b) {
     const int64_t r0 = k * chunk_rows, r1 = min_i64(rows, (k + 1) * chunk_rows);
     const S* xs = x + n * sample_len;
@@ -907,16 +939,16 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
         wide_apply_run<T, kSilu>(xs + r0 * C + c, ys + r0 * C + c, r1 - r0, C, stats[n * G + c / D], weight, bias,
                                  c);
     } else if (stream) {
-      rows_apply<V, S, kSilu, true>(p, xs, ys, r0, r1, b, backwards);
+      rows_apply<V, S, kSilu, true>(p, xs, ys, r0, r1, b, head, backwards);
     } else {
-      rows_apply<V, S, kSilu, false>(p, xs, ys, r0, r1, b, backwards);
+      rows_apply<V, S, kSilu, false>(p, xs, ys, r0, r1, b, head, backwards);
     }
   };
 
   auto whole_sample = [&](int64_t n, RowBuffers<T>& b) {
     for (int64_t k = 0; k < nchunks; ++k) chunk_moments(n * nchunks + k, b);
     sample_finish(n);
-    sample_coeffs<V>(p, stats + n * G, weight_t, bias_t, b);
+    sample_coeffs<V>(p, stats + n * G, weight_t, bias_t, head, b);
     for (int64_t k = 0; k < nchunks; ++k) chunk_apply(n, k, b);
   };
 
@@ -952,7 +984,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
         if (!ok) continue;
         const int64_t n = unit / nchunks;
         if (n != coeffs_of) {
-          sample_coeffs<V>(p, stats + n * G, weight_t, bias_t, b);
+          sample_coeffs<V>(p, stats + n * G, weight_t, bias_t, head, b);
           coeffs_of = n;
         }
         chunk_apply(n, unit % nchunks, b);

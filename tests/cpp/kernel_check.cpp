@@ -440,16 +440,20 @@ void check_forward(Tally& tally, const std::string& label, const Problem& p, con
     const Status st = run_forward<T>(p, inout.data(), weight, bias, inout.data(), nullptr, nullptr);
     tally.expect(st == groupnorm::kOk && inout.guards_intact() && inout.bitwise_equal(y),
                  label + ": in-place result differs from out-of-place (or guards overwritten)");
-    // y placed a little after x modulo 4 KiB (one element, one cache line; the apply pass then runs backwards,
-    // forward_impl.h's apply_backwards) and a little before it (forwards): the same bits as y above.
-    const int64_t page = 4096 / int64_t(sizeof(T)), len = s.size();
-    for (const int64_t lead : {int64_t(1), 64 / int64_t(sizeof(T)), page - 1}) {
-      const int64_t at = (len + kGuard + page - 1) / page * page + lead;  // y's index in the shared buffer
-      std::vector<T> shared(size_t(at + len + kGuard));
-      std::memcpy(shared.data(), x.data(), sizeof(T) * size_t(len));
+    // y placed a little after x modulo 4 KiB (one element, half a cache line and one, one line; the apply pass
+    // then runs backwards, forward_impl.h's apply_backwards) and a little before it (forwards), x on a cache line:
+    // the same bits as y above. The element offsets inside a line give channels-last rows of every rotation kind
+    // (forward_impl.h's row_rotation): more than a vector, less than one, none.
+    const int64_t page = 4096 / int64_t(sizeof(T)), len = s.size(), line = 64 / int64_t(sizeof(T));
+    for (const int64_t lead : {int64_t(1), line / 2 + 1, line, page - 1}) {
+      const int64_t at = (len + kGuard + page - 1) / page * page + lead;  // y's index past x
+      std::vector<T> storage(size_t(line + at + len + kGuard));
+      T* const shared = storage.data() + (line - int64_t(reinterpret_cast<uintptr_t>(storage.data()) % 64) /
+                                                  int64_t(sizeof(T))) % line;  // x on a cache line
+      std::memcpy(shared, x.data(), sizeof(T) * size_t(len));
       for (int64_t i = 0; i < kGuard; ++i) shared[size_t(at - 1 - i)] = shared[size_t(at + len + i)] = sentinel<T>();
       for (int64_t i = 0; i < len; ++i) shared[size_t(at + i)] = quiet_nan<T>();
-      const Status st2 = run_forward<T>(p, shared.data(), weight, bias, shared.data() + at, nullptr, nullptr);
+      const Status st2 = run_forward<T>(p, shared, weight, bias, shared + at, nullptr, nullptr);
       bool guards = true;
       for (int64_t i = 0; i < kGuard; ++i) {
         const T g = sentinel<T>();
@@ -457,7 +461,7 @@ void check_forward(Tally& tally, const std::string& label, const Problem& p, con
                  std::memcmp(&shared[size_t(at + len + i)], &g, sizeof(T)) == 0;
       }
       tally.expect(st2 == groupnorm::kOk && guards &&
-                       std::memcmp(shared.data() + at, y.data(), sizeof(T) * size_t(len)) == 0,
+                       std::memcmp(shared + at, y.data(), sizeof(T) * size_t(len)) == 0,
                    format("%s: y %lld elements past a page boundary after x differs (or guards overwritten)",
                           label.c_str(), (long long)lead));
     }
