@@ -9,7 +9,6 @@
 // Included by cpp/kernels/isa/<isa>.cpp after defining GROUPNORM_ISA; everything lands in that namespace.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -309,6 +308,22 @@ V activate(V y) {
   }
 }
 
+// Stores a to p[0, W) and b to p[W, 2W): V::store_pair where V has one for S (bfloat16 with AVX512_BF16: one
+// narrowing for both), else two stores. The int / long argument makes the first overload win where it exists.
+template <class V, class S>
+auto store_pair_of(S* p, V a, V b, int) -> decltype(V::store_pair(p, a, b)) {
+  V::store_pair(p, a, b);
+}
+template <class V, class S>
+void store_pair_of(S* p, V a, V b, long) {
+  V::store(p, a);
+  V::store(p + V::kWidth, b);
+}
+template <class V, class S>
+void store_pair(S* p, V a, V b) {
+  store_pair_of<V>(p, a, b, 0);
+}
+
 // Per-channel affine coefficients of the apply step: y = (x - mean_hi) * scale + shift.
 template <class T>
 struct Coeffs {
@@ -354,6 +369,14 @@ void apply_run(const S* x, S* y, int64_t n, Coeffs<typename V::Scalar> k, bool b
     else
       V::store(to, v);
   };
+  auto store2 = [&](S* to, const V& a, const V& b) {  // a to to[0, W), b to to[W, 2W)
+    if (kStream) {
+      V::store_stream(to, a);
+      V::store_stream(to + W, b);
+    } else {
+      store_pair(to, a, b);
+    }
+  };
   // Elements before y's first vector boundary, stored first (masked) so that the rest are aligned: non-temporal
   // stores need it, and backwards a store split over two lines costs a third more (forwards, a few percent).
   int64_t head = 0;
@@ -368,8 +391,7 @@ void apply_run(const S* x, S* y, int64_t n, Coeffs<typename V::Scalar> k, bool b
     for (; i - 2 * W >= head; i -= 2 * W) {
       const V yb = value(V::load(x + i - W));
       const V ya = value(V::load(x + i - 2 * W));
-      store(y + i - W, yb);
-      store(y + i - 2 * W, ya);
+      store2(y + i - 2 * W, ya, yb);
     }
     if (i - W >= head) store(y + i - W, value(V::load(x + i - W)));
     if (head > 0) V::store_tail(y, value(V::load_tail(x, head, T(0))), head);
@@ -380,8 +402,7 @@ void apply_run(const S* x, S* y, int64_t n, Coeffs<typename V::Scalar> k, bool b
   for (; i + 2 * W <= n; i += 2 * W) {
     const V ya = value(V::load(x + i));
     const V yb = value(V::load(x + i + W));
-    store(y + i, ya);
-    store(y + i + W, yb);
+    store2(y + i, ya, yb);
   }
   if (i + W <= n) {
     store(y + i, value(V::load(x + i)));
@@ -663,10 +684,25 @@ void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scal
   }
 }
 
+// a[0, n) rotated left by k, in place: a[j] takes a[(j + k) % n] (three reversals; no std template in an ISA TU).
+template <class T>
+void rotate_left(T* a, int64_t n, int64_t k) {
+  auto reverse = [](T* lo, T* hi) {
+    for (--hi; lo < hi; ++lo, --hi) {
+      const T t = *lo;
+      *lo = *hi;
+      *hi = t;
+    }
+  };
+  reverse(a, a + k);
+  reverse(a + k, a + n);
+  reverse(a, a + n);
+}
+
 // Loads sample n's per-channel coefficients into the thread's buffers: for each group, scale = rstd*w and
 // shift = b - mean_lo*scale, one vector (or the group's last, partial vector) at a time, so no vector is
-// ever read back from scalar stores; then rotated by head, row_rotation's count, for rows_apply (one memmove per
-// array and sample). weight_t / bias_t hold the parameters in T (ones and zeros where absent), padded with zeros.
+// ever read back from scalar stores; then rotated by head, row_rotation's count, for rows_apply. weight_t / bias_t
+// hold the parameters in T (ones and zeros where absent), padded with zeros.
 template <class V>
 void sample_coeffs(const Problem& p, const GroupStats* stats, const typename V::Scalar* weight_t,
                    const typename V::Scalar* bias_t, int64_t head, RowBuffers<typename V::Scalar>& b) {
@@ -693,7 +729,9 @@ void sample_coeffs(const Problem& p, const GroupStats* stats, const typename V::
     }
   }
   if (head > 0) {  // rows_apply reads the coefficients rotated: index j holds channel (head + j) % C
-    for (T* a : {b.mean_hi, b.scale, b.bias}) std::rotate(a, a + head, a + p.C);
+    rotate_left(b.mean_hi, p.C, head);
+    rotate_left(b.scale, p.C, head);
+    rotate_left(b.bias, p.C, head);
   }
 }
 
@@ -705,7 +743,7 @@ struct ColumnCoeffs {
 
 // Applies K vectors of channel coefficients to the columns starting at c of rows [r0, r1), the coefficients held
 // in registers; with kTail, one vector of which only `count` channels exist. `backwards` (apply_backwards): the
-// last row first, and each row's vectors from the last.
+// last row first, and each row's vectors (in pairs: store_pair) from the last.
 template <class V, int K, bool kTail, bool kSilu, bool kStream, class S>
 void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t r0, int64_t r1,
                   ColumnCoeffs<typename V::Scalar> k, bool backwards) {
@@ -717,9 +755,11 @@ void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t
     scale[i] = V::load(k.scale + i * W);
     shift[i] = V::load(k.shift + i * W);
   }
-  auto vector = [&](const S* xr, S* yr, int i) {
+  auto value = [&](const S* xr, int i) {
     const V v = (kTail ? V::load_tail(xr, count, T(0)) : V::load(xr + i * W)) - mean_hi[i];
-    const V out = activate<V, kSilu>(fma(v, scale[i], shift[i]));
+    return activate<V, kSilu>(fma(v, scale[i], shift[i]));
+  };
+  auto put = [&](S* yr, int i, const V& out) {
     if (kTail)
       V::store_tail(yr, out, count);
     else if (kStream)
@@ -727,12 +767,30 @@ void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t
     else
       V::store(yr + i * W, out);
   };
+  // Vectors i and i + 1 of a row, stored as a pair (store_pair) unless streamed.
+  auto pair = [&](const S* xr, S* yr, int i) {
+    const V a = value(xr, i), b = value(xr, i + 1);
+    if (kStream) {
+      put(yr, i, a);
+      put(yr, i + 1, b);
+    } else {
+      store_pair(yr + i * W, a, b);
+    }
+  };
+  constexpr int kPaired = kTail ? 0 : K / 2 * 2;
+  auto row = [&](const S* xr, S* yr) {
+    if (backwards) {
+      if (kPaired < K) put(yr, K - 1, value(xr, K - 1));
+      for (int i = kPaired - 2; i >= 0; i -= 2) pair(xr, yr, i);
+    } else {
+      for (int i = 0; i < kPaired; i += 2) pair(xr, yr, i);
+      if (kPaired < K) put(yr, K - 1, value(xr, K - 1));
+    }
+  };
   if (backwards) {
-    for (int64_t r = r1 - 1; r >= r0; --r)
-      for (int i = K - 1; i >= 0; --i) vector(x + r * C + c, y + r * C + c, i);
+    for (int64_t r = r1 - 1; r >= r0; --r) row(x + r * C + c, y + r * C + c);
   } else {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int i = 0; i < K; ++i) vector(x + r * C + c, y + r * C + c, i);
+    for (int64_t r = r0; r < r1; ++r) row(x + r * C + c, y + r * C + c);
   }
 }
 
@@ -949,7 +1007,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
     for (int64_t k = 0; k < nchunks; ++k) chunk_moments(n * nchunks + k, b);
     sample_finish(n);
     sample_coeffs<V>(p, stats + n * G, weight_t, bias_t, head, b);
-    for (int64_t k = 0; k < nchunks; ++k) chunk_apply(n, k, b);
+    for (int64_t k = nchunks - 1; k >= 0; --k) chunk_apply(n, k, b);  // last summed first: still in cache
   };
 
   const int nt = team_size(p.num_threads, p.N * sample_len, units);
