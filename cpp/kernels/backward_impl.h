@@ -125,8 +125,7 @@ void grad_apply_run(const S* dy, const S* x, S* dx, int64_t n, typename V::Scala
   for (; i + 2 * W <= n; i += 2 * W) {
     const V a = fma(V::load(dy + i), scale, fma(V::load(x + i) - m, c2, shift));
     const V b = fma(V::load(dy + i + W), scale, fma(V::load(x + i + W) - m, c2, shift));
-    V::store(dx + i, a);
-    V::store(dx + i + W, b);
+    store_pair(dx + i, a, b);
   }
   for (; i + W <= n; i += W) V::store(dx + i, fma(V::load(dy + i), scale, fma(V::load(x + i) - m, c2, shift)));
   if (i < n) {
@@ -388,11 +387,13 @@ void rows_grad_apply(const Problem& p, const S* dy, const S* x, S* dx, int64_t r
     const S* dy_row = dy + r * C;
     const S* x_row = x + r * C;
     S* dx_row = dx + r * C;
-    int64_t c = 0;
-    for (; c < c_full; c += W) {
+    auto value = [&](int64_t c) {
       const V xc = V::load(x_row + c) - V::load(b.mean_hi + c);
-      V::store(dx_row + c, fma(V::load(dy_row + c), V::load(b.scale + c), fma(xc, V::load(b.c2 + c), V::load(b.shift + c))));
-    }
+      return fma(V::load(dy_row + c), V::load(b.scale + c), fma(xc, V::load(b.c2 + c), V::load(b.shift + c)));
+    };
+    int64_t c = 0;
+    for (; c + 2 * W <= c_full; c += 2 * W) store_pair(dx_row + c, value(c), value(c + W));
+    for (; c < c_full; c += W) V::store(dx_row + c, value(c));
     if (c < C) {
       const V xc = V::load_tail(x_row + c, C - c, T(0)) - V::load(b.mean_hi + c);
       const V v = fma(V::load_tail(dy_row + c, C - c, T(0)), V::load(b.scale + c),
@@ -450,7 +451,7 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
     for (int64_t k = 0; k < nchunks; ++k) chunk_sums(n * nchunks + k, b);
     sample_finish(n);
     sample_grad_coeffs(p, coeffs + n * G, weight, b);
-    for (int64_t k = 0; k < nchunks; ++k) chunk_apply(n, k, b);
+    for (int64_t k = nchunks - 1; k >= 0; --k) chunk_apply(n, k, b);  // last summed first: still in cache
   };
 
   const int nt = team_size(p.num_threads, 2 * p.N * sample_len, units);
@@ -474,9 +475,10 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
       for (int64_t n = 0; n < p.N; ++n)
         if (ok) whole_sample(n, b);
     } else {
+      // Each thread applies its own chunks, last summed first: those are still in its cache.
+      const ThreadRange mine = thread_range(units);
       int64_t means_of = -1;
-#pragma omp for schedule(static)
-      for (int64_t unit = 0; unit < units; ++unit) {
+      for (int64_t unit = mine.begin; unit < mine.end; ++unit) {
         if (!ok) continue;
         const int64_t n = unit / nchunks;
         if (n != means_of) {
@@ -485,11 +487,11 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
         }
         chunk_sums(unit, b);
       }
+#pragma omp barrier
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < p.N; ++n) sample_finish(n);
       int64_t coeffs_of = -1;
-#pragma omp for schedule(static)
-      for (int64_t unit = 0; unit < units; ++unit) {
+      for (int64_t unit = mine.end - 1; unit >= mine.begin; --unit) {
         if (!ok) continue;
         const int64_t n = unit / nchunks;
         if (n != coeffs_of) {
