@@ -51,13 +51,23 @@ struct VecF32 {
   }
   static __m128i narrow(VecF32 a, const Half*) { return _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT); }
   static __m128i narrow(VecF32 a, const BFloat16*) {
+    const __m256i bits = bf16_lanes(a);
+    return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  }
+  // Round to nearest even in integer arithmetic, each bfloat16 in the low half of its 32-bit lane: add 0x7fff plus
+  // the kept part's lowest bit, keep the high half; a NaN keeps its sign and top payload bits and is made quiet.
+  static __m256i bf16_lanes(VecF32 a) {
     const __m256i u = _mm256_castps_si256(a.v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
     const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
-    const __m256i bits = _mm256_blendv_epi8(rounded, quiet_nan, nan);
-    return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+    return _mm256_blendv_epi8(rounded, quiet_nan, nan);
+  }
+  // Two vectors to p[0, 2W): one pack and one lane permute for both, where narrow() packs each alone.
+  static void store_pair(BFloat16* p, VecF32 a, VecF32 b) {
+    const __m256i packed = _mm256_packus_epi32(bf16_lanes(a), bf16_lanes(b));  // 64-bit quarters: a0-3 b0-3 a4-7 b4-7
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
   }
   template <class H>
   static VecF32 load(const H* p) {
