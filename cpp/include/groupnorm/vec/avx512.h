@@ -68,16 +68,24 @@ struct VecF32 {
   }
 #else
   static __m256i narrow(VecF32 a, const BFloat16* p) { return narrow_bf16_bits(a, p); }
+  // Two vectors to p[0, 2W): one pack and one quarter permute for both, where narrow() packs each alone.
+  static void store_pair(BFloat16* p, VecF32 a, VecF32 b) {
+    const __m512i packed = _mm512_packus_epi32(bf16_lanes(a), bf16_lanes(b));  // per 128 bits: a 4, b 4, a 4, b 4
+    const __m512i bits = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), packed);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(bits));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + kWidth), _mm512_extracti64x4_epi64(bits, 1));
+  }
 #endif
-  // Round to nearest even in integer arithmetic: add 0x7fff plus the kept part's lowest bit, keep the high half;
-  // a NaN keeps its sign and top payload bits and is made quiet.
-  static __m256i narrow_bf16_bits(VecF32 a, const BFloat16*) {
+  static __m256i narrow_bf16_bits(VecF32 a, const BFloat16*) { return _mm512_cvtepi32_epi16(bf16_lanes(a)); }
+  // Round to nearest even in integer arithmetic, each bfloat16 in the low half of its 32-bit lane: add 0x7fff plus
+  // the kept part's lowest bit, keep the high half; a NaN keeps its sign and top payload bits and is made quiet.
+  static __m512i bf16_lanes(VecF32 a) {
     const __m512i u = _mm512_castps_si512(a.v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
     const __mmask16 nan = _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
-    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet_nan));
+    return _mm512_mask_blend_epi32(nan, rounded, quiet_nan);
   }
   template <class H>
   static VecF32 load(const H* p) {
