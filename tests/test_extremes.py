@@ -22,7 +22,7 @@ def test_huge_spread_float32(isa, scale, channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_outlier_at_every_sampled_position(isa, channels_last):
-    # The shift is the median of a group's first, middle and last values: make all three outliers.
+    # The shift comes from a group's first, middle and last positions: make them all outliers.
     rng = np.random.default_rng()
     x = (200 + rng.standard_normal((1, 2, 4097))).astype(np.float32)
     x[:, :, [0, 2048, 4096]] = 0.0
@@ -30,6 +30,25 @@ def test_outlier_at_every_sampled_position(isa, channels_last):
         x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
     y = gn.group_norm(x, 1)
     assert_matches_reference(y, group_norm_reference(x, 1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels,groups", [(6, 6), (12, 4), (64, 4), (84, 2), (200, 5)])
+def test_channels_last_second_look(isa, dtype, channels, groups):
+    # Channels-last groups (1, 3, 16, 42 and 40 channels: within a vector, whole vectors, a tail) whose every
+    # channel is an outlier in the first, middle and last rows, so the shift sits far from the mean and the
+    # group is summed again (strided_shifted_sums), beside groups that are not; rows enough for several flushes.
+    rng = np.random.default_rng()
+    rows = 301
+    D = channels // groups
+    x = (1e3 + rng.standard_normal((2, rows, channels))).astype(dtype)
+    for n, g in ((0, 0), (1, groups - 1)):
+        x[n, [0, rows // 2, rows - 1], g * D:(g + 1) * D] = -5e3
+    x = np.moveaxis(x, -1, 1)  # (N, C, rows), channels-last in memory
+    w = rng.standard_normal(channels).astype(dtype)
+    b = rng.standard_normal(channels).astype(dtype)
+    y = gn.group_norm(x, groups, w, b)
+    assert_matches_reference(y, group_norm_reference(x, groups, w, b))
 
 
 def test_tiny_values_float32(isa):

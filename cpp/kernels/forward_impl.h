@@ -271,6 +271,32 @@ ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift) {
   return {V::acc_sum(s1), V::acc_sum(s2)};
 }
 
+// The sums of n values a row over `rows` rows `stride` apart (one group of a channels-last sample), vectorised
+// across the row's values, with up to 2*kFlushIters terms a lane summed in T before each flush into the
+// lane-wise double accumulators (as run_shifted_sums). The second look at a channels-last group (refine_sums):
+// a call to run_shifted_sums a row took 41 us for one group of [1,320,64,64] bfloat16, a third of the whole call.
+template <class V, class S>
+ShiftedSums strided_shifted_sums(const S* x, int64_t n, int64_t stride, int64_t rows, typename V::Scalar shift) {
+  constexpr int64_t W = V::kWidth;
+  const V shift_v = V::broadcast(shift);
+  const int64_t vectors = ceil_div(n, W), rows_per_flush = max_i64(1, 2 * kFlushIters / vectors);
+  typename V::Acc s1 = V::acc_zero(), s2 = V::acc_zero();
+  for (int64_t rb = 0; rb < rows; rb += rows_per_flush) {
+    V sum = V::zero(), sq = V::zero();
+    for (int64_t r = rb; r < min_i64(rows, rb + rows_per_flush); ++r) {
+      const S* row = x + r * stride;
+      for (int64_t i = 0; i < n; i += W) {
+        const V d = (i + W <= n ? V::load(row + i) : V::load_tail(row + i, n - i, shift)) - shift_v;  // fill: 0
+        sum = sum + d;
+        sq = fma(d, d, sq);
+      }
+    }
+    V::acc_add(s1, sum);
+    V::acc_add(s2, sq);
+  }
+  return {V::acc_sum(s1), V::acc_sum(s2)};
+}
+
 // The sums of a run of any length: one vector or less inline (short_run_shifted_sums), longer through
 // run_shifted_sums.
 template <class V, class S>
@@ -630,12 +656,19 @@ void column_sums(const S* sample, int64_t C, int64_t c, int64_t count, int64_t r
   }
 }
 
-// The shift of group g of a channels-last sample: the median of its first, middle and last values.
+// The shift of group g of a channels-last sample: Tukey's ninther of its first, middle and last channels in its
+// first, middle and last rows (the median of the three rows' medians): the three lines that one value a row took.
+// A shift more than two standard deviations from the mean sends the group to refine_sums' second look, which in
+// this layout costs a fifth to a half of a [1,320,64,64] call per group. With one value a row that was 0.3% of
+// groups of normal data (9% of [1,320,64,64] G32 calls); with the ninther, 0.0014%.
 template <class T, class S>
 T sample_group_shift(const Problem& p, const S* sample, int64_t g) {
   const int64_t C = p.C, D = C / p.G, rows = p.HxW;
-  return median3(T(widen(sample[g * D])), T(widen(sample[(rows / 2) * C + g * D + D / 2])),
-                 T(widen(sample[(rows - 1) * C + (g + 1) * D - 1])));
+  auto row_median = [&](int64_t r) {
+    const S* at = sample + r * C + g * D;
+    return median3(T(widen(at[0])), T(widen(at[D / 2])), T(widen(at[D - 1])));
+  };
+  return median3(row_median(0), row_median(rows / 2), row_median(rows - 1));
 }
 
 // Shifted sums of rows [r0, r1) of one sample, per group, into out[G]. Every channel of group g is shifted
@@ -955,12 +988,9 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
         for (int64_t r = 0; r < rows; ++r) f(sample + r * C + g * D, D);
       };
       auto resum = [&](T k, double& r1, double& r2) {
-        r1 = r2 = 0.0;
-        for (int64_t r = 0; r < rows; ++r) {
-          const ShiftedSums sums = run_shifted_sums<V>(sample + r * C + g * D, D, k);
-          r1 += sums.s1;
-          r2 += sums.s2;
-        }
+        const ShiftedSums sums = strided_shifted_sums<V>(sample + g * D, D, C, rows, k);
+        r1 = sums.s1;
+        r2 = sums.s2;
       };
       if (refine_sums<V>(inv_count, shift, s1, s2, resum, visit))
         return wide_group_stats(count, shift, p.eps, visit);
