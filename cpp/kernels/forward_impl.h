@@ -334,8 +334,8 @@ V activate(V y) {
   }
 }
 
-// Stores a to p[0, W) and b to p[W, 2W): V::store_pair where V has one for S (bfloat16 with AVX512_BF16: one
-// narrowing for both), else two stores. The int / long argument makes the first overload win where it exists.
+// Stores a to p[0, W) and b to p[W, 2W): V::store_pair where V has one for S (bfloat16 on x86: one narrowing, or
+// one pack, for both), else two stores. The int / long argument makes the first overload win where it exists.
 template <class V, class S>
 auto store_pair_of(S* p, V a, V b, int) -> decltype(V::store_pair(p, a, b)) {
   V::store_pair(p, a, b);
