@@ -82,6 +82,12 @@ T median3(T a, T b, T c) {
   return c < lo ? lo : (hi < c ? hi : c);
 }
 
+// median3 of a run's first, middle and last values x[0], x[n / 2], x[n - 1], in T.
+template <class T, class S>
+T run_median3(const S* x, int64_t n) {
+  return median3(T(widen(x[0])), T(widen(x[n / 2])), T(widen(x[n - 1])));
+}
+
 // True when the shift lies more than two standard deviations from the mean: the sums in T then carry too
 // much cancellation for the float32 target, and the group is summed again around its mean (rare: the
 // median of three samples is that far off for well under 1% of Gaussian groups). False for NaN.
@@ -511,7 +517,7 @@ Status forward_channels_first(const Problem& p, const S* x, const typename V::Sc
   if (!partial.data) return kOutOfMemory;
   const bool stream = streams_output(p, sizeof(S)), backwards = apply_backwards(x, y);
   auto group_shift = [&](const S* group) {
-    return median3(T(widen(group[0])), T(widen(group[group_len / 2])), T(widen(group[group_len - 1])));
+    return run_median3<T>(group, group_len);
   };
 
   auto chunk_moments = [&](int64_t unit) {
@@ -664,10 +670,7 @@ void column_sums(const S* sample, int64_t C, int64_t c, int64_t count, int64_t r
 template <class T, class S>
 T sample_group_shift(const Problem& p, const S* sample, int64_t g) {
   const int64_t C = p.C, D = C / p.G, rows = p.HxW;
-  auto row_median = [&](int64_t r) {
-    const S* at = sample + r * C + g * D;
-    return median3(T(widen(at[0])), T(widen(at[D / 2])), T(widen(at[D - 1])));
-  };
+  auto row_median = [&](int64_t r) { return run_median3<T>(sample + r * C + g * D, D); };
   return median3(row_median(0), row_median(rows / 2), row_median(rows - 1));
 }
 
@@ -947,7 +950,8 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
   const int64_t chunk_rows = max_i64(ceil_div(kChunkMinElems, C), ceil_div(rows, kChunksMax));
   const int64_t nchunks = ceil_div(rows, chunk_rows);
   const int64_t units = p.N * nchunks;
-  // One spare vector: a streaming apply reads coefficient vectors from an unaligned channel offset.
+  // One spare vector: rows_apply's first row reads a whole coefficient vector from index C - head for its masked
+  // first vector.
   const int64_t c_padded = (ceil_div(C, V::kWidth) + 1) * V::kWidth;
   Scratch<ShiftedSums> partial(units * G);
   Scratch<T> params(2 * c_padded);
@@ -1244,7 +1248,7 @@ Status forward_single_row(const Problem& p, const S* x, const typename V::Scalar
   const int64_t C = p.C, G = p.G, D = C / G;
   const double count = double(D), inv_count = 1.0 / count;
   auto group_shift = [&](const S* run) {
-    return median3(T(widen(run[0])), T(widen(run[D / 2])), T(widen(run[D - 1])));
+    return run_median3<T>(run, D);
   };
   // The second look at a group's sums (rare), out of line.
   auto refined_stats = [&](const S* run, T shift, double s1, double s2) __attribute__((noinline)) {
