@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - the benchmark is meaningless without t
 
 import groupnorm as gn
 import groupnorm.torch as gnt
+from groupnorm import _dlpack
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_forward import (ISSUE_CHANNELS_LAST, ONE_MILLION, QUICK_CASE_IDS, all_case_specs,  # noqa: E402
@@ -101,13 +102,13 @@ class Case:
                 module.weight.copy_(weight)
                 module.bias.copy_(bias)
 
-        # The backward alone, on NumPy views of the same tensors (bfloat16 through groupnorm.torch's bit view);
+        # The backward alone, on NumPy views of the same tensors (groupnorm._dlpack.torch_view, as groupnorm.torch reads them);
         # statistics from the forward.
-        self.x_np = gnt._view(self.x)
-        self.grad_np = gnt._view(self.grad)
-        self.weight_np = gnt._view(weight)
+        self.x_np = _dlpack.torch_view(self.x)
+        self.grad_np = _dlpack.torch_view(self.grad)
+        self.weight_np = _dlpack.torch_view(weight)
         _, self.mean_np, self.rstd_np = gn.group_norm_forward(self.x_np, num_groups, self.weight_np,
-                                                              gnt._view(bias), 1e-5)
+                                                              _dlpack.torch_view(bias), 1e-5)
         # The floor reads x and dy and writes dx, over the contiguous memory behind them.
         x_storage = self.x.detach().permute(*self.memory_order()).contiguous().reshape(-1)
         grad_storage = self.grad.permute(*self.memory_order()).contiguous().reshape(-1)
@@ -151,7 +152,7 @@ class Case:
             torch.autograd.backward(y, self.grad)
             results[name] = [y.detach(), self.x.grad, module.weight.grad, module.bias.grad]
         dx_np, dw_np, db_np = self.callables["gn_bwd"]()
-        results["gn_bwd"] = [results["torch"][0], gnt._tensor(dx_np, self.x.dtype), torch.from_numpy(dw_np),
+        results["gn_bwd"] = [results["torch"][0], _dlpack.as_torch(dx_np), torch.from_numpy(dw_np),
                              torch.from_numpy(db_np)]
         errors = {}
         for contender in ("gn", "gn_bwd"):

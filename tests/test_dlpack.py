@@ -667,6 +667,26 @@ def test_torch_tensor_roundtrip(torch, dtype, layout):
     assert t[first].item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", TORCH_DTYPES)
+@pytest.mark.parametrize("make_view", ["as_ndarray", "torch_view"])
+def test_torch_view_keeps_the_tensor_alive(torch, dtype, make_view):
+    """A view built from a tensor's data_ptr owns a reference to the tensor: its storage outlives the caller's
+    last reference, and is freed with the view."""
+    from groupnorm import _dlpack
+    t = torch.arange(1, 4097, dtype=torch.float64).reshape(64, 64).to(getattr(torch, dtype))[3:, ::2]
+    expected = t.double().numpy().copy()
+    alive = weakref.ref(t)
+    view = as_ndarray(t, "input") if make_view == "as_ndarray" else _dlpack.torch_view(t)
+    del t
+    gc.collect()
+    assert alive() is not None
+    torch.zeros(64, 64, dtype=torch.float64)  # reuses freed memory if the storage had gone
+    np.testing.assert_array_equal(as_float(view), expected)
+    del view
+    gc.collect()
+    assert alive() is None
+
+
 def test_torch_writes_visible_both_ways(torch):
     t = torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last)
     view = as_ndarray(t, "out", writable=True)

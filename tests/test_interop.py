@@ -126,6 +126,61 @@ def test_unsupported_tensor_dtype_is_a_type_error():
         gn.group_norm(torch.zeros(2, 4, dtype=torch.int32), 2)
 
 
+def test_plain_cpu_tensors_skip_dlpack(monkeypatch, rng):
+    """torch.Tensor and nn.Parameter are viewed through Tensor.numpy (the same memory, a fifth of DLPack's cost);
+    a tensor subclass still goes through its capsule."""
+    class Subclass(torch.Tensor):
+        pass
+
+    x = torch.from_numpy(rng.standard_normal((2, 4, 5)).astype(np.float32))
+    w = torch.nn.Parameter(torch.from_numpy(rng.standard_normal(4).astype(np.float32)), requires_grad=False)
+    expected = gn.group_norm(x.numpy(), 2, w.numpy())
+    exports = []
+    real = torch.Tensor.__dlpack__
+
+    def counting(self, *args, **kwargs):
+        exports.append(type(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "__dlpack__", counting)
+    assert same_bits(gn.group_norm(x, 2, w).numpy(), expected) and exports == []
+    assert same_bits(gn.group_norm(x.as_subclass(Subclass), 2, w).numpy(), expected)
+    assert exports and set(exports) == {Subclass}  # (torch re-enters __dlpack__ through __torch_function__)
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+def test_negated_tensor_views_keep_their_sign(rng, dtype):
+    """A lazily negated view (``z.conj().imag`` of a complex z, or torch._neg_view) has memory that holds the
+    negatives of its values, which DLPack exports as they are."""
+    x, w, b = (torch.from_numpy(rng.standard_normal(shape)).to(dtype) for shape in [(2, 4, 5), (4,), (4,)])
+    neg_x, neg_w, neg_b = (torch._neg_view(-t) for t in (x, w, b))
+    assert neg_x.is_neg() and neg_w.is_neg() and neg_b.is_neg()
+    y = gn.group_norm(neg_x, 2, neg_w, neg_b)
+    assert same_bits(numpy_view(y), gn.group_norm(numpy_view(x), 2, numpy_view(w), numpy_view(b)))
+    assert neg_x.is_neg() and torch.equal(neg_x, x)  # the input is untouched
+    if dtype == torch.float32:  # where such views come from
+        imag = torch.complex(torch.zeros_like(x), -x).conj().imag
+        assert imag.is_neg() and same_bits(numpy_view(gn.group_norm(imag, 2)), gn.group_norm(numpy_view(x), 2))
+
+
+def test_negated_tensor_as_out_is_refused(rng):
+    x = torch.from_numpy(rng.standard_normal((2, 4, 5)).astype(np.float32))
+    out = torch.complex(torch.zeros_like(x), torch.ones_like(x)).conj().imag
+    with pytest.raises(ValueError, match=r"^out is a lazily negated torch tensor \(is_neg\(\) is True\)"):
+        gn.group_norm(x, 2, out=out)
+    assert torch.equal(out.resolve_neg(), -torch.ones_like(x))
+
+
+@pytest.mark.parametrize("argument", ["input", "weight", "bias"])
+def test_tensor_requiring_grad_is_refused_by_name(argument):
+    args = {"input": torch.ones(2, 4, 3), "weight": torch.ones(4), "bias": torch.zeros(4)}
+    args[argument].requires_grad_()
+    with pytest.raises(ValueError, match=rf"^{argument} is a torch tensor that requires grad; .*"
+                                         rf"{argument}\.detach\(\).*groupnorm\.torch\.group_norm"):
+        gn.group_norm(args["input"], 2, args["weight"], args["bias"])
+    assert gn.group_norm(args["input"].detach(), 2, args["weight"].detach(), args["bias"].detach()).shape == (2, 4, 3)
+
+
 def test_validation_errors_are_those_of_numpy_calls():
     x = torch.zeros(2, 6, 3)
     with pytest.raises(ValueError, match=r"num_groups=4 must divide the number of channels \(6\)"):
@@ -157,9 +212,14 @@ def _rss_bytes():
         return int(f.read().split()[1]) * 4096
 
 
-def test_memory_stays_flat_over_ten_thousand_calls(rng):
+@pytest.mark.parametrize("through", ["tensor", "capsule"])
+def test_memory_stays_flat_over_ten_thousand_calls(rng, through):
+    """Plain CPU tensors are viewed through Tensor.numpy; a producer forwarding torch's capsules takes the DLPack
+    path (capsule consumed, deleter run) on every call."""
     x = torch.from_numpy(rng.standard_normal((2, 8, 16)).astype(np.float32))
     w = torch.ones(8)
+    if through == "capsule":
+        x, w = Producer(x), Producer(w)
     for _ in range(500):
         gn.group_norm(x, 2, w)
     gc.collect()
@@ -169,5 +229,7 @@ def test_memory_stays_flat_over_ten_thousand_calls(rng):
         _, mean, rstd = gn.group_norm_forward(x, 2)
         gn.group_norm_backward(y, x, mean, rstd, 2, w)
     gc.collect()
+    if through == "capsule":
+        assert (x.exports, w.exports) == (500 + 3 * 10_000, 500 + 2 * 10_000)  # one capsule per argument
     grown = _rss_bytes() - before
     assert grown < 4 << 20, f"RSS grew by {grown / 2**20:.1f} MiB over 10,000 DLPack calls"

@@ -2,6 +2,7 @@
 (NCHW, channels_last, 2-D to 5-D), zero-copy through DLPack, the nn.Module drop-in for torch.nn.GroupNorm, clear
 errors for devices and dtypes the kernels cannot serve, and a short training run that follows torch's step by step.
 """
+import contextlib
 import copy
 import doctest
 import inspect
@@ -242,6 +243,11 @@ class _RecordingCore:
         self.calls["backward"] = (args, result)
         return result
 
+    def group_norm(self, *args):
+        result = groupnorm.group_norm(*args)
+        self.calls["inference"] = (args, result)
+        return result
+
 
 def data_address(array):
     return array.__array_interface__["data"][0]
@@ -272,6 +278,40 @@ def test_tensors_cross_without_a_copy(rng, monkeypatch, layout):
     assert seen_grad_input[0].data_ptr() == data_address(dx_array)
     assert weight.grad.data_ptr() == data_address(dw_array)
     assert bias.grad.data_ptr() == data_address(db_array)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
+def test_inference_calls_the_kernel_without_autograd(rng, monkeypatch, mode):
+    """No graph to record: the plain forward kernel runs (no statistics kept, no autograd.Function), on the
+    tensors' own memory, with the bits of the differentiable call."""
+    core = _RecordingCore()
+    monkeypatch.setattr(gnt, "_core", core)
+    shape = (2, 8, 6, 5)
+    x = tensor(rng, shape, memory_format=torch.channels_last)
+    weight, bias = tensor(rng, (8,)), tensor(rng, (8,))
+    if mode != "nothing_requires_grad":
+        weight.requires_grad_()
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, contextlib.nullcontext)
+    with context():
+        y = gnt.group_norm(x, 4, weight, bias)
+    assert y.grad_fn is None and not y.requires_grad and "forward" not in core.calls
+    (x_arg, _, w_arg, b_arg, _), y_array = core.calls["inference"]
+    assert data_address(x_arg) == x.data_ptr() and data_address(w_arg) == weight.data_ptr()
+    assert data_address(b_arg) == bias.data_ptr() and y.data_ptr() == data_address(y_array)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, gnt.group_norm(x, 4, weight.detach().requires_grad_(), bias).detach())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward_ad
+def test_forward_mode_ad_is_refused_not_dropped(rng):
+    """Inside a dual level the call goes through the autograd.Function, which has no jvp and says so, rather
+    than returning the primal without its tangent."""
+    import torch.autograd.forward_ad as forward_ad
+    x = tensor(rng, (2, 8, 5))
+    with forward_ad.dual_level(), torch.no_grad():
+        dual = forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="jvp"):
+            gnt.group_norm(dual, 2)
 
 
 # -------------------------------------------------------------------------------------------- the module

@@ -610,6 +610,18 @@ cdef cnp.ndarray _new_like(cnp.ndarray x, _Plan* plan, const void* other=NULL):
     return np.empty_like(x)
 
 
+cdef object _interop_module = None
+
+
+cdef object _interop():
+    """groupnorm._interop, imported on the first foreign call (it imports this module) and kept."""
+    global _interop_module
+    if _interop_module is None:
+        from . import _interop as module
+        _interop_module = module
+    return _interop_module
+
+
 cdef inline bint _foreign(object obj):
     """obj is another framework's array that speaks DLPack (the call then goes through groupnorm._interop)."""
     return (obj is not None and type(obj) is not np.ndarray and hasattr(type(obj), "__dlpack__")
@@ -676,8 +688,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     True
     """
     if _foreign(input) or _foreign(weight) or _foreign(bias) or _foreign(out):
-        from . import _interop
-        return _interop.group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out)
+        return _interop().group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out)
     cdef _Plan plan
     cdef cnp.ndarray x = _check_input(input, "input", "group_norm")
     cdef int ax = _check_shape(x, num_groups, channel_axis, &plan)
@@ -789,8 +800,7 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5):
     True
     """
     if _foreign(input) or _foreign(weight) or _foreign(bias):
-        from . import _interop
-        return _interop.group_norm_forward(input, num_groups, weight, bias, eps)
+        return _interop().group_norm_forward(input, num_groups, weight, bias, eps)
     cdef _Plan plan
     cdef cnp.ndarray x = _check_input(input, "input", "group_norm_forward")
     _check_shape(x, num_groups, 1, &plan)
@@ -891,8 +901,7 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None)
     array([-1.789,  1.789, -1.789,  1.789])
     """
     if _foreign(grad_output) or _foreign(input) or _foreign(mean) or _foreign(rstd) or _foreign(weight):
-        from . import _interop
-        return _interop.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight)
+        return _interop().group_norm_backward(grad_output, input, mean, rstd, num_groups, weight)
     cdef _Plan plan
     cdef cnp.ndarray x = _check_input(input, "input", "group_norm_backward")
     cdef cnp.ndarray dy = _check_input(grad_output, "grad_output", "group_norm_backward")

@@ -4,7 +4,7 @@
 # cython: language_level=3, embedsignature=True
 cimport cython
 from cpython.ref cimport PyObject, PyTypeObject, Py_INCREF, Py_XDECREF
-from libc.stdint cimport INT64_MAX, int64_t
+from libc.stdint cimport INT64_MAX, int64_t, intptr_t
 from libc.stdlib cimport free, malloc
 cimport numpy as cnp
 
@@ -172,7 +172,9 @@ def as_ndarray(obj, str name, *, bint writable=False):
     `obj` is asked for its device first, then for a DLPack 1.1 capsule (``max_version=(1, 1)``), or a legacy
     capsule when its ``__dlpack__`` takes no ``max_version``. The view is read-only when the producer says so;
     its base owns the DLPack tensor, whose deleter runs once when the view and every view of it are gone.
-    A ``numpy.ndarray`` is checked and returned as it is.
+    A ``numpy.ndarray`` is checked and returned as it is. A plain CPU torch tensor that needs no gradient is
+    viewed through ``Tensor.numpy`` (the same memory, without DLPack's cost); a lazily negated torch tensor
+    (``is_neg()``) is read through a negated copy, as DLPack would export its memory without the sign.
 
     Parameters
     ----------
@@ -195,7 +197,8 @@ def as_ndarray(obj, str name, *, bint writable=False):
     TypeError
         `obj` does not speak DLPack, or its dtype is not one of the four floating types.
     ValueError
-        `obj` is not in CPU memory, is read-only while `writable`, or its DLPack version is not 1.x.
+        `obj` is not in CPU memory, is read-only (or a lazily negated torch tensor) while `writable`, is a
+        torch tensor that requires grad, or its DLPack version is not 1.x.
 
     Examples
     --------
@@ -208,6 +211,12 @@ def as_ndarray(obj, str name, *, bint writable=False):
     """
     if isinstance(obj, np.ndarray):
         return _check_ndarray(obj, name, writable)
+    torch = sys.modules.get("torch")  # a torch tensor exists only once torch is imported
+    if torch is not None and isinstance(obj, torch.Tensor):
+        obj = _torch_resolved(obj, torch, name, writable)
+        view = _torch_view(obj, torch)
+        if view is not None:
+            return view
     get_device = getattr(obj, "__dlpack_device__", None)
     if get_device is None or not hasattr(obj, "__dlpack__"):
         raise TypeError(f"{name} of type {type(obj).__name__} is not an array: it has no __dlpack__ and "
@@ -236,6 +245,131 @@ def as_ndarray(obj, str name, *, bint writable=False):
         # Dropped here, where no exception is pending: a capsule destructor written in Python (or one that
         # does not save the error state) would otherwise run during the raise and lose the exception.
         capsule = None
+
+
+cdef object _torch_resolved(object tensor, object torch, str name, bint writable):
+    """`tensor` after the checks that only a torch tensor needs; a lazily negated view (``is_neg()``:
+    ``x.conj().imag`` of a complex x) comes back as a negated copy, because its memory holds the values'
+    negatives and torch's ``__dlpack__`` exports that memory as it is (the kernels would see the wrong sign)."""
+    if tensor.requires_grad:
+        raise ValueError(f"{name} is a torch tensor that requires grad; groupnorm's array functions record no "
+                         f"autograd graph, so it must be detached (pass {name}.detach()), or call "
+                         f"groupnorm.torch.group_norm, which is differentiable")
+    if not tensor.is_neg():
+        return tensor
+    if writable:
+        raise ValueError(f"{name} is a lazily negated torch tensor (is_neg() is True): its memory holds the "
+                         f"negatives of its values, so it cannot be written through; it must be a tensor "
+                         f"without the negative bit (resolve_neg() makes one)")
+    return tensor.resolve_neg()
+
+
+cdef object _torch_descr(object dtype, object torch):
+    """The NumPy dtype for a torch dtype the kernels take, else None."""
+    if dtype is torch.float32:
+        return _float32
+    if dtype is torch.bfloat16:
+        return bfloat16_dtype()
+    if dtype is torch.float16:
+        return _float16
+    if dtype is torch.float64:
+        return _float64
+    return None
+
+
+cdef object _tensor_memory(object tensor, object descr):
+    """The NumPy view (of dtype `descr`) of a CPU tensor's memory, shape and strides, whose base is the tensor:
+    what its DLPack capsule gives, built from ``data_ptr``, ``shape`` and ``stride`` at a fifth of DLPack's cost
+    (torch's Python-level ``__dlpack__`` dominates a small call). None beyond MAX_DIMS dimensions."""
+    shape = tensor.shape
+    strides = tensor.stride()
+    cdef int ndim = len(shape)
+    if ndim > MAX_DIMS:
+        return None
+    cdef cnp.npy_intp dims[MAX_DIMS]
+    cdef cnp.npy_intp byte_strides[MAX_DIMS]
+    cdef cnp.npy_intp itemsize = (<cnp.dtype>descr).itemsize
+    cdef int i
+    for i in range(ndim):
+        dims[i] = shape[i]
+        byte_strides[i] = <cnp.npy_intp>strides[i] * itemsize
+    cdef intptr_t address = tensor.data_ptr()
+    cdef void* data = <void*>address
+    if data == NULL:  # an empty tensor may have no memory; NumPy would allocate for a NULL pointer
+        data = _empty_data
+    Py_INCREF(descr)
+    arr = PyArray_NewFromDescr(&PyArray_Type, <PyArray_Descr*>descr, ndim, dims, byte_strides, data,
+                               cnp.NPY_ARRAY_WRITEABLE, NULL)
+    cnp.set_array_base(arr, tensor)  # the view keeps the tensor, and with it its storage, alive
+    return arr
+
+
+cdef object _torch_view(object tensor, object torch):
+    """The NumPy view of a plain CPU tensor (``torch.Tensor`` or ``nn.Parameter``, checked by _torch_resolved)
+    of one of the four dtypes; None for any other tensor (a subclass may define its own ``__dlpack__``), which
+    DLPack then serves or refuses."""
+    cls = type(tensor)
+    if (cls is not torch.Tensor and cls is not torch.nn.Parameter) or not tensor.is_cpu:
+        return None
+    descr = _torch_descr(tensor.dtype, torch)
+    return None if descr is None else _tensor_memory(tensor, descr)
+
+
+def torch_view(tensor):
+    """The NumPy view of a CPU torch tensor's memory for groupnorm.torch, which has checked its type, device
+    and dtype (one of the four): no copy, whether or not it requires grad, except for a lazily negated tensor
+    (``is_neg()``), which is read through a negated copy. The view keeps the tensor alive.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from groupnorm import _dlpack
+    >>> t = torch.arange(6.0).reshape(2, 3).t()
+    >>> v = _dlpack.torch_view(t)
+    >>> v.ctypes.data == t.data_ptr(), v.strides, v.tolist() == t.tolist()
+    (True, (4, 12), True)
+    """
+    torch = sys.modules["torch"]
+    if tensor.is_neg():
+        tensor = tensor.resolve_neg()
+    descr = _torch_descr(tensor.dtype, torch)
+    if descr is None:
+        raise TypeError(f"torch_view takes float16, bfloat16, float32 or float64 tensors, not {tensor.dtype}")
+    view = _tensor_memory(tensor, descr)
+    if view is None:
+        raise ValueError(f"a tensor of {tensor.dim()} dimensions; at most {MAX_DIMS} are supported")
+    return view
+
+
+cdef bint _has_negative_stride(cnp.ndarray array) noexcept:
+    cdef int i
+    for i in range(array.ndim):
+        if array.strides[i] < 0:
+            return True
+    return False
+
+
+def as_torch(cnp.ndarray array):
+    """A CPU torch tensor over `array`'s memory, no copy: the same dtype (bfloat16 by its bits), shape and
+    strides (a channels-last result stays channels_last). Negative strides, which torch lacks, are copied.
+    torch must be imported already.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from groupnorm import _dlpack
+    >>> y = np.zeros((2, 3), np.float32)
+    >>> t = _dlpack.as_torch(y)
+    >>> t.data_ptr() == y.ctypes.data, t.dtype
+    (True, torch.float32)
+    """
+    torch = sys.modules["torch"]
+    if _has_negative_stride(array):
+        # torch has no negative strides (torch 2.13's from_dlpack even aborts the process on one).
+        array = array.copy(order="K")
+    if _is_bfloat16(array.dtype):
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 cpdef bint is_jax_array(object obj):
@@ -563,7 +697,7 @@ cdef object _export(cnp.ndarray arr, bint versioned, int minor, bint read_only, 
 def wrap_like(result, like):
     """`result` (a NumPy array) as an array of `like`'s kind, zero copy.
 
-    A ``torch.Tensor`` `like` gives a tensor (``torch.from_dlpack``; dtype, bfloat16 included, and strides
+    A ``torch.Tensor`` `like` gives a tensor (:func:`as_torch`: dtype, bfloat16 included, and strides
     kept, so a channels_last result stays channels_last; negative strides, which torch lacks, are copied),
     a JAX array a JAX array (zero copy only for 64-byte aligned data: JAX copies the rest), a ``numpy.ndarray``
     `result` itself, anything else a :class:`DLPackArray`. Frameworks are found in ``sys.modules``; none is
@@ -585,10 +719,7 @@ def wrap_like(result, like):
         return result
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(like, torch.Tensor):
-        if any(stride < 0 for stride in result.strides):
-            # torch has no negative strides; torch 2.13's from_dlpack aborts the process on one.
-            result = result.copy(order="K")
-        return torch.from_dlpack(DLPackArray(result))
+        return as_torch(result)
     if is_jax_array(like):
         # Zero copy when the data is 64-byte aligned; JAX's CPU client copies anything else.
         return sys.modules["jax"].numpy.from_dlpack(DLPackArray(result))
