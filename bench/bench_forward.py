@@ -6,6 +6,8 @@ The copy floor ("copy") is np.copyto into a preallocated buffer placed half a pa
 (free of 4K aliasing: the copy at its best): the plain copy the issue's targets are stated against. groupnorm's
 out= is np.empty_like(x), wherever the allocator puts it. torch's multithreaded Tensor.copy_ of the same bytes
 is reported beside it ("copy_") for reference.
+"gn torch" is groupnorm.torch.group_norm on the torch tensors torch gets (nothing requires grad, so no autograd
+node): what a torch user pays per call, tensor in and tensor out; reported beside the NumPy call, not a target.
 The issue's targets are judged on its own case list (every channels-first case, plus [1,320,64,64]
 channels-last); the other channels-last rows are extra information.
 float16 and bfloat16 (--dtype) are judged on issue 4's targets instead: [1,320,64,64] G32, NCHW and
@@ -38,6 +40,7 @@ except ImportError:  # pragma: no cover - the benchmark is meaningless without t
     sys.exit("bench_forward.py needs torch: pip install torch==2.13.0 (the pinned CPU wheel)")
 
 import groupnorm as gn
+import groupnorm.torch as gnt
 # Case list, timing, machine and table helpers shared with `python -m groupnorm.bench`.
 from groupnorm.bench import (CASE_SPECS, HALF_DTYPES, all_case_specs, calibrate, case_id_of,  # noqa: F401
                              contiguous_layout_name, copy_destination_for, cpu_model, geometric_mean,
@@ -46,7 +49,7 @@ from groupnorm.bench import (CASE_SPECS, HALF_DTYPES, all_case_specs, calibrate,
 
 ONE_MILLION = 1_000_000
 ISSUE_CHANNELS_LAST = {"1x320x64x64-g32"}  # the one channels-last case on the issue's list
-CONTENDERS = ("torch", "gn_out", "gn_alloc", "copy_numpy", "copy_torch")
+CONTENDERS = ("torch", "gn_out", "gn_alloc", "gn_torch", "copy_numpy", "copy_torch")
 
 QUICK_CASE_IDS = [
     "4x256x28x28-g32",
@@ -145,6 +148,7 @@ def build_case(case_id, shape, num_groups, layout, dtype_name, rng) -> Case:
     weight_torch = torch_view(weight)
     bias_torch = torch_view(bias)
     weight, bias = weight.astype(compute, copy=False), bias.astype(compute, copy=False)
+    weight_compute_torch, bias_compute_torch = torch_view(weight), torch_view(bias)
 
     storage = storage_array.reshape(-1)
     copy_destination = copy_destination_for(storage)
@@ -158,6 +162,8 @@ def build_case(case_id, shape, num_groups, layout, dtype_name, rng) -> Case:
                                    bias_torch, 1e-5),
         "gn_out": functools.partial(gn.group_norm, x, num_groups, weight, bias, 1e-5, out=out),
         "gn_alloc": functools.partial(gn.group_norm, x, num_groups, weight, bias, 1e-5),
+        "gn_torch": functools.partial(gnt.group_norm, x_torch, num_groups, weight_compute_torch,
+                                      bias_compute_torch, 1e-5),
         "copy_numpy": functools.partial(np.copyto, copy_destination, storage),
         "copy_torch": functools.partial(copy_destination_torch.copy_, storage_torch),
     }
@@ -166,11 +172,18 @@ def build_case(case_id, shape, num_groups, layout, dtype_name, rng) -> Case:
     return case
 
 
+def same_bits_torch(a, b) -> bool:
+    """Two tensors of one dtype hold the same bits in the same layout."""
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a.view(bits), b.view(bits))
+
+
 def verify_case(case: Case, tolerance: float) -> None:
     """Check once that groupnorm (both variants) matches torch to `tolerance` relative, and the layout."""
     y_torch = case.callables["torch"]().to(torch.float64).numpy()
     y_out = case.callables["gn_out"]()
     y_alloc = case.callables["gn_alloc"]()
+    y_tensor = case.callables["gn_torch"]()
     scale = max(1.0, float(np.max(np.abs(y_torch))))
     err_out = float(np.max(np.abs(y_out.astype(np.float64) - y_torch))) / scale
     err_alloc = float(np.max(np.abs(y_alloc.astype(np.float64) - y_torch))) / scale
@@ -180,7 +193,8 @@ def verify_case(case: Case, tolerance: float) -> None:
         "tolerance": tolerance,
         "out_is_buffer": y_out is case._out,
         "alloc_keeps_layout": y_alloc.strides == case.x.strides,
-        "ok": err_out <= tolerance and err_alloc <= tolerance and y_out is case._out,
+        "ok": (err_out <= tolerance and err_alloc <= tolerance and y_out is case._out
+               and same_bits_torch(y_tensor, torch_view(y_alloc))),
     })
 
 
@@ -232,6 +246,7 @@ def summarise_case(case: Case) -> dict:
         "torch_us": med["torch"],
         "gn_out_us": med["gn_out"],
         "gn_alloc_us": med["gn_alloc"],
+        "gn_torch_us": med["gn_torch"],
         "copy_us": copy_us,
         "copy_source": copy_source,
         "copy_torch_us": med["copy_torch"],
@@ -241,6 +256,7 @@ def summarise_case(case: Case) -> dict:
         "torch_over_copy": med["torch"] / copy_us,
         "speedup": med["torch"] / med["gn_alloc"],
         "speedup_out": med["torch"] / med["gn_out"],
+        "speedup_torch_api": med["torch"] / med["gn_torch"],
         "timing": timing,
         "check": {k: v for k, v in case.check.items()},
     }
@@ -260,6 +276,8 @@ def summarise(all_rows: list, dtype: str) -> dict:
     summary = {
         "geomean_speedup": geometric_mean(speedups),
         "geomean_speedup_out": geometric_mean(r["speedup_out"] for r in rows),
+        "geomean_speedup_torch_api": geometric_mean(r["speedup_torch_api"] for r in all_rows),
+        "min_speedup_torch_api": min(r["speedup_torch_api"] for r in all_rows),
         "geomean_speedup_extra": geometric_mean(r["speedup"] for r in extra) if extra else None,
         "min_speedup_extra": min((r["speedup"] for r in extra), default=None),
         "min_speedup": worst["speedup"] if worst else None,
@@ -298,7 +316,7 @@ def worst_spread(rows: list, names=None):
     forward's), and where it occurred."""
     worst = None
     for r in rows:
-        row_names = names or ("torch", "gn_out", "gn_alloc", "copy_numpy")
+        row_names = names or ("torch", "gn_out", "gn_alloc", "gn_torch", "copy_numpy")
         for name in row_names:
             t = r["timing"][name]
             value = (t["p75_us"] - t["p25_us"]) / t["median_us"]
@@ -343,17 +361,18 @@ def machine_header(args, threads: int, definitions=None) -> dict:
     }
 
 
-TABLE_COLUMNS = ["case", "layout", "elements", "torch us", "gn us (out=)", "gn us (alloc)", "copy us",
-                 "copy_ us (torch, threads)", "gn/copy", "torch/copy", "speedup (torch/gn)"]
+TABLE_COLUMNS = ["case", "layout", "elements", "torch us", "gn us (out=)", "gn us (alloc)", "gn torch us",
+                 "copy us", "copy_ us (torch, threads)", "gn/copy", "torch/copy", "speedup (torch/gn)",
+                 "torch/gn torch"]
 
 
 def table_cells(row: dict) -> list:
     flag = "" if row["check"]["ok"] else " MISMATCH"
     extra = "" if row["in_issue"] else " (extra)"
     return [row["case"] + flag + extra, row["layout"], f"{row['elements']:,}", f"{row['torch_us']:.1f}",
-            f"{row['gn_out_us']:.1f}", f"{row['gn_alloc_us']:.1f}", f"{row['copy_us']:.1f}",
-            f"{row['copy_torch_us']:.1f}", f"{row['gn_out_over_copy']:.2f}", f"{row['torch_over_copy']:.2f}",
-            f"{row['speedup']:.2f}x"]
+            f"{row['gn_out_us']:.1f}", f"{row['gn_alloc_us']:.1f}", f"{row['gn_torch_us']:.1f}",
+            f"{row['copy_us']:.1f}", f"{row['copy_torch_us']:.1f}", f"{row['gn_out_over_copy']:.2f}",
+            f"{row['torch_over_copy']:.2f}", f"{row['speedup']:.2f}x", f"{row['speedup_torch_api']:.2f}x"]
 
 
 def format_text_table(rows: list, columns=None, cells_of=None) -> str:
@@ -380,6 +399,8 @@ def summary_lines(summary: dict) -> list:
         f"min {fmt(s['min_speedup_extra'])}x",
         f"max gn(out=)/copy over cases >= 1M elements: {fmt(s['max_gn_out_over_copy_ge_1M'])}"
         + (f" ({s['max_gn_out_over_copy_ge_1M_case']})" if s["max_gn_out_over_copy_ge_1M_case"] else ""),
+        f"groupnorm.torch.group_norm on torch's tensors (every row): geometric mean speedup "
+        f"{fmt(s['geomean_speedup_torch_api'])}x, min {fmt(s['min_speedup_torch_api'])}x",
         f"[16,32] G4 gn call: {fmt(s['tiny_gn_out_us'], '.2f', ' us')} with out=, "
         f"{fmt(s['tiny_gn_alloc_us'], '.2f', ' us')} allocating",
         f"timing spread: worst (p75 - p25) / median = {fmt(s['worst_spread'], '.0%')}"
@@ -402,6 +423,7 @@ def target_lines(summary: dict, targets=None) -> list:
 
 
 FORWARD_TIMINGS = ("median per-call us over interleaved rounds; speedup = torch / gn (alloc);"
+                   " gn torch = groupnorm.torch.group_norm on torch's tensors (tensor in, tensor out);"
                    " copy = np.copyto into a preallocated buffer; copy_ = torch's threaded Tensor.copy_;"
                    " targets judged on the issue's cases (rows marked (extra) are not on its list)")
 
