@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import groupnorm as gn
-from reference import assert_matches_reference, group_norm_reference
+from reference import assert_matches_reference, group_norm_reference, same_bits
 
 
 @pytest.mark.parametrize("scale", [1e18, 3e18, 1e30, 1e37])
@@ -22,10 +22,11 @@ def test_huge_spread_float32(isa, scale, channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_outlier_at_every_sampled_position(isa, channels_last):
-    # The shift comes from a group's first, middle and last positions: make them all outliers.
+    # The shift comes from a group's first, middle and last positions (channels-last: each channel's nine rows
+    # k (rows - 1) / 8): make them all outliers.
     rng = np.random.default_rng()
     x = (200 + rng.standard_normal((1, 2, 4097))).astype(np.float32)
-    x[:, :, [0, 2048, 4096]] = 0.0
+    x[:, :, [k * 4096 // 8 for k in range(9)] if channels_last else [0, 2048, 4096]] = 0.0
     if channels_last:
         x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
     y = gn.group_norm(x, 1)
@@ -36,19 +37,41 @@ def test_outlier_at_every_sampled_position(isa, channels_last):
 @pytest.mark.parametrize("channels,groups", [(6, 6), (12, 4), (64, 4), (84, 2), (200, 5)])
 def test_channels_last_second_look(isa, dtype, channels, groups):
     # Channels-last groups (1, 3, 16, 42 and 40 channels: within a vector, whole vectors, a tail) whose every
-    # channel is an outlier in the first, middle and last rows, so the shift sits far from the mean and the
-    # group is summed again (strided_shifted_sums), beside groups that are not; rows enough for several flushes.
+    # channel is an outlier in the nine rows the shift is taken from (sample_shifts: rows k (rows - 1) / 8), so
+    # the shift sits far from the mean and the group is summed again (strided_shifted_sums), beside groups that
+    # are not; rows enough for several flushes.
     rng = np.random.default_rng()
     rows = 301
     D = channels // groups
     x = (1e3 + rng.standard_normal((2, rows, channels))).astype(dtype)
+    sampled_rows = [k * (rows - 1) // 8 for k in range(9)]
     for n, g in ((0, 0), (1, groups - 1)):
-        x[n, [0, rows // 2, rows - 1], g * D:(g + 1) * D] = -5e3
+        x[n, sampled_rows, g * D:(g + 1) * D] = -5e3
     x = np.moveaxis(x, -1, 1)  # (N, C, rows), channels-last in memory
     w = rng.standard_normal(channels).astype(dtype)
     b = rng.standard_normal(channels).astype(dtype)
     y = gn.group_norm(x, groups, w, b)
     assert_matches_reference(y, group_norm_reference(x, groups, w, b))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_channels_last_one_sample_groups_split_among_threads(isa, threads):
+    # One channels-last sample of 48 one-channel groups: its groups' statistics are split among the threads. The
+    # first group takes the second look (outliers at its nine sampled rows), the last one is wide (float32
+    # squares overflow), and every thread's rows must be applied in Wide<T> for it, bitwise as with one thread.
+    rng = np.random.default_rng()
+    rows, C = 2048, 48  # 98304 elements: a team of three
+    x = (1e3 + rng.standard_normal((1, rows, C))).astype(np.float32)
+    x[0, [k * (rows - 1) // 8 for k in range(9)], 0] = -5e3
+    x[0, :, C - 1] = 1e30 * rng.standard_normal(rows)
+    x = np.moveaxis(x, -1, 1)
+    w = rng.standard_normal(C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    one = gn.group_norm(x, C, w, b)
+    gn.set_num_threads(threads)
+    y = gn.group_norm(x, C, w, b)
+    assert same_bits(y, one)
+    assert_matches_reference(y, group_norm_reference(x, C, w, b))
 
 
 def test_tiny_values_float32(isa):

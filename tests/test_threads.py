@@ -18,6 +18,7 @@ DETERMINISM_CASES = [
     ((1, 4, 256, 256), 1, "channels_last"),  # one sample split across threads by row chunk
     ((3, 6, 129, 127), 3, "contiguous"),     # N*G = 9, not a multiple of the thread count
     ((3, 6, 129, 127), 3, "channels_last"),  # N = 3
+    ((1, 64, 64, 64), 64, "channels_last"),  # one sample's 64 groups, their statistics split across threads
     ((8, 32, 33, 31), 8, "channels_last"),   # many samples
     ((16, 64, 1), 4, "contiguous"),          # HxW = 1, tiny: stays serial
     ((1024, 80), 10, "contiguous"),          # packed groups of 8, blocks split across threads, C not whole vectors

@@ -621,6 +621,7 @@ struct RowBuffers {
   T *shift, *sum, *sq;           // per channel: shift K, short-run sums in T
   double *sum_d, *sq_d;          // per channel: flushed sums in double
   T *mean_hi, *scale, *bias;     // per channel: apply coefficients of the current sample
+  const T* shifts_held = nullptr;  // the group shifts (one sample's) that `shift` holds per channel
   explicit RowBuffers(int64_t c_padded) : padded(c_padded), block(8 * c_padded) {
     double* base = block.data;  // each array gets c_padded doubles of room, enough for any T
     if (base) std::memset(base, 0, sizeof(double) * size_t(8 * c_padded));  // padding lanes stay 0
@@ -662,20 +663,42 @@ void column_sums(const S* sample, int64_t C, int64_t c, int64_t count, int64_t r
   }
 }
 
-// The shift of group g of a channels-last sample: Tukey's ninther of its first, middle and last channels in its
-// first, middle and last rows (the median of the three rows' medians): the three lines that one value a row took.
-// A shift more than two standard deviations from the mean sends the group to refine_sums' second look, which in
-// this layout costs a fifth to a half of a [1,320,64,64] call per group. With one value a row that was 0.3% of
-// groups of normal data (9% of [1,320,64,64] G32 calls); with the ninther, 0.0014%.
-template <class T, class S>
-T sample_group_shift(const Problem& p, const S* sample, int64_t g) {
+// The shifts of one channels-last sample's groups, into shift[G] (channel[C] is scratch). A shift more than two
+// standard deviations from its group's mean sends the group to refine_sums' second look, which in this layout
+// walks the group row by row, one cache line a row: a fifth to a half of a [1,320,64,64] call per group, and
+// about 100 us (a whole call) for a one-channel group of [1,256,56,56]. The median of three values lands that
+// far out for 0.3% of groups of normal data: 9% of [1,320,64,64] G32 calls, and more than half of
+// [1,256,56,56] G256 calls. Tukey's ninther (the median of three medians of three) for 0.0014%.
+// Each channel's ninther is taken over nine rows spread across the sample, for all channels at once (nine vector
+// loads a vector of channels: nine short lines a sample, for any G); a group's shift is its channel's ninther, or
+// the median of its first, middle and last channels' ninthers when it has three channels or more.
+template <class V, class S>
+void sample_shifts(const Problem& p, const S* sample, typename V::Scalar* channel, typename V::Scalar* shift) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
   const int64_t C = p.C, D = C / p.G, rows = p.HxW;
-  auto row_median = [&](int64_t r) { return run_median3<T>(sample + r * C + g * D, D); };
-  return median3(row_median(0), row_median(rows / 2), row_median(rows - 1));
+  const S* row[9];
+  for (int64_t k = 0; k < 9; ++k) row[k] = sample + k * (rows - 1) / 8 * C;
+  auto med3 = [](V a, V b, V c) { return max(min(a, b), min(max(a, b), c)); };
+  auto ninther = [&](auto load) {
+    return med3(med3(load(row[0]), load(row[1]), load(row[2])), med3(load(row[3]), load(row[4]), load(row[5])),
+                med3(load(row[6]), load(row[7]), load(row[8])));
+  };
+  int64_t c = 0;
+  for (; c + W <= C; c += W) V::store(channel + c, ninther([c](const S* r) { return V::load(r + c); }));
+  if (c < C) {
+    alignas(64) T lanes[W];
+    V::store(lanes, ninther([c, C](const S* r) { return V::load_tail(r + c, C - c, T(0)); }));
+    for (int64_t i = 0; c + i < C; ++i) channel[c + i] = lanes[i];
+  }
+  for (int64_t g = 0; g < p.G; ++g) {
+    const T* const ch = channel + g * D;
+    shift[g] = D < 3 ? ch[0] : median3(ch[0], ch[D / 2], ch[D - 1]);
+  }
 }
 
 // Shifted sums of rows [r0, r1) of one sample, per group, into out[G]. Every channel of group g is shifted
-// by the same value, sample_group_shift, so chunk sums add up without per-chunk divisions and channel sums
+// by the same value, sample_shifts', so chunk sums add up without per-chunk divisions and channel sums
 // add up to group sums.
 template <class V, class S>
 void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scalar* shifts, int64_t r0, int64_t r1,
@@ -688,9 +711,12 @@ void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scal
       out[g] = any_run_shifted_sums<V>(sample + r0 * C + g * D, D, shifts[g]);
     return;
   }
-  T* const shift = b.shift;
-  for (int64_t g = 0; g < p.G; ++g) {
-    for (int64_t c = g * D; c < (g + 1) * D; ++c) shift[c] = shifts[g];
+  if (b.shifts_held != shifts) {  // a sample new to these buffers: its shifts per channel (once, not per chunk:
+    T* const shift = b.shift;     // G short loops a chunk were a tenth of a one-thread G256 call)
+    for (int64_t g = 0; g < p.G; ++g) {
+      for (int64_t c = g * D; c < (g + 1) * D; ++c) shift[c] = shifts[g];
+    }
+    b.shifts_held = shifts;
   }
   for (int64_t c = 0; c < C; ++c) b.sum_d[c] = b.sq_d[c] = 0.0;
   for (int64_t rb = r0; rb < r1; rb += kFlushIters) {
@@ -955,11 +981,10 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
   const int64_t c_padded = (ceil_div(C, V::kWidth) + 1) * V::kWidth;
   Scratch<ShiftedSums> partial(units * G);
   Scratch<T> params(2 * c_padded);
-  Scratch<T> shifts(p.N * G);  // read once here: three far-apart loads per group, not per chunk
-  Scratch<unsigned char> sample_wide(p.N);  // whether sample n holds a wide group (GroupStats::wide)
-  if (!partial.data || !params.data || !shifts.data || !sample_wide.data) return kOutOfMemory;
-  for (int64_t n = 0; n < p.N; ++n)
-    for (int64_t g = 0; g < G; ++g) shifts.data[n * G + g] = sample_group_shift<T>(p, x + n * sample_len, g);
+  Scratch<T> shifts(p.N * G);  // read once here (nine far-apart rows a sample), not per chunk
+  if (!partial.data || !params.data || !shifts.data) return kOutOfMemory;
+  for (int64_t n = 0; n < p.N; ++n)  // params is their scratch until the parameters are written below
+    sample_shifts<V>(p, x + n * sample_len, params.data, shifts.data + n * G);
   T* const weight_t = params.data;
   T* const bias_t = params.data + c_padded;
   for (int64_t c = 0; c < c_padded; ++c) {
@@ -973,13 +998,14 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
                          min_i64(rows, (k + 1) * chunk_rows), b, partial.data + unit * G);
   };
   const double count = double(rows) * double(C / G), inv_count = 1.0 / count;
-  auto sample_finish = [&](int64_t n) {
+  // The statistics of groups [g0, g1) of sample n; returns whether one of them is wide (GroupStats::wide).
+  auto sample_finish = [&](int64_t n, int64_t g0, int64_t g1) -> bool {
     // Chunk sums fold into chunk 0's row of G entries, chunk by chunk: each group still adds its chunks in
     // order, and memory is read in sequence rather than G entries apart.
     ShiftedSums* total = partial.data + n * nchunks * G;
     for (int64_t k = 1; k < nchunks; ++k) {
       const ShiftedSums* chunk = total + k * G;
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t g = g0; g < g1; ++g) {
         total[g].s1 += chunk[g].s1;
         total[g].s2 += chunk[g].s2;
       }
@@ -1003,29 +1029,29 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
     // Two passes: the moments of every group, then the groups' 1/sqrt back to back and the rare second looks.
     GroupStats* const sample_stats = stats + n * G;
     unsigned char refine = 0, wide = 0;
-    for (int64_t g = 0; g < G; ++g) {
+    for (int64_t g = g0; g < g1; ++g) {
       const double s1 = total[g].s1, s2 = total[g].s2;
       sample_stats[g] = group_moments(count, inv_count, double(shifts.data[n * G + g]), s1, s2, p.eps);
       sample_stats[g].wide = needs_refine<T>(inv_count, s1, s2);  // marks the group for its second look
       refine |= sample_stats[g].wide ? 1 : 0;
     }
-    for (int64_t g = 0; g < G; ++g) sample_stats[g].rstd = finish_rstd(sample_stats[g].rstd);
-    for (int64_t g = 0; refine && g < G; ++g) {
+    for (int64_t g = g0; g < g1; ++g) sample_stats[g].rstd = finish_rstd(sample_stats[g].rstd);
+    for (int64_t g = g0; refine && g < g1; ++g) {
       if (!sample_stats[g].wide) continue;
       sample_stats[g] = refined_stats(g, shifts.data[n * G + g], total[g].s1, total[g].s2);
       wide |= sample_stats[g].wide ? 1 : 0;
     }
-    sample_wide.data[n] = wide;
+    return wide != 0;
   };
   const bool stream = streams_output(p, sizeof(S)) && C % V::kWidth == 0, backwards = apply_backwards(x, y);
   const int64_t head = row_rotation(y, C, V::kWidth);
-  auto chunk_apply = [&](int64_t n, int64_t k, const RowBuffers<T>& b) {
+  auto chunk_apply = [&](int64_t n, int64_t k, const RowBuffers<T>& b, bool wide) {
     const int64_t r0 = k * chunk_rows, r1 = min_i64(rows, (k + 1) * chunk_rows);
     const S* xs = x + n * sample_len;
     S* ys = y + n * sample_len;
     // A sample holding a wide group (rare) is applied channel by channel in Wide<T>, every group of it: the
     // vector pass writes whole rows, and in place it would overwrite the wide group's input first.
-    if (sample_wide.data[n]) {
+    if (wide) {
       const int64_t D = C / G;
       for (int64_t c = 0; c < C; ++c)
         wide_apply_run<T, kSilu>(xs + r0 * C + c, ys + r0 * C + c, r1 - r0, C, stats[n * G + c / D], weight, bias,
@@ -1039,9 +1065,9 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
 
   auto whole_sample = [&](int64_t n, RowBuffers<T>& b) {
     for (int64_t k = 0; k < nchunks; ++k) chunk_moments(n * nchunks + k, b);
-    sample_finish(n);
+    const bool wide = sample_finish(n, 0, G);
     sample_coeffs<V>(p, stats + n * G, weight_t, bias_t, head, b);
-    for (int64_t k = nchunks - 1; k >= 0; --k) chunk_apply(n, k, b);  // last summed first: still in cache
+    for (int64_t k = nchunks - 1; k >= 0; --k) chunk_apply(n, k, b, wide);  // last summed first: still in cache
   };
 
   const int nt = team_size(p.num_threads, p.N * sample_len, units);
@@ -1069,17 +1095,24 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
       for (int64_t unit = mine.begin; unit < mine.end; ++unit)
         if (ok) chunk_moments(unit, b);
 #pragma omp barrier
-#pragma omp for schedule(static)
-      for (int64_t n = 0; n < p.N; ++n) sample_finish(n);
+      // The samples' groups, split evenly (one sample's groups among all threads when N < threads): each group
+      // folds its own chunks in order, so the split changes no result.
+      const ThreadRange finish = thread_range(p.N * G);
+      for (int64_t n = finish.begin / G; n * G < finish.end; ++n)
+        sample_finish(n, max_i64(finish.begin - n * G, 0), min_i64(finish.end - n * G, G));
+#pragma omp barrier
       int64_t coeffs_of = -1;
+      bool wide = false;
       for (int64_t unit = mine.end - 1; unit >= mine.begin; --unit) {
         if (!ok) continue;
         const int64_t n = unit / nchunks;
         if (n != coeffs_of) {
           sample_coeffs<V>(p, stats + n * G, weight_t, bias_t, head, b);
+          wide = false;
+          for (int64_t g = 0; g < G; ++g) wide = wide || stats[n * G + g].wide;
           coeffs_of = n;
         }
-        chunk_apply(n, unit % nchunks, b);
+        chunk_apply(n, unit % nchunks, b, wide);
       }
     }
     if (stream) V::stream_fence();
