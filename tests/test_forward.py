@@ -391,6 +391,11 @@ def test_large_results_reuse_freed_memory(rng):
     z = gn.group_norm(x * 2, 8)
     assert z.ctypes.data != y.ctypes.data and same_bits(y, y_copy), "a result still held was reused"
     del y, z
+    older, newer = gn.group_norm(x, 8), gn.group_norm(x, 8)  # two buffers of one size, both alive
+    newest = newer.ctypes.data
+    del older, newer  # the last freed is the one still in cache: every later call of that size takes it
+    for _ in range(3):
+        assert gn.group_norm(x, 8).ctypes.data == newest, "a call did not take the most recently freed buffer"
     results = [gn.group_norm(random_array(rng, (n, 64, 32, 32), np.float32), 8) for n in range(4, 24)]
     del results  # twenty sizes freed together: the pool keeps the newest sixteen
     buffers, held = _core._result_pool()

@@ -461,7 +461,7 @@ cdef enum:
 cdef size_t _POOL_MIN_BUFFER = 1 << 20
 cdef size_t _POOL_MAX_BUFFER = 1 << 27
 cdef size_t _POOL_MAX_TOTAL = 1 << 28
-cdef void* _pool_ptr[_POOL_SLOTS]  # slots [0, _pool_count) hold buffers, oldest first
+cdef void* _pool_ptr[_POOL_SLOTS]  # slots [0, _pool_count) hold buffers, least recently freed first
 cdef size_t _pool_bytes[_POOL_SLOTS]
 cdef int _pool_count = 0
 cdef size_t _pool_total = 0
@@ -479,9 +479,12 @@ cdef void* _pool_remove(int i) noexcept:
 
 
 cdef void* _pool_take(size_t nbytes) noexcept:
-    """A cached buffer of exactly nbytes (the pool's sizes are results' sizes), else NULL."""
+    """The most recently freed cached buffer of exactly nbytes (the pool's sizes are results' sizes), else NULL.
+    The newest is the one still in cache: taking the oldest made a loop alternate between two buffers of a size
+    once two results of that size had been alive at once, twice the memory a call streams ([8,64,4096] float32,
+    2 threads: 530-550 us against 400-430 with one buffer, in bench_forward.py's all-case run)."""
     cdef int i
-    for i in range(_pool_count):
+    for i in range(_pool_count - 1, -1, -1):
         if _pool_bytes[i] == nbytes:
             return _pool_remove(i)
     return NULL
