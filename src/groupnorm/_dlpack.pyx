@@ -172,9 +172,10 @@ def as_ndarray(obj, str name, *, bint writable=False):
     `obj` is asked for its device first, then for a DLPack 1.1 capsule (``max_version=(1, 1)``), or a legacy
     capsule when its ``__dlpack__`` takes no ``max_version``. The view is read-only when the producer says so;
     its base owns the DLPack tensor, whose deleter runs once when the view and every view of it are gone.
-    A ``numpy.ndarray`` is checked and returned as it is. A plain CPU torch tensor that needs no gradient is
-    viewed through ``Tensor.numpy`` (the same memory, without DLPack's cost); a lazily negated torch tensor
-    (``is_neg()``) is read through a negated copy, as DLPack would export its memory without the sign.
+    A ``numpy.ndarray`` is checked and returned as it is. A plain CPU torch tensor (``torch.Tensor``,
+    ``nn.Parameter``) is viewed from its ``data_ptr()``, ``shape`` and ``stride()`` (the same memory, without
+    DLPack's cost; the view's base is the tensor); a lazily negated torch tensor (``is_neg()``) is read through a
+    negated copy, as DLPack would export its memory without the sign; a tensor that requires grad is refused.
 
     Parameters
     ----------
@@ -337,7 +338,7 @@ def torch_view(tensor):
         raise TypeError(f"torch_view takes float16, bfloat16, float32 or float64 tensors, not {tensor.dtype}")
     view = _tensor_memory(tensor, descr)
     if view is None:
-        raise ValueError(f"a tensor of {tensor.dim()} dimensions; at most {MAX_DIMS} are supported")
+        raise ValueError(f"the tensor has {tensor.dim()} dimensions; at most {MAX_DIMS} are supported")
     return view
 
 
