@@ -127,8 +127,8 @@ def test_unsupported_tensor_dtype_is_a_type_error():
 
 
 def test_plain_cpu_tensors_skip_dlpack(monkeypatch, rng):
-    """torch.Tensor and nn.Parameter are viewed through Tensor.numpy (the same memory, a fifth of DLPack's cost);
-    a tensor subclass still goes through its capsule."""
+    """torch.Tensor and nn.Parameter are viewed from data_ptr, shape and stride (the same memory, a fifth of
+    DLPack's cost); a tensor subclass still goes through its capsule."""
     class Subclass(torch.Tensor):
         pass
 
@@ -214,8 +214,8 @@ def _rss_bytes():
 
 @pytest.mark.parametrize("through", ["tensor", "capsule"])
 def test_memory_stays_flat_over_ten_thousand_calls(rng, through):
-    """Plain CPU tensors are viewed through Tensor.numpy; a producer forwarding torch's capsules takes the DLPack
-    path (capsule consumed, deleter run) on every call."""
+    """Plain CPU tensors are viewed from data_ptr, shape and stride; a producer forwarding torch's capsules takes
+    the DLPack path (capsule consumed, deleter run) on every call."""
     x = torch.from_numpy(rng.standard_normal((2, 8, 16)).astype(np.float32))
     w = torch.ones(8)
     if through == "capsule":
