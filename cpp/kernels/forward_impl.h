@@ -998,8 +998,8 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
                          min_i64(rows, (k + 1) * chunk_rows), b, partial.data + unit * G);
   };
   const double count = double(rows) * double(C / G), inv_count = 1.0 / count;
-  // The statistics of groups [g0, g1) of sample n; returns whether one of them is wide (GroupStats::wide).
-  auto sample_finish = [&](int64_t n, int64_t g0, int64_t g1) -> bool {
+  // The statistics of groups [g0, g1) of sample n.
+  auto sample_finish = [&](int64_t n, int64_t g0, int64_t g1) {
     // Chunk sums fold into chunk 0's row of G entries, chunk by chunk: each group still adds its chunks in
     // order, and memory is read in sequence rather than G entries apart.
     ShiftedSums* total = partial.data + n * nchunks * G;
@@ -1028,7 +1028,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
     };
     // Two passes: the moments of every group, then the groups' 1/sqrt back to back and the rare second looks.
     GroupStats* const sample_stats = stats + n * G;
-    unsigned char refine = 0, wide = 0;
+    unsigned char refine = 0;
     for (int64_t g = g0; g < g1; ++g) {
       const double s1 = total[g].s1, s2 = total[g].s2;
       sample_stats[g] = group_moments(count, inv_count, double(shifts.data[n * G + g]), s1, s2, p.eps);
@@ -1039,9 +1039,13 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
     for (int64_t g = g0; refine && g < g1; ++g) {
       if (!sample_stats[g].wide) continue;
       sample_stats[g] = refined_stats(g, shifts.data[n * G + g], total[g].s1, total[g].s2);
-      wide |= sample_stats[g].wide ? 1 : 0;
     }
-    return wide != 0;
+  };
+  // Whether sample n holds a wide group, once its groups are finished.
+  auto sample_wide = [&](int64_t n) {
+    for (int64_t g = 0; g < G; ++g)
+      if (stats[n * G + g].wide) return true;
+    return false;
   };
   const bool stream = streams_output(p, sizeof(S)) && C % V::kWidth == 0, backwards = apply_backwards(x, y);
   const int64_t head = row_rotation(y, C, V::kWidth);
@@ -1065,7 +1069,8 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
 
   auto whole_sample = [&](int64_t n, RowBuffers<T>& b) {
     for (int64_t k = 0; k < nchunks; ++k) chunk_moments(n * nchunks + k, b);
-    const bool wide = sample_finish(n, 0, G);
+    sample_finish(n, 0, G);
+    const bool wide = sample_wide(n);
     sample_coeffs<V>(p, stats + n * G, weight_t, bias_t, head, b);
     for (int64_t k = nchunks - 1; k >= 0; --k) chunk_apply(n, k, b, wide);  // last summed first: still in cache
   };
@@ -1108,8 +1113,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
         const int64_t n = unit / nchunks;
         if (n != coeffs_of) {
           sample_coeffs<V>(p, stats + n * G, weight_t, bias_t, head, b);
-          wide = false;
-          for (int64_t g = 0; g < G; ++g) wide = wide || stats[n * G + g].wide;
+          wide = sample_wide(n);
           coeffs_of = n;
         }
         chunk_apply(n, unit % nchunks, b, wide);
