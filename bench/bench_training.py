@@ -102,13 +102,13 @@ class Case:
                 module.weight.copy_(weight)
                 module.bias.copy_(bias)
 
-        # The backward alone, on NumPy views of the same tensors (groupnorm._dlpack.torch_view, as groupnorm.torch reads them);
+        # The backward alone, on NumPy views of the same tensors (_dlpack.from_torch, as groupnorm.torch reads them);
         # statistics from the forward.
-        self.x_np = _dlpack.torch_view(self.x)
-        self.grad_np = _dlpack.torch_view(self.grad)
-        self.weight_np = _dlpack.torch_view(weight)
+        self.x_np = _dlpack.from_torch(self.x)
+        self.grad_np = _dlpack.from_torch(self.grad)
+        self.weight_np = _dlpack.from_torch(weight)
         _, self.mean_np, self.rstd_np = gn.group_norm_forward(self.x_np, num_groups, self.weight_np,
-                                                              _dlpack.torch_view(bias), 1e-5)
+                                                              _dlpack.from_torch(bias), 1e-5)
         # The floor reads x and dy and writes dx, over the contiguous memory behind them.
         x_storage = self.x.detach().permute(*self.memory_order()).contiguous().reshape(-1)
         grad_storage = self.grad.permute(*self.memory_order()).contiguous().reshape(-1)

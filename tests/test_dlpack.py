@@ -668,15 +668,15 @@ def test_torch_tensor_roundtrip(torch, dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", TORCH_DTYPES)
-@pytest.mark.parametrize("make_view", ["as_ndarray", "torch_view"])
-def test_torch_view_keeps_the_tensor_alive(torch, dtype, make_view):
+@pytest.mark.parametrize("make_view", ["as_ndarray", "from_torch"])
+def test_tensor_views_keep_the_tensor_alive(torch, dtype, make_view):
     """A view built from a tensor's data_ptr owns a reference to the tensor: its storage outlives the caller's
     last reference, and is freed with the view."""
     from groupnorm import _dlpack
     t = torch.arange(1, 4097, dtype=torch.float64).reshape(64, 64).to(getattr(torch, dtype))[3:, ::2]
     expected = t.double().numpy().copy()
     alive = weakref.ref(t)
-    view = as_ndarray(t, "input") if make_view == "as_ndarray" else _dlpack.torch_view(t)
+    view = as_ndarray(t, "input") if make_view == "as_ndarray" else _dlpack.from_torch(t)
     del t
     gc.collect()
     assert alive() is not None

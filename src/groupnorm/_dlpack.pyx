@@ -316,17 +316,17 @@ cdef object _torch_view(object tensor, object torch):
     return None if descr is None else _tensor_memory(tensor, descr)
 
 
-def torch_view(tensor):
-    """The NumPy view of a CPU torch tensor's memory for groupnorm.torch, which has checked its type, device
-    and dtype (one of the four): no copy, whether or not it requires grad, except for a lazily negated tensor
-    (``is_neg()``), which is read through a negated copy. The view keeps the tensor alive.
+def from_torch(tensor):
+    """The NumPy view of a CPU torch tensor's memory (as_torch's inverse) for groupnorm.torch, which has checked
+    its type, device and dtype (one of the four): no copy, whether or not it requires grad, except for a lazily
+    negated tensor (``is_neg()``), which is read through a negated copy. The view keeps the tensor alive.
 
     Examples
     --------
     >>> import torch
     >>> from groupnorm import _dlpack
     >>> t = torch.arange(6.0).reshape(2, 3).t()
-    >>> v = _dlpack.torch_view(t)
+    >>> v = _dlpack.from_torch(t)
     >>> v.ctypes.data == t.data_ptr(), v.strides, v.tolist() == t.tolist()
     (True, (4, 12), True)
     """
@@ -335,7 +335,7 @@ def torch_view(tensor):
         tensor = tensor.resolve_neg()
     descr = _torch_descr(tensor.dtype, torch)
     if descr is None:
-        raise TypeError(f"torch_view takes float16, bfloat16, float32 or float64 tensors, not {tensor.dtype}")
+        raise TypeError(f"from_torch takes float16, bfloat16, float32 or float64 tensors, not {tensor.dtype}")
     view = _tensor_memory(tensor, descr)
     if view is None:
         raise ValueError(f"the tensor has {tensor.dim()} dimensions; at most {MAX_DIMS} are supported")

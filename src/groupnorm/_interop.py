@@ -16,9 +16,7 @@ def is_foreign(obj):
 
 
 def _view(obj, name, writable=False):
-    if obj is None or isinstance(obj, np.ndarray):
-        return obj
-    return _dlpack.as_ndarray(obj, name, writable=writable) if is_foreign(obj) else obj
+    return _dlpack.as_ndarray(obj, name, writable=writable) if obj is not None and is_foreign(obj) else obj
 
 
 def _aligned_empty(like):

@@ -36,7 +36,7 @@ def _as_array(tensor, name):
     if tensor.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"{name} has dtype {tensor.dtype}; groupnorm.torch supports torch.float16, torch.bfloat16, "
                         f"torch.float32 and torch.float64")
-    return _dlpack.torch_view(tensor)
+    return _dlpack.from_torch(tensor)
 
 
 def _check_param_dtype(name, param, input):
@@ -79,9 +79,9 @@ def _backward(ctx, grad_output):
     """The gradients of _GroupNormFunction's inputs from its saved state, computed without autograd."""
     # Autograd hands back a gradient of the output's dtype and device; the inputs were checked in forward.
     input, weight = ctx.saved_tensors
-    dx, dw, db = _core.group_norm_backward(_dlpack.torch_view(grad_output), _dlpack.torch_view(input),
+    dx, dw, db = _core.group_norm_backward(_dlpack.from_torch(grad_output), _dlpack.from_torch(input),
                                            ctx.mean, ctx.rstd, ctx.num_groups,
-                                           None if weight is None else _dlpack.torch_view(weight))
+                                           None if weight is None else _dlpack.from_torch(weight))
     needs_input_grad = ctx.needs_input_grad
     return (_dlpack.as_torch(dx) if needs_input_grad[0] else None, None,
             _param_grad(dw, weight.dtype) if needs_input_grad[2] else None,
