@@ -5,7 +5,6 @@
 // Last line: "N passed, M failed".
 #include <algorithm>
 #include <chrono>
-#include <cstdarg>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -17,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "check_common.h"  // shared with cuda_emu_check.cpp: helpers, long double references, 16-bit rounding
 #include "groupnorm/groupnorm.h"
 #include "groupnorm/half.h"
 
@@ -26,6 +26,7 @@
 
 namespace {
 
+using namespace groupnorm_check;
 using groupnorm::Activation;
 using groupnorm::BFloat16;
 using groupnorm::DType;
@@ -43,10 +44,8 @@ struct Shape {
   int64_t size() const { return N * C * HxW; }
 };
 
-// The storage types under test: float, double, and the 16-bit Half and BFloat16, whose weight, bias, statistics
-// and parameter gradients are float (param_t).
-template <class T>
-constexpr bool is_half_v = std::is_same<T, Half>::value || std::is_same<T, BFloat16>::value;
+// The storage types under test: float, double, and the 16-bit Half and BFloat16 (is_half_v), whose weight, bias,
+// statistics and parameter gradients are float (param_t).
 template <class T>
 using param_t = std::conditional_t<is_half_v<T>, float, T>;
 
@@ -71,56 +70,6 @@ constexpr double tolerance() {
   return sizeof(T) == 4 ? 2e-6 : 1e-12;
 }
 
-// Exact value of a stored element, and a double rounded (once more for 16-bit types, via float) to storage.
-template <class T>
-long double value_of(T v) {
-  return (long double)groupnorm::widen(v);
-}
-template <class T>
-T from_double(double d) {
-  if constexpr (std::is_same<T, Half>::value) return groupnorm::narrow_half(float(d));
-  else if constexpr (std::is_same<T, BFloat16>::value) return groupnorm::narrow_bfloat16(float(d));
-  else return T(d);
-}
-template <class T>
-T quiet_nan() {
-  if constexpr (std::is_same<T, Half>::value) return Half{0x7e00};
-  else if constexpr (std::is_same<T, BFloat16>::value) return BFloat16{0x7fc0};
-  else return std::numeric_limits<T>::quiet_NaN();
-}
-
-// The 16-bit formats as numbers: significand bits after the point, least normal exponent, the bits of +inf.
-template <class H>
-struct HalfFormat {
-  static constexpr bool kBinary16 = std::is_same<H, Half>::value;
-  static constexpr int kMantissaBits = kBinary16 ? 10 : 7;
-  static constexpr int kMinExponent = kBinary16 ? -14 : -126;
-  static constexpr uint16_t kInfBits = kBinary16 ? 0x7c00 : 0x7f80;
-};
-
-// r rounded to nearest, ties to even, in H: the bits (a NaN r gives the quiet NaN). Independent of half.h: the
-// magnitude is counted in quanta of its binade (subnormals share the least normal binade's quantum), the count
-// rounded by nearbyint in the default mode, and the bits are (binade - least) * 2^mantissa + count, which
-// carries into the exponent and past the largest finite value into inf by itself. In double, which holds every
-// float exactly and a long double reference far closer than the slack it is judged with (and is fast on
-// targets where long double is software quad).
-template <class H>
-uint16_t round_to_bits(double r) {
-  using F = HalfFormat<H>;
-  if (std::isnan(r)) return quiet_nan<H>().bits;
-  const uint16_t sign = std::signbit(r) ? 0x8000 : 0;
-  const double magnitude = std::fabs(r);
-  if (magnitude == 0) return sign;
-  if (std::isinf(magnitude)) return uint16_t(sign | F::kInfBits);
-  int exponent;
-  std::frexp(magnitude, &exponent);  // magnitude in [2^(exponent-1), 2^exponent)
-  const int binade = std::max(exponent - 1, F::kMinExponent);
-  if (binade > 200) return uint16_t(sign | F::kInfBits);
-  const double count = std::nearbyint(std::ldexp(magnitude, F::kMantissaBits - binade));  // scaling is exact
-  const double bits = double(binade - F::kMinExponent) * (1 << F::kMantissaBits) + count;
-  return uint16_t(sign | uint16_t(std::fmin(bits, double(F::kInfBits))));
-}
-
 // The compiler's own binary16, where it has one in C++ (aarch64's __fp16 converts with fcvt in hardware).
 #if defined(__aarch64__) && defined(__ARM_FP16_FORMAT_IEEE)
 #define GROUPNORM_CHECK_COMPILER_HALF 1
@@ -130,9 +79,6 @@ using CompilerHalf = __fp16;
 using CompilerHalf = _Float16;
 #endif
 
-// Position of a non-NaN 16-bit value on the number line in ulps: -0 and +0 are both 0, inf follows the largest.
-int ordinal(uint16_t bits) { return (bits & 0x8000) ? -int(bits & 0x7fff) : int(bits); }
-bool is_nan_bits(uint16_t bits, uint16_t inf_bits) { return (bits & 0x7fff) > inf_bits; }
 const char* layout_name(Layout layout) { return layout == Layout::kChannelsFirst ? "NCHW" : "NHWC"; }
 const char* activation_name(Activation act) { return act == Activation::kSilu ? "silu" : "none"; }
 
@@ -156,27 +102,8 @@ struct Tally {
   }
 };
 
-std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-std::string format(const char* fmt, ...) {
-  char buf[1024];
-  va_list args;
-  va_start(args, fmt);
-  std::vsnprintf(buf, sizeof buf, fmt, args);
-  va_end(args);
-  return buf;
-}
-
 std::string shape_label(const Shape& s) {
   return format("N=%lld C=%lld G=%lld HxW=%lld", (long long)s.N, (long long)s.C, (long long)s.G, (long long)s.HxW);
-}
-
-template <class T>
-T sentinel() {
-  // finite, unlikely as a result
-  const uint64_t bits = sizeof(T) == 2 ? 0xC4A5u : sizeof(T) == 4 ? 0xC4A5A5A5u : 0xC0DEADBEEFCAFE42ull;
-  T value;
-  std::memcpy(&value, &bits, sizeof(T));
-  return value;
 }
 
 // An output buffer with kGuard sentinels on each side and a NaN-poisoned body.
@@ -203,79 +130,13 @@ struct Guarded {
   }
 };
 
+// The references' view of a shape in a layout.
+ShapeLayout shape_layout(const Shape& s, Layout layout) {
+  return {s.N, s.C, s.G, s.HxW, layout == Layout::kChannelsLast};
+}
+
 int64_t element_offset(const Shape& s, Layout layout, int64_t n, int64_t c, int64_t i) {
-  return layout == Layout::kChannelsFirst ? (n * s.C + c) * s.HxW + i : (n * s.HxW + i) * s.C + c;
-}
-
-// Per-(n, group) mean and 1/sqrt(var + eps) in long double, two-pass.
-struct ReferenceStats {
-  std::vector<long double> mean, rstd;
-};
-
-template <class T>
-ReferenceStats reference_stats(const Shape& s, Layout layout, const T* x, double eps) {
-  const int64_t D = s.C / s.G;
-  ReferenceStats ref;
-  ref.mean.resize(size_t(s.N * s.G));
-  ref.rstd.resize(size_t(s.N * s.G));
-  for (int64_t n = 0; n < s.N; ++n)
-    for (int64_t g = 0; g < s.G; ++g) {
-      long double sum = 0;
-      for (int64_t c = g * D; c < (g + 1) * D; ++c)
-        for (int64_t i = 0; i < s.HxW; ++i) sum += value_of(x[element_offset(s, layout, n, c, i)]);
-      const long double count = (long double)(D * s.HxW), mean = sum / count;
-      long double m2 = 0;
-      for (int64_t c = g * D; c < (g + 1) * D; ++c)
-        for (int64_t i = 0; i < s.HxW; ++i) {
-          const long double d = value_of(x[element_offset(s, layout, n, c, i)]) - mean;
-          m2 += d * d;
-        }
-      ref.mean[size_t(n * s.G + g)] = mean;
-      ref.rstd[size_t(n * s.G + g)] = 1.0L / std::sqrt(m2 / count + (long double)eps);
-    }
-  return ref;
-}
-
-// Reference output and, per element, the scale its rounding error is judged against.
-struct ReferenceOutput {
-  std::vector<long double> value;
-  // |act'(y)| * (|z * w| + |b|), z = (x - mean) * rstd: what y = z * w + b inherently loses to rounding when the
-  // bias cancels the normalised term, a case the plain max|y_ref| scale cannot absorb.
-  std::vector<long double> condition;
-  // |z * w| + |w| / 4 + |b|: the scale of what float compute knows y to (the slack of a 16-bit output's
-  // rounding). |w| / 4: z itself is known only to a few float ulps absolute (the mean to a few ulps of the
-  // std), which matters where z is near 0.
-  std::vector<long double> terms;
-};
-
-template <class T>
-ReferenceOutput reference_output(const Shape& s, Layout layout, Activation act, const T* x, const param_t<T>* weight,
-                                 const param_t<T>* bias, const ReferenceStats& ref) {
-  const int64_t D = s.C / s.G;
-  ReferenceOutput out;
-  out.value.resize(size_t(s.size()));
-  out.condition.resize(size_t(s.size()));
-  out.terms.resize(size_t(s.size()));
-  for (int64_t n = 0; n < s.N; ++n)
-    for (int64_t c = 0; c < s.C; ++c) {
-      const size_t ng = size_t(n * s.G + c / D);
-      const long double w = weight ? (long double)weight[c] : 1.0L, scale = ref.rstd[ng] * w;
-      const long double shift = bias ? (long double)bias[c] : 0.0L;
-      for (int64_t i = 0; i < s.HxW; ++i) {
-        const int64_t k = element_offset(s, layout, n, c, i);
-        const long double zw = (value_of(x[k]) - ref.mean[ng]) * scale;
-        long double y = zw + shift, slope = 1.0L;
-        if (act == Activation::kSilu) {
-          const long double sigmoid = 1.0L / (1.0L + std::exp(-y));
-          slope = std::fabs(sigmoid * (1.0L + y * (1.0L - sigmoid)));
-          y = y * sigmoid;
-        }
-        out.value[size_t(k)] = y;
-        out.terms[size_t(k)] = std::fabs(zw) + std::fabs(w) / 4 + std::fabs(shift);
-        out.condition[size_t(k)] = slope * out.terms[size_t(k)];
-      }
-    }
-  return out;
+  return shape_layout(s, layout).offset(n, c, i);
 }
 
 template <class T>
@@ -303,8 +164,6 @@ template <class T>
 void expect_close_output(Tally& tally, const std::string& label, Activation act, const Guarded<T>& y,
                          const ReferenceOutput& ref) {
   const long double tol = tolerance<T>();
-  long double max_ref = 0;
-  for (long double v : ref.value) max_ref = std::fmax(max_ref, std::fabs(v));
   long double worst_ratio = 0;
   int64_t worst = -1, nan_count = 0;
   for (int64_t k = 0; k < y.n; ++k) {
@@ -313,7 +172,7 @@ void expect_close_output(Tally& tally, const std::string& label, Activation act,
       if (nan_count++ == 0) worst = k;
       continue;
     }
-    const long double bound = tol * std::fmax(max_ref, ref.condition[size_t(k)]);
+    const long double bound = tol * std::fmax(ref.max_abs, ref.condition[size_t(k)]);
     const long double err = std::fabs((long double)v - ref.value[size_t(k)]);
     const long double ratio = bound > 0 ? err / bound : (err > 0 ? INFINITY : 0.0L);
     if (ratio > worst_ratio || worst < 0) {
@@ -337,42 +196,23 @@ void expect_close_output(Tally& tally, const std::string& label, Activation act,
   tally.expect(false, format("%s: y out of tolerance: worst |err|/bound=%.3Lf at index %lld (y=%.9Le ref=%.9Le, "
                              "|err|=%.3Le, max|ref|=%.3Le, condition=%.3Le)",
                              label.c_str(), worst_ratio, (long long)worst, worst_y, worst_ref,
-                             std::fabs(worst_y - worst_ref), max_ref,
+                             std::fabs(worst_y - worst_ref), ref.max_abs,
                              worst >= 0 ? ref.condition[size_t(worst)] : 0.0L));
 }
 
-// A 16-bit output o passes when it lies between the reference rounded to nearest from r - slack and from
-// r + slack, slack = slack_per_term * terms: so it is the nearest-even rounding of r wherever r lies farther than
-// the slack from a rounding midpoint, and one ulp off at most where it lies closer (more only where the slack
-// spans several ulps: results near 0 from cancelling terms). NaN (unwritten poison) fails.
+// A 16-bit output against the reference rounded to nearest even, within a slack around the midpoints
+// (check_rounding); counts the outputs that are not the nearest.
 template <class H>
 void expect_rounded(Tally& tally, const std::string& label, const char* name, Quantity q, const Guarded<H>& out,
                     const std::vector<long double>& ref, const std::vector<long double>& terms,
                     long double slack_per_term) {
-  int64_t bad = 0, first_bad = -1, off_nearest = 0;
-  for (int64_t k = 0; k < out.n; ++k) {
-    const double r = double(ref[size_t(k)]), slack = double(slack_per_term * terms[size_t(k)]);
-    const uint16_t bits = out.data()[k].bits;
-    if (bits == round_to_bits<H>(r)) continue;
-    if (!is_nan_bits(bits, HalfFormat<H>::kInfBits) && ordinal(round_to_bits<H>(r - slack)) <= ordinal(bits) &&
-        ordinal(bits) <= ordinal(round_to_bits<H>(r + slack))) {
-      ++off_nearest;
-    } else if (bad++ == 0) {
-      first_bad = k;
-    }
-  }
+  const RoundingCheck result = check_rounding(out.data(), ref, terms, slack_per_term);
   g_rounded_count[dtype_index<H>()][q] += out.n;
-  g_off_nearest[dtype_index<H>()][q] += off_nearest;
-  if (bad == 0) {
+  g_off_nearest[dtype_index<H>()][q] += result.off_nearest;
+  if (result.bad == 0)
     tally.expect(true, label);
-    return;
-  }
-  const size_t k = size_t(first_bad);
-  const uint16_t bits = out.data()[k].bits;
-  tally.expect(false, format("%s: %s has %lld values off the rounded reference, the first at index %lld: 0x%04x "
-                             "(%.9Le) vs nearest 0x%04x, ref=%.12Le slack=%.3Le",
-                             label.c_str(), name, (long long)bad, (long long)first_bad, bits, value_of(out.data()[k]),
-                             round_to_bits<H>(double(ref[k])), ref[k], slack_per_term * terms[k]));
+  else
+    tally.expect(false, rounding_failure(label, name, out.data(), ref, terms, slack_per_term, result));
 }
 
 // mean_out within tol of the group's scale |mean| + std; rstd_out within tol relative (statistics of type P).
@@ -468,22 +308,6 @@ void check_forward(Tally& tally, const std::string& label, const Problem& p, con
   }
 }
 
-template <class T>
-std::vector<T> normal_data(std::mt19937_64& rng, int64_t count, double offset, double scale) {
-  std::normal_distribution<double> normal(0.0, 1.0);
-  std::vector<T> v(static_cast<size_t>(count));
-  for (auto& e : v) e = from_double<T>(offset + scale * normal(rng));
-  return v;
-}
-
-template <class T>
-std::vector<T> uniform_data(std::mt19937_64& rng, int64_t count, double lo, double hi) {
-  std::uniform_real_distribution<double> uniform(lo, hi);
-  std::vector<T> v(static_cast<size_t>(count));
-  for (auto& e : v) e = from_double<T>(uniform(rng));
-  return v;
-}
-
 struct Levels {
   std::vector<Isa> tested;
 };
@@ -512,7 +336,7 @@ void check_data(Tally& tally, const Levels& levels, const Shape& s, const std::v
   for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
     Problem p;
     p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout, p.eps = 1e-5;
-    const ReferenceStats ref = reference_stats(s, layout, x.data(), p.eps);
+    const ReferenceStats ref = reference_stats(shape_layout(s, layout), x.data(), p.eps);
     for (Activation act : {Activation::kNone, Activation::kSilu}) {
       p.activation = act;
       for (const AffineMode& mode : kAffineModes) {
@@ -521,7 +345,8 @@ void check_data(Tally& tally, const Levels& levels, const Shape& s, const std::v
         if (!wanted) continue;
         const P* w = mode.weight ? weight.data() : nullptr;
         const P* b = mode.bias ? bias.data() : nullptr;
-        const ReferenceOutput y_ref = reference_output(s, layout, act, x.data(), w, b, ref);
+        const ReferenceOutput y_ref =
+            reference_output(shape_layout(s, layout), act == Activation::kSilu, x.data(), w, b, ref);
         for (Isa isa : levels.tested) {
           if (!select_level(tally, isa)) continue;
           const std::string label = format("isa=%s %s %s act=%s affine=%s %s %s", groupnorm::isa_name(isa),
@@ -678,10 +503,11 @@ void check_thread_determinism(Tally& tally, const Levels& levels, std::mt19937_6
     for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
       Problem p;
       p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout;
-      const ReferenceStats ref = reference_stats(s, layout, x.data(), p.eps);
+      const ReferenceStats ref = reference_stats(shape_layout(s, layout), x.data(), p.eps);
       for (Activation act : {Activation::kNone, Activation::kSilu}) {
         p.activation = act;
-        const ReferenceOutput y_ref = reference_output(s, layout, act, x.data(), weight.data(), bias.data(), ref);
+        const ReferenceOutput y_ref = reference_output(shape_layout(s, layout), act == Activation::kSilu, x.data(),
+                                                       weight.data(), bias.data(), ref);
         for (Isa isa : levels.tested) {
           if (!select_level(tally, isa)) continue;
           const std::string label = format("threads isa=%s %s %s act=%s %s (%s) case_seed=%llu",
@@ -1047,7 +873,7 @@ void check_backward_shape(Tally& tally, const Levels& levels, const Shape& s, st
   for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
     Problem p;
     p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout;
-    const ReferenceStats stats = reference_stats(s, layout, x.data(), p.eps);
+    const ReferenceStats stats = reference_stats(shape_layout(s, layout), x.data(), p.eps);
     for (bool with_weight : {false, true}) {
       const P* w = with_weight ? weight.data() : nullptr;
       const ReferenceGrads ref = reference_grads(s, layout, dy.data(), x.data(), w, stats);
@@ -1172,14 +998,6 @@ bool section_wanted(int argc, char** argv, const char* name) {
     if (std::strstr(name, argv[i] + 10) != nullptr) return true;
   }
   return !filtered;
-}
-
-uint64_t choose_seed(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i)
-    if (std::strncmp(argv[i], "--seed=", 7) == 0) return std::strtoull(argv[i] + 7, nullptr, 10);
-  if (const char* env = std::getenv("GROUPNORM_CHECK_SEED")) return std::strtoull(env, nullptr, 10);
-  std::random_device device;
-  return (uint64_t(device()) << 32) ^ device();
 }
 
 }  // namespace
