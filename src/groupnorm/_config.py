@@ -6,8 +6,9 @@ def config():
     """The build and runtime configuration as a dict.
 
     Keys: ``version``; ``isa`` (the SIMD level calls run at); ``isa_compiled``, ``isa_supported``
-    (what the CPU can run) and ``isa_available`` (both); ``openmp`` and ``num_threads``; ``cuda`` and
-    ``cuda_reason``.
+    (what the CPU can run) and ``isa_available`` (both); ``openmp`` and ``num_threads``; ``cuda`` (whether GPU
+    arrays run here) and ``cuda_reason`` (why not); a build with the CUDA backend adds ``cuda_devices``,
+    ``cuda_runtime`` and ``cuda_driver``.
 
     Examples
     --------
@@ -26,9 +27,28 @@ def config():
         "isa_available": [name for name in compiled if name in supported],
         "openmp": _core.openmp(),
         "num_threads": _core.get_num_threads(),
-        "cuda": False,
-        "cuda_reason": "this build has no CUDA backend (the CUDA translation unit is not part of it yet)",
+        **_cuda_config(),
     }
+
+
+def _cuda_config():
+    """``cuda`` (GPU arrays can run here), ``cuda_reason`` (why not, else empty), and with a CUDA build the
+    runtime's ``cuda_devices`` and ``cuda_runtime`` / ``cuda_driver`` versions ("13.0"; "none" without a driver)."""
+    from . import _gpu
+    usable, reason = _gpu.availability()
+    info = {"cuda": usable, "cuda_reason": reason or ""}
+    if _core.CUDA_BUILD_NOTE == "built":
+        from . import _cuda
+        count, _ = _cuda.device_count()
+        runtime, driver = _cuda.versions()
+        info["cuda_devices"] = count
+        info["cuda_runtime"] = _version(runtime)
+        info["cuda_driver"] = _version(driver)
+    return info
+
+
+def _version(code):
+    return f"{code // 1000}.{code % 1000 // 10}" if code else "none"
 
 
 def show_config():

@@ -3,6 +3,7 @@ from typing import Any, Literal, Optional
 import numpy.typing as npt
 
 __version__: str
+CUDA_BUILD_NOTE: str
 
 
 def group_norm(

@@ -44,10 +44,16 @@ cdef extern from *:
     #ifndef GROUPNORM_VERSION
     #define GROUPNORM_VERSION "0+unknown"
     #endif
+    #ifndef GROUPNORM_CUDA_NOTE
+    #define GROUPNORM_CUDA_NOTE "no CUDA backend was configured"
+    #endif
     """
     const char* GROUPNORM_VERSION
+    const char* GROUPNORM_CUDA_NOTE
 
 __version__ = GROUPNORM_VERSION.decode()
+# "built" when this build has groupnorm._cuda; otherwise why not (CMake's GROUPNORM_CUDA, or no CUDA compiler).
+CUDA_BUILD_NOTE = GROUPNORM_CUDA_NOTE.decode()
 
 cnp.import_array()
 
@@ -314,6 +320,11 @@ cdef double _check_eps(object eps) except? -1.0:
     if not (eps_value >= 0.0):
         raise ValueError(f"eps={eps!r} must be non-negative (and not NaN)")
     return eps_value
+
+
+def _check_eps_value(eps):
+    """eps as a non-negative float, with the messages of every function here (groupnorm._gpu's checks)."""
+    return _check_eps(eps)
 
 
 # What a kernel call needs to know of its input: the problem and the order in which it reads memory.

@@ -130,8 +130,11 @@ cdef bint _host_readable(long device_type) noexcept:
 cdef str _device_error(str name, object device_type, object device_id):
     dev = _device_name(device_type, device_id)
     if device_type == kDLCUDA or device_type == kDLCUDAManaged:
-        return (f"{name} lives on device {dev}; this groupnorm build has no CUDA backend (README, section "
-                f"GPU); move the array to the CPU")
+        if sys.modules["groupnorm._core"].CUDA_BUILD_NOTE != "built":
+            return (f"{name} lives on device {dev}; this groupnorm build has no CUDA backend (README, section "
+                    f"GPU); move the array to the CPU")
+        return (f"{name} lives on device {dev}; groupnorm reads GPU memory only when the call's input is there "
+                f"too (the CUDA backend); move the array to the CPU")
     return f"{name} lives on device {dev}; groupnorm computes on the CPU only; move the array to the CPU"
 
 

@@ -3,11 +3,13 @@
 Each argument that speaks DLPack becomes a zero-copy NumPy view (groupnorm._dlpack.as_ndarray), the NumPy
 function runs on the views with all of its checks, and every result goes back as the kind of array the caller
 passed as `input` (torch in, torch out; JAX in, JAX out; another producer, an object with ``__dlpack__``).
-_core routes a call here only when one of its array arguments is such an object, so NumPy calls never pay.
+_core routes a call here only when one of its array arguments is such an object, so NumPy calls never pay. A call
+whose input lives in CUDA memory goes on to groupnorm._gpu (the CUDA backend, where this build and machine have
+one); an argument in CUDA memory beside a CPU input gets the CPU path's error for it.
 """
 import numpy as np
 
-from . import _core, _dlpack
+from . import _core, _dlpack, _gpu
 
 
 def is_foreign(obj):
@@ -29,6 +31,8 @@ def _aligned_empty(like):
 
 
 def group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out):
+    if _gpu.gpu_device(input) is not None:
+        return _gpu.group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out)
     x = _view(input, "input")
     target = _view(out, "out", writable=True)
     if target is None and _dlpack.is_jax_array(input) and isinstance(x, np.ndarray) and x.flags.c_contiguous:
@@ -39,12 +43,16 @@ def group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, o
 
 
 def group_norm_forward(input, num_groups, weight, bias, eps):
+    if _gpu.gpu_device(input) is not None:
+        return _gpu.group_norm_forward(input, num_groups, weight, bias, eps)
     results = _core.group_norm_forward(_view(input, "input"), num_groups, _view(weight, "weight"),
                                        _view(bias, "bias"), eps)
     return tuple(_dlpack.wrap_like(r, input) for r in results)
 
 
 def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight):
+    if _gpu.gpu_device(input) is not None:
+        return _gpu.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight)
     results = _core.group_norm_backward(_view(grad_output, "grad_output"), _view(input, "input"),
                                         _view(mean, "mean"), _view(rstd, "rstd"), num_groups,
                                         _view(weight, "weight"))

@@ -13,7 +13,7 @@ import inspect
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from . import _core, _dlpack
+from . import _core, _dlpack, _gpu
 
 __all__ = ["group_norm", "GroupNorm"]
 
@@ -30,13 +30,28 @@ def _as_array(tensor, name):
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_cpu:
-        raise RuntimeError(
-            f"{name} is on device {tensor.device}; groupnorm's kernels serve CPU tensors only "
-            f"(this build has no CUDA backend): move it with .cpu() or use torch.nn.GroupNorm there")
+        raise RuntimeError(_device_message(name, tensor))
     if tensor.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"{name} has dtype {tensor.dtype}; groupnorm.torch supports torch.float16, torch.bfloat16, "
                         f"torch.float32 and torch.float64")
     return _dlpack.from_torch(tensor)
+
+
+def _device_message(name, tensor):
+    if tensor.is_cuda:
+        usable, reason = _gpu.availability()
+        if usable:
+            return (f"{name} is on device {tensor.device} but the input is on the CPU; all tensors of a call must be "
+                    f"on one device")
+        return f"{name} is on device {tensor.device}; {reason}: move it with .cpu() or use torch.nn.GroupNorm there"
+    return (f"{name} is on device {tensor.device}; groupnorm's kernels serve CPU and CUDA tensors only: move it with "
+            f".cpu() or use torch.nn.GroupNorm there")
+
+
+def _on_gpu(input):
+    """The call runs on the CUDA backend: the input is a CUDA tensor (checked further by groupnorm._gpu), and the
+    backend can run here (else the CPU path's checks raise the device error)."""
+    return isinstance(input, torch.Tensor) and input.is_cuda and _gpu.availability()[0]
 
 
 def _check_param_dtype(name, param, input):
@@ -79,10 +94,15 @@ def _backward(ctx, grad_output):
     """The gradients of _GroupNormFunction's inputs from its saved state, computed without autograd."""
     # Autograd hands back a gradient of the output's dtype and device; the inputs were checked in forward.
     input, weight = ctx.saved_tensors
+    needs_input_grad = ctx.needs_input_grad
+    if input.is_cuda:
+        dx, dw, db = _gpu.group_norm_backward(grad_output, input, ctx.mean, ctx.rstd, ctx.num_groups, weight)
+        return (dx if needs_input_grad[0] else None, None,
+                dw.to(weight.dtype) if needs_input_grad[2] else None,
+                db.to(ctx.bias_dtype) if needs_input_grad[3] else None, None)
     dx, dw, db = _core.group_norm_backward(_dlpack.from_torch(grad_output), _dlpack.from_torch(input),
                                            ctx.mean, ctx.rstd, ctx.num_groups,
                                            None if weight is None else _dlpack.from_torch(weight))
-    needs_input_grad = ctx.needs_input_grad
     return (_dlpack.as_torch(dx) if needs_input_grad[0] else None, None,
             _param_grad(dw, weight.dtype) if needs_input_grad[2] else None,
             _param_grad(db, ctx.bias_dtype) if needs_input_grad[3] else None, None)
@@ -96,12 +116,17 @@ class _GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, num_groups, weight, bias, eps):
-        x, w, b = _arrays(input, weight, bias)
-        y, mean, rstd = _core.group_norm_forward(x, num_groups, w, b, eps)
         ctx.num_groups = num_groups
-        ctx.mean, ctx.rstd = mean, rstd  # private to this node: plain arrays, no tensor round trip
         ctx.save_for_backward(input, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
+        if _on_gpu(input):
+            _check_param_dtype("weight", weight, input)
+            _check_param_dtype("bias", bias, input)
+            y, ctx.mean, ctx.rstd = _gpu.group_norm_forward(input, num_groups, weight, bias, eps)
+            return y
+        x, w, b = _arrays(input, weight, bias)
+        y, mean, rstd = _core.group_norm_forward(x, num_groups, w, b, eps)
+        ctx.mean, ctx.rstd = mean, rstd  # private to this node: plain arrays, no tensor round trip
         return _dlpack.as_torch(y)
 
     @staticmethod
@@ -118,7 +143,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     ----------
     input : torch.Tensor, shape (N, C, *)
         A CPU tensor of float16, bfloat16, float32 or float64, contiguous, channels_last or any other layout.
-        Half-precision data computes in float32.
+        Half-precision data computes in float32. A CUDA tensor runs on groupnorm's CUDA backend where this
+        build has one (``groupnorm.config()["cuda"]``), on torch's current stream.
     num_groups : int
         Number of groups; it must divide C.
     weight, bias : torch.Tensor, shape (C,), optional
@@ -144,6 +170,10 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
         return _GroupNormFunction.apply(input, num_groups, weight, bias, eps)
     # Inference (no_grad, or nothing that requires grad): the kernel alone, as torch's own group_norm does,
     # without autograd.Function's cost (about 5 us a call) or the statistics that only a backward reads.
+    if _on_gpu(input):
+        _check_param_dtype("weight", weight, input)
+        _check_param_dtype("bias", bias, input)
+        return _gpu.group_norm(input, num_groups, weight, bias, eps, None, 1, None)
     x, w, b = _arrays(input, weight, bias)
     return _dlpack.as_torch(_core.group_norm(x, num_groups, w, b, eps))
 

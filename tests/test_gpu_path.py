@@ -1,0 +1,271 @@
+"""groupnorm._gpu's path from torch tensors to the CUDA kernels, without a GPU: run_forward and run_backward (all
+that a GPU call does after its device checks) on CPU tensors, with the kernels' C interface served by the same
+kernel sources compiled for the CPU against tests/cuda_emu's emulation (tests/cuda_emu/emu_capi.cpp, loaded by
+ctypes in place of groupnorm._cuda). What this checks that the emulated kernel check (test_cuda_emu.py) does not:
+the problem tuples, the order of the pointers, the layouts chosen and copied, out= (direct, through scratch, in
+place), parameter dtypes, statistics and gradients as tensors, against float64 references. What only a GPU can
+check (devices, streams, the allocator) is tests/test_cuda.py's.
+"""
+import ctypes
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from groupnorm import _core, _gpu  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = ROOT / "tests" / "cuda_emu"
+pytestmark = [pytest.mark.xdist_group("gpu_path"),  # one worker compiles the library once
+              pytest.mark.skipif(sys.platform == "win32", reason="the emulator needs POSIX fibers and mmap")]
+
+
+class _Problem(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int64), ("c", ctypes.c_int64), ("s", ctypes.c_int64), ("groups", ctypes.c_int64),
+                ("channels_last", ctypes.c_int), ("dtype", ctypes.c_int), ("param_dtype", ctypes.c_int),
+                ("silu", ctypes.c_int), ("eps", ctypes.c_double)]
+
+
+_DTYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
+
+
+class EmulatedCuda:
+    """groupnorm._cuda's functions on the emulated kernels (host pointers; device 0, stream 0)."""
+
+    def __init__(self, library):
+        self.lib = ctypes.CDLL(str(library))
+        pointer = ctypes.c_void_p
+        self.lib.gn_cuda_forward_workspace.restype = ctypes.c_size_t
+        self.lib.gn_cuda_backward_workspace.restype = ctypes.c_size_t
+        self.lib.gn_cuda_forward.argtypes = [ctypes.POINTER(_Problem)] + [pointer] * 8
+        self.lib.gn_cuda_backward.argtypes = [ctypes.POINTER(_Problem)] + [pointer] * 11
+        self.lib.gn_emu_set_seed.argtypes = [ctypes.c_uint64]
+        self.calls = []
+
+    @staticmethod
+    def problem(problem):
+        n, c, s, groups, channels_last, dtype, param_dtype, silu, eps = problem
+        return _Problem(n, c, s, groups, int(channels_last), _DTYPES[dtype], _DTYPES[param_dtype], int(silu), eps)
+
+    def forward_workspace(self, problem):
+        return self.lib.gn_cuda_forward_workspace(ctypes.byref(self.problem(problem)))
+
+    def backward_workspace(self, problem):
+        return self.lib.gn_cuda_backward_workspace(ctypes.byref(self.problem(problem)))
+
+    def forward(self, problem, device, *pointers):
+        assert device == 0 and pointers[-1] == 0
+        self.calls.append(("forward", problem))
+        code = self.lib.gn_cuda_forward(ctypes.byref(self.problem(problem)), *[p or None for p in pointers[:-1]], None)
+        assert code == 0, f"gn_cuda_forward returned {code}"
+
+    def backward(self, problem, device, *pointers):
+        assert device == 0 and pointers[-1] == 0
+        self.calls.append(("backward", problem))
+        code = self.lib.gn_cuda_backward(ctypes.byref(self.problem(problem)), *[p or None for p in pointers[:-1]],
+                                         None)
+        assert code == 0, f"gn_cuda_backward returned {code}"
+
+
+@pytest.fixture(scope="module")
+def cuda(tmp_path_factory):
+    if not (ROOT / "cpp" / "cuda" / "groupnorm_cuda_impl.cuh").exists() or not (EMU / "emu_capi.cpp").exists():
+        pytest.skip("needs the source tree")
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on PATH")
+    library = tmp_path_factory.mktemp("gpu_path") / "libgn_cuda_emu.so"
+    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fno-strict-aliasing", "-DGN_CUDA_EMULATE",
+               f"-I{ROOT / 'cpp' / 'cuda'}", f"-I{ROOT / 'cpp' / 'include'}", f"-I{EMU}", str(EMU / "emu_capi.cpp"),
+               "-o", str(library), "-ldl"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    emulated = EmulatedCuda(library)
+    emulated.lib.gn_emu_set_seed(12345)
+    return emulated
+
+
+def forward(cuda, x, groups, weight=None, bias=None, eps=1e-5, activation=None, channel_axis=1, out=None,
+            stats=False):
+    return _gpu.run_forward(cuda, torch, x, groups, weight, bias, eps, activation, channel_axis, out, stats, 0, 0)
+
+
+def backward(cuda, dy, x, mean, rstd, groups, weight=None):
+    return _gpu.run_backward(cuda, torch, dy, x, mean, rstd, groups, weight, 0, 0)
+
+
+TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-11, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def close(got, want, dtype, what):
+    scale = want.abs().max().item() + 1
+    err = (got.double() - want.double()).abs().max().item() / scale
+    assert err <= TOLERANCE[dtype], f"{what}: max error {err:.3g} of the scale"
+
+
+def reference(x, groups, weight, bias, eps, silu, channel_axis=1):
+    """float64 group norm with channels on channel_axis (and SiLU)."""
+    moved = x.double().movedim(channel_axis, 1)
+    y = torch.nn.functional.group_norm(moved, groups, None if weight is None else weight.double(),
+                                       None if bias is None else bias.double(), eps)
+    y = y * torch.sigmoid(y) if silu else y
+    return y.movedim(1, channel_axis)
+
+
+def layout_of(tensor):
+    if tensor.is_contiguous():
+        return "contiguous"
+    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "other"
+
+
+def make(shape, dtype, layout, seed, offset=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + offset).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # a view that is dense in no kernel order: copied once
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)[:, :, ::1, :]
+        x = torch.cat([x, x], dim=3)[..., :shape[3]]
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("silu", [False, True])
+def test_forward_matches_float64(cuda, dtype, layout, silu):
+    x = make((2, 12, 5, 7), dtype, layout, seed=1, offset=3.0)
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(12, generator=gen).to(dtype)
+    b = torch.randn(12, generator=gen).to(dtype)
+    y, mean, rstd = forward(cuda, x, 3, w, b, 1e-5, "silu" if silu else None, stats=True)
+    close(y, reference(x, 3, w, b, 1e-5, silu), dtype, "y")
+    assert y.dtype == dtype and y.shape == x.shape
+    assert layout_of(y) == ("channels_last" if layout == "channels_last" else "contiguous")
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == rstd.dtype == stats_dtype and mean.shape == rstd.shape == (2, 3)
+    groups = x.double().reshape(2, 3, -1)
+    close(mean, groups.mean(-1), dtype, "mean")
+    close(rstd, 1 / torch.sqrt(groups.var(-1, unbiased=False) + 1e-5), dtype, "rstd")
+    assert cuda.calls[-1] == ("forward", (2, 12, 35, 3, layout == "channels_last", str(dtype)[6:], str(dtype)[6:],
+                                          silu, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_parameters_with_half_data(cuda, dtype):
+    x = make((3, 8, 4, 4), dtype, "channels_last", seed=3)
+    w, b = torch.linspace(0.5, 2, 8), torch.linspace(-1, 1, 8)
+    y = forward(cuda, x, 4, w, b)
+    close(y, reference(x, 4, w, b, 1e-5, False), dtype, "y")
+    assert cuda.calls[-1][1][6] == "float32"
+    # Only one of them float32: both go as float32. float64 ones with half data: converted to float32.
+    close(forward(cuda, x, 4, w.to(dtype), b), reference(x, 4, w.to(dtype), b, 1e-5, False), dtype, "y")
+    assert cuda.calls[-1][1][6] == "float32"
+    close(forward(cuda, x, 4, w.double(), None), reference(x, 4, w, None, 1e-5, False), dtype, "y")
+
+
+def test_channel_axis_last(cuda):
+    x = make((2, 5, 6, 8), torch.float32, "contiguous", seed=4)  # (N, H, W, C) memory
+    w = torch.linspace(-1, 1, 8)
+    y = forward(cuda, x, 4, w, None, channel_axis=-1)
+    close(y, reference(x, 4, w, None, 1e-5, False, channel_axis=3), torch.float32, "y")
+    assert cuda.calls[-1][1][:5] == (2, 8, 30, 4, True)
+
+
+def test_out_direct_scratch_and_in_place(cuda):
+    x = make((2, 8, 6, 6), torch.float32, "channels_last", seed=5)
+    want = reference(x, 2, None, None, 1e-5, False)
+    direct = torch.full_like(x, math.nan)  # channels_last, like x
+    assert forward(cuda, x, 2, out=direct) is direct
+    close(direct, want, torch.float32, "direct out")
+    scratch = torch.full(x.shape, math.nan)  # contiguous: written through a scratch copy
+    assert forward(cuda, x, 2, out=scratch) is scratch
+    close(scratch, want, torch.float32, "scratch out")
+    inplace = x.clone()
+    assert forward(cuda, inplace, 2, out=inplace) is inplace
+    close(inplace, want, torch.float32, "in place")
+    # out overlapping x but not x itself: through scratch, x read whole before anything is written
+    base = torch.randn(2 * 8 * 36 + 5)
+    xs = base[:2 * 8 * 36].view(2, 8, 6, 6)
+    os_ = base[5:].view(2, 8, 6, 6)
+    expected = reference(xs.clone(), 2, None, None, 1e-5, False)
+    forward(cuda, xs, 2, out=os_)
+    close(os_, expected, torch.float32, "overlapping out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_backward_matches_autograd_float64(cuda, dtype, layout, with_weight):
+    x = make((2, 12, 5, 7), dtype, layout, seed=6, offset=-2.0)
+    dy = make((2, 12, 5, 7), dtype, "channels_last" if layout == "contiguous" else "contiguous", seed=7)
+    w = torch.linspace(-1.5, 1.5, 12).to(dtype) if with_weight else None
+    _, mean, rstd = forward(cuda, x, 4, w, None, stats=True)
+    dx, dw, db = backward(cuda, dy, x, mean, rstd, 4, w)
+    xr = x.double().requires_grad_()
+    wr = (w.double() if with_weight else torch.ones(12, dtype=torch.float64)).requires_grad_()
+    br = torch.zeros(12, dtype=torch.float64, requires_grad=True)
+    torch.nn.functional.group_norm(xr, 4, wr, br, 1e-5).backward(dy.double())
+    close(dx, xr.grad, dtype, "grad_input")
+    close(dw, wr.grad, dtype, "grad_weight")
+    close(db, br.grad, dtype, "grad_bias")
+    assert dx.dtype == dtype and layout_of(dx) == ("channels_last" if layout == "channels_last" else "contiguous")
+    assert dw.dtype == db.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def test_empty_tensors(cuda):
+    x = torch.empty(2, 4, 0)
+    y, mean, rstd = forward(cuda, x, 2, stats=True)
+    assert y.shape == x.shape and torch.isnan(mean).all() and torch.isnan(rstd).all()
+    dx, dw, db = backward(cuda, x, x, mean, rstd, 2)
+    assert dx.shape == x.shape and (dw == 0).all() and (db == 0).all()
+    calls = len(cuda.calls)
+    forward(cuda, torch.empty(0, 4, 3), 2)
+    assert len(cuda.calls) == calls  # nothing launched
+
+
+def test_checks_name_the_argument(cuda):
+    x = torch.randn(2, 4, 3)
+    cases = [
+        (lambda: forward(cuda, x, 3), ValueError, "num_groups=3 must divide the number of channels"),
+        (lambda: forward(cuda, x, 0), ValueError, "num_groups=0 must be positive"),
+        (lambda: forward(cuda, x, 2.0), TypeError, "num_groups=2.0 must be an integer"),
+        (lambda: forward(cuda, x, 2, torch.ones(3)), ValueError, r"weight has shape \(3,\)"),
+        (lambda: forward(cuda, x, 2, None, torch.ones(4, dtype=torch.complex64)), TypeError, "bias has dtype"),
+        (lambda: forward(cuda, x, 2, eps=-1.0), ValueError, "eps=-1.0 must be non-negative"),
+        (lambda: forward(cuda, x, 2, activation="relu"), ValueError, "activation='relu' is unknown"),
+        (lambda: forward(cuda, x, 2, channel_axis=0), ValueError, "channel_axis=0 names the batch axis"),
+        (lambda: forward(cuda, x, 2, out=torch.empty(2, 4, 3, dtype=torch.float64)), ValueError, "out has dtype"),
+        (lambda: forward(cuda, x, 2, out=torch.empty(2, 4)), ValueError, "out has shape"),
+        (lambda: forward(cuda, x.int(), 2), TypeError, "input has dtype torch.int32"),
+        (lambda: forward(cuda, torch.randn(4), 2), ValueError, "it needs at least 2"),
+        (lambda: backward(cuda, torch.randn(2, 4, 2), x, torch.zeros(2, 2), torch.ones(2, 2), 2), ValueError,
+         "grad_output has shape"),
+        (lambda: backward(cuda, x, x, torch.zeros(2, 3), torch.ones(2, 2), 2), ValueError, r"mean has shape \(2, 3\)"),
+        (lambda: backward(cuda, x, x, torch.zeros(2, 2), [1.0], 2), TypeError, "rstd must be a torch.Tensor"),
+    ]
+    calls = len(cuda.calls)
+    before = x.clone()
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    assert len(cuda.calls) == calls and torch.equal(x, before)
+
+
+def test_problem_tuple_matches_the_extension(cuda):
+    """The stand-in's workspace sizes are the real extension's (the same C functions behind both): the tuple that
+    groupnorm._gpu builds means the same to groupnorm._cuda."""
+    if _core.CUDA_BUILD_NOTE != "built":
+        pytest.skip("no CUDA backend in this build")
+    from groupnorm import _cuda
+    for problem in [(2, 64, 4096, 32, False, "float32", "float32", False, 1e-5),
+                    (1, 320, 4096, 32, True, "float16", "float32", True, 1e-6),
+                    (8, 6, 1, 3, False, "float64", "float64", False, 0.0)]:
+        assert _cuda.forward_workspace(problem) == cuda.forward_workspace(problem)
+        assert _cuda.backward_workspace(problem) == cuda.backward_workspace(problem)
