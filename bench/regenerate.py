@@ -334,8 +334,22 @@ def write_results(run, sections: dict, loads: list) -> Path:
             lines += ["  \n".join(f"`{command}` ({seconds:.0f} s)" for _name, command, seconds in ran), ""]
         lines += [sections[name].rstrip("\n"), ""]
     path = run.out / "RESULTS.md"
+    lines += gpu_section(path)
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def gpu_section(path: Path) -> list:
+    """The "## GPU" section that bench/bench_cuda.py --write left in the RESULTS.md being replaced, kept as it was:
+    this machine has no GPU to measure it again. Empty when there is none."""
+    if not path.exists():
+        return []
+    old = path.read_text(encoding="utf-8")
+    start = old.find("\n## GPU")
+    if start < 0:
+        return []
+    end = old.find("\n## ", start + 1)
+    return old[start + 1:end if end >= 0 else len(old)].rstrip("\n").split("\n") + [""]
 
 
 def parse_args(argv=None):

@@ -345,3 +345,50 @@ def test_regenerate_quick(bench_exe, tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:
         assert "](peers.png)" in text and (tmp_path / "out" / "peers.png").exists()
     assert {"cpp.json", "peers.json"} <= {p.name for p in (tmp_path / "work" / "results").iterdir()}
+
+
+@needs_torch
+def test_bench_cuda_script_on_the_cpu(capsys, tmp_path):
+    """bench/bench_cuda.py's own logic (cases, the check against float64, interleaved timing, the table, the
+    targets and --write), run on the CPU kernels with wall-clock timers: the GPU run cannot be tested here, but a
+    broken script must not wait for one to show it."""
+    spec = importlib.util.spec_from_file_location("bench_cuda", ROOT / "bench" / "bench_cuda.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\n## GPU: old\n\nold table\n\n## Later section\n\nkept\n")
+    rows = module.main(["--device", "cpu", "--quick", "--rounds", "2", "--write", "--results", str(results)])
+    assert [module.case_name(r["case"]) for r in rows] == ["2x32x16x16 G8 float32 nchw", "2x32x16x16 G8 float16 nhwc"]
+    for row in rows:
+        assert all(row[k] > 0 for k in ("fwd_copy", "fwd_torch", "fwd_gn", "bwd_floor", "bwd_torch", "bwd_gn"))
+    text = capsys.readouterr().out
+    assert "| 2x32x16x16 G8 float16 nhwc |" in text and "never slower than torch" in text
+    written = results.read_text()
+    assert "old table" not in written and "## Later section\n\nkept" in written
+    assert written.rstrip().endswith(text.rstrip().splitlines()[-1])
+
+
+@needs_torch
+def test_bench_cuda_check_catches_a_wrong_kernel(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_cuda", ROOT / "bench" / "bench_cuda.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x, dy, w, b = module.build((2, 8, 4, 4), 2, "float32", "nchw", "cpu")
+    module.check(x, dy, w, b, 2)
+    real = gn.group_norm_backward
+    monkeypatch.setattr(module.gn, "group_norm_backward", lambda *a: tuple(r * 1.01 for r in real(*a)))
+    with pytest.raises(AssertionError, match="dx: error"):
+        module.check(x, dy, w, b, 2)
+
+
+def test_regenerate_keeps_the_gpu_section(tmp_path):
+    """regenerate.py rewrites RESULTS.md on a machine without a GPU: the GPU section bench_cuda.py wrote stays."""
+    spec = importlib.util.spec_from_file_location("regenerate", REGENERATE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path / "RESULTS.md"
+    assert module.gpu_section(path) == []
+    path.write_text("# Results\n\n## Forward\n\nrows\n")
+    assert module.gpu_section(path) == []
+    path.write_text("# Results\n\n## GPU: NVIDIA H100\n\n| a |\n\n- PASS\n\n## Later\n\nx\n")
+    assert module.gpu_section(path) == ["## GPU: NVIDIA H100", "", "| a |", "", "- PASS", ""]
