@@ -25,7 +25,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emu"
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the emulator needs POSIX fibers, mmap and fork")
+pytestmark = [pytest.mark.skipif(sys.platform == "win32", reason="the emulator needs POSIX fibers, mmap and fork"),
+              pytest.mark.own_build]
 
 
 def _compiler():

@@ -22,7 +22,8 @@ from groupnorm import _core, _gpu  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emu"
 pytestmark = [pytest.mark.xdist_group("gpu_path"),  # one worker compiles the library once
-              pytest.mark.skipif(sys.platform == "win32", reason="the emulator needs POSIX fibers and mmap")]
+              pytest.mark.skipif(sys.platform == "win32", reason="the emulator needs POSIX fibers and mmap"),
+              pytest.mark.own_build]
 
 
 class _Problem(ctypes.Structure):

@@ -93,6 +93,9 @@ struct Traits<float> {
   static constexpr Real kUnit = 0x1p-24L;      // unit roundoff of the compute type
   static constexpr Real kStoreUlp = 0;         // extra rounding of the stored output, relative
   static constexpr Real kFloor = 0x1p-80L;     // absolute slack: subnormal results of the compute type
+  // The compute type's smallest subnormal: a product dy * (x - mean) below it in magnitude (tiny dy with a tiny
+  // spread and eps = 0, where rstd amplifies it) is rounded by up to half of it, whatever its size.
+  static constexpr Real kProductStep = 0x1p-149L;
   static constexpr Real kModerate = 0x1p60L;   // |x|, rstd and |dy| up to which results are checked
   static constexpr Real kLargest = 0x1p100L;   // |y_ref| past which an output is not checked
 };
@@ -103,6 +106,7 @@ struct Traits<double> {
   static constexpr Real kUnit = 0x1p-53L;
   static constexpr Real kStoreUlp = 0;
   static constexpr Real kFloor = 0x1p-500L;
+  static constexpr Real kProductStep = 0x1p-1074L;
   static constexpr Real kModerate = 0x1p400L;
   static constexpr Real kLargest = 0x1p900L;
 };
@@ -113,6 +117,7 @@ struct Traits<Half> {
   static constexpr Real kUnit = 0x1p-24L;
   static constexpr Real kStoreUlp = 0x1p-10L;  // one binary16 ulp
   static constexpr Real kFloor = 0x1p-24L;     // one binary16 subnormal step
+  static constexpr Real kProductStep = 0x1p-149L;  // the compute type's (float's)
   static constexpr Real kModerate = 0x1p60L;
   static constexpr Real kLargest = 65000.0L;   // below the binary16 overflow threshold, with rounding room
 };
@@ -123,6 +128,7 @@ struct Traits<BFloat16> {
   static constexpr Real kUnit = 0x1p-24L;
   static constexpr Real kStoreUlp = 0x1p-7L;   // one bfloat16 ulp
   static constexpr Real kFloor = 0x1p-80L;
+  static constexpr Real kProductStep = 0x1p-149L;  // the compute type's (float's)
   static constexpr Real kModerate = 0x1p60L;
   static constexpr Real kLargest = 0x1p100L;
 };
@@ -455,7 +461,7 @@ void check_backward_values(const Case& k, const Buffer<S>& dy, const Buffer<S>& 
   std::vector<char> channel_checked(size_t(k.p.C), 1);
   // Per channel: the reference gradients, and the magnitudes their errors scale with.
   std::vector<Real> dw_ref(size_t(k.p.C), 0), db_ref(size_t(k.p.C), 0), dw_abs(size_t(k.p.C), 0),
-      db_abs(size_t(k.p.C), 0);
+      db_abs(size_t(k.p.C), 0), dw_underflow(size_t(k.p.C), 0);
   for (int64_t n = 0; n < k.p.N; ++n)
     for (int64_t g = 0; g < k.p.G; ++g) {
       const int64_t ng = n * k.p.G + g;
@@ -481,8 +487,10 @@ void check_backward_values(const Case& k, const Buffer<S>& dy, const Buffer<S>& 
       for (int64_t j = 0; j < M; ++j) m2 += mu.centered(value(j)) * mu.centered(value(j));
       const Real mean_slack = 4 * std::sqrt(m2 / Real(M)) * r;
       Real a = 0, bsum = 0, a_abs = 0, b_abs = 0;  // sums of w*dy and w*dy*xhat, and of their magnitudes
+      Real w_max = 0;                               // the largest |w| of the group
       for (int64_t c = g * D; c < (g + 1) * D; ++c) {
         const Real wc = w ? Real(w[c]) : 1;
+        w_max = std::max(w_max, std::fabs(wc));
         for (int64_t i = 0; i < k.p.HxW; ++i) {
           const int64_t e = k.index(n, c, i);
           const Real gv = value_of(dy[size_t(e)]), xhat = mu.centered(value_of(x[size_t(e)])) * r;
@@ -493,6 +501,7 @@ void check_backward_values(const Case& k, const Buffer<S>& dy, const Buffer<S>& 
           dw_ref[size_t(c)] += gv * xhat;
           db_ref[size_t(c)] += gv;
           dw_abs[size_t(c)] += std::fabs(gv * xhat) + mean_slack * std::fabs(gv);
+          dw_underflow[size_t(c)] += r * T::kProductStep;  // dy * (x - mean) rounded where it underflows, times rstd
           db_abs[size_t(c)] += std::fabs(gv);
         }
       }
@@ -507,7 +516,10 @@ void check_backward_values(const Case& k, const Buffer<S>& dy, const Buffer<S>& 
           const Real gv = value_of(dy[size_t(e)]), xhat = mu.centered(value_of(x[size_t(e)])) * r;
           const Real want = r * (wc * gv - a - xhat * bsum);
           const Real scale = r * (std::fabs(wc * gv) + (1 + std::fabs(xhat)) * (1 + mean_slack) * (a_abs + b_abs));
-          const Real tol = rel * scale + T::kStoreUlp * std::fabs(want) + T::kFloor;
+          // The underflow of the M products dy * (x - mean) moves sum(w*dy*xhat)/M by up to rstd * max|w| *
+          // kProductStep, and dx by rstd * |xhat| times that.
+          const Real underflow = r * r * (1 + std::fabs(xhat)) * w_max * T::kProductStep;
+          const Real tol = rel * scale + T::kStoreUlp * std::fabs(want) + T::kFloor + underflow;
           // Cancelling terms past the storage range: the compute type's rounding error alone may round to inf.
           if (std::fabs(want) + tol > T::kLargest) continue;
           const Real got = value_of(dx[size_t(e)]);
@@ -522,7 +534,7 @@ void check_backward_values(const Case& k, const Buffer<S>& dy, const Buffer<S>& 
   for (int64_t c = 0; c < k.p.C; ++c) {
     if (!channel_checked[size_t(c)]) continue;
     if (dweight) {
-      const Real tol = rel * dw_abs[size_t(c)] + 0x1p-80L;
+      const Real tol = rel * dw_abs[size_t(c)] + dw_underflow[size_t(c)] + 0x1p-80L;
       if (!(std::fabs(Real(dweight[c]) - dw_ref[size_t(c)]) <= tol))
         fail("dweight[%lld] = %.17g, reference %.17Lg (tolerance %.3Lg)", (long long)c, double(dweight[c]),
              dw_ref[size_t(c)], tol);
