@@ -322,6 +322,18 @@ cdef double _check_eps(object eps) except? -1.0:
     return eps_value
 
 
+def _check_activation(activation):
+    """Whether `activation` asks for SiLU (True) or nothing (False, for None); else the error naming it. Shared with
+    groupnorm._gpu."""
+    if activation is None:
+        return False
+    if not isinstance(activation, str):
+        raise TypeError(f"activation={activation!r} must be None or a string")
+    if activation != "silu":
+        raise ValueError(f"activation={activation!r} is unknown; it must be None or 'silu'")
+    return True
+
+
 def _check_eps_value(eps):
     """eps as a non-negative float, with the messages of every function here (groupnorm._gpu's checks)."""
     return _check_eps(eps)
@@ -707,11 +719,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     cdef cnp.ndarray x = _check_input(input, "input", "group_norm")
     cdef int ax = _check_shape(x, num_groups, channel_axis, &plan)
     plan.problem.eps = _check_eps(eps)
-    if activation is not None:
-        if not isinstance(activation, str):
-            raise TypeError(f"activation={activation!r} must be None or a string")
-        if activation != "silu":
-            raise ValueError(f"activation={activation!r} is unknown; it must be None or 'silu'")
+    if activation is not None and _check_activation(activation):  # no call on the hot path's default
         plan.problem.activation = Activation.kSilu
     cdef int typenum = plan.typenum
     w = _check_param(weight, "weight", plan.problem.C, typenum)

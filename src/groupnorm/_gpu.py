@@ -137,9 +137,7 @@ def _dense(tensor, channel_axis):
 
 
 def _problem(torch, x, num_groups, channel_axis, eps, silu, param_dtype, layout):
-    shape = tuple(x.shape)
-    if len(shape) < 2:
-        raise ValueError(f"input has shape {shape} ({len(shape)} dimension(s)); it needs at least 2: (N, C, *)")
+    shape = tuple(x.shape)  # at least 2 dimensions: _check_input saw to it
     c = shape[channel_axis]
     groups = _core._index(num_groups, "num_groups")
     if groups <= 0:
@@ -243,11 +241,7 @@ def run_forward(cuda, torch, x, num_groups, weight, bias, eps, activation, chann
     x = _check_input(torch, x)
     axis = _channel_axis(channel_axis, x.dim())
     eps = _core._check_eps_value(eps)
-    if activation is not None:
-        if not isinstance(activation, str):
-            raise TypeError(f"activation={activation!r} must be None or a string")
-        if activation != "silu":
-            raise ValueError(f"activation={activation!r} is unknown; it must be None or 'silu'")
+    silu = _core._check_activation(activation)
     c = x.shape[axis]
     w = _param(torch, weight, "weight", c, x)
     b = _param(torch, bias, "bias", c, x)
@@ -256,8 +250,7 @@ def run_forward(cuda, torch, x, num_groups, weight, bias, eps, activation, chann
     if out is not None:
         out = _check_out(torch, out, x)
     x_dense, layout = _dense(x, axis)
-    problem = _problem(torch, x_dense, num_groups, axis, eps, activation == "silu",
-                       _params_dtype(torch, x, w, b), layout)
+    problem = _problem(torch, x_dense, num_groups, axis, eps, silu, _params_dtype(torch, x, w, b), layout)
     n, _, _, groups = problem[:4]
     stats = _stats_dtype(torch, x.dtype)
     mean = torch.empty((n, groups), dtype=stats, device=x.device) if want_stats else None
