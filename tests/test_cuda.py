@@ -83,10 +83,12 @@ needs_build = pytest.mark.skipif(not BUILT, reason=f"no CUDA backend in this bui
 def test_extension_sizes_and_refuses_problems():
     from groupnorm import _cuda
     problem = (2, 64, 4096, 32, False, "float32", "float32", False, 1e-5)
-    forward = _cuda.forward_workspace(problem)
-    backward = _cuda.backward_workspace(problem)
+    checked = _cuda.problem(problem)
+    assert checked.spec == problem
+    forward, backward = checked.forward_workspace, checked.backward_workspace
     assert forward >= 2 * 64 * 4 * 2 and backward >= forward  # at least the per-(n, c) coefficients
-    assert _cuda.forward_workspace(problem[:6] + ("float32", True, 0.0)) == forward  # silu and eps 0 are taken
+    # silu and eps 0 are taken
+    assert _cuda.problem(problem[:6] + ("float32", True, 0.0)).forward_workspace == forward
     for bad in [(2, 63, 16, 32, False, "float32", "float32", False, 1e-5),  # groups do not divide C
                 (0, 64, 16, 32, False, "float32", "float32", False, 1e-5),  # empty
                 (2, 64, 16, 32, False, "float32", "float32", False, -1.0),  # negative eps
@@ -94,11 +96,13 @@ def test_extension_sizes_and_refuses_problems():
                 (2, 64, 16, 32, False, "float32", "float64", False, 1e-5),  # float64 params for float32 data
                 (2, 64, 16, 32, False, "float64", "float32", False, 1e-5)]:
         with pytest.raises(ValueError, match="do not take the problem"):
-            _cuda.forward_workspace(bad)
+            _cuda.problem(bad)
     with pytest.raises(KeyError):
-        _cuda.forward_workspace((2, 64, 16, 32, False, "int8", "int8", False, 1e-5))
+        _cuda.problem((2, 64, 16, 32, False, "int8", "int8", False, 1e-5))
+    with pytest.raises(TypeError):  # a problem is made by _cuda.problem, not passed as its tuple
+        _cuda.forward(problem, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     # 16-bit data with float32 parameters is torch's mixed rule
-    assert _cuda.forward_workspace((2, 64, 16, 32, True, "bfloat16", "float32", True, 1e-5)) > 0
+    assert _cuda.problem((2, 64, 16, 32, True, "bfloat16", "float32", True, 1e-5)).forward_workspace > 0
 
 
 @needs_build
@@ -106,11 +110,32 @@ def test_extension_reports_runtime_errors_without_crashing():
     if gn.config()["cuda"]:
         pytest.skip("a GPU is usable here: the calls below would pass it null pointers")
     from groupnorm import _cuda
-    problem = (1, 4, 8, 2, False, "float32", "float32", False, 1e-5)
+    problem = _cuda.problem((1, 4, 8, 2, False, "float32", "float32", False, 1e-5))
     with pytest.raises(RuntimeError, match=r"groupnorm's CUDA forward failed: cuda\w+ \(\d+\)"):
         _cuda.forward(problem, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     with pytest.raises(RuntimeError, match=r"groupnorm's CUDA backward failed: cuda\w+ \(\d+\)"):
         _cuda.backward(problem, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def test_stream_with_cpu_arrays_is_refused():
+    x = np.random.default_rng(0).standard_normal((2, 4, 3)).astype(np.float32)
+    y, mean, rstd = gn.group_norm_forward(x, 2)
+    calls = [lambda a, s: gn.group_norm(a, 2, stream=s), lambda a, s: gn.group_norm_forward(a, 2, stream=s),
+             lambda a, s: gn.group_norm_backward(a, a, mean, rstd, 2, stream=s)]
+    arrays = [x]
+    torch_module = None
+    try:
+        import torch as torch_module
+    except ImportError:
+        pass
+    if torch_module is not None:
+        arrays.append(torch_module.from_numpy(x))
+    for array in arrays:
+        for call in calls:
+            with pytest.raises(ValueError, match=r"stream=1 names a CUDA stream, but input is a CPU array \((numpy"
+                                                 r"\.ndarray|torch\.Tensor)\); stream= applies to arrays in CUDA"):
+                call(array, 1)
+            call(array, None)  # None is every call's default
 
 
 # --------------------------------------------------------------------------------------- with a GPU
@@ -234,6 +259,27 @@ def test_gpu_work_is_ordered_on_the_current_stream():
         got = gn.group_norm(x2, 8)
     side.synchronize()
     assert t.equal(got, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_work_runs_on_an_explicit_stream():
+    """stream= queues the kernels (and allocates the results) on that stream instead of the current one, in each of
+    its forms; the second call of a shape takes the kept plan."""
+    t = _gpu_torch()
+    x = t.randn(4, 64, 32, 32, device="cuda").contiguous(memory_format=t.channels_last)
+    w, b = t.randn(64, device="cuda"), t.randn(64, device="cuda")
+    expected = gn.group_norm(x, 8, w, b)
+    side = t.cuda.Stream()
+    for stream in [side, side.cuda_stream, t.cuda.ExternalStream(side.cuda_stream), 0]:
+        side.wait_stream(t.cuda.current_stream())
+        got = gn.group_norm(x, 8, w, b, stream=stream)
+        y, mean, rstd = gn.group_norm_forward(x, 8, w, b, stream=stream)
+        dx, dw, db = gn.group_norm_backward(t.ones_like(x), x, mean, rstd, 8, w, stream=stream)
+        t.cuda.synchronize()
+        assert t.equal(got, expected) and t.equal(y, expected)
+        assert dx.is_contiguous(memory_format=t.channels_last) and dw.shape == db.shape == (64,)
+    with pytest.raises(TypeError, match="stream='side' must be None"):
+        gn.group_norm(x, 8, stream="side")
 
 
 @pytest.mark.gpu

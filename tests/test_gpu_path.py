@@ -46,31 +46,41 @@ class EmulatedCuda:
         self.lib.gn_cuda_forward.argtypes = [ctypes.POINTER(_Problem)] + [pointer] * 8
         self.lib.gn_cuda_backward.argtypes = [ctypes.POINTER(_Problem)] + [pointer] * 11
         self.lib.gn_emu_set_seed.argtypes = [ctypes.c_uint64]
-        self.calls = []
+        self.calls = []  # (direction, problem tuple) of each kernel call
+        self.streams = []  # the stream handle of each kernel call
+        self.problems = 0  # problems checked: one for each call that was not planned before
 
-    @staticmethod
-    def problem(problem):
-        n, c, s, groups, channels_last, dtype, param_dtype, silu, eps = problem
-        return _Problem(n, c, s, groups, int(channels_last), _DTYPES[dtype], _DTYPES[param_dtype], int(silu), eps)
-
-    def forward_workspace(self, problem):
-        return self.lib.gn_cuda_forward_workspace(ctypes.byref(self.problem(problem)))
-
-    def backward_workspace(self, problem):
-        return self.lib.gn_cuda_backward_workspace(ctypes.byref(self.problem(problem)))
+    def problem(self, spec):
+        """The stand-in of groupnorm._cuda.problem: the checked problem with its workspace sizes."""
+        n, c, s, groups, channels_last, dtype, param_dtype, silu, eps = spec
+        checked = EmulatedProblem()
+        checked.spec = spec
+        checked.struct = _Problem(n, c, s, groups, int(channels_last), _DTYPES[dtype], _DTYPES[param_dtype],
+                                  int(silu), eps)
+        if not self.lib.gn_cuda_problem_valid(ctypes.byref(checked.struct)):
+            raise ValueError(f"the CUDA kernels do not take the problem {spec} (cpp/cuda/groupnorm_cuda.h)")
+        checked.forward_workspace = self.lib.gn_cuda_forward_workspace(ctypes.byref(checked.struct))
+        checked.backward_workspace = self.lib.gn_cuda_backward_workspace(ctypes.byref(checked.struct))
+        self.problems += 1
+        return checked
 
     def forward(self, problem, device, *pointers):
-        assert device == 0 and pointers[-1] == 0
-        self.calls.append(("forward", problem))
-        code = self.lib.gn_cuda_forward(ctypes.byref(self.problem(problem)), *[p or None for p in pointers[:-1]], None)
+        assert device == 0
+        self.calls.append(("forward", problem.spec))
+        self.streams.append(pointers[-1])
+        code = self.lib.gn_cuda_forward(ctypes.byref(problem.struct), *[p or None for p in pointers[:-1]], None)
         assert code == 0, f"gn_cuda_forward returned {code}"
 
     def backward(self, problem, device, *pointers):
-        assert device == 0 and pointers[-1] == 0
-        self.calls.append(("backward", problem))
-        code = self.lib.gn_cuda_backward(ctypes.byref(self.problem(problem)), *[p or None for p in pointers[:-1]],
-                                         None)
+        assert device == 0
+        self.calls.append(("backward", problem.spec))
+        self.streams.append(pointers[-1])
+        code = self.lib.gn_cuda_backward(ctypes.byref(problem.struct), *[p or None for p in pointers[:-1]], None)
         assert code == 0, f"gn_cuda_backward returned {code}"
+
+
+class EmulatedProblem:
+    """What groupnorm._cuda.problem returns: spec, forward_workspace, backward_workspace (and the C struct)."""
 
 
 @pytest.fixture(scope="module")
@@ -268,5 +278,150 @@ def test_problem_tuple_matches_the_extension(cuda):
     for problem in [(2, 64, 4096, 32, False, "float32", "float32", False, 1e-5),
                     (1, 320, 4096, 32, True, "float16", "float32", True, 1e-6),
                     (8, 6, 1, 3, False, "float64", "float64", False, 0.0)]:
-        assert _cuda.forward_workspace(problem) == cuda.forward_workspace(problem)
-        assert _cuda.backward_workspace(problem) == cuda.backward_workspace(problem)
+        real, emulated = _cuda.problem(problem), cuda.problem(problem)
+        assert real.spec == emulated.spec == problem
+        assert real.forward_workspace == emulated.forward_workspace
+        assert real.backward_workspace == emulated.backward_workspace
+
+
+# ------------------------------------------------------------------------------------------------ kept plans
+
+def _fresh_plans():
+    _gpu._plans.clear()
+
+
+def test_a_plan_is_kept_for_the_same_metadata_and_only_for_it(cuda):
+    """The second call with the same metadata checks no problem again and gives the same bits; any change in
+    shape, strides, dtype, parameters, out= or scalars makes a plan of its own."""
+    _fresh_plans()
+    x = make((2, 8, 6, 5), torch.float32, "channels_last", seed=11)
+    w, b = torch.linspace(-1, 1, 8), torch.linspace(0, 1, 8)
+    first = forward(cuda, x, 4, w, b)
+    checked = cuda.problems
+    again = forward(cuda, x.clone(memory_format=torch.channels_last), 4, w.clone(), b.clone())
+    assert cuda.problems == checked and torch.equal(first, again)
+    other = make((2, 8, 6, 5), torch.float32, "channels_last", seed=12)  # other values, same metadata
+    close(forward(cuda, other, 4, w, b), reference(other, 4, w, b, 1e-5, False), torch.float32, "y")
+    assert cuda.problems == checked
+    variants = [
+        lambda: forward(cuda, x.contiguous(), 4, w, b),  # strides
+        lambda: forward(cuda, x.double(), 4, w.double(), b.double()),  # dtype
+        lambda: forward(cuda, x, 2, w, b),  # num_groups
+        lambda: forward(cuda, x, 4, w, None),  # no bias
+        lambda: forward(cuda, x, 4, w, b, eps=0.5),
+        lambda: forward(cuda, x, 4, w, b, activation="silu"),
+        lambda: forward(cuda, x, 4, w, b, stats=True),
+        lambda: forward(cuda, x, 4, w, b, out=torch.empty_like(x)),
+    ]
+    for variant in variants:
+        before = cuda.problems
+        variant()
+        assert cuda.problems == before + 1
+        variant()
+        assert cuda.problems == before + 1
+    assert cuda.calls[-1][1][8] == 1e-5 and cuda.calls[-2][1][8] == 1e-5
+
+
+def test_a_kept_plan_keeps_the_checks_that_depend_on_values(cuda):
+    _fresh_plans()
+    x = make((2, 8, 4, 4), torch.float32, "contiguous", seed=13)
+    want = reference(x, 4, None, None, 1e-5, False)
+    forward(cuda, x, 1)
+    forward(cuda, x, 4)
+    forward(cuda, x, 2, eps=1.0)
+    checked = cuda.problems
+    # Equal as Python values, but errors: the key has the types
+    with pytest.raises(TypeError, match="num_groups=True must be an integer"):
+        forward(cuda, x, True)
+    with pytest.raises(TypeError, match="num_groups=4.0 must be an integer"):
+        forward(cuda, x, 4.0)
+    close(forward(cuda, x, 2, eps=1), reference(x, 2, None, None, 1.0, False), torch.float32, "eps as an integer")
+    # requires_grad while grad mode is on: refused, though the same tensor without it ran
+    with pytest.raises(ValueError, match="input requires grad"):
+        forward(cuda, x.clone().requires_grad_(), 4)
+    with torch.no_grad():
+        close(forward(cuda, x.clone().requires_grad_(), 4), want, torch.float32, "under no_grad")
+    # A lazily negated view has the metadata of a plain tensor but another value
+    negated = torch._neg_view(x)  # holds x's memory, means -x
+    assert negated.is_neg()
+    close(forward(cuda, negated, 4), reference(-x, 4, None, None, 1e-5, False), torch.float32, "negated view")
+    # out= of one metadata: direct, in place, or overlapping x (through scratch), decided each call
+    out = torch.full_like(x, math.nan)
+    assert forward(cuda, x, 4, out=out) is out
+    close(out, want, torch.float32, "out")
+    inplace = x.clone()
+    forward(cuda, inplace, 4, out=inplace)
+    close(inplace, want, torch.float32, "in place")
+    base = torch.randn(2 * 8 * 16 + 3)
+    xs, os_ = base[:2 * 8 * 16].view(2, 8, 4, 4), base[3:].view(2, 8, 4, 4)
+    expected = reference(xs.clone(), 4, None, None, 1e-5, False)
+    forward(cuda, xs, 4, out=os_)
+    close(os_, expected, torch.float32, "overlapping out")
+    assert cuda.problems > checked  # the variants above checked problems of their own
+
+
+def test_backward_plans(cuda):
+    _fresh_plans()
+    x = make((2, 8, 4, 6), torch.float16, "channels_last", seed=14)
+    dy = make((2, 8, 4, 6), torch.float16, "channels_last", seed=15)
+    w = torch.linspace(0.5, 1.5, 8).half()
+    _, mean, rstd = forward(cuda, x, 2, w, None, stats=True)
+    first = backward(cuda, dy, x, mean, rstd, 2, w)
+    checked = cuda.problems
+    second = backward(cuda, dy, x, mean, rstd, 2, w)
+    assert cuda.problems == checked
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    # grad_output in another layout is copied, and mean/rstd of another dtype converted: correct, never kept
+    for args in [(dy.contiguous(), x, mean, rstd), (dy, x, mean.double(), rstd)]:
+        got = backward(cuda, *args, 2, w)
+        assert all(torch.equal(a, b) for a, b in zip(first, got))
+        again = cuda.problems
+        backward(cuda, *args, 2, w)
+        assert cuda.problems == again + 1
+
+
+def test_the_plan_cache_is_bounded(cuda, monkeypatch):
+    _fresh_plans()
+    monkeypatch.setattr(_gpu, "_PLANS_KEPT", 4)
+    for c in range(1, 11):
+        forward(cuda, torch.randn(1, c, 3), 1)
+        assert len(_gpu._plans) <= 4
+
+
+# ------------------------------------------------------------------------------------------------ streams
+
+class _CudaStreamProtocol:
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
+
+
+class _TorchLike:
+    cuda_stream = 0x7F00
+
+
+class _CupyLike:
+    ptr = 0x7F10
+
+
+def test_stream_handles():
+    assert _gpu.stream_handle(0) == 0 and _gpu.stream_handle(2) == 2 and _gpu.stream_handle(0x5000) == 0x5000
+    assert _gpu.stream_handle(_CudaStreamProtocol(0x6000)) == 0x6000
+    assert _gpu.stream_handle(_TorchLike()) == 0x7F00
+    assert _gpu.stream_handle(_CupyLike()) == 0x7F10
+    for bad, error, message in [(True, TypeError, "stream=True must be None"), (1.5, TypeError, "stream=1.5"),
+                                ("s", TypeError, "stream='s'"), (-1, ValueError, "names the handle -1; a cudaS"),
+                                (_CudaStreamProtocol(-3), ValueError, "names the handle -3"),
+                                (_CudaStreamProtocol(None), TypeError, "its handle is None")]:
+        with pytest.raises(error, match=message):
+            _gpu.stream_handle(bad)
+
+
+def test_the_stream_reaches_the_kernels(cuda):
+    x = make((2, 8, 4, 4), torch.float32, "contiguous", seed=16)
+    _, mean, rstd = _gpu.run_forward(cuda, torch, x, 4, None, None, 1e-5, None, 1, None, True, 0, 0x1234)
+    assert cuda.streams[-1] == 0x1234
+    _gpu.run_backward(cuda, torch, x, x, mean, rstd, 4, None, 0, 0x5678)
+    assert cuda.streams[-1] == 0x5678

@@ -11,6 +11,8 @@ int gn_cuda_device_count(int* count) {
   return static_cast<int>(err);
 }
 
+int gn_cuda_get_device(int* device) { return static_cast<int>(cudaGetDevice(device)); }
+
 int gn_cuda_set_device(int device) { return static_cast<int>(cudaSetDevice(device)); }
 
 const char* gn_cuda_error_name(int error) {

@@ -55,7 +55,9 @@ int gn_cuda_problem_valid(const gn_cuda_problem* p);
 // The CUDA runtime, for the extension (groupnorm_cuda.cu only; the emulation has none of these).
 // The number of devices into *count; returns the runtime's error (0: none), e.g. when no driver is installed.
 int gn_cuda_device_count(int* count);
-// Makes `device` current for this thread's later calls (the caller's framework may use another runtime).
+// The device current for this thread into *device, and making `device` current (the caller's framework may use
+// another runtime; the extension puts the caller's device back after each call).
+int gn_cuda_get_device(int* device);
 int gn_cuda_set_device(int device);
 // The runtime's name and description of an error code, and the runtime and driver versions (1000*major + 10*minor;
 // the driver's is 0 when there is none).

@@ -16,6 +16,7 @@ def group_norm(
     activation: Optional[Literal["silu"]] = ...,
     channel_axis: int = ...,
     out: Optional[npt.NDArray[Any]] = ...,
+    stream: Any = ...,
 ) -> npt.NDArray[Any]: ...
 def group_norm_forward(
     input: npt.ArrayLike,
@@ -23,6 +24,8 @@ def group_norm_forward(
     weight: Optional[npt.ArrayLike] = ...,
     bias: Optional[npt.ArrayLike] = ...,
     eps: float = ...,
+    *,
+    stream: Any = ...,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
 def group_norm_backward(
     grad_output: npt.ArrayLike,
@@ -31,6 +34,8 @@ def group_norm_backward(
     rstd: npt.ArrayLike,
     num_groups: int,
     weight: Optional[npt.ArrayLike] = ...,
+    *,
+    stream: Any = ...,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
 def get_num_threads() -> int: ...
 def set_num_threads(n: Optional[int]) -> None: ...

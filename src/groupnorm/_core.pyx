@@ -334,6 +334,12 @@ def _check_activation(activation):
     return True
 
 
+def _refuse_stream(stream, input):
+    """The error for a ``stream=`` given with CPU arrays (shared with groupnorm._interop)."""
+    raise ValueError(f"stream={stream!r} names a CUDA stream, but input is a CPU array ({type(input).__module__}."
+                     f"{type(input).__name__}); stream= applies to arrays in CUDA memory only: pass None")
+
+
 def _check_eps_value(eps):
     """eps as a non-negative float, with the messages of every function here (groupnorm._gpu's checks)."""
     return _check_eps(eps)
@@ -655,7 +661,7 @@ cdef inline bint _foreign(object obj):
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None,
-               channel_axis=1, out=None):
+               channel_axis=1, out=None, stream=None):
     """Group Normalization over the channels of each sample, as ``torch.nn.functional.group_norm``.
 
     For every sample ``n`` and group ``g`` (channels ``g*C/G`` to ``(g+1)*C/G - 1`` together with all
@@ -684,6 +690,13 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     out : numpy.ndarray, optional
         Where to write the result: same shape and dtype as the input, writeable. May be the input
         itself (in place); any other overlap with the input is handled through a scratch copy.
+    stream : optional
+        For arrays in CUDA memory only: the stream to queue the kernels on, instead of the framework's
+        current stream (torch's ``torch.cuda.current_stream()``): an integer ``cudaStream_t`` (0, 1 and
+        2 are the default, legacy default and per-thread default streams, as in DLPack), a
+        ``torch.cuda.Stream``, a CuPy stream or any object with ``__cuda_stream__``. The results are
+        allocated for that stream; ordering it against the caller's other streams is the caller's part.
+        Must be None for CPU arrays.
 
     Returns
     -------
@@ -714,7 +727,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     True
     """
     if _foreign(input) or _foreign(weight) or _foreign(bias) or _foreign(out):
-        return _interop().group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out)
+        return _interop().group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out, stream)
+    if stream is not None:
+        _refuse_stream(stream, input)
     cdef _Plan plan
     cdef cnp.ndarray x = _check_input(input, "input", "group_norm")
     cdef int ax = _check_shape(x, num_groups, channel_axis, &plan)
@@ -776,7 +791,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     return result
 
 
-def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5):
+def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, stream=None):
     """Group Normalization that also returns the statistics its backward pass needs.
 
     The same computation as :func:`group_norm` (channels on axis 1, no activation), plus each group's
@@ -822,7 +837,9 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5):
     True
     """
     if _foreign(input) or _foreign(weight) or _foreign(bias):
-        return _interop().group_norm_forward(input, num_groups, weight, bias, eps)
+        return _interop().group_norm_forward(input, num_groups, weight, bias, eps, stream)
+    if stream is not None:
+        _refuse_stream(stream, input)
     cdef _Plan plan
     cdef cnp.ndarray x = _check_input(input, "input", "group_norm_forward")
     _check_shape(x, num_groups, 1, &plan)
@@ -862,7 +879,7 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5):
     return result, mean, rstd
 
 
-def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None):
+def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None, *, stream=None):
     """Gradients of Group Normalization with respect to its input, weight and bias.
 
     With ``x_hat = (x - mean) * rstd`` per sample and group, ``M = C/G * prod(spatial)`` elements a
@@ -923,7 +940,9 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None)
     array([-1.789,  1.789, -1.789,  1.789])
     """
     if _foreign(grad_output) or _foreign(input) or _foreign(mean) or _foreign(rstd) or _foreign(weight):
-        return _interop().group_norm_backward(grad_output, input, mean, rstd, num_groups, weight)
+        return _interop().group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, stream)
+    if stream is not None:
+        _refuse_stream(stream, input)
     cdef _Plan plan
     cdef cnp.ndarray x = _check_input(input, "input", "group_norm_backward")
     cdef cnp.ndarray dy = _check_input(grad_output, "grad_output", "group_norm_backward")

@@ -4,7 +4,8 @@
 Built only where a CUDA compiler was found (CMake's GROUPNORM_CUDA). groupnorm._gpu imports it when a GPU array
 arrives, and groupnorm.config() when asked; the arrays' checks, memory and streams are _gpu's. A problem is the
 tuple ``(n, c, s, groups, channels_last, dtype, param_dtype, silu, eps)`` of cpp/cuda/groupnorm_cuda.h, with
-dtype names for the dtypes; pointers and streams are integers (0 for none).
+dtype names for the dtypes, which `problem` checks once into a Problem that `forward` and `backward` take; pointers
+and streams are integers (0 for none).
 """
 from libc.stdint cimport int64_t, uintptr_t
 
@@ -35,6 +36,7 @@ cdef extern from "groupnorm_cuda.h" nogil:
                          void* grad_bias, void* workspace, void* stream)
     int gn_cuda_problem_valid(const gn_cuda_problem* p)
     int gn_cuda_device_count(int* count)
+    int gn_cuda_get_device(int* device)
     int gn_cuda_set_device(int device)
     const char* gn_cuda_error_name(int error)
     const char* gn_cuda_error_string(int error)
@@ -46,25 +48,50 @@ cdef dict _DTYPES = {"float32": GN_CUDA_FLOAT32, "float64": GN_CUDA_FLOAT64, "fl
                      "bfloat16": GN_CUDA_BFLOAT16}
 
 
-cdef gn_cuda_problem _problem(tuple problem) except *:
+cdef class Problem:
+    """One problem of groupnorm_cuda.h, checked once, with its workspace sizes: `problem(spec)` makes it, and
+    groupnorm._gpu keeps it in its plan for every later call of the same shape."""
     cdef gn_cuda_problem p
-    n, c, s, groups, channels_last, dtype, param_dtype, silu, eps = problem
-    p.n = n
-    p.c = c
-    p.s = s
-    p.groups = groups
-    p.channels_last = 1 if channels_last else 0
-    p.dtype = _DTYPES[dtype]
-    p.param_dtype = _DTYPES[param_dtype]
-    p.silu = 1 if silu else 0
-    p.eps = eps
-    if not gn_cuda_problem_valid(&p):
-        raise ValueError(f"the CUDA kernels do not take the problem {problem} (cpp/cuda/groupnorm_cuda.h)")
-    return p
+    cdef readonly tuple spec
+    cdef readonly size_t forward_workspace
+    cdef readonly size_t backward_workspace
+
+    def __repr__(self):
+        return f"groupnorm._cuda.problem({self.spec!r})"
+
+
+def problem(tuple spec):
+    """The Problem of `spec`, ``(n, c, s, groups, channels_last, dtype, param_dtype, silu, eps)``; a ValueError when
+    the kernels do not take it."""
+    cdef Problem result = Problem.__new__(Problem)
+    n, c, s, groups, channels_last, dtype, param_dtype, silu, eps = spec
+    result.p.n = n
+    result.p.c = c
+    result.p.s = s
+    result.p.groups = groups
+    result.p.channels_last = 1 if channels_last else 0
+    result.p.dtype = _DTYPES[dtype]
+    result.p.param_dtype = _DTYPES[param_dtype]
+    result.p.silu = 1 if silu else 0
+    result.p.eps = eps
+    if not gn_cuda_problem_valid(&result.p):
+        raise ValueError(f"the CUDA kernels do not take the problem {spec} (cpp/cuda/groupnorm_cuda.h)")
+    result.spec = spec
+    result.forward_workspace = gn_cuda_forward_workspace(&result.p)
+    result.backward_workspace = gn_cuda_backward_workspace(&result.p)
+    return result
 
 
 cdef str _error(int code):
     return f"{gn_cuda_error_name(code).decode()} ({code}): {gn_cuda_error_string(code).decode()}"
+
+
+cdef int _on_device(int device, int* previous) noexcept nogil:
+    """Makes `device` current, its caller's in *previous; the runtime's error code."""
+    cdef int code = gn_cuda_get_device(previous)
+    if code == 0 and previous[0] != device:
+        code = gn_cuda_set_device(device)
+    return code
 
 
 cdef int _check(int code, str what) except -1:
@@ -87,41 +114,35 @@ def versions():
     return gn_cuda_runtime_version(), gn_cuda_driver_version()
 
 
-def forward_workspace(tuple problem):
-    """Bytes of workspace `forward` needs for `problem`."""
-    cdef gn_cuda_problem p = _problem(problem)
-    return gn_cuda_forward_workspace(&p)
-
-
-def backward_workspace(tuple problem):
-    """Bytes of workspace `backward` needs for `problem`."""
-    cdef gn_cuda_problem p = _problem(problem)
-    return gn_cuda_backward_workspace(&p)
-
-
-def forward(tuple problem, int device, uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t mean,
-            uintptr_t rstd, uintptr_t workspace, uintptr_t stream):
-    """Queues the forward on `stream` of `device` (see gn_cuda_forward)."""
-    cdef gn_cuda_problem p = _problem(problem)
-    cdef int code
+def forward(Problem problem not None, int device, uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y,
+            uintptr_t mean, uintptr_t rstd, uintptr_t workspace, uintptr_t stream):
+    """Queues the forward on `stream` of `device` (see gn_cuda_forward); the thread's current device is left as it
+    was."""
+    cdef const gn_cuda_problem* p = &problem.p
+    cdef int code, previous = device
     with nogil:
-        code = gn_cuda_set_device(device)
+        code = _on_device(device, &previous)
         if code == 0:
-            code = gn_cuda_forward(&p, <const void*>x, <const void*>weight, <const void*>bias, <void*>y,
+            code = gn_cuda_forward(p, <const void*>x, <const void*>weight, <const void*>bias, <void*>y,
                                    <void*>mean, <void*>rstd, <void*>workspace, <void*>stream)
+        if previous != device:
+            gn_cuda_set_device(previous)
     _check(code, "forward")
 
 
-def backward(tuple problem, int device, uintptr_t dy, uintptr_t x, uintptr_t mean, uintptr_t rstd,
+def backward(Problem problem not None, int device, uintptr_t dy, uintptr_t x, uintptr_t mean, uintptr_t rstd,
              uintptr_t weight, uintptr_t bias, uintptr_t dx, uintptr_t grad_weight, uintptr_t grad_bias,
              uintptr_t workspace, uintptr_t stream):
-    """Queues the backward on `stream` of `device` (see gn_cuda_backward)."""
-    cdef gn_cuda_problem p = _problem(problem)
-    cdef int code
+    """Queues the backward on `stream` of `device` (see gn_cuda_backward); the thread's current device is left as
+    it was."""
+    cdef const gn_cuda_problem* p = &problem.p
+    cdef int code, previous = device
     with nogil:
-        code = gn_cuda_set_device(device)
+        code = _on_device(device, &previous)
         if code == 0:
-            code = gn_cuda_backward(&p, <const void*>dy, <const void*>x, <const void*>mean, <const void*>rstd,
+            code = gn_cuda_backward(p, <const void*>dy, <const void*>x, <const void*>mean, <const void*>rstd,
                                     <const void*>weight, <const void*>bias, <void*>dx, <void*>grad_weight,
                                     <void*>grad_bias, <void*>workspace, <void*>stream)
+        if previous != device:
+            gn_cuda_set_device(previous)
     _check(code, "backward")

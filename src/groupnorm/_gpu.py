@@ -3,8 +3,13 @@
 groupnorm._interop sends a call here when one of its arrays lives in CUDA memory, and groupnorm.torch when a
 tensor is on a CUDA device. The caller's framework provides the memory and the stream: results and the kernels'
 workspace come from torch's caching allocator (no cudaMalloc a call), and the kernels are queued on torch's
-current stream of the tensor's device, with no synchronisation. torch CUDA tensors are served; other producers'
-GPU arrays (CuPy, JAX) get a ValueError that says so.
+current stream of the tensor's device (or on the stream that the caller's ``stream=`` names), with no
+synchronisation. torch CUDA tensors are served; other producers' GPU arrays (CuPy, JAX) get a ValueError that says so.
+
+A call's checks depend on its tensors' metadata (shape, strides, dtype, device, flags) and its scalar arguments,
+not on their memory. Once a call has passed them, its plan (the checked kernel problem, the layout) is kept under
+that metadata, and a later call with the same metadata goes straight to the allocations and the kernels: about
+half of what the first call costs in Python, which decides the time of small GPU calls.
 
 Importing this module imports neither torch nor groupnorm._cuda; both are imported when a GPU array arrives.
 """
@@ -189,27 +194,84 @@ def _ptr(tensor):
     return 0 if tensor is None else tensor.data_ptr()
 
 
-def _stream(torch, device):
-    return torch.cuda.current_stream(device).cuda_stream
+def _current_stream(torch, device):
+    """The raw cudaStream_t of torch's current stream on CUDA device `device` (an index)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what torch's own compiled kernels ask (no object)
+    return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+
+
+def stream_handle(stream):
+    """The cudaStream_t (an integer) that a ``stream=`` argument names: an integer handle as DLPack passes them (0
+    the default stream, 1 the legacy default stream, 2 the per-thread default stream, else a cudaStream_t), an object
+    with the ``__cuda_stream__`` protocol, a torch.cuda.Stream (``cuda_stream``) or a CuPy stream (``ptr``)."""
+    handle = stream
+    protocol = getattr(stream, "__cuda_stream__", None)
+    if protocol is not None:
+        pair = protocol()
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise TypeError(f"stream.__cuda_stream__() returned {pair!r}; it must return (version, handle)")
+        handle = pair[1]
+    elif not isinstance(stream, int):
+        for attribute in ("cuda_stream", "ptr"):  # torch.cuda.Stream, cupy.cuda.Stream
+            if hasattr(stream, attribute):
+                handle = getattr(stream, attribute)
+                break
+    if not isinstance(handle, int) or isinstance(handle, bool):
+        raise TypeError(f"stream={stream!r} must be None (the current stream), an integer cudaStream_t, a "
+                        f"torch.cuda.Stream, a CuPy stream or an object with __cuda_stream__"
+                        + ("" if handle is stream else f"; its handle is {handle!r}"))
+    if handle < 0:
+        raise ValueError(f"stream={stream!r} names the handle {handle}; a cudaStream_t is non-negative (0, 1 and 2 "
+                         f"are the default, legacy default and per-thread default streams)")
+    return int(handle)
+
+
+def _stream_scope(torch, stream, device):
+    """(handle, context): the cudaStream_t of an explicit ``stream=`` and a context in which torch allocates on it
+    (the results and the workspace are then that stream's memory, as if the call ran under torch.cuda.stream)."""
+    handle = stream_handle(stream)
+    cuda = torch.cuda
+    if isinstance(stream, cuda.Stream):
+        if stream.device_index != device:
+            raise ValueError(f"stream is a stream of cuda:{stream.device_index} but the input is on cuda:{device}")
+        return handle, cuda.stream(stream)
+    if handle in (0, 1):
+        return handle, cuda.stream(cuda.default_stream(device))
+    return handle, cuda.stream(cuda.ExternalStream(handle, device=device))
 
 
 # ------------------------------------------------------------------------------------------------ forward
 
 def _device_checked(input, others):
-    """(cuda module, torch, input) once the input is a torch CUDA tensor on a machine that can run it."""
+    """(cuda module, torch, device index) once the input is a torch CUDA tensor on a machine that can run it."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(input, torch.Tensor) and input.is_cuda:
+        cuda = _availability[0] if _availability is not None else None
+        if cuda is not None:
+            return cuda, torch, input.get_device()
     device = gpu_device(input) or next((d for d in map(gpu_device, others) if d is not None), None)
     cuda = _backend("input", device)
     torch = _torch_of("input", input, device)
     if not input.is_cuda:
         raise ValueError(f"input is on device {input.device} but another argument lives on {device}; all arrays "
                          f"of a call must be on one device")
-    return cuda, torch, input
+    return cuda, torch, input.get_device()
 
 
-def _forward(input, num_groups, weight, bias, eps, activation, channel_axis, out, want_stats):
-    cuda, torch, x = _device_checked(input, (out, weight, bias))
-    return run_forward(cuda, torch, x, num_groups, weight, bias, eps, activation, channel_axis, out, want_stats,
-                       x.device.index, _stream(torch, x.device))
+def _on_stream(run, torch, device, stream, *args):
+    """run(*args, device, stream handle) on torch's current stream, or on the explicit `stream` with torch's
+    allocations made for it."""
+    if stream is None:
+        return run(*args, device, _current_stream(torch, device))
+    handle, scope = _stream_scope(torch, stream, device)
+    with scope:
+        return run(*args, device, handle)
+
+
+def _forward(input, num_groups, weight, bias, eps, activation, channel_axis, out, want_stats, stream):
+    cuda, torch, device = _device_checked(input, (out, weight, bias))
+    return _on_stream(run_forward, torch, device, stream, cuda, torch, input, num_groups, weight, bias, eps,
+                      activation, channel_axis, out, want_stats)
 
 
 def _check_input(torch, input):
@@ -234,10 +296,91 @@ def _overlap(a, b):
     return a0 < b1 and b0 < a1
 
 
+class _Plan:
+    """What a call's checks decided, kept for later calls with the same metadata: the kernels' checked problem (None
+    for an empty tensor), the layout (0 channels first, 1 channels last), the statistics' shape and dtype, and for
+    the forward whether an out= of that metadata can be written directly."""
+    __slots__ = ("problem", "layout", "stats_shape", "stats_dtype", "out_direct")
+
+    def __init__(self, problem, layout, stats_shape, stats_dtype, out_direct=False):
+        self.problem, self.layout, self.stats_shape, self.stats_dtype = problem, layout, stats_shape, stats_dtype
+        self.out_direct = out_direct
+
+
+_plans = {}  # call metadata -> _Plan, for calls that needed no copy or conversion
+_PLANS_KEPT = 256  # distinct metadata kept before the cache starts afresh
+
+
+def _meta(tensor):
+    """The metadata of a tensor (or None) that a call's checks read; an AttributeError for anything else."""
+    if tensor is None:
+        return None
+    return tensor.shape, tensor.stride(), tensor.dtype, tensor.device, tensor.requires_grad, tensor.is_neg()
+
+
+def _plan_key(cuda, torch, tensors, scalars):
+    """The cache key of a call: its tensors' metadata, its scalars with their types (True == 1 and 2.0 == 2, but
+    num_groups=True and num_groups=2.0 are errors), the grad mode and the backend (whose problems the plan holds);
+    None when a scalar is of another type (a NumPy
+    integer, say) or an argument is not a tensor, whose call then takes the checks every time."""
+    types = tuple(map(type, scalars))
+    for kind in types:
+        if kind not in _KEY_SCALARS:
+            return None
+    try:
+        return tuple(map(_meta, tensors)) + scalars + types + (torch.is_grad_enabled(), cuda)
+    except AttributeError:
+        return None
+
+
+_KEY_SCALARS = frozenset((int, float, str, type(None), bool))
+
+
+def _keep(key, plan):
+    if key is not None:
+        if len(_plans) >= _PLANS_KEPT:
+            _plans.clear()
+        _plans[key] = plan
+
+
 def run_forward(cuda, torch, x, num_groups, weight, bias, eps, activation, channel_axis, out, want_stats, device,
                 stream):
     """The forward on `cuda` (groupnorm._cuda, or a stand-in with its functions) for a tensor x of x.device, with
     the other tensors checked against it; the kernels run on `stream` of CUDA device `device`."""
+    key = _plan_key(cuda, torch, (x, weight, bias, out),
+                    ("forward", num_groups, eps, activation, channel_axis, want_stats))
+    plan = _plans.get(key) if key is not None else None
+    if plan is None:
+        plan, x, weight, bias, out, cacheable = _forward_plan(cuda, torch, x, num_groups, weight, bias, eps,
+                                                              activation, channel_axis, out)
+        if cacheable:
+            _keep(key, plan)
+    mean = rstd = None
+    if want_stats:
+        mean = torch.empty(plan.stats_shape, dtype=plan.stats_dtype, device=x.device)
+        rstd = torch.empty(plan.stats_shape, dtype=plan.stats_dtype, device=x.device)
+    # Straight into out when it has the kernels' layout and cannot clobber x before it is read (the forward reads
+    # all of x before it writes y; in place, y is x, is fine, as element i of y is written after x[i] is read).
+    direct = out is not None and plan.out_direct and (
+        not _overlap(out, x) or (out.data_ptr() == x.data_ptr() and out.stride() == x.stride()))
+    y = out if direct else torch.empty_like(x)
+    if plan.problem is not None:
+        workspace = torch.empty(plan.problem.forward_workspace, dtype=torch.uint8, device=x.device)
+        cuda.forward(plan.problem, device, x.data_ptr(), _ptr(weight), _ptr(bias), y.data_ptr(), _ptr(mean),
+                     _ptr(rstd), workspace.data_ptr(), stream)
+    elif want_stats and plan.stats_shape[0]:
+        mean.fill_(math.nan)
+        rstd.fill_(math.nan)
+    if out is not None and not direct:
+        out.copy_(y)
+        y = out
+    return (y, mean, rstd) if want_stats else y
+
+
+def _forward_plan(cuda, torch, x, num_groups, weight, bias, eps, activation, channel_axis, out):
+    """Every check of a forward call: (plan, x in a kernel layout, weight, bias, out, whether the plan may be kept
+    for the call's metadata: no copy or conversion was needed)."""
+    x0, w0, b0 = x, weight, bias
     x = _check_input(torch, x)
     axis = _channel_axis(channel_axis, x.dim())
     eps = _core._check_eps_value(eps)
@@ -250,27 +393,12 @@ def run_forward(cuda, torch, x, num_groups, weight, bias, eps, activation, chann
     if out is not None:
         out = _check_out(torch, out, x)
     x_dense, layout = _dense(x, axis)
-    problem = _problem(torch, x_dense, num_groups, axis, eps, silu, _params_dtype(torch, x, w, b), layout)
-    n, _, _, groups = problem[:4]
-    stats = _stats_dtype(torch, x.dtype)
-    mean = torch.empty((n, groups), dtype=stats, device=x.device) if want_stats else None
-    rstd = torch.empty((n, groups), dtype=stats, device=x.device) if want_stats else None
-    # Straight into out when it has the kernels' layout and cannot clobber x before it is read (the forward reads
-    # all of x before it writes y; in place, y is x, is fine, as element i of y is written after x[i] is read).
-    direct = out is not None and _layout(out, axis) == layout and (
-        not _overlap(out, x_dense) or (out.data_ptr() == x_dense.data_ptr() and out.stride() == x_dense.stride()))
-    y = out if direct else torch.empty_like(x_dense)
-    if x.numel():
-        workspace = torch.empty(cuda.forward_workspace(problem), dtype=torch.uint8, device=x.device)
-        cuda.forward(problem, device, x_dense.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), _ptr(mean), _ptr(rstd),
-                     workspace.data_ptr(), stream)
-    elif want_stats and n:
-        mean.fill_(math.nan)
-        rstd.fill_(math.nan)
-    if out is not None and not direct:
-        out.copy_(y)
-        y = out
-    return (y, mean, rstd) if want_stats else y
+    spec = _problem(torch, x_dense, num_groups, axis, eps, silu, _params_dtype(torch, x, w, b), layout)
+    problem = cuda.problem(spec) if x.numel() else None
+    out_direct = out is not None and _layout(out, axis) == layout
+    plan = _Plan(problem, layout, (spec[0], spec[3]), _stats_dtype(torch, x.dtype), out_direct)
+    cacheable = problem is not None and x_dense is x0 and w is w0 and b is b0
+    return plan, x_dense, w, b, out, cacheable
 
 
 def _check_out(torch, out, x):
@@ -290,27 +418,53 @@ def _check_out(torch, out, x):
     return out
 
 
-def group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out):
+def group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out, stream=None):
     """groupnorm.group_norm for GPU arrays (see there)."""
-    return _forward(input, num_groups, weight, bias, eps, activation, channel_axis, out, False)
+    return _forward(input, num_groups, weight, bias, eps, activation, channel_axis, out, False, stream)
 
 
-def group_norm_forward(input, num_groups, weight, bias, eps):
+def group_norm_forward(input, num_groups, weight, bias, eps, stream=None):
     """groupnorm.group_norm_forward for GPU arrays: (y, mean, rstd)."""
-    return _forward(input, num_groups, weight, bias, eps, None, 1, None, True)
+    return _forward(input, num_groups, weight, bias, eps, None, 1, None, True, stream)
 
 
 # ------------------------------------------------------------------------------------------------ backward
 
-def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight):
+def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, stream=None):
     """groupnorm.group_norm_backward for GPU arrays: (grad_input, grad_weight, grad_bias)."""
-    cuda, torch, x = _device_checked(input, (grad_output, mean, rstd, weight))
-    return run_backward(cuda, torch, grad_output, x, mean, rstd, num_groups, weight, x.device.index,
-                        _stream(torch, x.device))
+    cuda, torch, device = _device_checked(input, (grad_output, mean, rstd, weight))
+    return _on_stream(run_backward, torch, device, stream, cuda, torch, grad_output, input, mean, rstd, num_groups,
+                      weight)
 
 
 def run_backward(cuda, torch, grad_output, x, mean, rstd, num_groups, weight, device, stream):
     """The backward on `cuda` for tensors of x.device (see run_forward)."""
+    key = _plan_key(cuda, torch, (grad_output, x, mean, rstd, weight), ("backward", num_groups))
+    plan = _plans.get(key) if key is not None else None
+    if plan is None:
+        plan, grad_output, x, mean, rstd, weight, cacheable = _backward_plan(cuda, torch, grad_output, x, mean, rstd,
+                                                                             num_groups, weight)
+        if cacheable:
+            _keep(key, plan)
+    c = x.shape[1]
+    dx = torch.empty_like(x)
+    grad_weight = torch.empty(c, dtype=plan.stats_dtype, device=x.device)
+    grad_bias = torch.empty(c, dtype=plan.stats_dtype, device=x.device)
+    if plan.problem is not None:
+        workspace = torch.empty(plan.problem.backward_workspace, dtype=torch.uint8, device=x.device)
+        cuda.backward(plan.problem, device, grad_output.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                      _ptr(weight), 0, dx.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(),
+                      workspace.data_ptr(), stream)
+    else:
+        grad_weight.zero_()
+        grad_bias.zero_()
+    return dx, grad_weight, grad_bias
+
+
+def _backward_plan(cuda, torch, grad_output, x, mean, rstd, num_groups, weight):
+    """Every check of a backward call: (plan, grad_output and x in one kernel layout, mean, rstd, weight, whether
+    the plan may be kept: no copy or conversion was needed)."""
+    originals = (grad_output, x, mean, rstd, weight)
     x = _check_input(torch, x)
     dy = _check_tensor(torch, grad_output, "grad_output", x.device)
     if tuple(dy.shape) != tuple(x.shape):
@@ -321,24 +475,17 @@ def run_backward(cuda, torch, grad_output, x, mean, rstd, num_groups, weight, de
     c = x.shape[1]
     w = _param(torch, weight, "weight", c, x)
     x_dense, layout = _dense(x, 1)
-    problem = _problem(torch, x_dense, num_groups, 1, 1.0, False, _params_dtype(torch, x, w, None), layout)
-    n, _, _, groups = problem[:4]
+    spec = _problem(torch, x_dense, num_groups, 1, 1.0, False, _params_dtype(torch, x, w, None), layout)
+    n, _, _, groups = spec[:4]
     stats = _stats_dtype(torch, x.dtype)
     m = _stat(torch, mean, "mean", (n, groups), stats, x)
     r = _stat(torch, rstd, "rstd", (n, groups), stats, x)
     dy_dense = dy if _layout(dy, 1) == layout else (
         dy.contiguous() if layout == 0 else _dense_like(torch, dy, x_dense))
-    dx = torch.empty_like(x_dense)
-    grad_weight = torch.empty(c, dtype=stats, device=x.device)
-    grad_bias = torch.empty(c, dtype=stats, device=x.device)
-    if x.numel():
-        workspace = torch.empty(cuda.backward_workspace(problem), dtype=torch.uint8, device=x.device)
-        cuda.backward(problem, device, dy_dense.data_ptr(), x_dense.data_ptr(), m.data_ptr(), r.data_ptr(), _ptr(w),
-                      0, dx.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(), workspace.data_ptr(), stream)
-    else:
-        grad_weight.zero_()
-        grad_bias.zero_()
-    return dx, grad_weight, grad_bias
+    problem = cuda.problem(spec) if x.numel() else None
+    plan = _Plan(problem, layout, (n, groups), stats)
+    cacheable = problem is not None and all(a is b for a, b in zip((dy_dense, x_dense, m, r, w), originals))
+    return plan, dy_dense, x_dense, m, r, w, cacheable
 
 
 def _dense_like(torch, tensor, like):

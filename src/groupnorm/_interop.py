@@ -30,9 +30,11 @@ def _aligned_empty(like):
     return buffer[start:start + nbytes].view(like.dtype).reshape(like.shape)
 
 
-def group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out):
+def group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out, stream):
     if _gpu.gpu_device(input) is not None:
-        return _gpu.group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out)
+        return _gpu.group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, out, stream)
+    if stream is not None:
+        _core._refuse_stream(stream, input)
     x = _view(input, "input")
     target = _view(out, "out", writable=True)
     if target is None and _dlpack.is_jax_array(input) and isinstance(x, np.ndarray) and x.flags.c_contiguous:
@@ -42,17 +44,21 @@ def group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, o
     return out if out is not None else _dlpack.wrap_like(y, input)
 
 
-def group_norm_forward(input, num_groups, weight, bias, eps):
+def group_norm_forward(input, num_groups, weight, bias, eps, stream):
     if _gpu.gpu_device(input) is not None:
-        return _gpu.group_norm_forward(input, num_groups, weight, bias, eps)
+        return _gpu.group_norm_forward(input, num_groups, weight, bias, eps, stream)
+    if stream is not None:
+        _core._refuse_stream(stream, input)
     results = _core.group_norm_forward(_view(input, "input"), num_groups, _view(weight, "weight"),
                                        _view(bias, "bias"), eps)
     return tuple(_dlpack.wrap_like(r, input) for r in results)
 
 
-def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight):
+def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, stream):
     if _gpu.gpu_device(input) is not None:
-        return _gpu.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight)
+        return _gpu.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, stream)
+    if stream is not None:
+        _core._refuse_stream(stream, input)
     results = _core.group_norm_backward(_view(grad_output, "grad_output"), _view(input, "input"),
                                         _view(mean, "mean"), _view(rstd, "rstd"), num_groups,
                                         _view(weight, "weight"))
