@@ -9,7 +9,10 @@ Targets (issue 5): forward within 1.3x of the copy and backward within 2x of its
 forward >= 3x torch on the Stable Diffusion shapes in float16 channels-last; never slower than torch.
 
 Each timed sample is a batch of calls between two CUDA events (the batch sized to take about 2 ms), divided by
-the batch size. Before timing, each case checks groupnorm against torch (float64 reference) so that a wrong kernel
+the batch size. The host's time to queue the batch (wall clock, before the wait for the last event) is kept
+beside it: where it is as long as the events' time, the call is bound by its Python and launch costs, not by the
+GPU. Where CuPy is installed, the forward also runs on CuPy views of the same memory (``cupy.from_dlpack``), in
+float16 and float32 (CuPy has no bfloat16). Before timing, each case checks groupnorm against torch (float64 reference) so that a wrong kernel
 cannot post a time. ``--device cpu`` runs the same script on the CPU kernels with wall-clock timers: a smoke test
 of the script itself (tests/test_bench.py), not a GPU figure.
 
@@ -53,6 +56,7 @@ class Timer:
 
     def __init__(self, device):
         self.cuda = device == "cuda"
+        self.host = 0.0  # the last batch's host seconds per call (queueing only, on a GPU)
 
     def sync(self):
         if self.cuda:
@@ -62,15 +66,18 @@ class Timer:
         if self.cuda:
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             for _ in range(calls):
                 fn()
+            self.host = (time.perf_counter() - t0) / calls
             stop.record()
             stop.synchronize()
             return start.elapsed_time(stop) / 1e3 / calls
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        return (time.perf_counter() - t0) / calls
+        self.host = (time.perf_counter() - t0) / calls
+        return self.host
 
     def calls_for(self, fn, target_s):
         fn()
@@ -127,14 +134,33 @@ def measure(case, device, rounds, target_s):
                                                                       [True, True, True]),
         "bwd_gn": lambda: gn.group_norm_backward(dy, x, mean, rstd, groups, w),
     }
+    cupy_views = _cupy_views(x, w, b) if device == "cuda" else None
+    if cupy_views is not None:
+        xc, wc, bc, yc = cupy_views
+        contenders["fwd_gn_cupy"] = lambda: gn.group_norm(xc, groups, wc, bc, out=yc)
     timer = Timer(device)
     calls = {k: timer.calls_for(f, target_s) for k, f in contenders.items()}
     samples = {k: [] for k in contenders}
+    host = {k: [] for k in contenders}
     for _ in range(rounds):
         for k, f in contenders.items():
             samples[k].append(timer.batch(f, calls[k]))
+            host[k].append(timer.host)
     med = {k: statistics.median(v) for k, v in samples.items()}
+    med.update({f"host_{k}": statistics.median(v) for k, v in host.items()})
     return {"case": case, "bytes": x.numel() * x.element_size(), **med}
+
+
+def _cupy_views(x, w, b):
+    """CuPy arrays on the memory of x, w, b and a fresh output (None without CuPy, or for bfloat16)."""
+    if x.dtype == torch.bfloat16:
+        return None
+    try:
+        import cupy
+    except ImportError:
+        return None
+    xc, wc, bc = (cupy.from_dlpack(t) for t in (x, w, b))
+    return xc, wc, bc, cupy.empty_like(xc)
 
 
 def case_name(case):
@@ -144,15 +170,19 @@ def case_name(case):
 
 def table(rows):
     lines = ["| case | MB | fwd copy us | fwd torch us | fwd gn us | gn/copy | torch/gn | bwd floor us | "
-             "bwd torch us | bwd gn us | gn/floor | torch/gn |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "bwd torch us | bwd gn us | gn/floor | torch/gn | host us fwd torch/gn, bwd torch/gn | "
+             "fwd gn CuPy us |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        us = {k: r[k] * 1e6 for k in r if k.startswith(("fwd", "bwd"))}
+        us = {k: r[k] * 1e6 for k in r if k.startswith(("fwd", "bwd", "host"))}
+        cupy = f"{us['fwd_gn_cupy']:.1f}" if "fwd_gn_cupy" in us else "-"
         lines.append(
             f"| {case_name(r['case'])} | {r['bytes'] / 2**20:.1f} | {us['fwd_copy']:.1f} | {us['fwd_torch']:.1f} | "
             f"{us['fwd_gn']:.1f} | {r['fwd_gn'] / r['fwd_copy']:.2f} | {r['fwd_torch'] / r['fwd_gn']:.2f} | "
             f"{us['bwd_floor']:.1f} | {us['bwd_torch']:.1f} | {us['bwd_gn']:.1f} | "
-            f"{r['bwd_gn'] / r['bwd_floor']:.2f} | {r['bwd_torch'] / r['bwd_gn']:.2f} |")
+            f"{r['bwd_gn'] / r['bwd_floor']:.2f} | {r['bwd_torch'] / r['bwd_gn']:.2f} | "
+            f"{us['host_fwd_torch']:.1f}/{us['host_fwd_gn']:.1f}, {us['host_bwd_torch']:.1f}/{us['host_bwd_gn']:.1f} "
+            f"| {cupy} |")
     return lines
 
 

@@ -361,6 +361,8 @@ def test_bench_cuda_script_on_the_cpu(capsys, tmp_path):
     assert [module.case_name(r["case"]) for r in rows] == ["2x32x16x16 G8 float32 nchw", "2x32x16x16 G8 float16 nhwc"]
     for row in rows:
         assert all(row[k] > 0 for k in ("fwd_copy", "fwd_torch", "fwd_gn", "bwd_floor", "bwd_torch", "bwd_gn"))
+        assert all(row[f"host_{k}"] > 0 for k in ("fwd_torch", "fwd_gn", "bwd_torch", "bwd_gn"))
+        assert "fwd_gn_cupy" not in row  # CuPy runs on a GPU only
     text = capsys.readouterr().out
     assert "| 2x32x16x16 G8 float16 nhwc |" in text and "never slower than torch" in text
     written = results.read_text()

@@ -282,6 +282,70 @@ def test_gpu_work_runs_on_an_explicit_stream():
         gn.group_norm(x, 8, stream="side")
 
 
+def _gpu_cupy():
+    if not gn.config()["cuda"]:
+        pytest.skip(f"no usable GPU: {gn.config()['cuda_reason']}")
+    return pytest.importorskip("cupy")
+
+
+def _np_reference(x, groups, weight, bias, eps):
+    """float64 group norm of a NumPy array (channels on axis 1)."""
+    x = x.astype(np.float64)
+    grouped = x.reshape(x.shape[0], groups, -1)
+    y = (grouped - grouped.mean(-1, keepdims=True)) / np.sqrt(grouped.var(-1, keepdims=True) + eps)
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    return y.reshape(x.shape) * weight.astype(np.float64).reshape(view) + bias.astype(np.float64).reshape(view)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_cupy_arrays_on_gpu(dtype, layout):
+    """CuPy arrays in, CuPy arrays out (same memory order), on CuPy's current stream, memory from CuPy's pool."""
+    cp = _gpu_cupy()
+    rng = np.random.default_rng(5)
+    host = (rng.standard_normal((2, 64, 9, 7)) * 2 + 1).astype(dtype)
+    dy_host = rng.standard_normal(host.shape).astype(dtype)
+    w_host, b_host = rng.standard_normal(64).astype(dtype), rng.standard_normal(64).astype(dtype)
+    x, dy = cp.asarray(host), cp.asarray(dy_host)
+    if layout == "nhwc":
+        x = cp.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    w, b = cp.asarray(w_host), cp.asarray(b_host)
+    tolerance = TOLERANCE[dtype]
+    want = _np_reference(host, 8, w_host, b_host, 1e-5)
+    y = gn.group_norm(x, 8, w, b)
+    assert isinstance(y, cp.ndarray) and y.dtype == x.dtype and y.strides == x.strides
+    assert np.abs(cp.asnumpy(y).astype(np.float64) - want).max() / (np.abs(want).max() + 1) <= tolerance
+    y2, mean, rstd = gn.group_norm_forward(x, 8, w, b)
+    assert isinstance(mean, cp.ndarray) and mean.shape == (2, 8) and bool(cp.array_equal(y, y2))
+    out = cp.full_like(x, cp.nan)
+    assert gn.group_norm(x, 8, w, b, out=out) is out and bool(cp.array_equal(out, y))
+    dx, dw, db = gn.group_norm_backward(dy, x, mean, rstd, 8, w)
+    assert isinstance(dx, cp.ndarray) and dx.strides == x.strides and dw.shape == db.shape == (64,)
+    torch_module = pytest.importorskip("torch")
+    xr = torch_module.from_numpy(host.astype(np.float64)).requires_grad_()
+    wr = torch_module.from_numpy(w_host.astype(np.float64)).requires_grad_()
+    br = torch_module.from_numpy(b_host.astype(np.float64)).requires_grad_()
+    torch_module.nn.functional.group_norm(xr, 8, wr, br, 1e-5).backward(torch_module.from_numpy(
+        dy_host.astype(np.float64)))
+    for name, got, truth in [("dx", dx, xr.grad), ("dw", dw, wr.grad), ("db", db, br.grad)]:
+        truth = truth.numpy()
+        err = np.abs(cp.asnumpy(got).astype(np.float64) - truth).max() / (np.abs(truth).max() + 1)
+        assert err <= tolerance * (1 if name == "dx" else 50), f"{name}: {err:.3g}"
+    # On a CuPy stream: as the current one, and through stream=
+    cp.cuda.get_current_stream().synchronize()
+    side = cp.cuda.Stream(non_blocking=True)
+    with side:
+        z = gn.group_norm(x * 1, 8, w, b)
+    side.synchronize()
+    assert bool(cp.array_equal(z, y))
+    cp.cuda.get_current_stream().synchronize()
+    side2 = cp.cuda.Stream(non_blocking=True)
+    z2 = gn.group_norm(x, 8, w, b, stream=side2)
+    side2.synchronize()
+    assert bool(cp.array_equal(z2, y))
+
+
 @pytest.mark.gpu
 def test_gpu_errors_name_the_argument():
     t = _gpu_torch()

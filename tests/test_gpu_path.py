@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -101,13 +102,16 @@ def cuda(tmp_path_factory):
     return emulated
 
 
+TORCH = _gpu.TorchArrays(torch)
+
+
 def forward(cuda, x, groups, weight=None, bias=None, eps=1e-5, activation=None, channel_axis=1, out=None,
             stats=False):
-    return _gpu.run_forward(cuda, torch, x, groups, weight, bias, eps, activation, channel_axis, out, stats, 0, 0)
+    return _gpu.run_forward(cuda, TORCH, x, groups, weight, bias, eps, activation, channel_axis, out, stats, 0, 0)
 
 
 def backward(cuda, dy, x, mean, rstd, groups, weight=None):
-    return _gpu.run_backward(cuda, torch, dy, x, mean, rstd, groups, weight, 0, 0)
+    return _gpu.run_backward(cuda, TORCH, dy, x, mean, rstd, groups, weight, 0, 0)
 
 
 TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-11, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -421,7 +425,151 @@ def test_stream_handles():
 
 def test_the_stream_reaches_the_kernels(cuda):
     x = make((2, 8, 4, 4), torch.float32, "contiguous", seed=16)
-    _, mean, rstd = _gpu.run_forward(cuda, torch, x, 4, None, None, 1e-5, None, 1, None, True, 0, 0x1234)
+    _, mean, rstd = _gpu.run_forward(cuda, TORCH, x, 4, None, None, 1e-5, None, 1, None, True, 0, 0x1234)
     assert cuda.streams[-1] == 0x1234
-    _gpu.run_backward(cuda, torch, x, x, mean, rstd, 4, None, 0, 0x5678)
+    _gpu.run_backward(cuda, TORCH, x, x, mean, rstd, 4, None, 0, 0x5678)
     assert cuda.streams[-1] == 0x5678
+
+
+# ------------------------------------------------------------------------------------------------ NumPy-like arrays
+
+class NumpyArrays(_gpu.NumpyLikeArrays):
+    """CuPy's side of a call (groupnorm._gpu.CupyArrays) with NumPy arrays in its place: everything but the device,
+    the pointers and the streams, which are CuPy's own."""
+
+    def device(self, array):
+        return 0
+
+    def ptr(self, array):
+        return array.ctypes.data
+
+    def device_index(self, array):
+        return 0
+
+
+NUMPY = NumpyArrays(np)
+
+
+def np_forward(cuda, x, groups, weight=None, bias=None, eps=1e-5, activation=None, channel_axis=1, out=None,
+               stats=False):
+    return _gpu.run_forward(cuda, NUMPY, x, groups, weight, bias, eps, activation, channel_axis, out, stats, 0, 0)
+
+
+def np_layout(array):
+    if array.flags.c_contiguous:
+        return "contiguous"
+    if array.ndim == 4 and array.transpose(0, 2, 3, 1).flags.c_contiguous:
+        return "channels_last"
+    return "other"
+
+
+def as_numpy(tensor, layout):
+    """A NumPy array of the tensor's values in `layout`: contiguous, channels_last or strided (dense in no order)."""
+    array = tensor.numpy()
+    if layout == "channels_last":
+        return np.ascontiguousarray(array.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    if layout == "strided":
+        wide = np.zeros(array.shape[:3] + (2 * array.shape[3],), array.dtype)
+        wide[..., ::2] = array
+        return wide[..., ::2]
+    return np.ascontiguousarray(array)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_numpy_like_forward_and_backward(cuda, dtype, layout):
+    xt = make((2, 12, 5, 6), dtype, "contiguous", seed=21, offset=2.0)
+    dyt = make((2, 12, 5, 6), dtype, "contiguous", seed=22)
+    x, dy = as_numpy(xt, layout), as_numpy(dyt, "contiguous" if layout != "contiguous" else "channels_last")
+    assert np_layout(x) == ("other" if layout == "strided" else layout)
+    w = np.linspace(-1.5, 1.5, 12).astype(x.dtype)
+    b = np.linspace(0, 1, 12).astype(np.float32)  # mixed: float32 bias (half data: both go as float32)
+    y, mean, rstd = np_forward(cuda, x, 4, w, b, stats=True)
+    bias = torch.from_numpy(b.astype(x.dtype))
+    want = reference(xt, 4, torch.from_numpy(w), bias if dtype != torch.float16 else torch.from_numpy(b), 1e-5,
+                     False)
+    close(torch.from_numpy(np.ascontiguousarray(y)), want, dtype, "y")
+    assert isinstance(y, np.ndarray) and y.dtype == x.dtype
+    assert np_layout(y) == ("channels_last" if layout == "channels_last" else "contiguous")
+    stats = np.float64 if dtype == torch.float64 else np.float32
+    assert mean.dtype == rstd.dtype == stats and mean.shape == (2, 4)
+    dx, dw, db = _gpu.run_backward(cuda, NUMPY, dy, x, mean, rstd, 4, w, 0, 0)
+    xr = xt.double().requires_grad_()
+    wr = torch.from_numpy(w).double().requires_grad_()
+    br = torch.zeros(12, dtype=torch.float64, requires_grad=True)
+    torch.nn.functional.group_norm(xr, 4, wr, br, 1e-5).backward(dyt.double())
+    close(torch.from_numpy(np.ascontiguousarray(dx)), xr.grad, dtype, "grad_input")
+    close(torch.from_numpy(dw), wr.grad, dtype, "grad_weight")
+    close(torch.from_numpy(db), br.grad, dtype, "grad_bias")
+    assert np_layout(dx) == ("channels_last" if layout == "channels_last" else "contiguous")
+
+
+def test_numpy_like_out_channel_axis_and_checks(cuda):
+    _fresh_plans()
+    xt = make((2, 8, 4, 6), torch.float32, "contiguous", seed=23)
+    x = xt.numpy()
+    want = reference(xt, 2, None, None, 1e-5, True)
+    out = np.full_like(x, np.nan)
+    assert np_forward(cuda, x, 2, activation="silu", out=out) is out
+    close(torch.from_numpy(out), want, torch.float32, "out")
+    checked = cuda.problems
+    again = np.full_like(x, np.nan)
+    np_forward(cuda, x, 2, activation="silu", out=again)
+    assert cuda.problems == checked and np.array_equal(out, again)  # the kept plan
+    inplace = x.copy()
+    np_forward(cuda, inplace, 2, activation="silu", out=inplace)
+    close(torch.from_numpy(inplace), want, torch.float32, "in place")
+    scratch = np.full(x.shape[::-1], np.nan, np.float32).T  # Fortran order: through a scratch copy
+    np_forward(cuda, x, 2, activation="silu", out=scratch)
+    close(torch.from_numpy(np.ascontiguousarray(scratch)), want, torch.float32, "scratch out")
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    got = np_forward(cuda, nhwc, 2, channel_axis=-1)
+    close(torch.from_numpy(got).permute(0, 3, 1, 2), reference(xt, 2, None, None, 1e-5, False), torch.float32,
+          "channel_axis=-1")
+    assert cuda.calls[-1][1][:5] == (2, 8, 24, 2, True)
+    readonly = np.empty_like(x)
+    readonly.flags.writeable = False
+    cases = [
+        (lambda: np_forward(cuda, x, 3), ValueError, "num_groups=3 must divide the number of channels"),
+        (lambda: np_forward(cuda, x, 2, np.ones(3, np.float32)), ValueError, r"weight has shape \(3,\)"),
+        (lambda: np_forward(cuda, x, 2, np.ones(8, np.complex64)), TypeError, "weight has dtype complex64"),
+        (lambda: np_forward(cuda, x, 2, torch.ones(8)), TypeError, "weight must be a numpy.ndarray on cuda:0"),
+        (lambda: np_forward(cuda, x.astype(np.int32), 2), TypeError, "input has dtype int32; groupnorm supports"),
+        (lambda: np_forward(cuda, x.astype(">f4"), 2), TypeError, "input has dtype >f4"),
+        (lambda: np_forward(cuda, x, 2, out=readonly), ValueError, "out is read-only"),
+        (lambda: np_forward(cuda, x, 2, out=np.empty(x.shape)), ValueError, "out has dtype float64"),
+        (lambda: _gpu.run_backward(cuda, NUMPY, x, x, np.zeros((2, 3), np.float32), np.ones((2, 2), np.float32), 2,
+                                   None, 0, 0), ValueError, r"mean has shape \(2, 3\)"),
+    ]
+    calls = len(cuda.calls)
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    assert len(cuda.calls) == calls
+
+
+def test_numpy_like_empty_and_byte_strides(cuda):
+    y, mean, rstd = np_forward(cuda, np.empty((2, 4, 0), np.float32), 2, stats=True)
+    assert y.shape == (2, 4, 0) and np.isnan(mean).all() and np.isnan(rstd).all()
+    # A stride that is no whole number of elements (a field of a structured array): dense in no order, copied
+    record = np.zeros((2, 4, 3), dtype=[("a", np.float32), ("b", np.float32)])
+    record["b"] = np.random.default_rng(1).standard_normal((2, 4, 3))
+    view = record["b"]
+    assert NUMPY.strides(view)[2] == 2  # whole, but not dense: 8-byte steps of a 4-byte element
+    got = np_forward(cuda, view, 2)
+    close(torch.from_numpy(got), reference(torch.from_numpy(np.ascontiguousarray(view)), 2, None, None, 1e-5, False),
+          torch.float32, "strided field")
+
+
+def test_frameworks_served_and_refused():
+    assert isinstance(_gpu.arrays_of(torch.zeros(1)), _gpu.TorchArrays)
+    assert _gpu.arrays_of(np.zeros(1)) is None and _gpu.arrays_of([1.0]) is None
+
+    class JaxLikeArray:  # any other producer's GPU array
+        def __dlpack_device__(self):
+            return (2, 0)
+
+    with pytest.raises(ValueError, match=r"^input lives on device kDLCUDA:0 as a test_gpu_path\.JaxLikeArray; "
+                                         r"groupnorm's CUDA backend serves torch CUDA tensors and CuPy arrays \(pass "
+                                         r"JAX and other arrays through torch\.from_dlpack or cupy\.from_dlpack"):
+        _gpu._served("input", JaxLikeArray(), "kDLCUDA:0")

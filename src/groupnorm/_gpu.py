@@ -1,10 +1,11 @@
 """groupnorm._gpu: GPU arrays on the CUDA kernels of groupnorm._cuda (cpp/cuda).
 
 groupnorm._interop sends a call here when one of its arrays lives in CUDA memory, and groupnorm.torch when a
-tensor is on a CUDA device. The caller's framework provides the memory and the stream: results and the kernels'
-workspace come from torch's caching allocator (no cudaMalloc a call), and the kernels are queued on torch's
-current stream of the tensor's device (or on the stream that the caller's ``stream=`` names), with no
-synchronisation. torch CUDA tensors are served; other producers' GPU arrays (CuPy, JAX) get a ValueError that says so.
+tensor is on a CUDA device. torch CUDA tensors and CuPy arrays are served, each by its own framework: results and
+the kernels' workspace come from its allocator (torch's caching allocator, CuPy's memory pool: no cudaMalloc a
+call), and the kernels are queued on its current stream of the array's device (or on the stream that the caller's
+``stream=`` names), with no synchronisation. JAX arrays and other producers' GPU arrays get a ValueError that says
+how to pass them (JAX has no allocator to lend: its arrays would need an XLA custom call).
 
 A call's checks depend on its tensors' metadata (shape, strides, dtype, device, flags) and its scalar arguments,
 not on their memory. Once a call has passed them, its plan (the checked kernel problem, the layout) is kept under
@@ -82,43 +83,274 @@ def _backend(name, device):
     return module
 
 
-def _torch_of(name, obj, device):
+# ------------------------------------------------------------------------------------------------ frameworks
+# What a call needs of the framework whose arrays it was given: their metadata, checks, memory and streams. Each
+# framework is one object of these methods; the checks, plans and kernel calls below are written once against them.
+
+_KERNEL_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+class TorchArrays:
+    """torch CUDA tensors: memory from torch's caching allocator, work on torch's current stream."""
+
+    kind = "torch.Tensor"
+    dtype_rule = "groupnorm supports torch.float16, torch.bfloat16, torch.float32 and torch.float64"
+
+    def __init__(self, torch):
+        self.torch = torch
+        self.names = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                      torch.bfloat16: "bfloat16"}
+        self.dtypes = {name: dtype for dtype, name in self.names.items()}
+        self.dtypes["uint8"] = torch.uint8  # the workspace
+        self.ptr = torch.Tensor.data_ptr  # ptr(tensor): the C method itself, called about ten times a call
+
+    def is_array(self, obj):
+        return isinstance(obj, self.torch.Tensor)
+
+    def device(self, tensor):
+        return tensor.device
+
+    def meta(self, tensor):
+        """What a plan depends on (None for None, an AttributeError for what is not a tensor)."""
+        if tensor is None:
+            return None
+        return tensor.shape, tensor.stride(), tensor.dtype, tensor.device, tensor.requires_grad, tensor.is_neg()
+
+    def mode(self):
+        return self.torch.is_grad_enabled()
+
+    def usable(self, tensor, name):
+        """The tensor to read: refused when it requires grad in grad mode; a lazily negated view resolved."""
+        if tensor.requires_grad and self.torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad; call groupnorm.torch.group_norm for autograd, or pass "
+                             f"{name}.detach()")
+        return tensor.resolve_neg() if tensor.is_neg() else tensor
+
+    def writable(self, out):
+        if out.is_neg():
+            raise ValueError("out is a lazily negated view (is_neg()); it cannot be written in place")
+        if out.requires_grad and self.torch.is_grad_enabled():
+            raise ValueError("out requires grad; pass out.detach()")
+
+    def dtype_name(self, tensor):
+        return self.names.get(tensor.dtype)
+
+    def real(self, tensor):
+        return not (tensor.dtype.is_complex or tensor.dtype == self.torch.bool)
+
+    def strides(self, tensor):
+        return tensor.stride()
+
+    def astype(self, tensor, name):
+        return tensor.to(self.dtypes[name])
+
+    def contiguous(self, tensor):
+        return tensor.contiguous()
+
+    def permuted_copy(self, tensor, order, inverse):
+        return tensor.permute(order).contiguous().permute(inverse)
+
+    def empty_like(self, tensor):
+        return self.torch.empty_like(tensor)  # a dense tensor's strides are kept
+
+    def empty(self, shape, name, like):
+        return self.torch.empty(shape, dtype=self.dtypes[name], device=like.device)
+
+    def copy(self, dst, src):
+        dst.copy_(src)
+
+    def fill(self, tensor, value):
+        tensor.fill_(value)
+
+    def nbytes(self, tensor):
+        return tensor.numel() * tensor.element_size()
+
+    def device_index(self, tensor):
+        return tensor.get_device()
+
+    def scope(self, device, stream):
+        """(cudaStream_t, context or None): the stream a call runs on, and a context that makes the framework
+        allocate for it (None: nothing to enter)."""
+        torch = self.torch
+        if stream is None:
+            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # no Stream object, as torch's kernels ask
+            return (raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream), None
+        handle = stream_handle(stream)
+        cuda = torch.cuda
+        if isinstance(stream, cuda.Stream):
+            if stream.device_index != device:
+                raise ValueError(f"stream is a stream of cuda:{stream.device_index} but the input is on "
+                                 f"cuda:{device}")
+            return handle, cuda.stream(stream)
+        if handle in (0, 1):
+            return handle, cuda.stream(cuda.default_stream(device))
+        return handle, cuda.stream(cuda.ExternalStream(handle, device=device))
+
+
+class NumpyLikeArrays:
+    """Arrays with NumPy's interface (CuPy's): byte strides, astype, ascontiguousarray, copyto. The parts that
+    touch a device (pointers, the device, streams) are CupyArrays'; tests/test_gpu_path.py runs the rest on NumPy
+    arrays."""
+
+    dtype_rule = "groupnorm supports float16, float32 and float64 here"
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.kind = f"{xp.__name__}.ndarray"
+
+    def is_array(self, obj):
+        return isinstance(obj, self.xp.ndarray)
+
+    def meta(self, array):
+        return None if array is None else (array.shape, array.strides, array.dtype, self.device(array))
+
+    def mode(self):
+        return None
+
+    def usable(self, array, name):
+        return array
+
+    def writable(self, out):
+        if not getattr(getattr(out, "flags", None), "writeable", True):  # CuPy's flags have no such field
+            raise ValueError("out is read-only; it must be writeable")
+
+    def dtype_name(self, array):
+        name = array.dtype.name
+        return name if name in _KERNEL_DTYPES and array.dtype.isnative else None
+
+    def real(self, array):
+        return array.dtype.kind in "fiu"
+
+    def strides(self, array):
+        """Strides in elements; a stride that is no whole number of elements makes the array dense in no order."""
+        size = array.dtype.itemsize
+        return tuple(s // size if s % size == 0 else 0.5 for s in array.strides)
+
+    def astype(self, array, name):
+        return array.astype(name)
+
+    def contiguous(self, array):
+        return self.xp.ascontiguousarray(array)
+
+    def permuted_copy(self, array, order, inverse):
+        return self.xp.ascontiguousarray(array.transpose(order)).transpose(inverse)
+
+    def empty_like(self, array):
+        """An empty array of array's shape and dtype with its memory order (array is dense)."""
+        order = sorted(range(array.ndim), key=lambda a: -abs(array.strides[a]))
+        inverse = sorted(range(array.ndim), key=order.__getitem__)
+        return self.xp.empty([array.shape[a] for a in order], array.dtype).transpose(inverse)
+
+    def empty(self, shape, name, like):
+        return self.xp.empty(shape, name)
+
+    def copy(self, dst, src):
+        self.xp.copyto(dst, src)
+
+    def fill(self, array, value):
+        array.fill(value)
+
+    def nbytes(self, array):
+        return array.nbytes
+
+
+class CupyArrays(NumpyLikeArrays):
+    """CuPy arrays: memory from CuPy's memory pool on the array's device, work on CuPy's current stream."""
+
+    def device(self, array):
+        return array.device.id
+
+    def ptr(self, array):
+        return array.data.ptr
+
+    def device_index(self, array):
+        return array.device.id
+
+    def scope(self, device, stream):
+        cuda = self.xp.cuda
+        if stream is None:
+            with cuda.Device(device):
+                handle = cuda.get_current_stream().ptr
+            return handle, cuda.Device(device)
+        handle = stream_handle(stream)
+        if not isinstance(stream, (cuda.Stream, cuda.ExternalStream)):
+            stream = cuda.ExternalStream(handle, device)
+        elif getattr(stream, "device_id", device) not in (device, -1):
+            raise ValueError(f"stream is a stream of cuda:{stream.device_id} but the input is on cuda:{device}")
+        return handle, _Both(cuda.Device(device), stream)  # CuPy then allocates from that stream's pool
+
+
+class _Both:
+    """Two contexts entered in order and left in reverse."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __enter__(self):
+        self.first.__enter__()
+        try:
+            self.second.__enter__()
+        except BaseException:
+            self.first.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.second.__exit__(*exc)
+        finally:
+            self.first.__exit__(*exc)
+        return False
+
+
+_frameworks = {}  # module name -> its arrays' object
+
+
+def arrays_of(obj):
+    """The framework object of obj's kind of array (torch tensors, CuPy arrays), or None."""
     torch = sys.modules.get("torch")
-    if torch is None or not isinstance(obj, torch.Tensor):
+    if torch is not None and isinstance(obj, torch.Tensor):
+        frame = _frameworks.get("torch")
+        if frame is None:
+            frame = _frameworks["torch"] = TorchArrays(torch)
+        return frame
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(obj, cupy.ndarray):
+        frame = _frameworks.get("cupy")
+        if frame is None:
+            frame = _frameworks["cupy"] = CupyArrays(cupy)
+        return frame
+    return None
+
+
+def _served(name, obj, device):
+    frame = arrays_of(obj)
+    if frame is None:
         raise ValueError(f"{name} lives on device {device} as a {type(obj).__module__}.{type(obj).__name__}; "
-                         f"groupnorm's CUDA backend serves torch CUDA tensors only so far (CuPy and JAX arrays "
-                         f"can be passed through torch.from_dlpack)")
-    return torch
+                         f"groupnorm's CUDA backend serves torch CUDA tensors and CuPy arrays (pass JAX and other "
+                         f"arrays through torch.from_dlpack or cupy.from_dlpack, which do not copy)")
+    return frame
 
 
 # ------------------------------------------------------------------------------------------------ checks
 
-_NAMES = {}  # torch dtype -> kernel dtype name, filled on first use
+def _check_tensor(frame, tensor, name, device):
+    if not frame.is_array(tensor):
+        raise TypeError(f"{name} must be a {frame.kind} on {_device_name(device)}, got {type(tensor).__name__}")
+    if frame.device(tensor) != device:
+        raise ValueError(f"{name} is on device {_device_name(frame.device(tensor))} but input is on "
+                         f"{_device_name(device)}; all arrays of a call must be on one device")
+    return frame.usable(tensor, name)
 
 
-def _dtype_name(torch, dtype):
-    if not _NAMES:
-        _NAMES.update({torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-                       torch.bfloat16: "bfloat16"})
-    return _NAMES.get(dtype)
+def _device_name(device):
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
 
 
-def _check_tensor(torch, tensor, name, device):
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor on {device}, got {type(tensor).__name__}")
-    if tensor.device != device:
-        raise ValueError(f"{name} is on device {tensor.device} but input is on {device}; all tensors of a call must "
-                         f"be on one device")
-    if tensor.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{name} requires grad; call groupnorm.torch.group_norm for autograd, or pass "
-                         f"{name}.detach()")
-    return tensor.resolve_neg() if tensor.is_neg() else tensor
-
-
-def _layout(tensor, channel_axis):
+def _layout(frame, tensor, channel_axis):
     """1 when the tensor is dense with channels last in memory, 0 when dense with channels right after the batch
     axis (the channels-first kernels' order), None otherwise."""
-    shape, stride, ndim = tensor.shape, tensor.stride(), tensor.dim()
+    shape, stride, ndim = tensor.shape, frame.strides(tensor), len(tensor.shape)
     spatial = [a for a in range(1, ndim) if a != channel_axis]
     for code, order in ((0, [0, channel_axis] + spatial), (1, [0] + spatial + [channel_axis])):
         expected = 1
@@ -131,17 +363,17 @@ def _layout(tensor, channel_axis):
     return None
 
 
-def _dense(tensor, channel_axis):
+def _dense(frame, tensor, channel_axis):
     """(tensor, layout): the tensor itself when it is dense in a kernel's order, else a channels-first copy."""
-    layout = _layout(tensor, channel_axis)
+    layout = _layout(frame, tensor, channel_axis)
     if layout is not None:
         return tensor, layout
-    order = [0, channel_axis] + [a for a in range(1, tensor.dim()) if a != channel_axis]
+    order = [0, channel_axis] + [a for a in range(1, len(tensor.shape)) if a != channel_axis]
     inverse = sorted(range(len(order)), key=order.__getitem__)
-    return tensor.permute(order).contiguous().permute(inverse), 0
+    return frame.permuted_copy(tensor, order, inverse), 0
 
 
-def _problem(torch, x, num_groups, channel_axis, eps, silu, param_dtype, layout):
+def _problem(frame, x, num_groups, channel_axis, eps, silu, param_dtype, layout):
     shape = tuple(x.shape)  # at least 2 dimensions: _check_input saw to it
     c = shape[channel_axis]
     groups = _core._index(num_groups, "num_groups")
@@ -150,32 +382,34 @@ def _problem(torch, x, num_groups, channel_axis, eps, silu, param_dtype, layout)
     if c % groups != 0:
         raise ValueError(f"num_groups={groups} must divide the number of channels ({c})")
     s = math.prod(shape) // max(1, shape[0] * c)
-    dtype = _dtype_name(torch, x.dtype)
+    dtype = frame.dtype_name(x)
     return (shape[0], c, s, groups, layout == 1, dtype, param_dtype or dtype, silu, eps)
 
 
-def _stats_dtype(torch, dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _stats_dtype(frame, x):
+    return "float64" if frame.dtype_name(x) == "float64" else "float32"
 
 
-def _param(torch, value, name, c, x):
-    """weight or bias as a contiguous (C,) tensor of x's dtype, or float32 for 16-bit x when it is float32."""
+def _param(frame, value, name, c, x):
+    """weight or bias as a contiguous (C,) array of x's dtype, or float32 for 16-bit x when it is float32."""
     if value is None:
         return None
-    value = _check_tensor(torch, value, name, x.device)
+    value = _check_tensor(frame, value, name, frame.device(x))
     if tuple(value.shape) != (c,):
         raise ValueError(f"{name} has shape {tuple(value.shape)}; it must be ({c},), one value per channel")
-    if value.dtype.is_complex or value.dtype == torch.bool:
+    if not frame.real(value):
         raise TypeError(f"{name} has dtype {value.dtype}; it must hold real numbers (float or integer)")
-    half = x.dtype in (torch.float16, torch.bfloat16)
-    if value.dtype != x.dtype and not (half and value.dtype == torch.float32):
-        value = value.to(torch.float32 if half else x.dtype)
-    return value.contiguous()
+    x_name, own = frame.dtype_name(x), frame.dtype_name(value)
+    half = x_name in ("float16", "bfloat16")
+    if own != x_name and not (half and own == "float32"):
+        value = frame.astype(value, "float32" if half else x_name)
+    return frame.contiguous(value)
 
 
-def _params_dtype(torch, x, weight, bias):
+def _params_dtype(frame, x, weight, bias):
     """The parameters' kernel dtype: float32 when either is float32 with 16-bit x (both then float32)."""
-    if any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
+    x_name = frame.dtype_name(x)
+    if any(p is not None and frame.dtype_name(p) != x_name for p in (weight, bias)):
         return "float32"
     return None
 
@@ -188,16 +422,6 @@ def _channel_axis(value, ndim):
     if axis == 0:
         raise ValueError(f"channel_axis={value} names the batch axis 0; channels must be on another axis")
     return axis
-
-
-def _ptr(tensor):
-    return 0 if tensor is None else tensor.data_ptr()
-
-
-def _current_stream(torch, device):
-    """The raw cudaStream_t of torch's current stream on CUDA device `device` (an index)."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what torch's own compiled kernels ask (no object)
-    return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
 
 
 def stream_handle(stream):
@@ -226,74 +450,57 @@ def stream_handle(stream):
     return int(handle)
 
 
-def _stream_scope(torch, stream, device):
-    """(handle, context): the cudaStream_t of an explicit ``stream=`` and a context in which torch allocates on it
-    (the results and the workspace are then that stream's memory, as if the call ran under torch.cuda.stream)."""
-    handle = stream_handle(stream)
-    cuda = torch.cuda
-    if isinstance(stream, cuda.Stream):
-        if stream.device_index != device:
-            raise ValueError(f"stream is a stream of cuda:{stream.device_index} but the input is on cuda:{device}")
-        return handle, cuda.stream(stream)
-    if handle in (0, 1):
-        return handle, cuda.stream(cuda.default_stream(device))
-    return handle, cuda.stream(cuda.ExternalStream(handle, device=device))
-
-
 # ------------------------------------------------------------------------------------------------ forward
 
 def _device_checked(input, others):
-    """(cuda module, torch, device index) once the input is a torch CUDA tensor on a machine that can run it."""
+    """(cuda module, the input's framework, its device index) once the input is an array in CUDA memory of a
+    framework the backend serves, on a machine that can run it."""
     torch = sys.modules.get("torch")
-    if torch is not None and isinstance(input, torch.Tensor) and input.is_cuda:
-        cuda = _availability[0] if _availability is not None else None
-        if cuda is not None:
-            return cuda, torch, input.get_device()
+    if torch is not None and isinstance(input, torch.Tensor) and input.is_cuda and _availability is not None:
+        cuda = _availability[0]
+        if cuda is not None:  # the common call, without the general checks below
+            return cuda, arrays_of(input), input.get_device()
     device = gpu_device(input) or next((d for d in map(gpu_device, others) if d is not None), None)
     cuda = _backend("input", device)
-    torch = _torch_of("input", input, device)
-    if not input.is_cuda:
-        raise ValueError(f"input is on device {input.device} but another argument lives on {device}; all arrays "
-                         f"of a call must be on one device")
-    return cuda, torch, input.get_device()
+    frame = _served("input", input, device)
+    if gpu_device(input) is None:
+        raise ValueError(f"input is on device {_device_name(frame.device(input))} but another argument lives on "
+                         f"{device}; all arrays of a call must be on one device")
+    return cuda, frame, frame.device_index(input)
 
 
-def _on_stream(run, torch, device, stream, *args):
-    """run(*args, device, stream handle) on torch's current stream, or on the explicit `stream` with torch's
-    allocations made for it."""
-    if stream is None:
-        return run(*args, device, _current_stream(torch, device))
-    handle, scope = _stream_scope(torch, stream, device)
+def _on_stream(run, frame, device, stream, *args):
+    """run(*args, device, stream handle) on the framework's current stream, or on the explicit `stream` with the
+    framework's allocations made for it."""
+    handle, scope = frame.scope(device, stream)
+    if scope is None:
+        return run(*args, device, handle)
     with scope:
         return run(*args, device, handle)
 
 
 def _forward(input, num_groups, weight, bias, eps, activation, channel_axis, out, want_stats, stream):
-    cuda, torch, device = _device_checked(input, (out, weight, bias))
-    return _on_stream(run_forward, torch, device, stream, cuda, torch, input, num_groups, weight, bias, eps,
+    cuda, frame, device = _device_checked(input, (out, weight, bias))
+    return _on_stream(run_forward, frame, device, stream, cuda, frame, input, num_groups, weight, bias, eps,
                       activation, channel_axis, out, want_stats)
 
 
-def _check_input(torch, input):
-    x = _check_tensor(torch, input, "input", input.device)
-    if _dtype_name(torch, x.dtype) is None:
-        raise TypeError(f"input has dtype {x.dtype}; groupnorm supports torch.float16, torch.bfloat16, "
-                        f"torch.float32 and torch.float64")
-    if x.dim() < 2:
-        raise ValueError(f"input has shape {tuple(x.shape)} ({x.dim()} dimension(s)); it needs at least 2: "
+def _check_input(frame, input):
+    if not frame.is_array(input):
+        raise TypeError(f"input must be a {frame.kind}, got {type(input).__name__}")
+    x = frame.usable(input, "input")
+    if frame.dtype_name(x) is None:
+        raise TypeError(f"input has dtype {x.dtype}; {frame.dtype_rule}")
+    if len(x.shape) < 2:
+        raise ValueError(f"input has shape {tuple(x.shape)} ({len(x.shape)} dimension(s)); it needs at least 2: "
                          f"(N, C, *)")
     return x
 
 
-def _span(tensor):
-    """[first, last) byte addresses of a dense tensor's memory."""
-    start = tensor.data_ptr()
-    return start, start + tensor.numel() * tensor.element_size()
-
-
-def _overlap(a, b):
-    (a0, a1), (b0, b1) = _span(a), _span(b)
-    return a0 < b1 and b0 < a1
+def _overlap(frame, a, b):
+    """Whether the memory spans of two dense arrays overlap."""
+    a0, b0 = frame.ptr(a), frame.ptr(b)
+    return a0 < b0 + frame.nbytes(b) and b0 < a0 + frame.nbytes(a)
 
 
 class _Plan:
@@ -309,31 +516,22 @@ class _Plan:
 
 _plans = {}  # call metadata -> _Plan, for calls that needed no copy or conversion
 _PLANS_KEPT = 256  # distinct metadata kept before the cache starts afresh
+_KEY_SCALARS = frozenset((int, float, str, type(None), bool))
 
 
-def _meta(tensor):
-    """The metadata of a tensor (or None) that a call's checks read; an AttributeError for anything else."""
-    if tensor is None:
-        return None
-    return tensor.shape, tensor.stride(), tensor.dtype, tensor.device, tensor.requires_grad, tensor.is_neg()
-
-
-def _plan_key(cuda, torch, tensors, scalars):
-    """The cache key of a call: its tensors' metadata, its scalars with their types (True == 1 and 2.0 == 2, but
-    num_groups=True and num_groups=2.0 are errors), the grad mode and the backend (whose problems the plan holds);
-    None when a scalar is of another type (a NumPy
-    integer, say) or an argument is not a tensor, whose call then takes the checks every time."""
+def _plan_key(cuda, frame, tensors, scalars):
+    """The cache key of a call: its arrays' metadata, its scalars with their types (True == 1 and 2.0 == 2, but
+    num_groups=True and num_groups=2.0 are errors), the framework's mode (torch's grad mode) and the backend (whose
+    problems the plan holds); None when a scalar is of another type (a NumPy integer, say) or an argument is of
+    another kind, whose call then takes the checks every time."""
     types = tuple(map(type, scalars))
     for kind in types:
         if kind not in _KEY_SCALARS:
             return None
     try:
-        return tuple(map(_meta, tensors)) + scalars + types + (torch.is_grad_enabled(), cuda)
+        return tuple(map(frame.meta, tensors)) + scalars + types + (frame.mode(), cuda)
     except AttributeError:
         return None
-
-
-_KEY_SCALARS = frozenset((int, float, str, type(None), bool))
 
 
 def _keep(key, plan):
@@ -343,78 +541,80 @@ def _keep(key, plan):
         _plans[key] = plan
 
 
-def run_forward(cuda, torch, x, num_groups, weight, bias, eps, activation, channel_axis, out, want_stats, device,
+def run_forward(cuda, frame, x, num_groups, weight, bias, eps, activation, channel_axis, out, want_stats, device,
                 stream):
-    """The forward on `cuda` (groupnorm._cuda, or a stand-in with its functions) for a tensor x of x.device, with
-    the other tensors checked against it; the kernels run on `stream` of CUDA device `device`."""
-    key = _plan_key(cuda, torch, (x, weight, bias, out),
+    """The forward on `cuda` (groupnorm._cuda, or a stand-in with its functions) for an array x of `frame`'s kind
+    (TorchArrays, CupyArrays), with the other arrays checked against it; the kernels run on `stream` of CUDA device
+    `device`."""
+    key = _plan_key(cuda, frame, (x, weight, bias, out),
                     ("forward", num_groups, eps, activation, channel_axis, want_stats))
     plan = _plans.get(key) if key is not None else None
     if plan is None:
-        plan, x, weight, bias, out, cacheable = _forward_plan(cuda, torch, x, num_groups, weight, bias, eps,
+        plan, x, weight, bias, out, cacheable = _forward_plan(cuda, frame, x, num_groups, weight, bias, eps,
                                                               activation, channel_axis, out)
         if cacheable:
             _keep(key, plan)
+    empty, ptr = frame.empty, frame.ptr
     mean = rstd = None
     if want_stats:
-        mean = torch.empty(plan.stats_shape, dtype=plan.stats_dtype, device=x.device)
-        rstd = torch.empty(plan.stats_shape, dtype=plan.stats_dtype, device=x.device)
+        mean = empty(plan.stats_shape, plan.stats_dtype, x)
+        rstd = empty(plan.stats_shape, plan.stats_dtype, x)
     # Straight into out when it has the kernels' layout and cannot clobber x before it is read (the forward reads
     # all of x before it writes y; in place, y is x, is fine, as element i of y is written after x[i] is read).
     direct = out is not None and plan.out_direct and (
-        not _overlap(out, x) or (out.data_ptr() == x.data_ptr() and out.stride() == x.stride()))
-    y = out if direct else torch.empty_like(x)
-    if plan.problem is not None:
-        workspace = torch.empty(plan.problem.forward_workspace, dtype=torch.uint8, device=x.device)
-        cuda.forward(plan.problem, device, x.data_ptr(), _ptr(weight), _ptr(bias), y.data_ptr(), _ptr(mean),
-                     _ptr(rstd), workspace.data_ptr(), stream)
+        not _overlap(frame, out, x) or (ptr(out) == ptr(x) and frame.strides(out) == frame.strides(x)))
+    y = out if direct else frame.empty_like(x)
+    problem = plan.problem
+    if problem is not None:
+        workspace = empty((problem.forward_workspace,), "uint8", x)
+        cuda.forward(problem, device, ptr(x), 0 if weight is None else ptr(weight), 0 if bias is None else ptr(bias),
+                     ptr(y), 0 if mean is None else ptr(mean), 0 if rstd is None else ptr(rstd), ptr(workspace),
+                     stream)
     elif want_stats and plan.stats_shape[0]:
-        mean.fill_(math.nan)
-        rstd.fill_(math.nan)
+        frame.fill(mean, math.nan)
+        frame.fill(rstd, math.nan)
     if out is not None and not direct:
-        out.copy_(y)
+        frame.copy(out, y)
         y = out
     return (y, mean, rstd) if want_stats else y
 
 
-def _forward_plan(cuda, torch, x, num_groups, weight, bias, eps, activation, channel_axis, out):
+def _forward_plan(cuda, frame, x, num_groups, weight, bias, eps, activation, channel_axis, out):
     """Every check of a forward call: (plan, x in a kernel layout, weight, bias, out, whether the plan may be kept
     for the call's metadata: no copy or conversion was needed)."""
     x0, w0, b0 = x, weight, bias
-    x = _check_input(torch, x)
-    axis = _channel_axis(channel_axis, x.dim())
+    x = _check_input(frame, x)
+    axis = _channel_axis(channel_axis, len(x.shape))
     eps = _core._check_eps_value(eps)
     silu = _core._check_activation(activation)
     c = x.shape[axis]
-    w = _param(torch, weight, "weight", c, x)
-    b = _param(torch, bias, "bias", c, x)
-    if w is not None and b is not None and w.dtype != b.dtype:  # one kernel dtype for both
-        w, b = w.to(torch.float32), b.to(torch.float32)
+    w = _param(frame, weight, "weight", c, x)
+    b = _param(frame, bias, "bias", c, x)
+    if w is not None and b is not None and frame.dtype_name(w) != frame.dtype_name(b):  # one kernel dtype for both
+        w, b = frame.astype(w, "float32"), frame.astype(b, "float32")
     if out is not None:
-        out = _check_out(torch, out, x)
-    x_dense, layout = _dense(x, axis)
-    spec = _problem(torch, x_dense, num_groups, axis, eps, silu, _params_dtype(torch, x, w, b), layout)
-    problem = cuda.problem(spec) if x.numel() else None
-    out_direct = out is not None and _layout(out, axis) == layout
-    plan = _Plan(problem, layout, (spec[0], spec[3]), _stats_dtype(torch, x.dtype), out_direct)
+        out = _check_out(frame, out, x)
+    x_dense, layout = _dense(frame, x, axis)
+    spec = _problem(frame, x_dense, num_groups, axis, eps, silu, _params_dtype(frame, x, w, b), layout)
+    problem = cuda.problem(spec) if math.prod(x.shape) else None
+    out_direct = out is not None and _layout(frame, out, axis) == layout
+    plan = _Plan(problem, layout, (spec[0], spec[3]), _stats_dtype(frame, x), out_direct)
     cacheable = problem is not None and x_dense is x0 and w is w0 and b is b0
     return plan, x_dense, w, b, out, cacheable
 
 
-def _check_out(torch, out, x):
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor on {x.device}, got {type(out).__name__}")
-    if out.device != x.device:
-        raise ValueError(f"out is on device {out.device} but input is on {x.device}; all tensors of a call must be "
-                         f"on one device")
+def _check_out(frame, out, x):
+    device = frame.device(x)
+    if not frame.is_array(out):
+        raise TypeError(f"out must be a {frame.kind} on {_device_name(device)}, got {type(out).__name__}")
+    if frame.device(out) != device:
+        raise ValueError(f"out is on device {_device_name(frame.device(out))} but input is on "
+                         f"{_device_name(device)}; all arrays of a call must be on one device")
     if tuple(out.shape) != tuple(x.shape):
         raise ValueError(f"out has shape {tuple(out.shape)}; it must match the input's shape {tuple(x.shape)}")
     if out.dtype != x.dtype:
         raise ValueError(f"out has dtype {out.dtype}; it must match the input's dtype {x.dtype}")
-    if out.is_neg():
-        raise ValueError("out is a lazily negated view (is_neg()); it cannot be written in place")
-    if out.requires_grad and torch.is_grad_enabled():
-        raise ValueError("out requires grad; pass out.detach()")
+    frame.writable(out)
     return out
 
 
@@ -432,77 +632,80 @@ def group_norm_forward(input, num_groups, weight, bias, eps, stream=None):
 
 def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, stream=None):
     """groupnorm.group_norm_backward for GPU arrays: (grad_input, grad_weight, grad_bias)."""
-    cuda, torch, device = _device_checked(input, (grad_output, mean, rstd, weight))
-    return _on_stream(run_backward, torch, device, stream, cuda, torch, grad_output, input, mean, rstd, num_groups,
+    cuda, frame, device = _device_checked(input, (grad_output, mean, rstd, weight))
+    return _on_stream(run_backward, frame, device, stream, cuda, frame, grad_output, input, mean, rstd, num_groups,
                       weight)
 
 
-def run_backward(cuda, torch, grad_output, x, mean, rstd, num_groups, weight, device, stream):
-    """The backward on `cuda` for tensors of x.device (see run_forward)."""
-    key = _plan_key(cuda, torch, (grad_output, x, mean, rstd, weight), ("backward", num_groups))
+def run_backward(cuda, frame, grad_output, x, mean, rstd, num_groups, weight, device, stream):
+    """The backward on `cuda` for arrays of x's device (see run_forward)."""
+    key = _plan_key(cuda, frame, (grad_output, x, mean, rstd, weight), ("backward", num_groups))
     plan = _plans.get(key) if key is not None else None
     if plan is None:
-        plan, grad_output, x, mean, rstd, weight, cacheable = _backward_plan(cuda, torch, grad_output, x, mean, rstd,
+        plan, grad_output, x, mean, rstd, weight, cacheable = _backward_plan(cuda, frame, grad_output, x, mean, rstd,
                                                                              num_groups, weight)
         if cacheable:
             _keep(key, plan)
+    empty, ptr = frame.empty, frame.ptr
     c = x.shape[1]
-    dx = torch.empty_like(x)
-    grad_weight = torch.empty(c, dtype=plan.stats_dtype, device=x.device)
-    grad_bias = torch.empty(c, dtype=plan.stats_dtype, device=x.device)
-    if plan.problem is not None:
-        workspace = torch.empty(plan.problem.backward_workspace, dtype=torch.uint8, device=x.device)
-        cuda.backward(plan.problem, device, grad_output.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                      _ptr(weight), 0, dx.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(),
-                      workspace.data_ptr(), stream)
+    dx = frame.empty_like(x)
+    grad_weight = empty((c,), plan.stats_dtype, x)
+    grad_bias = empty((c,), plan.stats_dtype, x)
+    problem = plan.problem
+    if problem is not None:
+        workspace = empty((problem.backward_workspace,), "uint8", x)
+        cuda.backward(problem, device, ptr(grad_output), ptr(x), ptr(mean), ptr(rstd),
+                      0 if weight is None else ptr(weight), 0, ptr(dx), ptr(grad_weight), ptr(grad_bias),
+                      ptr(workspace), stream)
     else:
-        grad_weight.zero_()
-        grad_bias.zero_()
+        frame.fill(grad_weight, 0)
+        frame.fill(grad_bias, 0)
     return dx, grad_weight, grad_bias
 
 
-def _backward_plan(cuda, torch, grad_output, x, mean, rstd, num_groups, weight):
+def _backward_plan(cuda, frame, grad_output, x, mean, rstd, num_groups, weight):
     """Every check of a backward call: (plan, grad_output and x in one kernel layout, mean, rstd, weight, whether
     the plan may be kept: no copy or conversion was needed)."""
     originals = (grad_output, x, mean, rstd, weight)
-    x = _check_input(torch, x)
-    dy = _check_tensor(torch, grad_output, "grad_output", x.device)
+    x = _check_input(frame, x)
+    dy = _check_tensor(frame, grad_output, "grad_output", frame.device(x))
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"grad_output has shape {tuple(dy.shape)}; it must match the input's shape "
                          f"{tuple(x.shape)}")
     if dy.dtype != x.dtype:
         raise ValueError(f"grad_output has dtype {dy.dtype}; it must match the input's dtype {x.dtype}")
     c = x.shape[1]
-    w = _param(torch, weight, "weight", c, x)
-    x_dense, layout = _dense(x, 1)
-    spec = _problem(torch, x_dense, num_groups, 1, 1.0, False, _params_dtype(torch, x, w, None), layout)
+    w = _param(frame, weight, "weight", c, x)
+    x_dense, layout = _dense(frame, x, 1)
+    spec = _problem(frame, x_dense, num_groups, 1, 1.0, False, _params_dtype(frame, x, w, None), layout)
     n, _, _, groups = spec[:4]
-    stats = _stats_dtype(torch, x.dtype)
-    m = _stat(torch, mean, "mean", (n, groups), stats, x)
-    r = _stat(torch, rstd, "rstd", (n, groups), stats, x)
-    dy_dense = dy if _layout(dy, 1) == layout else (
-        dy.contiguous() if layout == 0 else _dense_like(torch, dy, x_dense))
-    problem = cuda.problem(spec) if x.numel() else None
+    stats = _stats_dtype(frame, x)
+    m = _stat(frame, mean, "mean", (n, groups), stats, x)
+    r = _stat(frame, rstd, "rstd", (n, groups), stats, x)
+    if _layout(frame, dy, 1) == layout:
+        dy_dense = dy
+    elif layout == 0:
+        dy_dense = frame.contiguous(dy)
+    else:  # into x's (channels-last) memory order
+        dy_dense = frame.empty_like(x_dense)
+        frame.copy(dy_dense, dy)
+    problem = cuda.problem(spec) if math.prod(x.shape) else None
     plan = _Plan(problem, layout, (n, groups), stats)
     cacheable = problem is not None and all(a is b for a, b in zip((dy_dense, x_dense, m, r, w), originals))
     return plan, dy_dense, x_dense, m, r, w, cacheable
 
 
-def _dense_like(torch, tensor, like):
-    """tensor copied into like's (channels-last) memory order."""
-    copy = torch.empty_like(like)
-    copy.copy_(tensor)
-    return copy
-
-
-def _stat(torch, value, name, shape, dtype, x):
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {shape} on {x.device} as group_norm_forward "
-                        f"returns it, got {type(value).__name__}")
-    value = _check_tensor(torch, value, name, x.device)
+def _stat(frame, value, name, shape, dtype, x):
+    device = frame.device(x)
+    if not frame.is_array(value):
+        raise TypeError(f"{name} must be a {frame.kind} of shape {shape} on {_device_name(device)} as "
+                        f"group_norm_forward returns it, got {type(value).__name__}")
+    value = _check_tensor(frame, value, name, device)
     if tuple(value.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(value.shape)}; it must be {shape}, one value per sample and "
                          f"group (N, num_groups)")
-    if value.dtype.is_complex or value.dtype == torch.bool:
+    if not frame.real(value):
         raise TypeError(f"{name} has dtype {value.dtype}; it must hold real numbers (float or integer)")
-    return value.to(dtype).contiguous()
+    if frame.dtype_name(value) != dtype:
+        value = frame.astype(value, dtype)
+    return frame.contiguous(value)
