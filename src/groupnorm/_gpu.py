@@ -304,22 +304,19 @@ class _Both:
 
 
 _frameworks = {}  # module name -> its arrays' object
+_FRAMEWORKS = (("torch", "Tensor", TorchArrays), ("cupy", "ndarray", CupyArrays))
 
 
 def arrays_of(obj):
-    """The framework object of obj's kind of array (torch tensors, CuPy arrays), or None."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(obj, torch.Tensor):
-        frame = _frameworks.get("torch")
-        if frame is None:
-            frame = _frameworks["torch"] = TorchArrays(torch)
-        return frame
-    cupy = sys.modules.get("cupy")
-    if cupy is not None and isinstance(obj, cupy.ndarray):
-        frame = _frameworks.get("cupy")
-        if frame is None:
-            frame = _frameworks["cupy"] = CupyArrays(cupy)
-        return frame
+    """The framework object of obj's kind of array (torch tensors, CuPy arrays), or None. A framework is looked
+    for only once it is imported (its arrays cannot exist before)."""
+    for name, array_type, make in _FRAMEWORKS:
+        module = sys.modules.get(name)
+        if module is not None and isinstance(obj, getattr(module, array_type)):
+            frame = _frameworks.get(name)
+            if frame is None:
+                frame = _frameworks[name] = make(module)
+            return frame
     return None
 
 
