@@ -565,11 +565,12 @@ def test_frameworks_served_and_refused():
     assert isinstance(_gpu.arrays_of(torch.zeros(1)), _gpu.TorchArrays)
     assert _gpu.arrays_of(np.zeros(1)) is None and _gpu.arrays_of([1.0]) is None
 
-    class JaxLikeArray:  # any other producer's GPU array
+    class OtherArray:  # any other producer's GPU array
         def __dlpack_device__(self):
             return (2, 0)
 
-    with pytest.raises(ValueError, match=r"^input lives on device kDLCUDA:0 as a test_gpu_path\.JaxLikeArray; "
-                                         r"groupnorm's CUDA backend serves torch CUDA tensors and CuPy arrays \(pass "
-                                         r"JAX and other arrays through torch\.from_dlpack or cupy\.from_dlpack"):
-        _gpu._served("input", JaxLikeArray(), "kDLCUDA:0")
+    with pytest.raises(ValueError, match=r"^input lives on device kDLCUDA:0 as a test_gpu_path\.OtherArray; "
+                                         r"groupnorm's CUDA backend serves torch CUDA tensors, CuPy arrays and "
+                                         r"\(through groupnorm\.jax\) JAX arrays: pass other arrays through "
+                                         r"torch\.from_dlpack or cupy\.from_dlpack"):
+        _gpu._served("input", OtherArray(), "kDLCUDA:0")

@@ -1,4 +1,4 @@
-"""Build and runtime configuration: version, SIMD levels, OpenMP threads, CUDA availability."""
+"""Build and runtime configuration: version, SIMD levels, OpenMP threads, CUDA availability, JAX custom calls."""
 from . import _core
 
 
@@ -8,7 +8,8 @@ def config():
     Keys: ``version``; ``isa`` (the SIMD level calls run at); ``isa_compiled``, ``isa_supported``
     (what the CPU can run) and ``isa_available`` (both); ``openmp`` and ``num_threads``; ``cuda`` (whether GPU
     arrays run here) and ``cuda_reason`` (why not); a build with the CUDA backend adds ``cuda_devices``,
-    ``cuda_runtime`` and ``cuda_driver``.
+    ``cuda_runtime`` and ``cuda_driver``; ``jax`` (whether the build has groupnorm.jax's custom calls) and
+    ``jax_reason`` (why not).
 
     Examples
     --------
@@ -28,6 +29,8 @@ def config():
         "openmp": _core.openmp(),
         "num_threads": _core.get_num_threads(),
         **_cuda_config(),
+        "jax": _core.JAX_BUILD_NOTE == "built",
+        "jax_reason": "" if _core.JAX_BUILD_NOTE == "built" else _core.JAX_BUILD_NOTE,
     }
 
 

@@ -47,13 +47,19 @@ cdef extern from *:
     #ifndef GROUPNORM_CUDA_NOTE
     #define GROUPNORM_CUDA_NOTE "no CUDA backend was configured"
     #endif
+    #ifndef GROUPNORM_JAX_NOTE
+    #define GROUPNORM_JAX_NOTE "no JAX custom calls were configured"
+    #endif
     """
     const char* GROUPNORM_VERSION
     const char* GROUPNORM_CUDA_NOTE
+    const char* GROUPNORM_JAX_NOTE
 
 __version__ = GROUPNORM_VERSION.decode()
 # "built" when this build has groupnorm._cuda; otherwise why not (CMake's GROUPNORM_CUDA, or no CUDA compiler).
 CUDA_BUILD_NOTE = GROUPNORM_CUDA_NOTE.decode()
+# "built" when this build has groupnorm/_jax_ffi.so (groupnorm.jax's custom calls); otherwise why not.
+JAX_BUILD_NOTE = GROUPNORM_JAX_NOTE.decode()
 
 cnp.import_array()
 
@@ -148,6 +154,12 @@ def compiled_isas():
 
 def supported_isas():
     return [n for n, i in zip(_ISA_NAMES, _ISAS) if isa_supported(i)]
+
+
+def _cpu_entry_points():
+    """The addresses of the C++ core's group_norm_forward and group_norm_backward: groupnorm.jax binds its CPU
+    custom calls to them, so that this one core, with its ISA level and thread count, serves JAX too."""
+    return <size_t>&c_group_norm_forward, <size_t>&c_group_norm_backward
 
 
 def openmp():

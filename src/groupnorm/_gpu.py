@@ -4,8 +4,8 @@ groupnorm._interop sends a call here when one of its arrays lives in CUDA memory
 tensor is on a CUDA device. torch CUDA tensors and CuPy arrays are served, each by its own framework: results and
 the kernels' workspace come from its allocator (torch's caching allocator, CuPy's memory pool: no cudaMalloc a
 call), and the kernels are queued on its current stream of the array's device (or on the stream that the caller's
-``stream=`` names), with no synchronisation. JAX arrays and other producers' GPU arrays get a ValueError that says
-how to pass them (JAX has no allocator to lend: its arrays would need an XLA custom call).
+``stream=`` names), with no synchronisation. JAX arrays go to groupnorm.jax, whose XLA custom calls get XLA's memory
+and stream (where the build has them); other producers' GPU arrays get a ValueError that says how to pass them.
 
 A call's checks depend on its tensors' metadata (shape, strides, dtype, device, flags) and its scalar arguments,
 not on their memory. Once a call has passed them, its plan (the checked kernel problem, the layout) is kept under
@@ -324,8 +324,9 @@ def _served(name, obj, device):
     frame = arrays_of(obj)
     if frame is None:
         raise ValueError(f"{name} lives on device {device} as a {type(obj).__module__}.{type(obj).__name__}; "
-                         f"groupnorm's CUDA backend serves torch CUDA tensors and CuPy arrays (pass JAX and other "
-                         f"arrays through torch.from_dlpack or cupy.from_dlpack, which do not copy)")
+                         f"groupnorm's CUDA backend serves torch CUDA tensors, CuPy arrays and (through "
+                         f"groupnorm.jax) JAX arrays: pass other arrays through torch.from_dlpack or "
+                         f"cupy.from_dlpack, which do not copy")
     return frame
 
 
@@ -370,14 +371,20 @@ def _dense(frame, tensor, channel_axis):
     return frame.permuted_copy(tensor, order, inverse), 0
 
 
-def _problem(frame, x, num_groups, channel_axis, eps, silu, param_dtype, layout):
-    shape = tuple(x.shape)  # at least 2 dimensions: _check_input saw to it
-    c = shape[channel_axis]
+def check_groups(num_groups, channels):
+    """num_groups as an int that divides the channels, else the error naming it (shared with groupnorm.jax)."""
     groups = _core._index(num_groups, "num_groups")
     if groups <= 0:
         raise ValueError(f"num_groups={groups} must be positive")
-    if c % groups != 0:
-        raise ValueError(f"num_groups={groups} must divide the number of channels ({c})")
+    if channels % groups != 0:
+        raise ValueError(f"num_groups={groups} must divide the number of channels ({channels})")
+    return groups
+
+
+def _problem(frame, x, num_groups, channel_axis, eps, silu, param_dtype, layout):
+    shape = tuple(x.shape)  # at least 2 dimensions: _check_input saw to it
+    c = shape[channel_axis]
+    groups = check_groups(num_groups, c)
     s = math.prod(shape) // max(1, shape[0] * c)
     dtype = frame.dtype_name(x)
     return (shape[0], c, s, groups, layout == 1, dtype, param_dtype or dtype, silu, eps)
@@ -411,7 +418,8 @@ def _params_dtype(frame, x, weight, bias):
     return None
 
 
-def _channel_axis(value, ndim):
+def channel_axis_of(value, ndim):
+    """channel_axis as an axis in [1, ndim), else the error naming it (shared with groupnorm.jax)."""
     axis = _core._index(value, "channel_axis")
     if axis < -ndim or axis >= ndim:
         raise ValueError(f"channel_axis={axis} is out of range for an input of {ndim} dimensions")
@@ -476,7 +484,30 @@ def _on_stream(run, frame, device, stream, *args):
         return run(*args, device, handle)
 
 
+def _jax_path(input, out, stream):
+    """groupnorm.jax when input is a JAX array (its custom calls serve JAX arrays in GPU memory, with XLA's memory
+    and stream), else None; an error when the build has no custom calls or the call asks what JAX cannot give."""
+    jax = sys.modules.get("jax")
+    if jax is None or not isinstance(input, jax.Array):
+        return None
+    if _core.JAX_BUILD_NOTE != "built":
+        raise ValueError(f"input lives on device {gpu_device(input)} as a JAX array; this groupnorm build has no JAX "
+                         f"custom calls ({_core.JAX_BUILD_NOTE}; README, section JAX), or pass it through "
+                         f"torch.from_dlpack or cupy.from_dlpack")
+    if out is not None:
+        raise ValueError("out= cannot be a JAX array's memory (JAX arrays are immutable); leave out=None")
+    if stream is not None:
+        raise ValueError(f"stream={stream!r}: JAX arrays run on XLA's own stream; leave stream=None")
+    from . import jax as gnj
+    return gnj
+
+
 def _forward(input, num_groups, weight, bias, eps, activation, channel_axis, out, want_stats, stream):
+    gnj = _jax_path(input, out, stream)
+    if gnj is not None:
+        if want_stats:
+            return gnj.group_norm_forward(input, num_groups, weight, bias, eps)
+        return gnj.group_norm(input, num_groups, weight, bias, eps, activation=activation, channel_axis=channel_axis)
     cuda, frame, device = _device_checked(input, (out, weight, bias))
     return _on_stream(run_forward, frame, device, stream, cuda, frame, input, num_groups, weight, bias, eps,
                       activation, channel_axis, out, want_stats)
@@ -581,7 +612,7 @@ def _forward_plan(cuda, frame, x, num_groups, weight, bias, eps, activation, cha
     for the call's metadata: no copy or conversion was needed)."""
     x0, w0, b0 = x, weight, bias
     x = _check_input(frame, x)
-    axis = _channel_axis(channel_axis, len(x.shape))
+    axis = channel_axis_of(channel_axis, len(x.shape))
     eps = _core._check_eps_value(eps)
     silu = _core._check_activation(activation)
     c = x.shape[axis]
@@ -629,6 +660,9 @@ def group_norm_forward(input, num_groups, weight, bias, eps, stream=None):
 
 def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, stream=None):
     """groupnorm.group_norm_backward for GPU arrays: (grad_input, grad_weight, grad_bias)."""
+    gnj = _jax_path(input, None, stream)
+    if gnj is not None:
+        return gnj.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight)
     cuda, frame, device = _device_checked(input, (grad_output, mean, rstd, weight))
     return _on_stream(run_backward, frame, device, stream, cuda, frame, grad_output, input, mean, rstd, num_groups,
                       weight)

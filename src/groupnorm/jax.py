@@ -1,0 +1,251 @@
+"""groupnorm.jax: Group Normalization for JAX arrays as XLA custom calls, under ``jax.jit`` and ``jax.grad``.
+
+The kernels run inside JAX's own computation: XLA allocates the results, and on a GPU lends its stream and the
+kernels' workspace, so they compose with jit, grad (a custom VJP on groupnorm's backward kernels) and vmap (one
+call per mapped element). On the CPU the custom calls run groupnorm's SIMD kernels (the ISA level and thread count
+of groupnorm.set_isa / set_num_threads); on a GPU the CUDA kernels, where the build has them.
+
+It needs a groupnorm built with the custom calls (``groupnorm.config()["jax"]``): a build that found jaxlib's FFI
+headers, that is ``pip install --no-build-isolation .`` where jax is installed (README, section JAX). Importing
+this module imports jax; the rest of groupnorm never does. Eager ``groupnorm.group_norm`` calls on JAX arrays in
+GPU memory come here; JAX arrays in CPU memory go through DLPack without a copy.
+"""
+import ctypes
+import functools
+import pathlib
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _core, _gpu
+
+__all__ = ["group_norm", "group_norm_forward", "group_norm_backward"]
+
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_state = None  # True once the custom calls are registered, else the reason they cannot be
+_lock = threading.Lock()  # one registration, whichever thread calls first
+
+
+def available():
+    """``(True, None)`` when the custom calls are registered (they are on the first call), else ``(False, why)``."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _state = _register()
+    return (True, None) if _state is True else (False, _state)
+
+
+def _require():
+    usable, reason = available()
+    if not usable:
+        raise RuntimeError(f"groupnorm.jax cannot run: {reason}")
+
+
+def _register():
+    if _core.JAX_BUILD_NOTE != "built":
+        return f"this groupnorm build has no JAX custom calls ({_core.JAX_BUILD_NOTE}; README, section JAX)"
+    path = next(iter(sorted(pathlib.Path(__file__).parent.glob("_jax_ffi*"))), None)
+    if path is None:  # pragma: no cover - a broken installation
+        return "groupnorm/_jax_ffi is missing from this installation"
+    library = ctypes.CDLL(str(path))
+    forward, backward = _core._cpu_entry_points()
+    library.gn_jax_bind_core(ctypes.c_void_p(forward), ctypes.c_void_p(backward))
+    platforms = [("cpu", "Cpu")] + ([("CUDA", "Cuda")] if library.gn_jax_has_cuda() else [])
+    for platform, suffix in platforms:
+        for name in ("Forward", "Backward"):
+            handler = jax.ffi.pycapsule(getattr(library, f"Gn{name}{suffix}"))
+            jax.ffi.register_ffi_target(f"groupnorm_{name.lower()}", handler, platform=platform)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+def _array(value, name):
+    if not isinstance(value, (jax.Array, np.ndarray)):
+        raise TypeError(f"{name} must be a jax.Array (or a NumPy array), got {type(value).__name__}")
+    return jnp.asarray(value)
+
+
+def _check_input(x, name="input"):
+    x = _array(x, name)
+    if x.dtype.name not in _DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; groupnorm supports float16, bfloat16, float32 and float64")
+    if x.ndim < 2:
+        raise ValueError(f"{name} has shape {x.shape} ({x.ndim} dimension(s)); it needs at least 2: (N, C, *)")
+    return x
+
+
+def _real(dtype):
+    """float (bfloat16 among them) or integer, not bool or complex."""
+    return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+
+
+def _compute_dtype(x):
+    return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+
+
+def _param(value, name, channels, x):
+    """weight or bias as a (C,) array of the compute dtype, and whether it was given (else an empty array)."""
+    dtype = _compute_dtype(x)
+    if value is None:
+        return jnp.zeros((0,), dtype), False
+    value = _array(value, name)
+    if value.shape != (channels,):
+        raise ValueError(f"{name} has shape {value.shape}; it must be ({channels},), one value per channel")
+    if not _real(value.dtype):
+        raise TypeError(f"{name} has dtype {value.dtype}; it must hold real numbers (float or integer)")
+    return value.astype(dtype), True
+
+
+# ------------------------------------------------------------------------------------------------ custom calls
+
+def _forward_call(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu):
+    stats = jax.ShapeDtypeStruct((x.shape[0], groups), _compute_dtype(x))
+    call = jax.ffi.ffi_call("groupnorm_forward", (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats),
+                            vmap_method="sequential")
+    return call(x, w, b, groups=np.int64(groups), eps=np.float64(eps), channels_last=bool(channels_last),
+                has_weight=bool(has_weight), has_bias=bool(has_bias), silu=bool(silu))
+
+
+def _backward_call(dy, x, mean, rstd, w, groups, channels_last, has_weight):
+    channels = x.shape[-1 if channels_last else 1]
+    grads = jax.ShapeDtypeStruct((channels,), _compute_dtype(x))
+    call = jax.ffi.ffi_call("groupnorm_backward", (jax.ShapeDtypeStruct(x.shape, x.dtype), grads, grads),
+                            vmap_method="sequential")
+    return call(dy, x, mean, rstd, w, groups=np.int64(groups), channels_last=bool(channels_last),
+                has_weight=bool(has_weight))
+
+
+def _pre_activation(x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias):
+    """(x - mean) * rstd * w + b in the compute dtype: the input of a fused SiLU, recomputed for its gradient."""
+    dtype = mean.dtype
+    n = x.shape[0]
+    if channels_last:
+        c = x.shape[-1]
+        grouped = x.astype(dtype).reshape(n, -1, groups, c // groups)
+        u = (grouped - mean[:, None, :, None]) * rstd[:, None, :, None]
+        u = u.reshape(n, -1, c)
+        channel_shape = (1, 1, c)
+    else:
+        c = x.shape[1]
+        grouped = x.astype(dtype).reshape(n, groups, -1)
+        u = ((grouped - mean[:, :, None]) * rstd[:, :, None]).reshape(n, c, -1)
+        channel_shape = (1, c, 1)
+    if has_weight:
+        u = u * w.reshape(channel_shape)
+    if has_bias:
+        u = u + b.reshape(channel_shape)
+    return u.reshape(x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _group_norm(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu):
+    return _forward_call(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu)[0]
+
+
+def _group_norm_fwd(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu):
+    y, mean, rstd = _forward_call(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu)
+    return y, (x, w, b, mean, rstd)
+
+
+def _group_norm_bwd(groups, eps, channels_last, has_weight, has_bias, silu, saved, dy):
+    x, w, b, mean, rstd = saved
+    if silu:  # through y * sigmoid(y) at its input u: dy * s(u) * (1 + u * (1 - s(u)))
+        u = _pre_activation(x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias)
+        s = jax.nn.sigmoid(u)
+        dy = (dy.astype(u.dtype) * s * (1 + u * (1 - s))).astype(x.dtype)
+    dx, dw, db = _backward_call(dy, x, mean, rstd, w, groups, channels_last, has_weight)
+    return dx, (dw if has_weight else jnp.zeros_like(w)), (db if has_bias else jnp.zeros_like(b))
+
+
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+# ------------------------------------------------------------------------------------------------ public
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None, channel_axis=1):
+    """``torch.nn.functional.group_norm`` for JAX arrays, as an XLA custom call: under jit, grad and vmap.
+
+    Parameters
+    ----------
+    input : jax.Array, shape (N, C, *) or channels on `channel_axis`
+        float16, bfloat16, float32 or float64; 16-bit data computes in float32.
+    num_groups : int
+        Number of groups G; it must divide C.
+    weight, bias : jax.Array, shape (C,), optional
+        Per-channel scale and shift (computed in float32, or float64 for float64 input; their gradients come back
+        in their own dtype).
+    eps : float, default 1e-5
+        Added to the (biased) variance; a Python number, non-negative.
+    activation : {None, 'silu'}, optional
+        ``'silu'`` fuses ``y * sigmoid(y)`` into the kernel (its gradient recomputes y from the statistics).
+    channel_axis : int, default 1
+        The axis of C: 1, or -1 for channels-last (N, *, C) arrays, which the kernels read as they are; any other
+        axis is moved to 1 and back by XLA.
+
+    Returns
+    -------
+    jax.Array
+        The input's shape and dtype.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, groupnorm.jax as gnj  # doctest: +SKIP
+    >>> x = jnp.arange(16.0).reshape(2, 4, 2)  # doctest: +SKIP
+    >>> jax.jit(lambda x: gnj.group_norm(x, 2))(x).shape  # doctest: +SKIP
+    (2, 4, 2)
+    """
+    _require()
+    x = _check_input(input)
+    axis = _gpu.channel_axis_of(channel_axis, x.ndim)
+    eps = _core._check_eps_value(eps)
+    silu = _core._check_activation(activation)
+    channels = x.shape[axis]
+    groups = _gpu.check_groups(num_groups, channels)
+    w, has_weight = _param(weight, "weight", channels, x)
+    b, has_bias = _param(bias, "bias", channels, x)
+    channels_last = axis == x.ndim - 1 and x.ndim > 2
+    moved = not channels_last and axis != 1
+    if moved:
+        x = jnp.moveaxis(x, axis, 1)
+    y = _group_norm(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu)
+    return jnp.moveaxis(y, 1, axis) if moved else y
+
+
+def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5):
+    """``groupnorm.group_norm_forward`` for JAX arrays (channels on axis 1): ``(y, mean, rstd)``, with mean and rstd
+    of shape (N, G) in float32 (float64 for float64 input). Not differentiable: use :func:`group_norm` for that."""
+    _require()
+    x = _check_input(input)
+    eps = _core._check_eps_value(eps)
+    groups = _gpu.check_groups(num_groups, x.shape[1])
+    w, has_weight = _param(weight, "weight", x.shape[1], x)
+    b, has_bias = _param(bias, "bias", x.shape[1], x)
+    return tuple(_forward_call(x, w, b, groups, eps, False, has_weight, has_bias, False))
+
+
+def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None):
+    """``groupnorm.group_norm_backward`` for JAX arrays (channels on axis 1): ``(grad_input, grad_weight,
+    grad_bias)``, the parameter gradients of shape (C,) in the compute dtype whether or not weight was given."""
+    _require()
+    x = _check_input(input)
+    dy = _check_input(grad_output, "grad_output")
+    if dy.shape != x.shape:
+        raise ValueError(f"grad_output has shape {dy.shape}; it must match the input's shape {x.shape}")
+    if dy.dtype != x.dtype:
+        raise ValueError(f"grad_output has dtype {dy.dtype}; it must match the input's dtype {x.dtype}")
+    groups = _gpu.check_groups(num_groups, x.shape[1])
+    w, has_weight = _param(weight, "weight", x.shape[1], x)
+    stats = []
+    for value, name in ((mean, "mean"), (rstd, "rstd")):
+        value = _array(value, name)
+        if value.shape != (x.shape[0], groups):
+            raise ValueError(f"{name} has shape {value.shape}; it must be {(x.shape[0], groups)}, one value per "
+                             f"sample and group (N, num_groups)")
+        if not _real(value.dtype):
+            raise TypeError(f"{name} has dtype {value.dtype}; it must hold real numbers (float or integer)")
+        stats.append(value.astype(_compute_dtype(x)))
+    return tuple(_backward_call(dy, x, stats[0], stats[1], w, groups, False, has_weight))

@@ -1,0 +1,243 @@
+"""groupnorm.jax: the kernels as XLA custom calls, against float64 references, under jit, grad and vmap.
+
+Runs where jax is installed and groupnorm was built with the custom calls (a build that found jaxlib's FFI headers:
+pip install --no-build-isolation with jax installed); skips elsewhere, saying which. The CPU custom calls run here;
+the CUDA ones on a GPU (marked gpu).
+"""
+import numpy as np
+import pytest
+
+import groupnorm as gn
+from groupnorm import _core
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+
+if _core.JAX_BUILD_NOTE != "built":
+    pytest.skip(f"this build has no JAX custom calls: {_core.JAX_BUILD_NOTE}", allow_module_level=True)
+
+import groupnorm.jax as gnj  # noqa: E402
+
+TOLERANCE = {"float32": 2e-5, "float64": 1e-12, "float16": 2e-3, "bfloat16": 1.6e-2}  # of max|ref| + 1
+
+
+def reference(x, groups, weight=None, bias=None, eps=1e-5, silu=False):
+    """float64 group norm of a NumPy array with channels on axis 1."""
+    x = np.asarray(x, np.float64)
+    grouped = x.reshape(x.shape[0], groups, -1)
+    y = ((grouped - grouped.mean(-1, keepdims=True)) / np.sqrt(grouped.var(-1, keepdims=True) + eps)).reshape(x.shape)
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64).reshape(view)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64).reshape(view)
+    return y / (1 + np.exp(-y)) if silu else y
+
+
+def close(got, want, dtype, what):
+    got = np.asarray(jnp.asarray(got).astype(jnp.float64) if dtype == "float64" else
+                     jnp.asarray(got).astype(jnp.float32), np.float64)
+    err = np.abs(got - want).max() / (np.abs(want).max() + 1)
+    assert err <= TOLERANCE[dtype], f"{what}: max error {err:.3g} of the scale"
+
+
+CPU = jax.devices("cpu")[0]
+
+
+def data(shape, dtype, seed, offset=0.0, device=CPU):
+    """Random values of `dtype` on `device` (the CPU unless said: the CPU custom calls, even where JAX's default
+    device is a GPU)."""
+    values = np.random.default_rng(seed).standard_normal(shape) * 2 + offset
+    return jax.device_put(jnp.asarray(values.astype(np.float32)).astype(dtype), device)
+
+
+def reference_grads(x, groups, weight, bias, eps, silu, cotangent):
+    """float64 gradients of sum(y * cotangent) by torch's autograd, or skips without torch."""
+    torch = pytest.importorskip("torch")
+    xr = torch.from_numpy(np.array(x, np.float64)).requires_grad_()
+    wr = torch.from_numpy(np.array(weight, np.float64)).requires_grad_()
+    br = torch.from_numpy(np.array(bias, np.float64)).requires_grad_()
+    y = torch.nn.functional.group_norm(xr, groups, wr, br, eps)
+    if silu:
+        y = torch.nn.functional.silu(y)
+    (y * torch.from_numpy(np.array(cotangent, np.float64))).sum().backward()
+    return xr.grad.numpy(), wr.grad.numpy(), br.grad.numpy()
+
+
+def up(x):
+    """x in float64 for the references and the comparisons (16-bit values widened exactly)."""
+    x = jnp.asarray(x)
+    return np.asarray(x if x.dtype == jnp.float64 else x.astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("silu", [False, True])
+def test_forward_and_grad_match_float64(dtype, layout, silu):
+    if dtype == "float64":
+        if not hasattr(jax, "enable_x64"):
+            pytest.skip("float64 needs jax.enable_x64 (a scoped jax_enable_x64)")
+        with jax.enable_x64(True):
+            check_forward_and_grad(dtype, layout, silu)
+    else:
+        check_forward_and_grad(dtype, layout, silu)
+
+
+def check_forward_and_grad(dtype, layout, silu):
+    shape = (2, 12, 5, 7)
+    x = data(shape, dtype, 1, offset=3.0)
+    w, b = data((12,), dtype, 2), data((12,), dtype, 3)
+    g = data(shape, dtype, 4)
+    xn = x if layout == "channels_first" else jnp.moveaxis(x, 1, -1)
+    gn_ = g if layout == "channels_first" else jnp.moveaxis(g, 1, -1)
+    axis = 1 if layout == "channels_first" else -1
+    activation = "silu" if silu else None
+
+    wide = jnp.float64 if dtype == "float64" else jnp.float32
+
+    def loss(xv, wv, bv):
+        y = gnj.group_norm(xv, 3, wv, bv, 1e-5, activation=activation, channel_axis=axis)
+        return (y.astype(wide) * gn_.astype(wide)).sum(), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(xn, w, b)
+    want = reference(up(x), 3, up(w), up(b), 1e-5, silu)
+    y = y if layout == "channels_first" else jnp.moveaxis(y, -1, 1)
+    assert y.dtype == x.dtype
+    close(y, want, dtype, "y")
+    dx, dw, db = grads
+    assert dx.dtype == x.dtype and dw.dtype == w.dtype and db.dtype == b.dtype
+    dx = dx if layout == "channels_first" else jnp.moveaxis(dx, -1, 1)
+    rx, rw, rb = reference_grads(up(x), 3, up(w), up(b), 1e-5, silu, up(g))
+    scale = 1 if dtype == "float64" else 4  # the gradients' reductions round more than y does
+    for name, got, truth in (("dx", dx, rx), ("dw", dw, rw), ("db", db, rb)):
+        err = np.abs(up(got) - truth).max() / (np.abs(truth).max() + 1)
+        assert err <= scale * TOLERANCE[dtype] * (1 if name == "dx" else 10), f"{name}: {err:.3g}"
+
+
+def test_without_parameters_other_axes_and_vmap():
+    x = data((3, 6, 4, 5), "float32", 5)
+    close(gnj.group_norm(x, 2), reference(up(x), 2), "float32", "no parameters")
+    close(gnj.group_norm(x, 6, bias=jnp.ones(6)), reference(up(x), 6, None, np.ones(6)), "float32", "bias only")
+    moved = jnp.moveaxis(x, 1, 2)  # channels on axis 2 of 4: moved to 1 and back by XLA
+    got = gnj.group_norm(moved, 3, channel_axis=2)
+    close(jnp.moveaxis(got, 2, 1), reference(up(x), 3), "float32", "channel_axis=2")
+    two_d = data((5, 8), "float32", 6)
+    close(gnj.group_norm(two_d, 4), reference(up(two_d), 4), "float32", "(N, C)")
+    batched = jax.vmap(lambda v: gnj.group_norm(v, 2))(x[None].repeat(2, 0))
+    close(batched[1], reference(up(x), 2), "float32", "vmap")
+    grads = jax.grad(lambda v: gnj.group_norm(v, 2).sum())(x)  # no weight: the parameters' branch is empty
+    assert float(jnp.abs(grads).max()) < 1e-4  # y sums to 0 in each group whatever x is
+
+
+def test_forward_and_backward_functions():
+    x = data((2, 8, 9), "float32", 7)
+    w, b = data((8,), "float32", 8), data((8,), "float32", 9)
+    y, mean, rstd = gnj.group_norm_forward(x, 4, w, b)
+    close(y, reference(up(x), 4, up(w), up(b)), "float32", "y")
+    grouped = up(x).reshape(2, 4, -1)
+    np.testing.assert_allclose(np.asarray(mean), grouped.mean(-1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rstd), 1 / np.sqrt(grouped.var(-1) + 1e-5), rtol=1e-5)
+    dy = data((2, 8, 9), "float32", 10)
+    dx, dw, db = gnj.group_norm_backward(dy, x, mean, rstd, 4, w)
+    rx, rw, rb = reference_grads(up(x), 4, up(w), up(b), 1e-5, False, up(dy))
+    for name, got, truth in (("dx", dx, rx), ("dw", dw, rw), ("db", db, rb)):
+        assert np.abs(up(got) - truth).max() / (np.abs(truth).max() + 1) < 1e-5, name
+
+
+def test_every_isa_level_and_thread_count_gives_the_numpy_calls_bits(isa):
+    """The custom calls run _core's own kernels: the level the isa fixture selects, the thread count set."""
+    x = data((2, 32, 17, 9), "float32", 11)
+    w = data((32,), "float32", 12)
+    host = np.asarray(x)
+    want = gn.group_norm(host, 8, np.asarray(w))
+    before = gn.get_num_threads()
+    try:
+        for threads in (1, 2):
+            gn.set_num_threads(threads)
+            assert np.array_equal(np.asarray(jax.jit(lambda v: gnj.group_norm(v, 8, w))(x)), want), threads
+    finally:
+        gn.set_num_threads(before)
+
+
+def test_empty_and_errors():
+    y, mean, rstd = gnj.group_norm_forward(jnp.zeros((2, 4, 0)), 2)
+    assert y.shape == (2, 4, 0) and bool(jnp.isnan(mean).all()) and bool(jnp.isnan(rstd).all())
+    x = data((2, 4, 3), "float32", 12)
+    cases = [
+        (lambda: gnj.group_norm(x, 3), ValueError, r"num_groups=3 must divide the number of channels \(4\)"),
+        (lambda: gnj.group_norm(x, 0), ValueError, "num_groups=0 must be positive"),
+        (lambda: gnj.group_norm(x, 2.0), TypeError, "num_groups=2.0 must be an integer"),
+        (lambda: gnj.group_norm(x, 2, jnp.ones(3)), ValueError, r"weight has shape \(3,\)"),
+        (lambda: gnj.group_norm(x, 2, None, jnp.ones(4, jnp.complex64)), TypeError, "bias has dtype complex64"),
+        (lambda: gnj.group_norm(x, 2, eps=-1.0), ValueError, "eps=-1.0 must be non-negative"),
+        (lambda: gnj.group_norm(x, 2, activation="relu"), ValueError, "activation='relu' is unknown"),
+        (lambda: gnj.group_norm(x, 2, channel_axis=0), ValueError, "channel_axis=0 names the batch axis"),
+        (lambda: gnj.group_norm(x.astype(jnp.int32), 2), TypeError, "input has dtype int32"),
+        (lambda: gnj.group_norm(jnp.ones(4), 2), ValueError, "it needs at least 2"),
+        (lambda: gnj.group_norm([1.0, 2.0], 1), TypeError, "input must be a jax.Array"),
+        (lambda: gnj.group_norm_backward(x[:1], x, jnp.zeros((2, 2)), jnp.ones((2, 2)), 2), ValueError,
+         "grad_output has shape"),
+        (lambda: gnj.group_norm_backward(x, x, jnp.zeros((2, 3)), jnp.ones((2, 2)), 2), ValueError,
+         r"mean has shape \(2, 3\)"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    with pytest.raises(TypeError, match="eps"):  # eps is static: a traced eps cannot be a custom call's attribute
+        jax.jit(lambda v, e: gnj.group_norm(v, 2, eps=e))(x, 1e-5)
+
+
+def test_config_reports_the_custom_calls():
+    assert gn.config()["jax"] is True and gn.config()["jax_reason"] == ""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cuda_custom_calls_match_float64(dtype):
+    """On a GPU: the CUDA custom calls under jit and grad, and eager groupnorm.group_norm on JAX GPU arrays."""
+    try:
+        device = jax.devices("gpu")[0]
+    except RuntimeError:
+        pytest.skip("JAX has no GPU here")
+    if not gn.config()["cuda"]:
+        pytest.skip(f"no CUDA backend: {gn.config()['cuda_reason']}")
+    x = data((2, 64, 9, 7), dtype, 13, offset=1.0, device=device)
+    w, b = data((64,), dtype, 14, device=device), data((64,), dtype, 15, device=device)
+    want = reference(up(x), 8, up(w), up(b))
+    close(jax.jit(lambda v: gnj.group_norm(v, 8, w, b))(x), want, dtype, "jit")
+    eager = gn.group_norm(x, 8, w, b)
+    assert isinstance(eager, jax.Array) and eager.devices() == {device}
+    close(eager, want, dtype, "eager")
+    nhwc = jnp.moveaxis(x, 1, -1)
+    close(jnp.moveaxis(gn.group_norm(nhwc, 8, w, b, channel_axis=-1), -1, 1), want, dtype, "channels last")
+    g = data((2, 64, 9, 7), dtype, 16, device=device)
+    dx = jax.grad(lambda v: (gnj.group_norm(v, 8, w, b).astype(jnp.float32) * g.astype(jnp.float32)).sum())(x)
+    rx, _, _ = reference_grads(up(x), 8, up(w), up(b), 1e-5, False, up(g))
+    assert np.abs(up(dx) - rx).max() / (np.abs(rx).max() + 1) <= 4 * TOLERANCE[dtype]
+    y, mean, rstd = gn.group_norm_forward(x, 8, w, b)
+    dx2, dw, db = gn.group_norm_backward(g, x, mean, rstd, 8, w)
+    assert all(isinstance(t, jax.Array) for t in (y, mean, rstd, dx2, dw, db))
+    assert np.abs(up(dx2) - rx).max() / (np.abs(rx).max() + 1) <= 4 * TOLERANCE[dtype]
+
+
+def test_gpu_path_hands_jax_arrays_to_the_custom_calls(monkeypatch):
+    """groupnorm._gpu sends JAX arrays (those in GPU memory, in eager calls) to groupnorm.jax; run here on CPU arrays
+    through the same functions, with out= and stream= refused and the error of a build without the custom calls."""
+    from groupnorm import _gpu
+    x = data((2, 8, 5), "float32", 17)
+    w = data((8,), "float32", 18)
+    want = reference(up(x), 4, up(w))
+    y = _gpu.group_norm(x, 4, w, None, 1e-5, None, 1, None)
+    assert isinstance(y, jax.Array)
+    close(y, want, "float32", "y")
+    y2, mean, rstd = _gpu.group_norm_forward(x, 4, w, None, 1e-5)
+    close(y2, want, "float32", "forward")
+    dx, dw, db = _gpu.group_norm_backward(x, x, mean, rstd, 4, w)
+    assert dx.shape == x.shape and dw.shape == db.shape == (8,)
+    with pytest.raises(ValueError, match="JAX arrays are immutable"):
+        _gpu.group_norm(x, 4, w, None, 1e-5, None, 1, x)
+    with pytest.raises(ValueError, match="JAX arrays run on XLA's own stream"):
+        _gpu.group_norm(x, 4, w, None, 1e-5, None, 1, None, stream=1)
+    monkeypatch.setattr(_core, "JAX_BUILD_NOTE", "a reason")
+    with pytest.raises(ValueError, match=r"as a JAX array; this groupnorm build has no JAX custom calls \(a reason"):
+        _gpu.group_norm(x, 4, w, None, 1e-5, None, 1, None)
