@@ -87,17 +87,22 @@ def _compute_dtype(x):
     return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
 
 
-def _param(value, name, channels, x):
-    """weight or bias as a (C,) array of the compute dtype, and whether it was given (else an empty array)."""
-    dtype = _compute_dtype(x)
+def _param(value, name, channels):
+    """weight or bias checked: None, or a (C,) array of real numbers."""
     if value is None:
-        return jnp.zeros((0,), dtype), False
+        return None
     value = _array(value, name)
     if value.shape != (channels,):
         raise ValueError(f"{name} has shape {value.shape}; it must be ({channels},), one value per channel")
     if not _real(value.dtype):
         raise TypeError(f"{name} has dtype {value.dtype}; it must hold real numbers (float or integer)")
-    return value.astype(dtype), True
+    return value
+
+
+def _as_param(value, x):
+    """(the kernels' parameter, whether it was given): the compute dtype, or an empty array for None."""
+    dtype = _compute_dtype(x)
+    return (jnp.zeros((0,), dtype), False) if value is None else (value.astype(dtype), True)
 
 
 # ------------------------------------------------------------------------------------------------ custom calls
@@ -205,8 +210,16 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     silu = _core._check_activation(activation)
     channels = x.shape[axis]
     groups = _gpu.check_groups(num_groups, channels)
-    w, has_weight = _param(weight, "weight", channels, x)
-    b, has_bias = _param(bias, "bias", channels, x)
+    return _apply(x, _param(weight, "weight", channels), _param(bias, "bias", channels), groups=groups, eps=eps,
+                  axis=axis, silu=silu)
+
+
+# Jitted past the checks, so that an eager call runs one compiled computation (cached by shape) rather than
+# dispatching each of its operations; inside a caller's jit they are inlined.
+@functools.partial(jax.jit, static_argnames=("groups", "eps", "axis", "silu"))
+def _apply(x, weight, bias, *, groups, eps, axis, silu):
+    w, has_weight = _as_param(weight, x)
+    b, has_bias = _as_param(bias, x)
     channels_last = axis == x.ndim - 1 and x.ndim > 2
     moved = not channels_last and axis != 1
     if moved:
@@ -222,8 +235,14 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5):
     x = _check_input(input)
     eps = _core._check_eps_value(eps)
     groups = _gpu.check_groups(num_groups, x.shape[1])
-    w, has_weight = _param(weight, "weight", x.shape[1], x)
-    b, has_bias = _param(bias, "bias", x.shape[1], x)
+    return _forward_apply(x, _param(weight, "weight", x.shape[1]), _param(bias, "bias", x.shape[1]), groups=groups,
+                          eps=eps)
+
+
+@functools.partial(jax.jit, static_argnames=("groups", "eps"))
+def _forward_apply(x, weight, bias, *, groups, eps):
+    w, has_weight = _as_param(weight, x)
+    b, has_bias = _as_param(bias, x)
     return tuple(_forward_call(x, w, b, groups, eps, False, has_weight, has_bias, False))
 
 
@@ -238,7 +257,7 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None)
     if dy.dtype != x.dtype:
         raise ValueError(f"grad_output has dtype {dy.dtype}; it must match the input's dtype {x.dtype}")
     groups = _gpu.check_groups(num_groups, x.shape[1])
-    w, has_weight = _param(weight, "weight", x.shape[1], x)
+    w = _param(weight, "weight", x.shape[1])
     stats = []
     for value, name in ((mean, "mean"), (rstd, "rstd")):
         value = _array(value, name)
@@ -247,5 +266,12 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None)
                              f"sample and group (N, num_groups)")
         if not _real(value.dtype):
             raise TypeError(f"{name} has dtype {value.dtype}; it must hold real numbers (float or integer)")
-        stats.append(value.astype(_compute_dtype(x)))
-    return tuple(_backward_call(dy, x, stats[0], stats[1], w, groups, False, has_weight))
+        stats.append(value)
+    return _backward_apply(dy, x, stats[0], stats[1], w, groups=groups)
+
+
+@functools.partial(jax.jit, static_argnames=("groups",))
+def _backward_apply(dy, x, mean, rstd, weight, *, groups):
+    w, has_weight = _as_param(weight, x)
+    dtype = _compute_dtype(x)
+    return tuple(_backward_call(dy, x, mean.astype(dtype), rstd.astype(dtype), w, groups, False, has_weight))
