@@ -2,7 +2,8 @@
 
 Peers (each only if importable): torch.nn.functional.group_norm (NCHW and channels_last, forward and
 forward+backward), ONNX Runtime's GroupNormalization (opset 21), a JAX function, Flax's GroupNorm module
-(nnx, else linen; channels-last and 2-D inputs, its native layout) and a NumPy reference. All run in one
+(nnx, else linen; channels-last and 2-D inputs, its native layout), groupnorm.jax (groupnorm's kernels as JAX
+custom calls, where the build has them) and a NumPy reference. All run in one
 process, interleaved round by round with the same thread count; each figure is the median over rounds of
 (time of a batch of k calls) / k, k calibrated so a batch lasts >= ``--min-batch-ms``. The copy floor is
 np.copyto of the input's bytes into a preallocated buffer (half a page from the input modulo 4 KiB, so free of 4K
@@ -377,6 +378,27 @@ def bind_jax(case: CaseData, threads: int) -> dict:
     return _bind_jax_function(group_norm, channels_last, x, (jnp.asarray(case.weight), jnp.asarray(case.bias)), dy)
 
 
+def bind_groupnorm_jax(case: CaseData, threads: int) -> dict:
+    """groupnorm.jax: groupnorm's kernels as JAX custom calls, jitted as the other JAX peers are (the thread count
+    is groupnorm's, which set_threads sets)."""
+    import jax.numpy as jnp
+
+    import groupnorm.jax as gnj
+
+    usable, reason = gnj.available()
+    if not usable:
+        raise Unsupported(reason)
+    channels_last = case.layout == "NHWC" and case.x.ndim > 2
+    x, dy = _jax_inputs(case, channels_last)
+    axis = -1 if channels_last else 1
+
+    def group_norm(x, params):
+        weight, bias = params
+        return gnj.group_norm(x, case.num_groups, weight, bias, EPS, channel_axis=axis)
+
+    return _bind_jax_function(group_norm, channels_last, x, (jnp.asarray(case.weight), jnp.asarray(case.bias)), dy)
+
+
 def flax_api() -> str:
     """"nnx" where the installed flax has it (this imports flax), else "linen"."""
     return "nnx" if importlib.util.find_spec("flax.nnx") is not None else "linen"
@@ -426,6 +448,7 @@ PEERS = {
     "onnxruntime": (("onnxruntime", "onnx"), bind_onnxruntime),
     "jax": (("jax",), bind_jax),
     "flax": (("flax", "jax"), bind_flax),
+    "groupnorm.jax": (("jax",), bind_groupnorm_jax),
     "numpy": ((), bind_numpy),
 }
 # Why a peer has no forward+backward ("train") figure.
@@ -469,7 +492,7 @@ def peer_versions(peers: list) -> dict:
     versions = {}
     for name in ["groupnorm", "numpy"] + [p for p in peers if p not in ("groupnorm", "numpy")]:
         try:
-            versions[name] = importlib.metadata.version(name)
+            versions[name] = importlib.metadata.version(name.split(".")[0])  # groupnorm.jax: groupnorm's
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "?"
     if "flax" in peers:
