@@ -117,6 +117,17 @@ def test_extension_reports_runtime_errors_without_crashing():
         _cuda.backward(problem, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
+def test_config_says_whether_the_jax_custom_calls_were_built():
+    """config()["jax"] follows the build; without the custom calls jax_reason says why, in one piece (a CMake list
+    or a stray quote in the note broke the build once)."""
+    cfg = gn.config()
+    assert cfg["jax"] == (_core.JAX_BUILD_NOTE == "built")
+    if not cfg["jax"]:
+        assert "GROUPNORM_JAX" in cfg["jax_reason"] and ";" not in cfg["jax_reason"]
+    else:
+        assert cfg["jax_reason"] == ""
+
+
 def test_stream_with_cpu_arrays_is_refused():
     x = np.random.default_rng(0).standard_normal((2, 4, 3)).astype(np.float32)
     y, mean, rstd = gn.group_norm_forward(x, 2)
