@@ -224,6 +224,7 @@ def test_gpu_path_hands_jax_arrays_to_the_custom_calls(monkeypatch):
     """groupnorm._gpu sends JAX arrays (those in GPU memory, in eager calls) to groupnorm.jax; run here on CPU arrays
     through the same functions, with out= and stream= refused and the error of a build without the custom calls."""
     from groupnorm import _gpu
+    monkeypatch.setattr(gnj, "has_cuda", lambda: True)  # as in a build with the CUDA backend
     x = data((2, 8, 5), "float32", 17)
     w = data((8,), "float32", 18)
     want = reference(up(x), 4, up(w))
@@ -238,6 +239,9 @@ def test_gpu_path_hands_jax_arrays_to_the_custom_calls(monkeypatch):
         _gpu.group_norm(x, 4, w, None, 1e-5, None, 1, x)
     with pytest.raises(ValueError, match="JAX arrays run on XLA's own stream"):
         _gpu.group_norm(x, 4, w, None, 1e-5, None, 1, None, stream=1)
+    monkeypatch.setattr(gnj, "has_cuda", lambda: False)
+    with pytest.raises(ValueError, match="as a JAX array; this groupnorm build's JAX custom calls are for the CPU"):
+        _gpu.group_norm(x, 4, w, None, 1e-5, None, 1, None)
     monkeypatch.setattr(_core, "JAX_BUILD_NOTE", "a reason")
     with pytest.raises(ValueError, match=r"as a JAX array; this groupnorm build has no JAX custom calls \(a reason"):
         _gpu.group_norm(x, 4, w, None, 1e-5, None, 1, None)

@@ -499,6 +499,10 @@ def _jax_path(input, out, stream):
     if stream is not None:
         raise ValueError(f"stream={stream!r}: JAX arrays run on XLA's own stream; leave stream=None")
     from . import jax as gnj
+    if not gnj.has_cuda():
+        raise ValueError(f"input lives on device {gpu_device(input)} as a JAX array; this groupnorm build's JAX "
+                         f"custom calls are for the CPU only (it was built without the CUDA backend: "
+                         f"{_core.CUDA_BUILD_NOTE})")
     return gnj
 
 

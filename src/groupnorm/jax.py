@@ -25,6 +25,7 @@ __all__ = ["group_norm", "group_norm_forward", "group_norm_backward"]
 
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
 _state = None  # True once the custom calls are registered, else the reason they cannot be
+_platforms = []  # the platforms registered: "cpu", and "CUDA" where the build has the CUDA backend
 _lock = threading.Lock()  # one registration, whichever thread calls first
 
 
@@ -36,6 +37,11 @@ def available():
             if _state is None:
                 _state = _register()
     return (True, None) if _state is True else (False, _state)
+
+
+def has_cuda():
+    """Whether the custom calls serve JAX arrays in GPU memory (a build with the CUDA backend)."""
+    return available()[0] and "CUDA" in _platforms
 
 
 def _require():
@@ -58,6 +64,7 @@ def _register():
         for name in ("Forward", "Backward"):
             handler = jax.ffi.pycapsule(getattr(library, f"Gn{name}{suffix}"))
             jax.ffi.register_ffi_target(f"groupnorm_{name.lower()}", handler, platform=platform)
+        _platforms.append(platform)
     return True
 
 
