@@ -86,7 +86,14 @@ ffi::Error check_param(const ffi::AnyBuffer& p, bool present, int64_t count, ffi
 
 const void* data_or_null(const ffi::AnyBuffer& p, bool present) { return present ? p.untyped_data() : nullptr; }
 
-// Checks common to every forward handler: extents, dtypes and sizes. Fills the core's problem.
+// A handler's checked call: the extents and the data's dtype, or the error to return.
+struct Checked {
+  ffi::Error error;
+  Extents e;
+  groupnorm::DType dtype = groupnorm::DType::kFloat32;
+};
+
+// Checks common to every forward handler: extents, dtypes and sizes.
 ffi::Error forward_checks(const ffi::AnyBuffer& x, const ffi::AnyBuffer& weight, const ffi::AnyBuffer& bias,
                           const ffi::AnyBuffer& y, const ffi::AnyBuffer& mean, const ffi::AnyBuffer& rstd,
                           int64_t groups, bool channels_last, bool has_weight, bool has_bias, Extents* e,
@@ -133,6 +140,24 @@ ffi::Error backward_checks(const ffi::AnyBuffer& dy, const ffi::AnyBuffer& x, co
   return ffi::Error::Success();
 }
 
+Checked check_forward(const ffi::AnyBuffer& x, const ffi::AnyBuffer& weight, const ffi::AnyBuffer& bias,
+                      const ffi::AnyBuffer& y, const ffi::AnyBuffer& mean, const ffi::AnyBuffer& rstd, int64_t groups,
+                      bool channels_last, bool has_weight, bool has_bias) {
+  Checked c;
+  c.error = forward_checks(x, weight, bias, y, mean, rstd, groups, channels_last, has_weight, has_bias, &c.e, &c.dtype);
+  return c;
+}
+
+Checked check_backward(const ffi::AnyBuffer& dy, const ffi::AnyBuffer& x, const ffi::AnyBuffer& mean,
+                       const ffi::AnyBuffer& rstd, const ffi::AnyBuffer& weight, const ffi::AnyBuffer& dx,
+                       const ffi::AnyBuffer& dweight, const ffi::AnyBuffer& dbias, int64_t groups, bool channels_last,
+                       bool has_weight) {
+  Checked c;
+  c.error = backward_checks(dy, x, mean, rstd, weight, dx, dweight, dbias, groups, channels_last, has_weight, &c.e,
+                            &c.dtype);
+  return c;
+}
+
 ffi::Error status_error(groupnorm::Status status) {
   switch (status) {
     case groupnorm::kOk: return ffi::Error::Success();
@@ -140,6 +165,17 @@ ffi::Error status_error(groupnorm::Status status) {
     case groupnorm::kOutOfMemory: return ffi::Error::Internal("groupnorm: out of memory for the kernels' scratch");
     default: return ffi::Error::Internal("groupnorm: the kernels failed (status " + std::to_string(status) + ")");
   }
+}
+
+// The core's problem of a checked call (no activation, eps 0: the forward sets those).
+groupnorm::Problem core_problem(const Extents& e, int64_t groups, bool channels_last) {
+  groupnorm::Problem p;
+  p.N = e.n;
+  p.C = e.c;
+  p.G = groups;
+  p.HxW = e.s;
+  p.layout = channels_last ? groupnorm::Layout::kChannelsLast : groupnorm::Layout::kChannelsFirst;
+  return p;
 }
 
 template <class T> void fill_nan(void* p, int64_t count) {
@@ -153,13 +189,10 @@ ffi::Error forward_cpu(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer b
                        ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> rstd, int64_t groups,
                        double eps, bool channels_last, bool has_weight, bool has_bias, bool silu) {
   if (core_forward == nullptr) return ffi::Error::Internal("groupnorm: the core is not bound (import groupnorm.jax)");
-  Extents e;
-  groupnorm::DType dtype;
-  if (ffi::Error err = forward_checks(x, weight, bias, *y, *mean, *rstd, groups, channels_last, has_weight, has_bias,
-                                      &e, &dtype);
-      err.failure()) {
-    return err;
-  }
+  const Checked c = check_forward(x, weight, bias, *y, *mean, *rstd, groups, channels_last, has_weight, has_bias);
+  if (c.error.failure()) return c.error;
+  const Extents& e = c.e;
+  const groupnorm::DType dtype = c.dtype;
   if (x.element_count() == 0) {  // a group of no element has no mean
     if (dtype == groupnorm::DType::kFloat64) {
       fill_nan<double>(mean->untyped_data(), e.n * groups);
@@ -170,12 +203,7 @@ ffi::Error forward_cpu(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer b
     }
     return ffi::Error::Success();
   }
-  groupnorm::Problem p;
-  p.N = e.n;
-  p.C = e.c;
-  p.G = groups;
-  p.HxW = e.s;
-  p.layout = channels_last ? groupnorm::Layout::kChannelsLast : groupnorm::Layout::kChannelsFirst;
+  groupnorm::Problem p = core_problem(e, groups, channels_last);
   p.activation = silu ? groupnorm::Activation::kSilu : groupnorm::Activation::kNone;
   p.eps = eps;
   return status_error(core_forward(p, dtype, x.untyped_data(), data_or_null(weight, has_weight),
@@ -187,26 +215,16 @@ ffi::Error backward_cpu(ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer mean
                         ffi::AnyBuffer weight, ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dweight,
                         ffi::Result<ffi::AnyBuffer> dbias, int64_t groups, bool channels_last, bool has_weight) {
   if (core_backward == nullptr) return ffi::Error::Internal("groupnorm: the core is not bound (import groupnorm.jax)");
-  Extents e;
-  groupnorm::DType dtype;
-  if (ffi::Error err = backward_checks(dy, x, mean, rstd, weight, *dx, *dweight, *dbias, groups, channels_last,
-                                       has_weight, &e, &dtype);
-      err.failure()) {
-    return err;
-  }
-  groupnorm::Problem p;
-  p.N = e.n;
-  p.C = e.c;
-  p.G = groups;
-  p.HxW = e.s;
-  p.layout = channels_last ? groupnorm::Layout::kChannelsLast : groupnorm::Layout::kChannelsFirst;
+  const Checked c = check_backward(dy, x, mean, rstd, weight, *dx, *dweight, *dbias, groups, channels_last, has_weight);
+  if (c.error.failure()) return c.error;
+  const groupnorm::Problem p = core_problem(c.e, groups, channels_last);
   if (x.element_count() == 0) {  // sums over no element
     const size_t bytes = dweight->size_bytes();
     std::fill_n(static_cast<unsigned char*>(dweight->untyped_data()), bytes, 0);
     std::fill_n(static_cast<unsigned char*>(dbias->untyped_data()), bytes, 0);
     return ffi::Error::Success();
   }
-  return status_error(core_backward(p, dtype, dy.untyped_data(), x.untyped_data(), mean.untyped_data(),
+  return status_error(core_backward(p, c.dtype, dy.untyped_data(), x.untyped_data(), mean.untyped_data(),
                                     rstd.untyped_data(), data_or_null(weight, has_weight), dx->untyped_data(),
                                     dweight->untyped_data(), dbias->untyped_data()));
 }
@@ -254,13 +272,10 @@ ffi::Error forward_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
                         ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> mean,
                         ffi::Result<ffi::AnyBuffer> rstd, int64_t groups, double eps, bool channels_last,
                         bool has_weight, bool has_bias, bool silu) {
-  Extents e;
-  groupnorm::DType dtype;
-  if (ffi::Error err = forward_checks(x, weight, bias, *y, *mean, *rstd, groups, channels_last, has_weight, has_bias,
-                                      &e, &dtype);
-      err.failure()) {
-    return err;
-  }
+  const Checked c = check_forward(x, weight, bias, *y, *mean, *rstd, groups, channels_last, has_weight, has_bias);
+  if (c.error.failure()) return c.error;
+  const Extents& e = c.e;
+  const groupnorm::DType dtype = c.dtype;
   if (x.element_count() == 0) {  // all-ones bytes are a NaN in float32 and float64
     if (int code = cudaMemsetAsync(mean->untyped_data(), 0xFF, mean->size_bytes(), stream)) return cuda_error(code);
     return cuda_error(cudaMemsetAsync(rstd->untyped_data(), 0xFF, rstd->size_bytes(), stream));
@@ -277,13 +292,10 @@ ffi::Error backward_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
                          ffi::AnyBuffer mean, ffi::AnyBuffer rstd, ffi::AnyBuffer weight,
                          ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dweight,
                          ffi::Result<ffi::AnyBuffer> dbias, int64_t groups, bool channels_last, bool has_weight) {
-  Extents e;
-  groupnorm::DType dtype;
-  if (ffi::Error err = backward_checks(dy, x, mean, rstd, weight, *dx, *dweight, *dbias, groups, channels_last,
-                                       has_weight, &e, &dtype);
-      err.failure()) {
-    return err;
-  }
+  const Checked c = check_backward(dy, x, mean, rstd, weight, *dx, *dweight, *dbias, groups, channels_last, has_weight);
+  if (c.error.failure()) return c.error;
+  const Extents& e = c.e;
+  const groupnorm::DType dtype = c.dtype;
   if (x.element_count() == 0) {
     if (int code = cudaMemsetAsync(dweight->untyped_data(), 0, dweight->size_bytes(), stream)) return cuda_error(code);
     return cuda_error(cudaMemsetAsync(dbias->untyped_data(), 0, dbias->size_bytes(), stream));
