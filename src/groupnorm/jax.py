@@ -1,9 +1,11 @@
 """groupnorm.jax: Group Normalization for JAX arrays as XLA custom calls, under ``jax.jit`` and ``jax.grad``.
 
 The kernels run inside JAX's own computation: XLA allocates the results, and on a GPU lends its stream and the
-kernels' workspace, so they compose with jit, grad (a custom VJP on groupnorm's backward kernels) and vmap (one
-call per mapped element). On the CPU the custom calls run groupnorm's SIMD kernels (the ISA level and thread count
-of groupnorm.set_isa / set_num_threads); on a GPU the CUDA kernels, where the build has them.
+kernels' workspace, so they compose with jit, grad (a custom VJP on groupnorm's backward kernels) and vmap
+(the forward folds the mapped axis into N, one call for the batch, where weight and bias are shared; otherwise,
+and for the backward, one call per element). On the CPU the custom calls run groupnorm's SIMD kernels (the ISA
+level and thread count of groupnorm.set_isa / set_num_threads); on a GPU the CUDA kernels, where the build has
+them.
 
 It needs a groupnorm built with the custom calls (``groupnorm.config()["jax"]``): a build that found jaxlib's FFI
 headers, that is ``pip install --no-build-isolation .`` where jax is installed (README, section JAX). Importing
@@ -18,6 +20,7 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_batching
 
 from . import _core, _gpu
 
@@ -115,11 +118,45 @@ def _as_param(value, x):
 # ------------------------------------------------------------------------------------------------ custom calls
 
 def _forward_call(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu):
+    """(y, mean, rstd) of the forward custom call; under vmap, see _forward_op."""
+    return _forward_op(groups, eps, channels_last, has_weight, has_bias, silu)(x, w, b)
+
+
+def _ffi_forward(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu):
     stats = jax.ShapeDtypeStruct((x.shape[0], groups), _compute_dtype(x))
     call = jax.ffi.ffi_call("groupnorm_forward", (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats),
                             vmap_method="sequential")
     return call(x, w, b, groups=np.int64(groups), eps=np.float64(eps), channels_last=bool(channels_last),
                 has_weight=bool(has_weight), has_bias=bool(has_bias), silu=bool(silu))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_op(groups, eps, channels_last, has_weight, has_bias, silu):
+    """The forward custom call as a function of (x, w, b) for one set of static arguments, batched by jax.vmap with
+    the mapped axis folded into N (one call for the whole batch) when the weight and bias are the same for every
+    element, and one call per element otherwise."""
+    def call(x, w, b):
+        return tuple(_ffi_forward(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu))
+
+    op = custom_batching.custom_vmap(call)
+
+    @op.def_vmap
+    def batched(axis_size, in_batched, x, w, b):
+        x_batched, w_batched, b_batched = in_batched
+        if x_batched and not w_batched and not b_batched:
+            y, mean, rstd = op(x.reshape((axis_size * x.shape[1],) + x.shape[2:]), w, b)
+            return (y.reshape(x.shape), mean.reshape(axis_size, -1, groups),
+                    rstd.reshape(axis_size, -1, groups)), (True, True, True)
+        args = (x, w, b)
+        mapped = tuple(a for a, is_batched in zip(args, in_batched) if is_batched)
+
+        def one(sliced):
+            parts = iter(sliced)
+            return op(*[next(parts) if is_batched else a for a, is_batched in zip(args, in_batched)])
+
+        return jax.lax.map(one, mapped), (True, True, True)
+
+    return op
 
 
 def _backward_call(dy, x, mean, rstd, w, groups, channels_last, has_weight):
@@ -250,7 +287,7 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5):
 def _forward_apply(x, weight, bias, *, groups, eps):
     w, has_weight = _as_param(weight, x)
     b, has_bias = _as_param(bias, x)
-    return tuple(_forward_call(x, w, b, groups, eps, False, has_weight, has_bias, False))
+    return _forward_call(x, w, b, groups, eps, False, has_weight, has_bias, False)
 
 
 def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None):
