@@ -273,3 +273,15 @@ def test_gpu_path_hands_jax_arrays_to_the_custom_calls(monkeypatch):
     monkeypatch.setattr(_core, "JAX_BUILD_NOTE", "a reason")
     with pytest.raises(ValueError, match=r"as a JAX array; this groupnorm build has no JAX custom calls \(a reason"):
         _gpu.group_norm(x, 4, w, None, 1e-5, None, 1, None)
+
+
+def test_a_build_without_the_custom_calls_says_so(monkeypatch):
+    monkeypatch.setattr(gnj, "_state", "this groupnorm build has no JAX custom calls (a reason)")
+    assert gnj.available() == (False, "this groupnorm build has no JAX custom calls (a reason)")
+    assert not gnj.has_cuda()
+    for call in (lambda: gnj.group_norm(jnp.ones((2, 4)), 2), lambda: gnj.group_norm_forward(jnp.ones((2, 4)), 2),
+                 lambda: gnj.group_norm_backward(jnp.ones((2, 4)), jnp.ones((2, 4)), jnp.zeros((2, 2)),
+                                                 jnp.ones((2, 2)), 2)):
+        with pytest.raises(RuntimeError, match=r"^groupnorm.jax cannot run: this groupnorm build has no JAX custom "
+                                               r"calls \(a reason\)"):
+            call()
