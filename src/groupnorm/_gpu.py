@@ -103,6 +103,9 @@ class TorchArrays:
         self.dtypes = {name: dtype for dtype, name in self.names.items()}
         self.dtypes["uint8"] = torch.uint8  # the workspace
         self.ptr = torch.Tensor.data_ptr  # ptr(tensor): the C method itself, called about ten times a call
+        # The raw cudaStream_t of the current stream, as torch's own compiled kernels ask it (no Stream object);
+        # looked up once, not on every call.
+        self.raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
     def is_array(self, obj):
         return isinstance(obj, self.torch.Tensor)
@@ -173,7 +176,7 @@ class TorchArrays:
         allocate for it (None: nothing to enter)."""
         torch = self.torch
         if stream is None:
-            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # no Stream object, as torch's kernels ask
+            raw = self.raw_stream
             return (raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream), None
         handle = stream_handle(stream)
         cuda = torch.cuda
@@ -332,12 +335,17 @@ def _served(name, obj, device):
 
 # ------------------------------------------------------------------------------------------------ checks
 
-def _check_tensor(frame, tensor, name, device):
+def _on_device(frame, tensor, name, device):
+    """The error unless tensor is an array of the frame's kind on `device`."""
     if not frame.is_array(tensor):
         raise TypeError(f"{name} must be a {frame.kind} on {_device_name(device)}, got {type(tensor).__name__}")
     if frame.device(tensor) != device:
         raise ValueError(f"{name} is on device {_device_name(frame.device(tensor))} but input is on "
                          f"{_device_name(device)}; all arrays of a call must be on one device")
+
+
+def _check_tensor(frame, tensor, name, device):
+    _on_device(frame, tensor, name, device)
     return frame.usable(tensor, name)
 
 
@@ -636,12 +644,7 @@ def _forward_plan(cuda, frame, x, num_groups, weight, bias, eps, activation, cha
 
 
 def _check_out(frame, out, x):
-    device = frame.device(x)
-    if not frame.is_array(out):
-        raise TypeError(f"out must be a {frame.kind} on {_device_name(device)}, got {type(out).__name__}")
-    if frame.device(out) != device:
-        raise ValueError(f"out is on device {_device_name(frame.device(out))} but input is on "
-                         f"{_device_name(device)}; all arrays of a call must be on one device")
+    _on_device(frame, out, "out", frame.device(x))
     if tuple(out.shape) != tuple(x.shape):
         raise ValueError(f"out has shape {tuple(out.shape)}; it must match the input's shape {tuple(x.shape)}")
     if out.dtype != x.dtype:
