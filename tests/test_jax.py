@@ -285,3 +285,24 @@ def test_a_build_without_the_custom_calls_says_so(monkeypatch):
         with pytest.raises(RuntimeError, match=r"^groupnorm.jax cannot run: this groupnorm build has no JAX custom "
                                                r"calls \(a reason\)"):
             call()
+
+
+def test_the_custom_calls_check_their_buffers_too():
+    """The handlers repeat the checks (a call past groupnorm.jax's own, say through jax.ffi directly, gets an error
+    from them, not a crash)."""
+    gnj.available()
+    x = data((2, 4, 3), "float32", 23)
+    empty = jnp.zeros((0,), jnp.float32)
+    cases = [
+        ((x, jnp.ones(3), empty, 2, True, False), "groupnorm: weight must hold C values of the compute type"),
+        ((x, empty, empty, 3, False, False), r"num_groups=3 must be a positive divisor of the channels \(4\)"),
+        ((x.astype(jnp.int32), empty, empty, 2, False, False), "the input must be float16, bfloat16, float32"),
+    ]
+    for (xv, w, b, groups, has_weight, has_bias), message in cases:
+        with pytest.raises(Exception, match=message):
+            jax.block_until_ready(gnj._ffi_forward(xv, w, b, groups, 1e-5, False, has_weight, has_bias, False))
+    y, mean, rstd = gnj._ffi_forward(x, empty, empty, 2, 1e-5, False, False, False, False)
+    with pytest.raises(Exception, match="mean and rstd must hold N\\*num_groups values"):
+        jax.block_until_ready(gnj._backward_call(x, x, mean[:1], rstd[:1], empty, 2, False, False))
+    with pytest.raises(Exception, match="grad_output, input and grad_input must share a dtype"):
+        jax.block_until_ready(gnj._backward_call(x.astype(jnp.float16), x, mean, rstd, empty, 2, False, False))

@@ -86,65 +86,38 @@ ffi::Error check_param(const ffi::AnyBuffer& p, bool present, int64_t count, ffi
 
 const void* data_or_null(const ffi::AnyBuffer& p, bool present) { return present ? p.untyped_data() : nullptr; }
 
-// A handler's checked call: the extents and the data's dtype, or the error to return.
+// A handler's checked call: the extents and the data's dtype, or the error to return (check_forward,
+// check_backward).
 struct Checked {
   ffi::Error error;
   Extents e;
   groupnorm::DType dtype = groupnorm::DType::kFloat32;
 };
 
+ffi::Error check_stats(const ffi::AnyBuffer& mean, const ffi::AnyBuffer& rstd, int64_t count, ffi::DataType ct) {
+  if (mean.element_type() != ct || rstd.element_type() != ct || static_cast<int64_t>(mean.element_count()) != count ||
+      static_cast<int64_t>(rstd.element_count()) != count) {
+    return ffi::Error::InvalidArgument("groupnorm: mean and rstd must hold N*num_groups values of the compute type");
+  }
+  return ffi::Error::Success();
+}
+
 // Checks common to every forward handler: extents, dtypes and sizes.
-ffi::Error forward_checks(const ffi::AnyBuffer& x, const ffi::AnyBuffer& weight, const ffi::AnyBuffer& bias,
-                          const ffi::AnyBuffer& y, const ffi::AnyBuffer& mean, const ffi::AnyBuffer& rstd,
-                          int64_t groups, bool channels_last, bool has_weight, bool has_bias, Extents* e,
-                          groupnorm::DType* dtype) {
-  if (ffi::Error err = extents_of(x, channels_last, groups, e); err.failure()) return err;
-  if (!data_dtype(x.element_type(), dtype) || y.element_type() != x.element_type() ||
-      y.element_count() != x.element_count()) {
-    return ffi::Error::InvalidArgument("groupnorm: the input must be float16, bfloat16, float32 or float64, and the "
-                                       "output of its dtype and size");
-  }
-  const ffi::DataType ct = compute_dtype(*dtype);
-  if (ffi::Error err = check_param(weight, has_weight, e->c, ct, "weight"); err.failure()) return err;
-  if (ffi::Error err = check_param(bias, has_bias, e->c, ct, "bias"); err.failure()) return err;
-  const int64_t stats = e->n * groups;
-  if (mean.element_type() != ct || rstd.element_type() != ct || static_cast<int64_t>(mean.element_count()) != stats ||
-      static_cast<int64_t>(rstd.element_count()) != stats) {
-    return ffi::Error::InvalidArgument("groupnorm: mean and rstd must hold N*num_groups values of the compute type");
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error backward_checks(const ffi::AnyBuffer& dy, const ffi::AnyBuffer& x, const ffi::AnyBuffer& mean,
-                           const ffi::AnyBuffer& rstd, const ffi::AnyBuffer& weight, const ffi::AnyBuffer& dx,
-                           const ffi::AnyBuffer& dweight, const ffi::AnyBuffer& dbias, int64_t groups,
-                           bool channels_last, bool has_weight, Extents* e, groupnorm::DType* dtype) {
-  if (ffi::Error err = extents_of(x, channels_last, groups, e); err.failure()) return err;
-  if (!data_dtype(x.element_type(), dtype) || dy.element_type() != x.element_type() ||
-      dx.element_type() != x.element_type() || dy.element_count() != x.element_count() ||
-      dx.element_count() != x.element_count()) {
-    return ffi::Error::InvalidArgument("groupnorm: grad_output, input and grad_input must share a dtype (float16, "
-                                       "bfloat16, float32 or float64) and a size");
-  }
-  const ffi::DataType ct = compute_dtype(*dtype);
-  const int64_t stats = e->n * groups;
-  if (mean.element_type() != ct || rstd.element_type() != ct || static_cast<int64_t>(mean.element_count()) != stats ||
-      static_cast<int64_t>(rstd.element_count()) != stats) {
-    return ffi::Error::InvalidArgument("groupnorm: mean and rstd must hold N*num_groups values of the compute type");
-  }
-  if (ffi::Error err = check_param(weight, has_weight, e->c, ct, "weight"); err.failure()) return err;
-  if (dweight.element_type() != ct || dbias.element_type() != ct ||
-      static_cast<int64_t>(dweight.element_count()) != e->c || static_cast<int64_t>(dbias.element_count()) != e->c) {
-    return ffi::Error::InvalidArgument("groupnorm: grad_weight and grad_bias must hold C values of the compute type");
-  }
-  return ffi::Error::Success();
-}
-
 Checked check_forward(const ffi::AnyBuffer& x, const ffi::AnyBuffer& weight, const ffi::AnyBuffer& bias,
                       const ffi::AnyBuffer& y, const ffi::AnyBuffer& mean, const ffi::AnyBuffer& rstd, int64_t groups,
                       bool channels_last, bool has_weight, bool has_bias) {
   Checked c;
-  c.error = forward_checks(x, weight, bias, y, mean, rstd, groups, channels_last, has_weight, has_bias, &c.e, &c.dtype);
+  if (c.error = extents_of(x, channels_last, groups, &c.e); c.error.failure()) return c;
+  if (!data_dtype(x.element_type(), &c.dtype) || y.element_type() != x.element_type() ||
+      y.element_count() != x.element_count()) {
+    c.error = ffi::Error::InvalidArgument("groupnorm: the input must be float16, bfloat16, float32 or float64, and "
+                                          "the output of its dtype and size");
+    return c;
+  }
+  const ffi::DataType ct = compute_dtype(c.dtype);
+  if (c.error = check_param(weight, has_weight, c.e.c, ct, "weight"); c.error.failure()) return c;
+  if (c.error = check_param(bias, has_bias, c.e.c, ct, "bias"); c.error.failure()) return c;
+  c.error = check_stats(mean, rstd, c.e.n * groups, ct);
   return c;
 }
 
@@ -153,8 +126,23 @@ Checked check_backward(const ffi::AnyBuffer& dy, const ffi::AnyBuffer& x, const 
                        const ffi::AnyBuffer& dweight, const ffi::AnyBuffer& dbias, int64_t groups, bool channels_last,
                        bool has_weight) {
   Checked c;
-  c.error = backward_checks(dy, x, mean, rstd, weight, dx, dweight, dbias, groups, channels_last, has_weight, &c.e,
-                            &c.dtype);
+  if (c.error = extents_of(x, channels_last, groups, &c.e); c.error.failure()) return c;
+  if (!data_dtype(x.element_type(), &c.dtype) || dy.element_type() != x.element_type() ||
+      dx.element_type() != x.element_type() || dy.element_count() != x.element_count() ||
+      dx.element_count() != x.element_count()) {
+    c.error = ffi::Error::InvalidArgument("groupnorm: grad_output, input and grad_input must share a dtype (float16, "
+                                          "bfloat16, float32 or float64) and a size");
+    return c;
+  }
+  const ffi::DataType ct = compute_dtype(c.dtype);
+  if (c.error = check_stats(mean, rstd, c.e.n * groups, ct); c.error.failure()) return c;
+  if (c.error = check_param(weight, has_weight, c.e.c, ct, "weight"); c.error.failure()) return c;
+  if (dweight.element_type() != ct || dbias.element_type() != ct ||
+      static_cast<int64_t>(dweight.element_count()) != c.e.c ||
+      static_cast<int64_t>(dbias.element_count()) != c.e.c) {
+    c.error = ffi::Error::InvalidArgument("groupnorm: grad_weight and grad_bias must hold C values of the compute "
+                                          "type");
+  }
   return c;
 }
 
