@@ -309,6 +309,7 @@ void column_grad_sums(const S* dy, const S* x, int64_t C, int64_t c, int64_t cou
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   V m[K], s_dy[K], s_dy_xc[K], s_xc[K];
+#pragma GCC unroll 8
   for (int i = 0; i < K; ++i) {
     m[i] = V::load(b.mean_hi + c + i * W);
     s_dy[i] = s_dy_xc[i] = s_xc[i] = V::zero();
@@ -324,6 +325,7 @@ void column_grad_sums(const S* dy, const S* x, int64_t C, int64_t c, int64_t cou
       s_xc[i] = s_xc[i] + xc;
     }
   }
+#pragma GCC unroll 8
   for (int i = 0; i < K; ++i) {
     V::store(b.sum_dy + c + i * W, s_dy[i]);
     V::store(b.sum_dy_xc + c + i * W, s_dy_xc[i]);

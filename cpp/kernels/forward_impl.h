@@ -645,6 +645,10 @@ void column_sums(const S* sample, int64_t C, int64_t c, int64_t count, int64_t r
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   V shift[K], sum[K], sq[K];
+  // The loops over K are unrolled by pragma: otherwise GCC first builds the arrays on the stack on every call
+  // (rep stos, copies through xmm registers) and only then moves them to registers, a prologue that cost AVX2
+  // channels-last forwards 10-25% (bench/NOTES.md, eleventh session). Likewise in column_apply and column_grad_sums.
+#pragma GCC unroll 8
   for (int i = 0; i < K; ++i) {
     shift[i] = V::load(b.shift + c + i * W);
     sum[i] = sq[i] = V::zero();
@@ -657,6 +661,7 @@ void column_sums(const S* sample, int64_t C, int64_t c, int64_t count, int64_t r
       sq[i] = fma(d, d, sq[i]);
     }
   }
+#pragma GCC unroll 8
   for (int i = 0; i < K; ++i) {
     V::store(b.sum + c + i * W, sum[i]);
     V::store(b.sq + c + i * W, sq[i]);
@@ -803,51 +808,81 @@ struct ColumnCoeffs {
   const T *mean_hi, *scale, *shift;
 };
 
+// One row's whole vectors [0, n) from value(i) to yr, in pairs (store_pair) unless streamed; from the last when
+// `backwards` (apply_backwards), so that the row's stores go in the pass's order.
+template <class V, bool kStream, class S, class Value>
+inline void apply_row_vectors(S* yr, int64_t n, bool backwards, Value value) {
+  constexpr int64_t W = V::kWidth;
+  auto put = [&](int64_t i, const V& out) {
+    if (kStream)
+      V::store_stream(yr + i * W, out);
+    else
+      V::store(yr + i * W, out);
+  };
+  auto pair = [&](int64_t i) {
+    const V a = value(i), b = value(i + 1);
+    if (kStream) {
+      put(i, a);
+      put(i + 1, b);
+    } else {
+      store_pair(yr + i * W, a, b);
+    }
+  };
+  const int64_t paired = n / 2 * 2;
+  if (backwards) {
+    if (paired < n) put(n - 1, value(n - 1));
+    for (int64_t i = paired - 2; i >= 0; i -= 2) pair(i);
+  } else {
+    for (int64_t i = 0; i < paired; i += 2) pair(i);
+    if (paired < n) put(n - 1, value(n - 1));
+  }
+}
+
 // Applies K vectors of channel coefficients to the columns starting at c of rows [r0, r1), the coefficients held
 // in registers; with kTail, one vector of which only `count` channels exist. `backwards` (apply_backwards): the
-// last row first, and each row's vectors (in pairs: store_pair) from the last.
+// last row first, and each row's vectors from the last.
 template <class V, int K, bool kTail, bool kSilu, bool kStream, class S>
 void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t r0, int64_t r1,
                   ColumnCoeffs<typename V::Scalar> k, bool backwards) {
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   V mean_hi[K], scale[K], shift[K];
+#pragma GCC unroll 8
   for (int i = 0; i < K; ++i) {
     mean_hi[i] = V::load(k.mean_hi + i * W);
     scale[i] = V::load(k.scale + i * W);
     shift[i] = V::load(k.shift + i * W);
   }
-  auto value = [&](const S* xr, int i) {
-    const V v = (kTail ? V::load_tail(xr, count, T(0)) : V::load(xr + i * W)) - mean_hi[i];
-    return activate<V, kSilu>(fma(v, scale[i], shift[i]));
-  };
-  auto put = [&](S* yr, int i, const V& out) {
-    if (kTail)
-      V::store_tail(yr, out, count);
-    else if (kStream)
-      V::store_stream(yr + i * W, out);
-    else
-      V::store(yr + i * W, out);
-  };
-  // Vectors i and i + 1 of a row, stored as a pair (store_pair) unless streamed.
-  auto pair = [&](const S* xr, S* yr, int i) {
-    const V a = value(xr, i), b = value(xr, i + 1);
-    if (kStream) {
-      put(yr, i, a);
-      put(yr, i + 1, b);
-    } else {
-      store_pair(yr + i * W, a, b);
-    }
-  };
-  constexpr int kPaired = kTail ? 0 : K / 2 * 2;
   auto row = [&](const S* xr, S* yr) {
-    if (backwards) {
-      if (kPaired < K) put(yr, K - 1, value(xr, K - 1));
-      for (int i = kPaired - 2; i >= 0; i -= 2) pair(xr, yr, i);
+    if (kTail) {
+      const V v = V::load_tail(xr, count, T(0)) - mean_hi[0];
+      V::store_tail(yr, activate<V, kSilu>(fma(v, scale[0], shift[0])), count);
     } else {
-      for (int i = 0; i < kPaired; i += 2) pair(xr, yr, i);
-      if (kPaired < K) put(yr, K - 1, value(xr, K - 1));
+      apply_row_vectors<V, kStream>(yr, K, backwards, [&](int64_t i) {
+        return activate<V, kSilu>(fma(V::load(xr + i * W) - mean_hi[i], scale[i], shift[i]));
+      });
     }
+  };
+  if (backwards) {
+    for (int64_t r = r1 - 1; r >= r0; --r) row(x + r * C + c, y + r * C + c);
+  } else {
+    for (int64_t r = r0; r < r1; ++r) row(x + r * C + c, y + r * C + c);
+  }
+}
+
+// Applies `vectors` whole vectors of channels starting at c to rows [r0, r1) row by row, each vector's
+// coefficients loaded from k beside it: the rows are read and written in memory order. On AVX2, where a tile holds
+// only two vectors' coefficients, this beats column_apply's tiles (the apply of [1,320,64,64] channels-last from L3
+// on a Zen 3: the tiles' strided lines took about 1.5x as long as rows read in order; bench/NOTES.md).
+template <class V, bool kSilu, bool kStream, class S>
+void row_major_apply(const S* x, S* y, int64_t C, int64_t c, int64_t vectors, int64_t r0, int64_t r1,
+                     ColumnCoeffs<typename V::Scalar> k, bool backwards) {
+  constexpr int64_t W = V::kWidth;
+  auto row = [&](const S* xr, S* yr) {
+    apply_row_vectors<V, kStream>(yr, vectors, backwards, [&](int64_t i) {
+      const V v = V::load(xr + i * W) - V::load(k.mean_hi + i * W);
+      return activate<V, kSilu>(fma(v, V::load(k.scale + i * W), V::load(k.shift + i * W)));
+    });
   };
   if (backwards) {
     for (int64_t r = r1 - 1; r >= r0; --r) row(x + r * C + c, y + r * C + c);
@@ -896,9 +931,12 @@ template <class V, class S, bool kSilu, bool kStream>
 void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, const RowBuffers<typename V::Scalar>& b,
                 int64_t head, bool backwards) {
   using T = typename V::Scalar;
-  // Channel vectors whose coefficients stay in registers: three registers each, so 2 on 16-register ISAs.
+  // Tiles of K = 4 channel vectors, their coefficients in registers (three each), on 32-register ISAs. AVX2, where
+  // a tile would hold two, goes row by row (row_major_apply). The scalar level keeps the tiles: its compute-bound
+  // loop gains nothing from either, and so every machine's tests run the tile code that AVX-512 and NEON use.
   constexpr int64_t W = V::kWidth;
-  constexpr int K = V::kRegisters >= 32 ? 4 : 2;
+  constexpr bool kRowMajor = V::kRegisters < 32 && W > 1;
+  constexpr int K = 4;
   const int64_t C = p.C;
   const int64_t rows_per_block = max_i64(1, kL1TileBytes / int64_t(sizeof(S) * C));
   // Channels [c0, c1) of rows [rb, re) of xs / ys, their coefficients from index k0: `lead` channels as one masked
@@ -913,13 +951,18 @@ void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, cons
       if (lead > 0) column_apply<V, 1, true, kSilu, false>(xs, ys, C, c0, lead, rb, re, at(c0), backwards);
     };
     auto tile = [&] {
-      for (int64_t i = 0; i < tiles; ++i) {
-        const int64_t c = a + (backwards ? tiles - 1 - i : i) * K * W;
-        column_apply<V, K, false, kSilu, kStream>(xs, ys, C, c, C, rb, re, at(c), backwards);
+      if constexpr (kRowMajor) {  // every whole vector, the rest tile's included
+        if (tail_at > a) row_major_apply<V, kSilu, kStream>(xs, ys, C, a, (tail_at - a) / W, rb, re, at(a), backwards);
+      } else {
+        for (int64_t i = 0; i < tiles; ++i) {
+          const int64_t c = a + (backwards ? tiles - 1 - i : i) * K * W;
+          column_apply<V, K, false, kSilu, kStream>(xs, ys, C, c, C, rb, re, at(c), backwards);
+        }
       }
     };
     auto rest_tile = [&] {
-      if (rest > 0) column_apply_rest<V, K, kSilu, kStream>(xs, ys, C, rest_at, rest, rb, re, at(rest_at), backwards);
+      if constexpr (!kRowMajor)
+        if (rest > 0) column_apply_rest<V, K, kSilu, kStream>(xs, ys, C, rest_at, rest, rb, re, at(rest_at), backwards);
     };
     auto tail = [&] {
       if (tail_at < c1)
