@@ -281,11 +281,12 @@ def test_gpu_work_runs_on_an_explicit_stream():
     w, b = t.randn(64, device="cuda"), t.randn(64, device="cuda")
     expected = gn.group_norm(x, 8, w, b)
     side = t.cuda.Stream()
+    dy = t.ones_like(x)  # filled on the current stream: made before the side stream waits for it
     for stream in [side, side.cuda_stream, t.cuda.ExternalStream(side.cuda_stream), 0]:
         side.wait_stream(t.cuda.current_stream())
         got = gn.group_norm(x, 8, w, b, stream=stream)
         y, mean, rstd = gn.group_norm_forward(x, 8, w, b, stream=stream)
-        dx, dw, db = gn.group_norm_backward(t.ones_like(x), x, mean, rstd, 8, w, stream=stream)
+        dx, dw, db = gn.group_norm_backward(dy, x, mean, rstd, 8, w, stream=stream)
         t.cuda.synchronize()
         assert t.equal(got, expected) and t.equal(y, expected)
         assert dx.is_contiguous(memory_format=t.channels_last) and dw.shape == db.shape == (64,)

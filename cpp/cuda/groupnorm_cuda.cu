@@ -13,7 +13,13 @@ int gn_cuda_device_count(int* count) {
 
 int gn_cuda_get_device(int* device) { return static_cast<int>(cudaGetDevice(device)); }
 
-int gn_cuda_set_device(int device) { return static_cast<int>(cudaSetDevice(device)); }
+int gn_cuda_set_device(int device) {
+  const cudaError_t err = cudaSetDevice(device);
+  // A failure is returned here, not left as the thread's last error: the next call's launch check
+  // (cudaGetLastError) would report it as its own, after a restore whose result the caller ignores.
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return static_cast<int>(err);
+}
 
 const char* gn_cuda_error_name(int error) {
   if (error == GN_CUDA_BAD_PROBLEM) return "GN_CUDA_BAD_PROBLEM";

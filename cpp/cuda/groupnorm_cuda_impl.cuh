@@ -236,8 +236,8 @@ int backward_launch(const gn_cuda_problem& p, const Geometry& g, const S* dz, co
                   coef[0], coef[1], coef[2], coef[3]);
   if (err) return err;
   if (grad_weight || grad_bias) {
-    err = gn_launch(backward_params<A>, dim3(static_cast<unsigned>(ceil_div(g.c, kThreads))), block, 0, stream,
-                    sums[0], sums[1], rstd, g, grad_weight, grad_bias);
+    err = gn_launch(backward_params<A>, dim3(static_cast<unsigned>(ceil_div(g.c, 32))), block,
+                    2 * kThreads * sizeof(A), stream, sums[0], sums[1], rstd, g, grad_weight, grad_bias);
     if (err) return err;
   }
   return last ? gn_launch(backward_apply_last<S, V>, grid, block, 0, stream, dz, x, g, coef[0], coef[1], coef[2],
