@@ -647,7 +647,8 @@ void column_sums(const S* sample, int64_t C, int64_t c, int64_t count, int64_t r
   V shift[K], sum[K], sq[K];
   // The loops over K are unrolled by pragma: otherwise GCC first builds the arrays on the stack on every call
   // (rep stos, copies through xmm registers) and only then moves them to registers, a prologue that cost AVX2
-  // channels-last forwards 10-25% (bench/NOTES.md, eleventh session). Likewise in column_apply and column_grad_sums.
+  // channels-last forwards up to a quarter of their time (bench/NOTES.md, eleventh session). Likewise in
+  // column_apply and column_grad_sums.
 #pragma GCC unroll 8
   for (int i = 0; i < K; ++i) {
     shift[i] = V::load(b.shift + c + i * W);
