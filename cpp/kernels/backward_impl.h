@@ -78,6 +78,7 @@ void run_grad_sums(const S* dy, const S* x, int64_t n, typename V::Scalar mean_h
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
     V g_a = V::zero(), gx_a = V::zero(), x_a = V::zero(), g_b = V::zero(), gx_b = V::zero(), x_b = V::zero();
+#pragma GCC unroll 2  // as in run_shifted_sums
     for (int64_t k = 0; k < kBlock; k += 2 * W) {
       const V ga = V::load(dy + i + k), xa = V::load(x + i + k) - m;
       const V gb = V::load(dy + i + k + W), xb = V::load(x + i + k + W) - m;

@@ -250,6 +250,9 @@ ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift) {
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
     V sum_a = V::zero(), sq_a = V::zero(), sum_b = V::zero(), sq_b = V::zero();
+    // Unrolled twice, not all 16 times: fully unrolled, GCC hoisted the loads and spilled their differences to the
+    // stack (AVX2 and AVX-512 alike); NCHW forwards at 0.94-0.99x the time on AVX2 without the spills.
+#pragma GCC unroll 2
     for (int64_t k = 0; k < kBlock; k += 2 * W) {
       const V da = diff(V::load(x + i + k));
       const V db = diff(V::load(x + i + k + W));
