@@ -842,6 +842,16 @@ inline void apply_row_vectors(S* yr, int64_t n, bool backwards, Value value) {
   }
 }
 
+// row(x + r*C + c, y + r*C + c) for each row r of [r0, r1), the last first when `backwards`.
+template <class S, class Row>
+inline void each_row(const S* x, S* y, int64_t C, int64_t c, int64_t r0, int64_t r1, bool backwards, Row row) {
+  if (backwards) {
+    for (int64_t r = r1 - 1; r >= r0; --r) row(x + r * C + c, y + r * C + c);
+  } else {
+    for (int64_t r = r0; r < r1; ++r) row(x + r * C + c, y + r * C + c);
+  }
+}
+
 // Applies K vectors of channel coefficients to the columns starting at c of rows [r0, r1), the coefficients held
 // in registers; with kTail, one vector of which only `count` channels exist. `backwards` (apply_backwards): the
 // last row first, and each row's vectors from the last.
@@ -867,11 +877,7 @@ void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t
       });
     }
   };
-  if (backwards) {
-    for (int64_t r = r1 - 1; r >= r0; --r) row(x + r * C + c, y + r * C + c);
-  } else {
-    for (int64_t r = r0; r < r1; ++r) row(x + r * C + c, y + r * C + c);
-  }
+  each_row(x, y, C, c, r0, r1, backwards, row);
 }
 
 // Applies `vectors` whole vectors of channels starting at c to rows [r0, r1) row by row, each vector's
@@ -888,11 +894,7 @@ void row_major_apply(const S* x, S* y, int64_t C, int64_t c, int64_t vectors, in
       return activate<V, kSilu>(fma(v, V::load(k.scale + i * W), V::load(k.shift + i * W)));
     });
   };
-  if (backwards) {
-    for (int64_t r = r1 - 1; r >= r0; --r) row(x + r * C + c, y + r * C + c);
-  } else {
-    for (int64_t r = r0; r < r1; ++r) row(x + r * C + c, y + r * C + c);
-  }
+  each_row(x, y, C, c, r0, r1, backwards, row);
 }
 
 // The rotation of a channels-last y: how many channels each row of y has before its first store boundary, so that
