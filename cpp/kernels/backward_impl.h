@@ -80,8 +80,10 @@ void run_grad_sums(const S* dy, const S* x, int64_t n, typename V::Scalar mean_h
     V g_a = V::zero(), gx_a = V::zero(), x_a = V::zero(), g_b = V::zero(), gx_b = V::zero(), x_b = V::zero();
 #pragma GCC unroll 2  // as in run_shifted_sums
     for (int64_t k = 0; k < kBlock; k += 2 * W) {
-      const V ga = V::load(dy + i + k), xa = V::load(x + i + k) - m;
-      const V gb = V::load(dy + i + k + W), xb = V::load(x + i + k + W) - m;
+      V ga, gb, la, lb;
+      load_split(dy + i + k, ga, gb);  // dy and x in the same lane order, any: every lane is summed
+      load_split(x + i + k, la, lb);
+      const V xa = la - m, xb = lb - m;
       g_a = g_a + ga;
       gx_a = fma(ga, xa, gx_a);
       x_a = x_a + xa;
@@ -114,6 +116,21 @@ void run_grad_sums(const S* dy, const S* x, int64_t n, typename V::Scalar mean_h
   *sum_xc = V::acc_sum(s_xc);
 }
 
+// grad_apply_run's vector pairs [0, end), their lanes in any order (load_split); out of line with its coefficients
+// as values, as apply_pairs.
+template <class V, bool kInputNaNs, class S>
+__attribute__((noinline)) void grad_apply_pairs(const S* dy, const S* x, S* dx, int64_t end, V m, V scale, V c2,
+                                                V shift) {
+  constexpr int64_t W = V::kWidth;
+  for (int64_t i = 0; i < end; i += 2 * W) {
+    V ga, gb, xa, xb;
+    load_split(dy + i, ga, gb);
+    load_split(x + i, xa, xb);
+    store_split<V, false, kInputNaNs>(dx + i, fma(ga, scale, fma(xa - m, c2, shift)),
+                                      fma(gb, scale, fma(xb - m, c2, shift)));
+  }
+}
+
 // Pass 2 over one contiguous run of one channel: dx = dy*scale + (x - mean_hi)*c2 + shift.
 template <class V, class S>
 void grad_apply_run(const S* dy, const S* x, S* dx, int64_t n, typename V::Scalar scale_t,
@@ -122,12 +139,12 @@ void grad_apply_run(const S* dy, const S* x, S* dx, int64_t n, typename V::Scala
   constexpr int64_t W = V::kWidth;
   const V m = V::broadcast(k.mean_hi), scale = V::broadcast(scale_t), c2 = V::broadcast(k.c2),
           shift = V::broadcast(k.shift);
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const V a = fma(V::load(dy + i), scale, fma(V::load(x + i) - m, c2, shift));
-    const V b = fma(V::load(dy + i + W), scale, fma(V::load(x + i + W) - m, c2, shift));
-    store_pair(dx + i, a, b);
-  }
+  // Finite coefficients: dy and x hold no NaN (c2 and shift run through every sum of both; values_clean).
+  const int64_t pairs_end = n / (2 * W) * 2 * W;
+  with_input_nans<S>(values_clean({k.mean_hi, scale_t, k.c2, k.shift}), [&](auto input_nans) {
+    grad_apply_pairs<V, decltype(input_nans)::value>(dy, x, dx, pairs_end, m, scale, c2, shift);
+  });
+  int64_t i = pairs_end;
   for (; i + W <= n; i += W) V::store(dx + i, fma(V::load(dy + i), scale, fma(V::load(x + i) - m, c2, shift)));
   if (i < n) {
     const V t = fma(V::load_tail(dy + i, n - i, T(0)), scale, fma(V::load_tail(x + i, n - i, T(0)) - m, c2, shift));

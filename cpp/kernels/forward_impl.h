@@ -9,9 +9,12 @@
 // Included by cpp/kernels/isa/<isa>.cpp after defining GROUPNORM_ISA; everything lands in that namespace.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <type_traits>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -254,8 +257,9 @@ ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift) {
     // stack (AVX2 and AVX-512 alike); NCHW forwards at 0.94-0.99x the time on AVX2 without the spills.
 #pragma GCC unroll 2
     for (int64_t k = 0; k < kBlock; k += 2 * W) {
-      const V da = diff(V::load(x + i + k));
-      const V db = diff(V::load(x + i + k + W));
+      V la, lb;
+      load_split(x + i + k, la, lb);  // any lane order: every lane is summed
+      const V da = diff(la), db = diff(lb);
       sum_a = sum_a + da;
       sq_a = fma(da, da, sq_a);
       sum_b = sum_b + db;
@@ -345,18 +349,80 @@ V activate(V y) {
 
 // Stores a to p[0, W) and b to p[W, 2W): V::store_pair where V has one for S (bfloat16 on x86: one narrowing, or
 // one pack, for both), else two stores. The int / long argument makes the first overload win where it exists.
-template <class V, class S>
-auto store_pair_of(S* p, V a, V b, int) -> decltype(V::store_pair(p, a, b)) {
-  V::store_pair(p, a, b);
+// kInputNaNs false: no value carries a NaN from the input (vec/avx2.h, bf16_rounded; values_clean says when).
+template <class V, bool kInputNaNs, class S>
+auto store_pair_of(S* p, V a, V b, int) -> decltype(V::template store_pair<kInputNaNs>(p, a, b)) {
+  V::template store_pair<kInputNaNs>(p, a, b);
 }
-template <class V, class S>
+template <class V, bool kInputNaNs, class S>
 void store_pair_of(S* p, V a, V b, long) {
   V::store(p, a);
   V::store(p + V::kWidth, b);
 }
-template <class V, class S>
+template <class V, bool kInputNaNs = true, class S>
 void store_pair(S* p, V a, V b) {
-  store_pair_of<V>(p, a, b, 0);
+  store_pair_of<V, kInputNaNs>(p, a, b, 0);
+}
+
+// Two vectors' worth of values p[0, 2W) in any lane order, for lane-wise work with one coefficient for every lane
+// (a channels-first run): V::load_split where V has one for S (bfloat16 on AVX2: the values split by parity, with
+// no widening shuffle), else p[0, W) to a and p[W, 2W) to b. store_split puts them back in the same order.
+template <class V, class S>
+auto load_split_of(const S* p, V& a, V& b, int) -> decltype(V::load_split(p, a, b)) {
+  V::load_split(p, a, b);
+}
+template <class V, class S>
+void load_split_of(const S* p, V& a, V& b, long) {
+  a = V::load(p);
+  b = V::load(p + V::kWidth);
+}
+template <class V, class S>
+void load_split(const S* p, V& a, V& b) {
+  load_split_of<V>(p, a, b, 0);
+}
+template <class V, bool kStream, bool kInputNaNs, class S>
+auto store_split_of(S* p, V a, V b, int) -> decltype(V::template store_split<kInputNaNs>(p, a, b)) {
+  if (kStream)
+    V::template store_split_stream<kInputNaNs>(p, a, b);
+  else
+    V::template store_split<kInputNaNs>(p, a, b);
+}
+template <class V, bool kStream, bool kInputNaNs, class S>
+void store_split_of(S* p, V a, V b, long) {
+  if (kStream) {
+    V::store_stream(p, a);
+    V::store_stream(p + V::kWidth, b);
+  } else {
+    store_pair<V, kInputNaNs>(p, a, b);
+  }
+}
+template <class V, bool kStream, bool kInputNaNs = true, class S>
+void store_split(S* p, V a, V b) {
+  store_split_of<V, kStream, kInputNaNs>(p, a, b, 0);
+}
+
+// Whether values computed from these coefficients and the data they came from can carry no NaN from the input.
+// Each coefficient is NaN or infinite when the group's data holds a NaN or an infinity (the sums run through every
+// element) or a parameter is NaN, so finite coefficients leave only NaNs that arithmetic makes: the default quiet
+// NaN, which bfloat16's rounding add keeps quiet (vec/avx2.h, bf16_rounded).
+template <class T>
+inline bool values_clean(std::initializer_list<T> coefficients) {
+  for (T c : coefficients)
+    if (!std::isfinite(c)) return false;
+  return true;
+}
+
+// f(std::true_type) when values may carry the input's NaNs, f(std::false_type) when `clean` (values_clean) and S
+// is bfloat16, whose narrowing has a cheaper path for clean values; other S take one instantiation.
+template <class S, class F>
+inline void with_input_nans(bool clean, F f) {
+  if constexpr (std::is_same<S, BFloat16>::value) {
+    if (clean) {
+      f(std::false_type{});
+      return;
+    }
+  }
+  f(std::true_type{});
 }
 
 // Per-channel affine coefficients of the apply step: y = (x - mean_hi) * scale + shift.
@@ -392,6 +458,26 @@ inline bool apply_backwards(const void* x, const void* y) {
 // Applies one channel's coefficients to a contiguous run x[0, n) -> y[0, n), from the end when `backwards`
 // (apply_backwards). With kStream, the aligned middle of the run goes out with non-temporal stores: for outputs
 // larger than the cache they skip the read-for-ownership of y, a third of the traffic.
+// apply_run's vector pairs [begin, end) of x -> y, from the last when `backwards`, their lanes in any order
+// (load_split). Out of line, with its coefficients as values: as a lambda of apply_run, GCC reloaded them and the
+// pointers from the closure after every store.
+template <class V, bool kSilu, bool kStream, bool kInputNaNs, class S>
+__attribute__((noinline)) void apply_pairs(const S* x, S* y, int64_t begin, int64_t end, bool backwards, V mean_hi,
+                                           V scale, V shift) {
+  constexpr int64_t W = V::kWidth;
+  auto pair = [&](int64_t at) {
+    V a, b;
+    load_split(x + at, a, b);
+    store_split<V, kStream, kInputNaNs>(y + at, activate<V, kSilu>(fma(a - mean_hi, scale, shift)),
+                                        activate<V, kSilu>(fma(b - mean_hi, scale, shift)));
+  };
+  if (backwards) {
+    for (int64_t at = end - 2 * W; at >= begin; at -= 2 * W) pair(at);
+  } else {
+    for (int64_t at = begin; at < end; at += 2 * W) pair(at);
+  }
+}
+
 template <class V, class S, bool kSilu, bool kStream>
 void apply_run(const S* x, S* y, int64_t n, Coeffs<typename V::Scalar> k, bool backwards) {
   using T = typename V::Scalar;
@@ -404,13 +490,11 @@ void apply_run(const S* x, S* y, int64_t n, Coeffs<typename V::Scalar> k, bool b
     else
       V::store(to, v);
   };
-  auto store2 = [&](S* to, const V& a, const V& b) {  // a to to[0, W), b to to[W, 2W)
-    if (kStream) {
-      V::store_stream(to, a);
-      V::store_stream(to + W, b);
-    } else {
-      store_pair(to, a, b);
-    }
+  // The vector pairs [begin, end) (from the last when `backwards`), their lanes in any order (load_split).
+  auto pairs = [&](int64_t begin, int64_t end) {
+    with_input_nans<S>(values_clean({k.mean_hi, k.scale, k.shift}), [&](auto input_nans) {
+      apply_pairs<V, kSilu, kStream, decltype(input_nans)::value>(x, y, begin, end, backwards, mean_hi, scale, shift);
+    });
   };
   // Elements before y's first vector boundary, stored first (masked) so that the rest are aligned: non-temporal
   // stores need it, and backwards a store split over two lines costs a third more (forwards, a few percent).
@@ -421,24 +505,17 @@ void apply_run(const S* x, S* y, int64_t n, Coeffs<typename V::Scalar> k, bool b
   }
   if (backwards) {
     const int64_t body_end = head + (n - head) / W * W;
+    const int64_t pairs_begin = body_end - (body_end - head) / (2 * W) * 2 * W;
     if (body_end < n) V::store_tail(y + body_end, value(V::load_tail(x + body_end, n - body_end, T(0))), n - body_end);
-    int64_t i = body_end;
-    for (; i - 2 * W >= head; i -= 2 * W) {
-      const V yb = value(V::load(x + i - W));
-      const V ya = value(V::load(x + i - 2 * W));
-      store2(y + i - 2 * W, ya, yb);
-    }
-    if (i - W >= head) store(y + i - W, value(V::load(x + i - W)));
+    pairs(pairs_begin, body_end);
+    if (pairs_begin > head) store(y + head, value(V::load(x + head)));  // one vector between head and the pairs
     if (head > 0) V::store_tail(y, value(V::load_tail(x, head, T(0))), head);
     return;
   }
   if (head > 0) V::store_tail(y, value(V::load_tail(x, head, T(0))), head);
-  int64_t i = head;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const V ya = value(V::load(x + i));
-    const V yb = value(V::load(x + i + W));
-    store2(y + i, ya, yb);
-  }
+  const int64_t pairs_end = head + (n - head) / (2 * W) * 2 * W;
+  pairs(head, pairs_end);
+  int64_t i = pairs_end;
   if (i + W <= n) {
     store(y + i, value(V::load(x + i)));
     i += W;

@@ -589,9 +589,17 @@ std::vector<float> narrowing_probes() {
                           std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(),
                           1e-30f, 1e-40f, std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::min(),
                           0x1p-24f, 1e-7f, 3e-5f, 6.1e-5f, 0.1f, 1.0f / 3.0f, 3.14159265f, 0.0f};
+  // NaNs with payloads whose rounding add would carry: into the exponent (0x7f800001 to inf) or past it (0x7fffffff
+  // to -0); a NaN bias must stay a NaN on the kernels' vector paths as well (vec/avx2.h, bf16_rounded).
+  const uint32_t nan_payloads[] = {0x7f800001u, 0x7fffffffu, 0x7fbf8000u, 0x7fc0ffffu};
   std::vector<float> probes;
   for (float t : ties) probes.insert(probes.end(), {t, std::nextafter(t, 0.0f), std::nextafter(t, INFINITY)});
   probes.insert(probes.end(), std::begin(others), std::end(others));
+  for (uint32_t bits : nan_payloads) {
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    probes.push_back(f);
+  }
   for (size_t i = 0, n = probes.size(); i < n; ++i) probes.push_back(-probes[i]);
   if (probes.size() % 2 == 0) probes.push_back(1.0f);  // an odd C: a tail on every vector width
   return probes;

@@ -54,20 +54,57 @@ struct VecF32 {
     const __m256i bits = bf16_lanes(a);
     return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
   }
-  // Round to nearest even in integer arithmetic, each bfloat16 in the low half of its 32-bit lane: add 0x7fff plus
-  // the kept part's lowest bit, keep the high half; a NaN keeps its sign and top payload bits and is made quiet.
-  static __m256i bf16_lanes(VecF32 a) {
+  // Round to nearest even in integer arithmetic, each bfloat16 in the high half of its 32-bit lane (the low half is
+  // left over): add 0x7fff plus the kept part's lowest bit. A NaN keeps its sign and top payload bits and is made
+  // quiet. With kInputNaNs false the caller knows that no value carries a NaN from the input (its data and
+  // parameters are finite), so any NaN is one arithmetic made, the default quiet NaN with a zero low half, which the
+  // add leaves a quiet NaN: the test and blend go (a tenth of a bfloat16 apply on a Zen 3).
+  template <bool kInputNaNs = true>
+  static __m256i bf16_rounded(VecF32 a) {
     const __m256i u = _mm256_castps_si256(a.v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-    const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    if (!kInputNaNs) return rounded;
+    const __m256i quiet_nan = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
     return _mm256_blendv_epi8(rounded, quiet_nan, nan);
   }
+  // The same, each bfloat16 in the low half of its lane (the high half zero).
+  template <bool kInputNaNs = true>
+  static __m256i bf16_lanes(VecF32 a) {
+    return _mm256_srli_epi32(bf16_rounded<kInputNaNs>(a), 16);
+  }
   // Two vectors to p[0, 2W): one pack and one lane permute for both, where narrow() packs each alone.
+  template <bool kInputNaNs = true>
   static void store_pair(BFloat16* p, VecF32 a, VecF32 b) {
-    const __m256i packed = _mm256_packus_epi32(bf16_lanes(a), bf16_lanes(b));  // 64-bit quarters: a0-3 b0-3 a4-7 b4-7
+    // 64-bit quarters: a0-3 b0-3 a4-7 b4-7
+    const __m256i packed = _mm256_packus_epi32(bf16_lanes<kInputNaNs>(a), bf16_lanes<kInputNaNs>(b));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
+  }
+  // p[0, 2W) split by parity: `even` gets p[0], p[2], ..., p[2W - 2] and `odd` p[1], p[3], ..., p[2W - 1]. One load
+  // and one shift or mask a vector, where load() zero-extends and shifts; store_split puts the lanes back with no
+  // pack or permute. For lane-wise work with one coefficient for every lane (a channels-first run): the
+  // [1,320,64,64] bfloat16 forward at 0.7x the time of load() and store_pair() on a Zen 3.
+  static void load_split(const BFloat16* p, VecF32& even, VecF32& odd) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even.v = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    odd.v = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))));
+  }
+  template <bool kInputNaNs = true>
+  static __m256i split_bits(VecF32 even, VecF32 odd) {
+    return _mm256_or_si256(_mm256_srli_epi32(bf16_rounded<kInputNaNs>(even), 16),
+                           _mm256_and_si256(bf16_rounded<kInputNaNs>(odd), _mm256_set1_epi32(int(0xFFFF0000u))));
+  }
+  template <bool kInputNaNs = true>
+  static void store_split(BFloat16* p, VecF32 even, VecF32 odd) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), split_bits<kInputNaNs>(even, odd));
+  }
+  // Non-temporal, to a 16-byte aligned p (two 128-bit stores, as store_stream's alignment).
+  template <bool kInputNaNs = true>
+  static void store_split_stream(BFloat16* p, VecF32 even, VecF32 odd) {
+    const __m256i bits = split_bits<kInputNaNs>(even, odd);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(bits));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p + kWidth), _mm256_extracti128_si256(bits, 1));
   }
   template <class H>
   static VecF32 load(const H* p) {
