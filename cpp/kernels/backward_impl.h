@@ -311,6 +311,7 @@ struct GradRowBuffers {
   Scratch<double> block;
   T *mean_hi, *sum_dy, *sum_dy_xc, *sum_xc;  // pass 1: centering value, short-run sums in T
   T *scale, *c2, *shift;                     // pass 2: per-channel coefficients of the current sample
+  bool clean = false;                        // values_clean(the sample's coefficients)
   explicit GradRowBuffers(int64_t c_padded) : padded(c_padded), block(7 * c_padded) {
     double* base = block.data;  // each array gets c_padded doubles of room, enough for any T
     T** arrays[] = {&mean_hi, &sum_dy, &sum_dy_xc, &sum_xc, &scale, &c2, &shift};
@@ -382,8 +383,10 @@ void sample_means(const Problem& p, const S* mean, int64_t n, GradRowBuffers<T>&
 }
 
 // Spreads sample n's group coefficients over its channels (padding 0), for pass 2.
-template <class T, class S>
-void sample_grad_coeffs(const Problem& p, const GroupGradCoeffs<T>* coeffs, const S* weight, GradRowBuffers<T>& b) {
+// Loads sample n's pass-2 coefficients into b (mean_hi included: pass 1's centering values are reloaded per
+// sample), in load_split's lane order where V has one for S (split_order), as rows_grad_apply reads them.
+template <class V, class S, class T, class P>
+void sample_grad_coeffs(const Problem& p, const GroupGradCoeffs<T>* coeffs, const P* weight, GradRowBuffers<T>& b) {
   const int64_t D = p.C / p.G;
   for (int64_t g = 0; g < p.G; ++g) {
     const GroupGradCoeffs<T>& k = coeffs[g];
@@ -395,9 +398,14 @@ void sample_grad_coeffs(const Problem& p, const GroupGradCoeffs<T>* coeffs, cons
     }
   }
   for (int64_t c = p.C; c < b.padded; ++c) b.mean_hi[c] = b.scale[c] = b.c2[c] = b.shift[c] = T(0);
+  b.clean = values_clean<T>({b.mean_hi, b.scale, b.c2, b.shift}, p.C);
+  if constexpr (HasSplit<V, S>::value)
+    for (T* a : {b.mean_hi, b.scale, b.c2, b.shift}) split_order<V::kWidth>(a, p.C);
 }
 
-template <class V, class S>
+// Pass 2 over rows [r0, r1) of one sample: vector pairs through load_split (the coefficients in its lane order,
+// sample_grad_coeffs), then single vectors and a masked tail.
+template <class V, bool kInputNaNs, class S>
 void rows_grad_apply(const Problem& p, const S* dy, const S* x, S* dx, int64_t r0, int64_t r1,
                      const GradRowBuffers<typename V::Scalar>& b) {
   using T = typename V::Scalar;
@@ -407,19 +415,21 @@ void rows_grad_apply(const Problem& p, const S* dy, const S* x, S* dx, int64_t r
     const S* dy_row = dy + r * C;
     const S* x_row = x + r * C;
     S* dx_row = dx + r * C;
-    auto value = [&](int64_t c) {
-      const V xc = V::load(x_row + c) - V::load(b.mean_hi + c);
-      return fma(V::load(dy_row + c), V::load(b.scale + c), fma(xc, V::load(b.c2 + c), V::load(b.shift + c)));
+    auto value = [&](const V& g, const V& xv, int64_t c) {
+      const V xc = xv - V::load(b.mean_hi + c);
+      return fma(g, V::load(b.scale + c), fma(xc, V::load(b.c2 + c), V::load(b.shift + c)));
     };
     int64_t c = 0;
-    for (; c + 2 * W <= c_full; c += 2 * W) store_pair(dx_row + c, value(c), value(c + W));
-    for (; c < c_full; c += W) V::store(dx_row + c, value(c));
-    if (c < C) {
-      const V xc = V::load_tail(x_row + c, C - c, T(0)) - V::load(b.mean_hi + c);
-      const V v = fma(V::load_tail(dy_row + c, C - c, T(0)), V::load(b.scale + c),
-                      fma(xc, V::load(b.c2 + c), V::load(b.shift + c)));
-      V::store_tail(dx_row + c, v, C - c);
+    for (; c + 2 * W <= c_full; c += 2 * W) {
+      V ga, gb, xa, xb;
+      load_split(dy_row + c, ga, gb);
+      load_split(x_row + c, xa, xb);
+      store_split<V, false, kInputNaNs>(dx_row + c, value(ga, xa, c), value(gb, xb, c + W));
     }
+    for (; c < c_full; c += W) V::store(dx_row + c, value(V::load(dy_row + c), V::load(x_row + c), c));
+    if (c < C)
+      V::store_tail(dx_row + c, value(V::load_tail(dy_row + c, C - c, T(0)), V::load_tail(x_row + c, C - c, T(0)), c),
+                    C - c);
   }
 }
 
@@ -464,13 +474,16 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
                            coeffs[n * G + c / D]);
       return;
     }
-    rows_grad_apply<V>(p, dy + n * sample_len, x + n * sample_len, dx + n * sample_len, r0, r1, b);
+    with_input_nans<S>(b.clean, [&](auto input_nans) {
+      rows_grad_apply<V, decltype(input_nans)::value>(p, dy + n * sample_len, x + n * sample_len,
+                                                      dx + n * sample_len, r0, r1, b);
+    });
   };
   auto whole_sample = [&](int64_t n, GradRowBuffers<T>& b) {
     sample_means(p, mean, n, b);
     for (int64_t k = 0; k < nchunks; ++k) chunk_sums(n * nchunks + k, b);
     sample_finish(n);
-    sample_grad_coeffs(p, coeffs + n * G, weight, b);
+    sample_grad_coeffs<V, S>(p, coeffs + n * G, weight, b);
     for (int64_t k = nchunks - 1; k >= 0; --k) chunk_apply(n, k, b);  // last summed first: still in cache
   };
 
@@ -515,7 +528,7 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
         if (!ok) continue;
         const int64_t n = unit / nchunks;
         if (n != coeffs_of) {
-          sample_grad_coeffs(p, coeffs + n * G, weight, b);
+          sample_grad_coeffs<V, S>(p, coeffs + n * G, weight, b);
           coeffs_of = n;
         }
         chunk_apply(n, unit % nchunks, b);

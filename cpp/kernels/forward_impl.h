@@ -15,6 +15,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <type_traits>
+#include <utility>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -401,6 +402,28 @@ void store_split(S* p, V a, V b) {
   store_split_of<V, kStream, kInputNaNs>(p, a, b, 0);
 }
 
+// Whether V has load_split for S (its fallback is two plain loads).
+template <class V, class S, class = void>
+struct HasSplit : std::false_type {};
+template <class V, class S>
+struct HasSplit<V, S, std::void_t<decltype(V::load_split(static_cast<const S*>(nullptr), std::declval<V&>(),
+                                                         std::declval<V&>()))>> : std::true_type {};
+
+// Reorders a[0, n / (2W) * 2W) in blocks of 2W, each block's even entries first, then its odd ones: per-channel
+// coefficients in load_split's lane order, so that the two vectors at c hold those of the even and of the odd
+// channels of [c, c + 2W). Entries past the last whole block stay as they are.
+template <int64_t W, class T>
+void split_order(T* a, int64_t n) {
+  T block[2 * W];
+  for (int64_t c = 0; c + 2 * W <= n; c += 2 * W) {
+    for (int64_t j = 0; j < W; ++j) {
+      block[j] = a[c + 2 * j];
+      block[W + j] = a[c + 2 * j + 1];
+    }
+    for (int64_t j = 0; j < 2 * W; ++j) a[c + j] = block[j];
+  }
+}
+
 // Whether values computed from these coefficients and the data they came from can carry no NaN from the input.
 // Each coefficient is NaN or infinite when the group's data holds a NaN or an infinity (the sums run through every
 // element) or a parameter is NaN, so finite coefficients leave only NaNs that arithmetic makes: the default quiet
@@ -409,6 +432,14 @@ template <class T>
 inline bool values_clean(std::initializer_list<T> coefficients) {
   for (T c : coefficients)
     if (!std::isfinite(c)) return false;
+  return true;
+}
+// The same for per-channel coefficient arrays a[0, n) (a sample's, channels-last).
+template <class T>
+inline bool values_clean(std::initializer_list<const T*> arrays, int64_t n) {
+  for (const T* a : arrays)
+    for (int64_t i = 0; i < n; ++i)
+      if (!std::isfinite(a[i])) return false;
   return true;
 }
 
