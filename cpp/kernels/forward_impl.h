@@ -732,10 +732,13 @@ struct RowBuffers {
   T *shift, *sum, *sq;           // per channel: shift K, short-run sums in T
   double *sum_d, *sq_d;          // per channel: flushed sums in double
   T *mean_hi, *scale, *bias;     // per channel: apply coefficients of the current sample
+  // The same in load_split's lane order (split_order), where V has load_split for S (sample_coeffs)
+  T *split_mean_hi, *split_scale, *split_bias;
+  bool clean = false;              // values_clean(the current sample's coefficients)
   const T* shifts_held = nullptr;  // the group shifts (one sample's) that `shift` holds per channel
-  explicit RowBuffers(int64_t c_padded) : padded(c_padded), block(8 * c_padded) {
+  explicit RowBuffers(int64_t c_padded) : padded(c_padded), block(11 * c_padded) {
     double* base = block.data;  // each array gets c_padded doubles of room, enough for any T
-    if (base) std::memset(base, 0, sizeof(double) * size_t(8 * c_padded));  // padding lanes stay 0
+    if (base) std::memset(base, 0, sizeof(double) * size_t(11 * c_padded));  // padding lanes stay 0
     shift = reinterpret_cast<T*>(base);
     sum = reinterpret_cast<T*>(base + c_padded);
     sq = reinterpret_cast<T*>(base + 2 * c_padded);
@@ -744,6 +747,9 @@ struct RowBuffers {
     mean_hi = reinterpret_cast<T*>(base + 5 * c_padded);
     scale = reinterpret_cast<T*>(base + 6 * c_padded);
     bias = reinterpret_cast<T*>(base + 7 * c_padded);
+    split_mean_hi = reinterpret_cast<T*>(base + 8 * c_padded);
+    split_scale = reinterpret_cast<T*>(base + 9 * c_padded);
+    split_bias = reinterpret_cast<T*>(base + 10 * c_padded);
   }
   bool ok() const { return block.data != nullptr; }
 };
@@ -882,7 +888,7 @@ void rotate_left(T* a, int64_t n, int64_t k) {
 // shift = b - mean_lo*scale, one vector (or the group's last, partial vector) at a time, so no vector is
 // ever read back from scalar stores; then rotated by head, row_rotation's count, for rows_apply. weight_t / bias_t
 // hold the parameters in T (ones and zeros where absent), padded with zeros.
-template <class V>
+template <class V, class S>
 void sample_coeffs(const Problem& p, const GroupStats* stats, const typename V::Scalar* weight_t,
                    const typename V::Scalar* bias_t, int64_t head, RowBuffers<typename V::Scalar>& b) {
   using T = typename V::Scalar;
@@ -912,6 +918,15 @@ void sample_coeffs(const Problem& p, const GroupStats* stats, const typename V::
     rotate_left(b.scale, p.C, head);
     rotate_left(b.bias, p.C, head);
   }
+  b.clean = values_clean<T>({b.mean_hi, b.scale, b.bias}, p.C);
+  if constexpr (HasSplit<V, S>::value) {
+    const T* from[] = {b.mean_hi, b.scale, b.bias};
+    T* to[] = {b.split_mean_hi, b.split_scale, b.split_bias};
+    for (int a = 0; a < 3; ++a) {
+      std::memcpy(to[a], from[a], sizeof(T) * size_t(p.C));
+      split_order<W>(to[a], p.C);
+    }
+  }
 }
 
 // The apply coefficients of K consecutive channel vectors: pointers to their first lanes.
@@ -920,9 +935,22 @@ struct ColumnCoeffs {
   const T *mean_hi, *scale, *shift;
 };
 
-// One row's whole vectors [0, n) from value(i) to yr, in pairs (store_pair) unless streamed; from the last when
-// `backwards` (apply_backwards), so that the row's stores go in the pass's order.
-template <class V, bool kStream, class S, class Value>
+// pair(i) for the vector pairs (i, i + 1) of a row's n whole vectors and one(n - 1) for an odd last one; from the
+// last when `backwards` (apply_backwards), so that the row's stores go in the pass's order.
+template <class Pair, class One>
+inline void row_vectors(int64_t n, bool backwards, Pair pair, One one) {
+  const int64_t paired = n / 2 * 2;
+  if (backwards) {
+    if (paired < n) one(n - 1);
+    for (int64_t i = paired - 2; i >= 0; i -= 2) pair(i);
+  } else {
+    for (int64_t i = 0; i < paired; i += 2) pair(i);
+    if (paired < n) one(n - 1);
+  }
+}
+
+// One row's whole vectors [0, n) from value(i) to yr, in pairs (store_pair) unless streamed.
+template <class V, bool kStream, bool kInputNaNs = true, class S, class Value>
 inline void apply_row_vectors(S* yr, int64_t n, bool backwards, Value value) {
   constexpr int64_t W = V::kWidth;
   auto put = [&](int64_t i, const V& out) {
@@ -937,17 +965,10 @@ inline void apply_row_vectors(S* yr, int64_t n, bool backwards, Value value) {
       put(i, a);
       put(i + 1, b);
     } else {
-      store_pair(yr + i * W, a, b);
+      store_pair<V, kInputNaNs>(yr + i * W, a, b);
     }
   };
-  const int64_t paired = n / 2 * 2;
-  if (backwards) {
-    if (paired < n) put(n - 1, value(n - 1));
-    for (int64_t i = paired - 2; i >= 0; i -= 2) pair(i);
-  } else {
-    for (int64_t i = 0; i < paired; i += 2) pair(i);
-    if (paired < n) put(n - 1, value(n - 1));
-  }
+  row_vectors(n, backwards, pair, [&](int64_t i) { put(i, value(i)); });
 }
 
 // row(x + r*C + c, y + r*C + c) for each row r of [r0, r1), the last first when `backwards`.
@@ -991,18 +1012,40 @@ void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t
 // Applies `vectors` whole vectors of channels starting at c to rows [r0, r1) row by row, each vector's
 // coefficients loaded from k beside it: the rows are read and written in memory order. On AVX2, where a tile holds
 // only two vectors' coefficients, this beats column_apply's tiles (the apply of [1,320,64,64] channels-last from L3
-// on a Zen 3: the tiles' strided lines took about 1.5x as long as rows read in order; bench/NOTES.md).
-template <class V, bool kSilu, bool kStream, class S>
+// on a Zen 3: the tiles' strided lines took about 1.5x as long as rows read in order; bench/NOTES.md). With
+// `split` (the same coefficients in split_order, from c), vector pairs go through load_split and store_split.
+template <class V, bool kSilu, bool kStream, bool kInputNaNs, class S>
 void row_major_apply(const S* x, S* y, int64_t C, int64_t c, int64_t vectors, int64_t r0, int64_t r1,
-                     ColumnCoeffs<typename V::Scalar> k, bool backwards) {
+                     ColumnCoeffs<typename V::Scalar> k, const ColumnCoeffs<typename V::Scalar>* split,
+                     bool backwards) {
+  using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
-  auto row = [&](const S* xr, S* yr) {
-    apply_row_vectors<V, kStream>(yr, vectors, backwards, [&](int64_t i) {
-      const V v = V::load(xr + i * W) - V::load(k.mean_hi + i * W);
-      return activate<V, kSilu>(fma(v, V::load(k.scale + i * W), V::load(k.shift + i * W)));
-    });
+  auto value = [&](const V& v, const ColumnCoeffs<T>& kk, int64_t i) {
+    return activate<V, kSilu>(fma(v - V::load(kk.mean_hi + i * W), V::load(kk.scale + i * W),
+                                  V::load(kk.shift + i * W)));
   };
-  each_row(x, y, C, c, r0, r1, backwards, row);
+  if (split) {
+    const ColumnCoeffs<T> ks = *split;
+    each_row(x, y, C, c, r0, r1, backwards, [&](const S* xr, S* yr) {
+      auto pair = [&](int64_t i) {
+        V a, b;
+        load_split(xr + i * W, a, b);
+        store_split<V, kStream, kInputNaNs>(yr + i * W, value(a, ks, i), value(b, ks, i + 1));
+      };
+      row_vectors(vectors, backwards, pair, [&](int64_t i) {
+        const V out = value(V::load(xr + i * W), k, i);
+        if (kStream)
+          V::store_stream(yr + i * W, out);
+        else
+          V::store(yr + i * W, out);
+      });
+    });
+    return;
+  }
+  each_row(x, y, C, c, r0, r1, backwards, [&](const S* xr, S* yr) {
+    apply_row_vectors<V, kStream, kInputNaNs>(yr, vectors, backwards,
+                                              [&](int64_t i) { return value(V::load(xr + i * W), k, i); });
+  });
 }
 
 // The rotation of a channels-last y: how many channels each row of y has before its first store boundary, so that
@@ -1041,7 +1084,7 @@ void column_apply_rest(const S* x, S* y, int64_t C, int64_t c, int64_t m, int64_
 // head > 0 the block's rows go as virtual rows (row_rotation), all of whose stores are aligned and whole; only the
 // chunk's first row's [0, head) and its last row's [head, C) go on their own, with a masked first vector.
 // `backwards` (apply_backwards) runs the blocks, the pieces, the tiles and their rows in the opposite order.
-template <class V, class S, bool kSilu, bool kStream>
+template <class V, class S, bool kSilu, bool kStream, bool kInputNaNs>
 void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, const RowBuffers<typename V::Scalar>& b,
                 int64_t head, bool backwards) {
   using T = typename V::Scalar;
@@ -1066,7 +1109,12 @@ void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, cons
     };
     auto tile = [&] {
       if constexpr (kRowMajor) {  // every whole vector, the rest tile's included
-        if (tail_at > a) row_major_apply<V, kSilu, kStream>(xs, ys, C, a, (tail_at - a) / W, rb, re, at(a), backwards);
+        // From coefficient 0 (every span but a chunk's first row's piece), pairs go split (split_order from 0).
+        const ColumnCoeffs<T> split{b.split_mean_hi, b.split_scale, b.split_bias};
+        const bool from_zero = HasSplit<V, S>::value && k0 + a - c0 == 0;
+        if (tail_at > a)
+          row_major_apply<V, kSilu, kStream, kInputNaNs>(xs, ys, C, a, (tail_at - a) / W, rb, re, at(a),
+                                                         from_zero ? &split : nullptr, backwards);
       } else {
         for (int64_t i = 0; i < tiles; ++i) {
           const int64_t c = a + (backwards ? tiles - 1 - i : i) * K * W;
@@ -1217,10 +1265,14 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
       for (int64_t c = 0; c < C; ++c)
         wide_apply_run<T, kSilu>(xs + r0 * C + c, ys + r0 * C + c, r1 - r0, C, stats[n * G + c / D], weight, bias,
                                  c);
-    } else if (stream) {
-      rows_apply<V, S, kSilu, true>(p, xs, ys, r0, r1, b, head, backwards);
     } else {
-      rows_apply<V, S, kSilu, false>(p, xs, ys, r0, r1, b, head, backwards);
+      with_input_nans<S>(b.clean, [&](auto input_nans) {
+        constexpr bool kInputNaNs = decltype(input_nans)::value;
+        if (stream)
+          rows_apply<V, S, kSilu, true, kInputNaNs>(p, xs, ys, r0, r1, b, head, backwards);
+        else
+          rows_apply<V, S, kSilu, false, kInputNaNs>(p, xs, ys, r0, r1, b, head, backwards);
+      });
     }
   };
 
@@ -1228,7 +1280,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
     for (int64_t k = 0; k < nchunks; ++k) chunk_moments(n * nchunks + k, b);
     sample_finish(n, 0, G);
     const bool wide = sample_wide(n);
-    sample_coeffs<V>(p, stats + n * G, weight_t, bias_t, head, b);
+    sample_coeffs<V, S>(p, stats + n * G, weight_t, bias_t, head, b);
     for (int64_t k = nchunks - 1; k >= 0; --k) chunk_apply(n, k, b, wide);  // last summed first: still in cache
   };
 
@@ -1269,7 +1321,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
         if (!ok) continue;
         const int64_t n = unit / nchunks;
         if (n != coeffs_of) {
-          sample_coeffs<V>(p, stats + n * G, weight_t, bias_t, head, b);
+          sample_coeffs<V, S>(p, stats + n * G, weight_t, bias_t, head, b);
           wide = sample_wide(n);
           coeffs_of = n;
         }
