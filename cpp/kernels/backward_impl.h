@@ -116,11 +116,11 @@ void run_grad_sums(const S* dy, const S* x, int64_t n, typename V::Scalar mean_h
   *sum_xc = V::acc_sum(s_xc);
 }
 
-// grad_apply_run's vector pairs [0, end), their lanes in any order (load_split); out of line with its coefficients
-// as values, as apply_pairs.
+// grad_apply_run's vector pairs [0, end), their lanes in any order (load_split); a function with its
+// coefficients as values, as apply_pairs.
 template <class V, bool kInputNaNs, class S>
-__attribute__((noinline)) void grad_apply_pairs(const S* dy, const S* x, S* dx, int64_t end, V m, V scale, V c2,
-                                                V shift) {
+__attribute__((always_inline)) inline void grad_apply_pairs(const S* dy, const S* x, S* dx, int64_t end, V m,
+                                                            V scale, V c2, V shift) {
   constexpr int64_t W = V::kWidth;
   for (int64_t i = 0; i < end; i += 2 * W) {
     V ga, gb, xa, xb;
@@ -382,9 +382,9 @@ void sample_means(const Problem& p, const S* mean, int64_t n, GradRowBuffers<T>&
   for (int64_t c = p.C; c < b.padded; ++c) b.mean_hi[c] = T(0);
 }
 
-// Spreads sample n's group coefficients over its channels (padding 0), for pass 2.
-// Loads sample n's pass-2 coefficients into b (mean_hi included: pass 1's centering values are reloaded per
-// sample), in load_split's lane order where V has one for S (split_order), as rows_grad_apply reads them.
+// Spreads sample n's group coefficients over its channels (padding 0), for pass 2: mean_hi too (pass 1 reloads
+// its centering values per sample), in load_split's lane order where V has one for S (split_order), as
+// rows_grad_apply reads them.
 template <class V, class S, class T, class P>
 void sample_grad_coeffs(const Problem& p, const GroupGradCoeffs<T>* coeffs, const P* weight, GradRowBuffers<T>& b) {
   const int64_t D = p.C / p.G;

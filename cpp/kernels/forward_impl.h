@@ -446,7 +446,7 @@ inline bool values_clean(std::initializer_list<const T*> arrays, int64_t n) {
 // f(std::true_type) when values may carry the input's NaNs, f(std::false_type) when `clean` (values_clean) and S
 // is bfloat16, whose narrowing has a cheaper path for clean values; other S take one instantiation.
 template <class S, class F>
-inline void with_input_nans(bool clean, F f) {
+__attribute__((always_inline)) inline void with_input_nans(bool clean, F f) {
   if constexpr (std::is_same<S, BFloat16>::value) {
     if (clean) {
       f(std::false_type{});
@@ -486,15 +486,12 @@ inline bool apply_backwards(const void* x, const void* y) {
   return lead != 0 && lead < 2048;
 }
 
-// Applies one channel's coefficients to a contiguous run x[0, n) -> y[0, n), from the end when `backwards`
-// (apply_backwards). With kStream, the aligned middle of the run goes out with non-temporal stores: for outputs
-// larger than the cache they skip the read-for-ownership of y, a third of the traffic.
 // apply_run's vector pairs [begin, end) of x -> y, from the last when `backwards`, their lanes in any order
-// (load_split). Out of line, with its coefficients as values: as a lambda of apply_run, GCC reloaded them and the
-// pointers from the closure after every store.
+// (load_split). A function with its coefficients as values: as a lambda of apply_run, GCC left it out of line and
+// reloaded them and the pointers from the closure after every store.
 template <class V, bool kSilu, bool kStream, bool kInputNaNs, class S>
-__attribute__((noinline)) void apply_pairs(const S* x, S* y, int64_t begin, int64_t end, bool backwards, V mean_hi,
-                                           V scale, V shift) {
+__attribute__((always_inline)) inline void apply_pairs(const S* x, S* y, int64_t begin, int64_t end,
+                                                       bool backwards, V mean_hi, V scale, V shift) {
   constexpr int64_t W = V::kWidth;
   auto pair = [&](int64_t at) {
     V a, b;
@@ -509,6 +506,9 @@ __attribute__((noinline)) void apply_pairs(const S* x, S* y, int64_t begin, int6
   }
 }
 
+// Applies one channel's coefficients to a contiguous run x[0, n) -> y[0, n), from the end when `backwards`
+// (apply_backwards). With kStream, the aligned middle of the run goes out with non-temporal stores: for outputs
+// larger than the cache they skip the read-for-ownership of y, a third of the traffic.
 template <class V, class S, bool kSilu, bool kStream>
 void apply_run(const S* x, S* y, int64_t n, Coeffs<typename V::Scalar> k, bool backwards) {
   using T = typename V::Scalar;
@@ -522,8 +522,8 @@ void apply_run(const S* x, S* y, int64_t n, Coeffs<typename V::Scalar> k, bool b
       V::store(to, v);
   };
   // The vector pairs [begin, end) (from the last when `backwards`), their lanes in any order (load_split).
-  auto pairs = [&](int64_t begin, int64_t end) {
-    with_input_nans<S>(values_clean({k.mean_hi, k.scale, k.shift}), [&](auto input_nans) {
+  auto pairs = [&](int64_t begin, int64_t end) __attribute__((always_inline)) {
+    with_input_nans<S>(values_clean({k.mean_hi, k.scale, k.shift}), [&](auto input_nans) __attribute__((always_inline)) {
       apply_pairs<V, kSilu, kStream, decltype(input_nans)::value>(x, y, begin, end, backwards, mean_hi, scale, shift);
     });
   };
