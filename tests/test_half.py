@@ -166,9 +166,11 @@ def test_narrowing_rounds_ties_to_even(isa, rng, dtype, layout):
     assert np.isnan(y[:, np.isnan(values)].astype(np.float32)).all()
 
 
-def test_bfloat16_narrowing_is_the_same_on_every_level(rng):
+@pytest.mark.parametrize("layout, positions", [("channels_last", 3), ("contiguous", 37)])
+def test_bfloat16_narrowing_is_the_same_on_every_level(rng, layout, positions):
     """Every float32 bit pattern class (normals, subnormals, ties, infinities, NaNs with payloads) narrows to the
-    same bfloat16 bits on every level the machine has, vcvtneps2bf16's included, as the bias of a weight-0 call."""
+    same bfloat16 bits on every level the machine has, vcvtneps2bf16's included, as the bias of a weight-0 call.
+    Channels-first runs of 37 take the vector-pair path (load_split / store_split on AVX2) and a tail."""
     if ml_dtypes is None:
         pytest.skip("ml_dtypes is not installed")
     bits = rng.integers(0, 2 ** 32, 4096, dtype=np.uint64).astype(np.uint32)
@@ -178,7 +180,7 @@ def test_bfloat16_narrowing_is_the_same_on_every_level(rng):
     values = bits.view(np.float32)
     values = values[values != 0]  # (x - mean) * 0 + -0.0 takes the sign of x - mean, before narrowing
     C = values.size
-    x = random_array(rng, (1, C, 3), np.dtype(ml_dtypes.bfloat16), "channels_last")
+    x = random_array(rng, (1, C, positions), np.dtype(ml_dtypes.bfloat16), layout)
     results = {}
     for name in gn.config()["isa_available"]:
         with use_isa(name), np.errstate(over="ignore", invalid="ignore"):
