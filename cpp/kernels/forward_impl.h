@@ -365,6 +365,26 @@ void store_pair(S* p, V a, V b) {
   store_pair_of<V, kInputNaNs>(p, a, b, 0);
 }
 
+// v to p[0, W): non-temporal with kStream.
+template <class V, bool kStream, class S>
+inline void store_vector(S* p, const V& v) {
+  if (kStream)
+    V::store_stream(p, v);
+  else
+    V::store(p, v);
+}
+
+// a to p[0, W) and b to p[W, 2W): non-temporal with kStream, else as one pair (store_pair).
+template <class V, bool kStream, bool kInputNaNs = true, class S>
+inline void store_two(S* p, const V& a, const V& b) {
+  if (kStream) {
+    V::store_stream(p, a);
+    V::store_stream(p + V::kWidth, b);
+  } else {
+    store_pair<V, kInputNaNs>(p, a, b);
+  }
+}
+
 // Two vectors' worth of values p[0, 2W) in any lane order, for lane-wise work with one coefficient for every lane
 // (a channels-first run): V::load_split where V has one for S (bfloat16 on AVX2: the values split by parity, with
 // no widening shuffle), else p[0, W) to a and p[W, 2W) to b. store_split puts them back in the same order.
@@ -390,12 +410,7 @@ auto store_split_of(S* p, V a, V b, int) -> decltype(V::template store_split<kIn
 }
 template <class V, bool kStream, bool kInputNaNs, class S>
 void store_split_of(S* p, V a, V b, long) {
-  if (kStream) {
-    V::store_stream(p, a);
-    V::store_stream(p + V::kWidth, b);
-  } else {
-    store_pair<V, kInputNaNs>(p, a, b);
-  }
+  store_two<V, kStream, kInputNaNs>(p, a, b);
 }
 template <class V, bool kStream, bool kInputNaNs = true, class S>
 void store_split(S* p, V a, V b) {
@@ -515,12 +530,7 @@ void apply_run(const S* x, S* y, int64_t n, Coeffs<typename V::Scalar> k, bool b
   constexpr int64_t W = V::kWidth;
   const V mean_hi = V::broadcast(k.mean_hi), scale = V::broadcast(k.scale), shift = V::broadcast(k.shift);
   auto value = [&](const V& v) { return activate<V, kSilu>(fma(v - mean_hi, scale, shift)); };
-  auto store = [&](S* to, const V& v) {
-    if (kStream)
-      V::store_stream(to, v);
-    else
-      V::store(to, v);
-  };
+  auto store = [&](S* to, const V& v) { store_vector<V, kStream>(to, v); };
   // The vector pairs [begin, end) (from the last when `backwards`), their lanes in any order (load_split).
   auto pairs = [&](int64_t begin, int64_t end) __attribute__((always_inline)) {
     with_input_nans<S>(values_clean({k.mean_hi, k.scale, k.shift}), [&](auto input_nans) __attribute__((always_inline)) {
@@ -953,22 +963,9 @@ inline void row_vectors(int64_t n, bool backwards, Pair pair, One one) {
 template <class V, bool kStream, bool kInputNaNs = true, class S, class Value>
 inline void apply_row_vectors(S* yr, int64_t n, bool backwards, Value value) {
   constexpr int64_t W = V::kWidth;
-  auto put = [&](int64_t i, const V& out) {
-    if (kStream)
-      V::store_stream(yr + i * W, out);
-    else
-      V::store(yr + i * W, out);
-  };
-  auto pair = [&](int64_t i) {
-    const V a = value(i), b = value(i + 1);
-    if (kStream) {
-      put(i, a);
-      put(i + 1, b);
-    } else {
-      store_pair<V, kInputNaNs>(yr + i * W, a, b);
-    }
-  };
-  row_vectors(n, backwards, pair, [&](int64_t i) { put(i, value(i)); });
+  row_vectors(
+      n, backwards, [&](int64_t i) { store_two<V, kStream, kInputNaNs>(yr + i * W, value(i), value(i + 1)); },
+      [&](int64_t i) { store_vector<V, kStream>(yr + i * W, value(i)); });
 }
 
 // row(x + r*C + c, y + r*C + c) for each row r of [r0, r1), the last first when `backwards`.
@@ -1032,13 +1029,8 @@ void row_major_apply(const S* x, S* y, int64_t C, int64_t c, int64_t vectors, in
         load_split(xr + i * W, a, b);
         store_split<V, kStream, kInputNaNs>(yr + i * W, value(a, ks, i), value(b, ks, i + 1));
       };
-      row_vectors(vectors, backwards, pair, [&](int64_t i) {
-        const V out = value(V::load(xr + i * W), k, i);
-        if (kStream)
-          V::store_stream(yr + i * W, out);
-        else
-          V::store(yr + i * W, out);
-      });
+      row_vectors(vectors, backwards, pair,
+                  [&](int64_t i) { store_vector<V, kStream>(yr + i * W, value(V::load(xr + i * W), k, i)); });
     });
     return;
   }
