@@ -5,10 +5,13 @@ when a gradient is wanted (the kernel alone otherwise);
 ``GroupNorm`` is an ``nn.Module`` that replaces ``torch.nn.GroupNorm`` (same constructor, parameters,
 ``state_dict`` keys, ``reset_parameters`` and ``extra_repr``). Tensors cross into the kernels without a
 copy, as NumPy views of their memory (the exchange DLPack makes, without its per-call cost), and results come
-back the same way, in the input's memory format (a channels_last tensor stays channels_last). Importing this
-module imports torch; the rest of groupnorm never does.
+back the same way, in the input's memory format (a channels_last tensor stays channels_last). Calls that torch
+traces into a graph (torch.compile, torch.export, make_fx, torch.jit.trace) go through the custom operators
+``torch.ops.groupnorm.group_norm_forward`` and ``group_norm_backward`` instead. Importing this module imports torch
+and registers those operators; the rest of groupnorm never imports torch.
 """
 import inspect
+from typing import Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -31,10 +34,14 @@ def _as_array(tensor, name):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_cpu:
         raise RuntimeError(_device_message(name, tensor))
+    _check_dtype(name, tensor)
+    return _dlpack.from_torch(tensor)
+
+
+def _check_dtype(name, tensor):
     if tensor.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"{name} has dtype {tensor.dtype}; groupnorm.torch supports torch.float16, torch.bfloat16, "
                         f"torch.float32 and torch.float64")
-    return _dlpack.from_torch(tensor)
 
 
 def _device_message(name, tensor):
@@ -63,8 +70,8 @@ def _check_param_dtype(name, param, input):
 
 
 def _param_grad(grad, dtype):
-    """A parameter's gradient (float32 for half data) as a tensor of the parameter's dtype."""
-    tensor = torch.from_numpy(grad)
+    """A parameter's gradient (float32 for half data; NumPy on the CPU) as a tensor of the parameter's dtype."""
+    tensor = torch.as_tensor(grad)
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
@@ -90,20 +97,35 @@ def _differentiable(input, weight, bias):
             or isinstance(bias, torch.Tensor) and bias.requires_grad)
 
 
+def _run_forward(input, num_groups, weight, bias, eps):
+    """(y, mean, rstd) of a checked call: y a tensor; the statistics NumPy arrays on the CPU (private to the
+    autograd node: no tensor round trip), the framework's arrays on the GPU."""
+    if _on_gpu(input):
+        _check_param_dtype("weight", weight, input)
+        _check_param_dtype("bias", bias, input)
+        return _gpu.group_norm_forward(input, num_groups, weight, bias, eps)
+    x, w, b = _arrays(input, weight, bias)
+    y, mean, rstd = _core.group_norm_forward(x, num_groups, w, b, eps)
+    return _dlpack.as_torch(y), mean, rstd
+
+
+def _run_backward(grad_output, input, mean, rstd, num_groups, weight):
+    """(grad_input, grad_weight, grad_bias) from the forward's statistics: grad_input a tensor, the parameter
+    gradients (of the compute dtype) NumPy arrays on the CPU."""
+    if input.is_cuda:
+        return _gpu.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight)
+    dx, dw, db = _core.group_norm_backward(_dlpack.from_torch(grad_output), _dlpack.from_torch(input), mean, rstd,
+                                           num_groups, None if weight is None else _dlpack.from_torch(weight))
+    return _dlpack.as_torch(dx), dw, db
+
+
 def _backward(ctx, grad_output):
     """The gradients of _GroupNormFunction's inputs from its saved state, computed without autograd."""
     # Autograd hands back a gradient of the output's dtype and device; the inputs were checked in forward.
     input, weight = ctx.saved_tensors
     needs_input_grad = ctx.needs_input_grad
-    if input.is_cuda:
-        dx, dw, db = _gpu.group_norm_backward(grad_output, input, ctx.mean, ctx.rstd, ctx.num_groups, weight)
-        return (dx if needs_input_grad[0] else None, None,
-                dw.to(weight.dtype) if needs_input_grad[2] else None,
-                db.to(ctx.bias_dtype) if needs_input_grad[3] else None, None)
-    dx, dw, db = _core.group_norm_backward(_dlpack.from_torch(grad_output), _dlpack.from_torch(input),
-                                           ctx.mean, ctx.rstd, ctx.num_groups,
-                                           None if weight is None else _dlpack.from_torch(weight))
-    return (_dlpack.as_torch(dx) if needs_input_grad[0] else None, None,
+    dx, dw, db = _run_backward(grad_output, input, ctx.mean, ctx.rstd, ctx.num_groups, weight)
+    return (dx if needs_input_grad[0] else None, None,
             _param_grad(dw, weight.dtype) if needs_input_grad[2] else None,
             _param_grad(db, ctx.bias_dtype) if needs_input_grad[3] else None, None)
 
@@ -119,21 +141,134 @@ class _GroupNormFunction(torch.autograd.Function):
         ctx.num_groups = num_groups
         ctx.save_for_backward(input, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        if _on_gpu(input):
-            _check_param_dtype("weight", weight, input)
-            _check_param_dtype("bias", bias, input)
-            y, ctx.mean, ctx.rstd = _gpu.group_norm_forward(input, num_groups, weight, bias, eps)
-            return y
-        x, w, b = _arrays(input, weight, bias)
-        y, mean, rstd = _core.group_norm_forward(x, num_groups, w, b, eps)
-        ctx.mean, ctx.rstd = mean, rstd  # private to this node: plain arrays, no tensor round trip
-        return _dlpack.as_torch(y)
+        y, ctx.mean, ctx.rstd = _run_forward(input, num_groups, weight, bias, eps)
+        return y
 
     @staticmethod
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():  # create_graph: the gradients must refuse a second derivative, not fake one
             return _backward_once_differentiable(ctx, grad_output)
         return _backward(ctx, grad_output)  # the usual backward: once_differentiable's no_grad would cost 1.7 us
+
+
+# --------------------------------------------------------------------------------------------- traced graphs
+# torch.compile (Dynamo and AOTAutograd), torch.export, make_fx and torch.jit.trace build graphs from the call: they
+# run it on fake or proxy tensors, which have no memory for the kernels to read, and the autograd.Function above,
+# which crosses into NumPy, would break the graph or be recorded as constants. Those calls go through two custom
+# operators instead, which the tracers keep as one node each: groupnorm::group_norm_forward (y, mean, rstd) and
+# groupnorm::group_norm_backward (the gradients), with shape functions for fake tensors and the autograd formula
+# registered on the forward. Eager calls keep the paths above: the operators' Python dispatch would cost more
+# than the whole autograd.Function (torch.library.custom_op calls run its Python wrappers on every call).
+
+def _like_input(result, input):
+    """`result` in the strides torch.empty_like(input) has (the fake functions' promise, which compiled code may
+    assert): the input's own strides when it is dense, as the kernels' results are; else a copy into empty_like."""
+    if result.stride() == input.stride():
+        return result
+    return torch.empty_like(input).copy_(result)
+
+
+def _stats_dtype(input):
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def _check_fake(input, num_groups, params):
+    """The checks the kernels make, on tensors without data (what the custom operators' fake functions see), so that
+    tracing fails with the eager call's error rather than a shape error later in the graph."""
+    _check_dtype("input", input)
+    if input.dim() < 2:
+        raise ValueError(f"input has shape {tuple(input.shape)} ({input.dim()} dimension(s)); it needs at least 2: "
+                         f"(N, C, *)")
+    channels = input.shape[1]
+    if num_groups <= 0:
+        raise ValueError(f"num_groups={num_groups} must be positive")
+    if channels % num_groups != 0:
+        raise ValueError(f"num_groups={num_groups} must divide the number of channels ({channels})")
+    for name, param in params.items():
+        if param is not None and tuple(param.shape) != (channels,):
+            raise ValueError(f"{name} has shape {tuple(param.shape)}; it must be ({channels},), one value per "
+                             f"channel")
+        _check_param_dtype(name, param, input)
+
+
+def _op_forward_impl(input, num_groups, weight, bias, eps):
+    y, mean, rstd = _run_forward(input, num_groups, weight, bias, eps)
+    return _like_input(y, input), torch.as_tensor(mean), torch.as_tensor(rstd)
+
+
+def _op_forward_fake(input, num_groups, weight, bias, eps):
+    _check_fake(input, num_groups, {"weight": weight, "bias": bias})
+    stats = input.new_empty((input.shape[0], num_groups), dtype=_stats_dtype(input))
+    return torch.empty_like(input), stats, torch.empty_like(stats)
+
+
+def _op_backward_impl(grad_output, input, mean, rstd, num_groups, weight):
+    if not input.is_cuda:
+        mean, rstd = _as_array(mean, "mean"), _as_array(rstd, "rstd")
+    dx, dw, db = _run_backward(grad_output, input, mean, rstd, num_groups, weight)
+    return _like_input(dx, input), torch.as_tensor(dw), torch.as_tensor(db)
+
+
+def _op_backward_fake(grad_output, input, mean, rstd, num_groups, weight):
+    _check_fake(input, num_groups, {"weight": weight})
+    if grad_output.shape != input.shape or grad_output.dtype != input.dtype:
+        raise ValueError(f"grad_output has shape {tuple(grad_output.shape)} and dtype {grad_output.dtype}; they must "
+                         f"match the input's, {tuple(input.shape)} and {input.dtype}")
+    grad_param = input.new_empty((input.shape[1],), dtype=_stats_dtype(input))
+    return torch.empty_like(input), grad_param, torch.empty_like(grad_param)
+
+
+def _op_setup_context(ctx, inputs, output):
+    input, num_groups, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, weight, mean, rstd)
+    ctx.num_groups = num_groups
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _op_backward_formula(ctx, grad_output, _grad_mean, _grad_rstd):
+    input, weight, mean, rstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if grad_output is None:
+        return None, None, None, None, None
+    dx, dw, db = _ops.group_norm_backward(grad_output, input, mean, rstd, ctx.num_groups, weight)
+    # dw and db are float32 for half data; autograd casts each gradient to its input's dtype (float16 parameters).
+    return dx if needs[0] else None, None, dw if needs[2] else None, db if needs[3] else None, None
+
+
+def _define_ops():
+    """The two operators, or None where torch has no torch.library.custom_op (before 2.4): there traced calls
+    run the eager paths, as they did before these operators existed."""
+    library = getattr(torch, "library", None)
+    if library is None or not hasattr(library, "custom_op"):
+        return None
+    Tensor = torch.Tensor  # the operators' schemas are read from these annotations
+
+    def forward(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+        return _op_forward_impl(input, num_groups, weight, bias, eps)
+
+    def backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor, num_groups: int,
+                 weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        return _op_backward_impl(grad_output, input, mean, rstd, num_groups, weight)
+
+    forward_op = library.custom_op("groupnorm::group_norm_forward", forward, mutates_args=())
+    backward_op = library.custom_op("groupnorm::group_norm_backward", backward, mutates_args=())
+    forward_op.register_fake(_op_forward_fake)
+    backward_op.register_fake(_op_backward_fake)
+    forward_op.register_autograd(_op_backward_formula, setup_context=_op_setup_context)
+    return torch.ops.groupnorm
+
+
+_ops = _define_ops()
+
+
+def _graph_call(input):
+    """Whether the call is being traced into a graph, or holds a tensor subclass (a Parameter, a FakeTensor, a
+    FunctionalTensor): then it goes through the custom operators. About 0.3 us in eager calls."""
+    return _ops is not None and (torch.compiler.is_compiling()
+                                 or isinstance(input, torch.Tensor) and type(input) is not torch.Tensor
+                                 or torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_tracing())
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -166,6 +301,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     >>> y.sum().backward(); x.grad.shape
     torch.Size([2, 4, 3, 3])
     """
+    if _graph_call(input):
+        return _ops.group_norm_forward(input, num_groups, weight, bias, eps)[0]
     if _differentiable(input, weight, bias):
         return _GroupNormFunction.apply(input, num_groups, weight, bias, eps)
     # Inference (no_grad, or nothing that requires grad): the kernel alone, as torch's own group_norm does,

@@ -1,0 +1,290 @@
+"""groupnorm.torch in graphs that torch builds: torch.compile (fullgraph, with and without dynamic shapes, the
+aot_eager and inductor backends), torch.export (strict and not), torch.jit.trace and make_fx. Such calls go through
+the custom operators groupnorm::group_norm_forward and groupnorm::group_norm_backward (torch.library.opcheck checks
+their schemas, fake functions and autograd registration); eager calls keep the autograd.Function path.
+"""
+import functools
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as torch_functional  # noqa: E402
+
+import groupnorm.torch as gnt  # noqa: E402
+
+if getattr(gnt, "_ops", None) is None:
+    pytest.skip("this torch has no torch.library.custom_op (torch < 2.4)", allow_module_level=True)
+
+FLOAT32_RTOL = 1e-5
+
+
+def tensor(rng, shape, dtype=torch.float32, memory_format=torch.contiguous_format):
+    values = torch.from_numpy(rng.standard_normal(shape) * 2.0 + 0.5).to(dtype)
+    return values.contiguous(memory_format=memory_format)
+
+
+def assert_close(actual, expected, what, rtol=FLOAT32_RTOL):
+    actual, expected = actual.detach(), expected.detach()
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    scale = max(float(expected.abs().max()), 1e-30)
+    error = float((actual.double() - expected.double()).abs().max()) / scale
+    assert error <= rtol, f"{what}: max |groupnorm - torch| / max|torch| = {error:.3g} > {rtol:g}"
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How many times the operators' real (not fake) implementations ran, by name."""
+    calls = {"forward": 0, "backward": 0}
+
+    def counted(name, function):
+        @functools.wraps(function)
+        def wrapper(*args):
+            calls[name] += 1
+            return function(*args)
+        return wrapper
+
+    monkeypatch.setattr(gnt, "_op_forward_impl", counted("forward", gnt._op_forward_impl))
+    monkeypatch.setattr(gnt, "_op_backward_impl", counted("backward", gnt._op_backward_impl))
+    return calls
+
+
+class Block(torch.nn.Module):
+    """conv -> GroupNorm -> SiLU, the diffusion U-Net's pattern."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 16, kernel_size=3, padding=1)
+        self.norm = norm
+
+    def forward(self, x):
+        return torch_functional.silu(self.norm(self.conv(x)))
+
+
+def blocks(rng, memory_format=torch.contiguous_format):
+    """The same Block with torch.nn.GroupNorm and with groupnorm.torch.GroupNorm, random affine parameters."""
+    torch.manual_seed(int(rng.integers(2**31)))
+    reference = Block(torch.nn.GroupNorm(4, 16))
+    with torch.no_grad():
+        reference.norm.weight.copy_(tensor(rng, (16,)))
+        reference.norm.bias.copy_(tensor(rng, (16,)))
+    ours = Block(gnt.GroupNorm(4, 16))
+    ours.load_state_dict(reference.state_dict())
+    return reference.to(memory_format=memory_format), ours.to(memory_format=memory_format)
+
+
+def step(model, x, grad):
+    """Forward and backward; the output and the gradients of x and of every parameter."""
+    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    torch.autograd.backward(y, grad)
+    return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+
+# --------------------------------------------------------------------------------------------- the operators
+
+OPCHECK_CASES = [  # (shape, num_groups, memory_format, dtype, param dtype or None for no affine)
+    ((2, 6, 3, 4), 3, torch.contiguous_format, torch.float32, torch.float32),
+    ((2, 6, 3, 4), 3, torch.channels_last, torch.float64, torch.float64),
+    ((2, 6, 3, 4), 2, torch.channels_last, torch.bfloat16, torch.float32),
+    ((3, 4, 5), 2, torch.contiguous_format, torch.float16, torch.float16),
+    ((3, 6), 3, torch.contiguous_format, torch.float32, None),
+    ((2, 4, 2, 3, 2), 4, torch.channels_last_3d, torch.float32, torch.float32),
+]
+
+
+@pytest.mark.parametrize("shape, num_groups, memory_format, dtype, param_dtype", OPCHECK_CASES,
+                         ids=lambda v: str(v).replace(" ", "").replace("torch.", ""))
+def test_opcheck(rng, shape, num_groups, memory_format, dtype, param_dtype):
+    """torch.library.opcheck: schema, fake functions against the real ones (shapes, dtypes, strides), the autograd
+    registration, and AOTAutograd with dynamic shapes. The backward operator gets tensors that do not require grad:
+    it has no derivative of its own (test_a_second_derivative_through_the_operators_is_refused)."""
+    x = tensor(rng, shape, dtype, memory_format).requires_grad_()
+    params = [None, None] if param_dtype is None else [
+        tensor(rng, (shape[1],), param_dtype).requires_grad_() for _ in range(2)]
+    results = torch.library.opcheck(torch.ops.groupnorm.group_norm_forward, (x, num_groups, *params, 1e-5))
+    y, mean, rstd = torch.ops.groupnorm.group_norm_forward(x, num_groups, *params, 1e-5)
+    grad = tensor(rng, shape, dtype, memory_format)
+    results_backward = torch.library.opcheck(torch.ops.groupnorm.group_norm_backward,
+                                             (grad, x.detach(), mean, rstd, num_groups,
+                                              None if params[0] is None else params[0].detach()))
+    failed = {k: v for k, v in {**results, **results_backward}.items() if v != "SUCCESS"}
+    assert not failed, failed
+
+
+def test_the_operators_compute_what_torch_does(rng):
+    """Against torch's native_group_norm (forward) and float64 autograd (backward), with the gradient in another
+    layout than the input (which torch's own native_group_norm_backward does not take: its autograd formula passes
+    matching layouts)."""
+    x = tensor(rng, (2, 8, 5, 3), memory_format=torch.channels_last)
+    weight, bias, grad = tensor(rng, (8,)), tensor(rng, (8,)), tensor(rng, (2, 8, 5, 3))
+    y, mean, rstd = torch.ops.groupnorm.group_norm_forward(x, 4, weight, bias, 1e-5)
+    expected = torch.ops.aten.native_group_norm(x, weight, bias, 2, 8, 15, 4, 1e-5)
+    for label, mine, theirs in zip(("y", "mean", "rstd"), (y, mean, rstd), expected):
+        assert_close(mine, theirs, label)
+    assert y.stride() == x.stride(), "y is not in the input's (channels-last) layout"
+    grads = torch.ops.groupnorm.group_norm_backward(grad, x, mean, rstd, 4, weight)
+    leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
+    torch.autograd.backward(torch_functional.group_norm(leaves[0], 4, leaves[1], leaves[2]), grad.double())
+    for label, mine, leaf in zip(("dx", "dw", "db"), grads, leaves):
+        assert_close(mine.double(), leaf.grad, label)
+    assert grads[0].stride() == x.stride()
+
+
+def test_results_are_laid_out_as_empty_like(rng):
+    """The operators promise empty_like's strides (compiled code may assert them). The kernels' results differ from
+    those where a dimension of size 1 has a stride that no dense layout would give it; such results are copied."""
+    base = tensor(rng, (4, 8, 6, 10)).permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+    for x in (base[:, :, 0:1, 0:1], base[:, :, ::2, 1:8]):
+        y, _, _ = torch.ops.groupnorm.group_norm_forward(x, 2, None, None, 1e-5)
+        assert y.stride() == torch.empty_like(x).stride(), x.stride()
+        assert_close(y, torch_functional.group_norm(x, 2), f"y of strides {x.stride()}")
+        grad = tensor(rng, tuple(x.shape))
+        dx, _, _ = torch.ops.groupnorm.group_norm_backward(grad, x, *gnt._ops.group_norm_forward(x, 2, None, None,
+                                                                                               1e-5)[1:], 2, None)
+        assert dx.stride() == torch.empty_like(x).stride(), x.stride()
+
+
+def test_eager_calls_keep_the_autograd_function(rng, kernel_calls):
+    x = tensor(rng, (2, 8, 5)).requires_grad_()
+    module = gnt.GroupNorm(4, 8)
+    module(x).sum().backward()
+    with torch.no_grad():
+        gnt.group_norm(x, 4)
+    assert kernel_calls == {"forward": 0, "backward": 0}
+
+
+def test_a_parameter_as_input_goes_through_the_operators(rng, kernel_calls):
+    """A tensor subclass (here nn.Parameter) may carry behaviour the NumPy crossing would skip: the operators."""
+    x = torch.nn.Parameter(tensor(rng, (2, 8, 5)))
+    reference = x.detach().clone().requires_grad_()
+    grad = tensor(rng, (2, 8, 5))
+    torch.autograd.backward(gnt.group_norm(x, 4), grad)
+    torch.autograd.backward(torch_functional.group_norm(reference, 4), grad)
+    assert kernel_calls == {"forward": 1, "backward": 1}
+    assert_close(x.grad, reference.grad, "dx")
+
+
+def test_a_second_derivative_through_the_operators_is_refused(rng):
+    x = torch.nn.Parameter(tensor(rng, (2, 4, 3), torch.float64))
+    y = gnt.group_norm(x, 2)
+    (grad_x,) = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="groupnorm.group_norm_backward"):
+        grad_x.sum().backward()
+
+
+# ----------------------------------------------------------------------------------------------- torch.compile
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_compile_fullgraph_matches_torch(rng, kernel_calls, memory_format, dynamic):
+    """One graph (fullgraph=True: no graph break), forward and backward through AOTAutograd, on two batch sizes."""
+    torch._dynamo.reset()
+    reference, ours = blocks(rng, memory_format)
+    compiled = torch.compile(ours, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    for batch in (2, 3):
+        x = tensor(rng, (batch, 4, 6, 5), memory_format=memory_format)
+        grad = tensor(rng, (batch, 16, 6, 5), memory_format=memory_format)
+        for label, mine, theirs in zip(["y", "dx", "conv.weight", "conv.bias", "norm.weight", "norm.bias"],
+                                       step(compiled, x, grad), step(reference, x, grad)):
+            assert_close(mine, theirs, f"batch {batch}: {label}")
+    assert kernel_calls["forward"] == 2 and kernel_calls["backward"] == 2
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # Inductor's own
+@pytest.mark.asan_heavy  # the generated C++ compiles and loads under ASan for minutes; nothing of groupnorm's is new
+def test_compile_inductor_channels_last(rng, kernel_calls):
+    """The default backend: Inductor generates the conv's neighbours and calls the operators as extern kernels, and
+    checks the strides the fake functions promised."""
+    torch._dynamo.reset()
+    reference, ours = blocks(rng, torch.channels_last)
+    compiled = torch.compile(ours, fullgraph=True)
+    x = tensor(rng, (2, 4, 6, 5), memory_format=torch.channels_last)
+    grad = tensor(rng, (2, 16, 6, 5), memory_format=torch.channels_last)
+    for label, mine, theirs in zip(["y", "dx", "conv.weight", "conv.bias", "norm.weight", "norm.bias"],
+                                   step(compiled, x, grad), step(reference, x, grad)):
+        assert_close(mine, theirs, label, rtol=1e-4)  # Inductor's own conv and SiLU round differently
+    assert kernel_calls["forward"] == 1 and kernel_calls["backward"] == 1
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_compile_for_inference(rng, mode):
+    torch._dynamo.reset()
+    module = gnt.GroupNorm(4, 16)
+    x = tensor(rng, (2, 16, 5, 5), memory_format=torch.channels_last)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    with getattr(torch, mode)():
+        y = compiled(x)
+    assert y.stride() == x.stride()
+    assert_close(y, torch_functional.group_norm(x, 4, module.weight.detach(), module.bias.detach()), "y")
+
+
+def exception_chain(error):
+    """The messages of an exception and of every exception it was raised from or during."""
+    messages = []
+    while error is not None:
+        messages.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return "\n".join(messages)
+
+
+@pytest.mark.parametrize("x_dtype, num_groups, message", [
+    (torch.float32, 3, r"ValueError: num_groups=3 must divide the number of channels \(4\)"),
+    (torch.int32, 2, r"TypeError: input has dtype torch.int32"),
+])
+def test_compile_fails_with_the_eager_error(x_dtype, num_groups, message):
+    """Bad arguments fail while tracing (the fake function checks them), with the message the eager call gives."""
+    torch._dynamo.reset()
+    compiled = torch.compile(functools.partial(gnt.group_norm, num_groups=num_groups), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(Exception) as raised:
+        compiled(torch.zeros(2, 4, 3, dtype=x_dtype))
+    assert pytest.importorskip("re").search(message, exception_chain(raised.value)), exception_chain(raised.value)
+
+
+# ------------------------------------------------------------------------------ export, make_fx, jit.trace
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non_strict"])
+def test_export_records_the_operator(rng, strict):
+    reference, ours = blocks(rng)
+    exported = torch.export.export(ours, (tensor(rng, (2, 4, 6, 5)),), strict=strict)
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert torch.ops.groupnorm.group_norm_forward.default in targets
+    x = tensor(rng, (2, 4, 6, 5))  # fresh data: the graph computes, it did not record the traced output
+    with torch.no_grad():
+        assert_close(exported.module()(x), reference(x), "exported y")
+
+
+def test_make_fx_traces_forward_and_backward(rng):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def train_step(x, weight, bias, grad):
+        y = gnt.group_norm(x, 4, weight, bias)
+        return torch.autograd.grad(y, (x, weight, bias), grad)
+
+    args = [tensor(rng, (2, 8, 5)).requires_grad_(), tensor(rng, (8,)).requires_grad_(),
+            tensor(rng, (8,)).requires_grad_(), tensor(rng, (2, 8, 5))]
+    graph = make_fx(train_step)(*args)
+    targets = {node.target for node in graph.graph.nodes if node.op == "call_function"}
+    assert {torch.ops.groupnorm.group_norm_forward.default,
+            torch.ops.groupnorm.group_norm_backward.default} <= targets
+    fresh = [tensor(rng, tuple(a.shape)).requires_grad_(a.requires_grad) for a in args]
+    leaves = [a.detach().clone().requires_grad_() for a in fresh[:3]]
+    expected = torch.autograd.grad(torch_functional.group_norm(leaves[0], 4, leaves[1], leaves[2]), leaves,
+                                   fresh[3])
+    for label, mine, theirs in zip(("dx", "dw", "db"), graph(*fresh), expected):
+        assert_close(mine, theirs, label)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace(_method)?` is deprecated:DeprecationWarning")
+def test_jit_trace_records_the_operator(rng):
+    """Before the operators, the trace held the traced call's output as a constant (and its check failed)."""
+    reference, ours = blocks(rng)
+    traced = torch.jit.trace(ours, (tensor(rng, (2, 4, 6, 5)),))
+    assert "groupnorm::group_norm_forward" in str(traced.inlined_graph)
+    x = tensor(rng, (3, 4, 6, 5))
+    with torch.no_grad():
+        assert_close(traced(x), reference(x), "traced y")
