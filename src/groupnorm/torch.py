@@ -7,11 +7,11 @@ when a gradient is wanted (the kernel alone otherwise);
 copy, as NumPy views of their memory (the exchange DLPack makes, without its per-call cost), and results come
 back the same way, in the input's memory format (a channels_last tensor stays channels_last). Calls that torch
 traces into a graph (torch.compile, torch.export, make_fx, torch.jit.trace) go through the custom operators
-``torch.ops.groupnorm.group_norm_forward`` and ``group_norm_backward`` instead. Importing this module imports torch
+``torch.ops.groupnorm.group_norm_forward`` and ``group_norm_backward`` instead, and calls inside torch.func
+transforms (grad, vmap, jacrev, ...) through an autograd.Function on those operators, which carry vmap rules. Importing this module imports torch
 and registers those operators; the rest of groupnorm never imports torch.
 """
 import inspect
-from typing import Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -157,8 +157,8 @@ class _GroupNormFunction(torch.autograd.Function):
 # which crosses into NumPy, would break the graph or be recorded as constants. Those calls go through two custom
 # operators instead, which the tracers keep as one node each: groupnorm::group_norm_forward (y, mean, rstd) and
 # groupnorm::group_norm_backward (the gradients), with shape functions for fake tensors and the autograd formula
-# registered on the forward. Eager calls keep the paths above: the operators' Python dispatch would cost more
-# than the whole autograd.Function (torch.library.custom_op calls run its Python wrappers on every call).
+# registered on the forward. Eager calls keep the paths above: the dispatcher's way into a Python kernel and
+# out, with the autograd kernel's Python wrapper, costs about 20 us a call on a 2-core Zen 3 VM.
 
 def _like_input(result, input):
     """`result` in the strides torch.empty_like(input) has (the fake functions' promise, which compiled code may
@@ -226,49 +226,133 @@ def _op_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _op_backward_formula(ctx, grad_output, _grad_mean, _grad_rstd):
+def _op_backward_formula(ctx, grad_output, _grad_mean, _grad_rstd, backward=None):
     input, weight, mean, rstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if grad_output is None:
         return None, None, None, None, None
-    dx, dw, db = _ops.group_norm_backward(grad_output, input, mean, rstd, ctx.num_groups, weight)
+    dx, dw, db = (backward or _ops.group_norm_backward)(grad_output, input, mean, rstd, ctx.num_groups, weight)
     # dw and db are float32 for half data; autograd casts each gradient to its input's dtype (float16 parameters).
     return dx if needs[0] else None, None, dw if needs[2] else None, db if needs[3] else None, None
 
 
-def _define_ops():
-    """The two operators, or None where torch has no torch.library.custom_op (before 2.4): there traced calls
-    run the eager paths, as they did before these operators existed."""
-    library = getattr(torch, "library", None)
-    if library is None or not hasattr(library, "custom_op"):
+def _batched(value, dim, batch_size):
+    """A vmapped argument with its batch dimension first (an unbatched one repeated, as a view), or None."""
+    if value is None:
         return None
-    Tensor = torch.Tensor  # the operators' schemas are read from these annotations
+    return value.movedim(dim, 0) if dim is not None else value.expand(batch_size, *value.shape)
 
-    def forward(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-        return _op_forward_impl(input, num_groups, weight, bias, eps)
 
-    def backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor, num_groups: int,
-                 weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-        return _op_backward_impl(grad_output, input, mean, rstd, num_groups, weight)
+def _each_sample(op, info, in_dims, args):
+    """`op` once per batch element of a vmapped call, its results stacked along dimension 0."""
+    batched = [_batched(a, d, info.batch_size) if isinstance(a, torch.Tensor) else a for a, d in zip(args, in_dims)]
+    results = [op(*(a[i] if isinstance(a, torch.Tensor) else a for a in batched)) for i in range(info.batch_size)]
+    return tuple(torch.stack(r) for r in zip(*results)), (0,) * len(results[0])
 
-    forward_op = library.custom_op("groupnorm::group_norm_forward", forward, mutates_args=())
-    backward_op = library.custom_op("groupnorm::group_norm_backward", backward, mutates_args=())
-    forward_op.register_fake(_op_forward_fake)
-    backward_op.register_fake(_op_backward_fake)
-    forward_op.register_autograd(_op_backward_formula, setup_context=_op_setup_context)
+
+def _forward_vmap(info, in_dims, input, num_groups, weight, bias, eps):
+    """vmap of group_norm_forward: with the parameters unbatched, one call on the batch folded into N (every
+    sample is normalised on its own); else a call per batch element."""
+    if in_dims[2] is not None or in_dims[3] is not None or in_dims[0] is None:
+        return _each_sample(_ops.group_norm_forward, info, in_dims, (input, num_groups, weight, bias, eps))
+    x = input.movedim(in_dims[0], 0)
+    batch, n = x.shape[0], x.shape[1]
+    y, mean, rstd = _ops.group_norm_forward(x.flatten(0, 1), num_groups, weight, bias, eps)
+    stats = (batch, n, num_groups)
+    return (y.unflatten(0, (batch, n)), mean.reshape(stats), rstd.reshape(stats)), (0, 0, 0)
+
+
+def _backward_vmap(info, in_dims, *args):
+    """vmap of group_norm_backward: a call per batch element, as the parameter gradients are sums over each
+    element's own samples."""
+    return _each_sample(_ops.group_norm_backward, info, in_dims, args)
+
+
+class _TransformedGroupNormBackward(torch.autograd.Function):
+    """The backward operator inside torch.func transforms, whose grad differentiates with create_graph: its own
+    derivative refused (the operator's registered refusal is a Function that transforms do not take)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_output, input, mean, rstd, num_groups, weight):
+        return _ops.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _no_second_derivative(ctx, *grads)
+
+
+class _TransformedGroupNorm(torch.autograd.Function):
+    """group_norm inside torch.func transforms (grad, vjp, jacrev, vmap and their compositions), which take only
+    the setup_context form of a Function: forward and backward call the operators, which carry vmap rules."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, num_groups, weight, bias, eps):
+        return _ops.group_norm_forward(input, num_groups, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _op_setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_mean, grad_rstd):
+        return _op_backward_formula(ctx, grad_output, grad_mean, grad_rstd, _TransformedGroupNormBackward.apply)
+
+
+def _no_second_derivative(ctx, *grads):
+    """The backward operator's own derivative, which groupnorm does not compute: refused, as the eager path's
+    once_differentiable refuses it, rather than taken as zero."""
+    raise RuntimeError("groupnorm::group_norm_backward has no derivative: groupnorm.torch's group_norm is once "
+                       "differentiable (use torch.nn.functional.group_norm for higher derivatives)")
+
+
+_LIBRARY = None  # the torch.library.Library that holds the operators (it must outlive them)
+
+
+def _define_ops():
+    """The two operators, or None where torch lacks register_fake / register_autograd (before 2.4): there traced
+    calls run the eager paths, as they did before these operators existed. They are defined through
+    torch.library.Library rather than torch.library.custom_op, whose own Python wrappers cost about 10 us more a
+    call (20 against 30 us over the kernel's own time, on a 2-core Zen 3 VM)."""
+    global _LIBRARY
+    library = getattr(torch, "library", None)
+    if library is None or not (hasattr(library, "register_fake") and hasattr(library, "register_autograd")):
+        return None
+    _LIBRARY = library.Library("groupnorm", "DEF")
+    _LIBRARY.define("group_norm_forward(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps) "
+                    "-> (Tensor, Tensor, Tensor)")
+    _LIBRARY.define("group_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor rstd, "
+                    "int num_groups, Tensor? weight) -> (Tensor, Tensor, Tensor)")
+    for device in ("CPU", "CUDA"):  # through the module's names at call time, so that tests can count the calls
+        _LIBRARY.impl("group_norm_forward", lambda *args: _op_forward_impl(*args), device)
+        _LIBRARY.impl("group_norm_backward", lambda *args: _op_backward_impl(*args), device)
+    library.register_fake("groupnorm::group_norm_forward", _op_forward_fake, lib=_LIBRARY)
+    library.register_fake("groupnorm::group_norm_backward", _op_backward_fake, lib=_LIBRARY)
+    library.register_autograd("groupnorm::group_norm_forward", _op_backward_formula,
+                              setup_context=_op_setup_context, lib=_LIBRARY)
+    library.register_autograd("groupnorm::group_norm_backward", _no_second_derivative, lib=_LIBRARY)
+    if hasattr(library, "register_vmap"):
+        library.register_vmap("groupnorm::group_norm_forward", _forward_vmap, lib=_LIBRARY)
+        library.register_vmap("groupnorm::group_norm_backward", _backward_vmap, lib=_LIBRARY)
     return torch.ops.groupnorm
 
 
 _ops = _define_ops()
 
 
-def _graph_call(input):
-    """Whether the call is being traced into a graph, or holds a tensor subclass (a Parameter, a FakeTensor, a
-    FunctionalTensor): then it goes through the custom operators. About 0.3 us in eager calls."""
-    return _ops is not None and (torch.compiler.is_compiling()
-                                 or isinstance(input, torch.Tensor) and type(input) is not torch.Tensor
-                                 or torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_tracing())
+def _traced(input):
+    """Whether the call is being traced into a graph by other means than Dynamo (make_fx, torch.export's
+    non-strict mode, torch.jit.trace), or holds a tensor subclass (a Parameter, a FakeTensor, a FunctionalTensor)
+    whose behaviour the NumPy crossing would skip."""
+    return (isinstance(input, torch.Tensor) and type(input) is not torch.Tensor
+            or torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_tracing())
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -301,8 +385,13 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     >>> y.sum().backward(); x.grad.shape
     torch.Size([2, 4, 3, 3])
     """
-    if _graph_call(input):
-        return _ops.group_norm_forward(input, num_groups, weight, bias, eps)[0]
+    if _ops is not None:  # graphs and transforms (about 0.3 us to rule out in an eager call)
+        if torch.compiler.is_compiling():  # Dynamo: constant, so it looks no further
+            return _ops.group_norm_forward(input, num_groups, weight, bias, eps)[0]
+        if torch._C._functorch.peek_interpreter_stack() is not None:  # inside a torch.func transform
+            return _TransformedGroupNorm.apply(input, num_groups, weight, bias, eps)[0]
+        if _traced(input):
+            return _ops.group_norm_forward(input, num_groups, weight, bias, eps)[0]
     if _differentiable(input, weight, bias):
         return _GroupNormFunction.apply(input, num_groups, weight, bias, eps)
     # Inference (no_grad, or nothing that requires grad): the kernel alone, as torch's own group_norm does,

@@ -1,7 +1,8 @@
-"""groupnorm.torch in graphs that torch builds: torch.compile (fullgraph, with and without dynamic shapes, the
-aot_eager and inductor backends), torch.export (strict and not), torch.jit.trace and make_fx. Such calls go through
-the custom operators groupnorm::group_norm_forward and groupnorm::group_norm_backward (torch.library.opcheck checks
-their schemas, fake functions and autograd registration); eager calls keep the autograd.Function path.
+"""groupnorm.torch in graphs that torch builds and in torch.func transforms: torch.compile (fullgraph, with and
+without dynamic shapes, the aot_eager and inductor backends), torch.export (strict and not), torch.jit.trace and
+make_fx; vmap, grad, per-sample gradients (vmap of grad) and jacrev. Such calls go through the custom operators
+groupnorm::group_norm_forward and groupnorm::group_norm_backward (torch.library.opcheck checks their schemas, fake
+functions and autograd registration), which carry vmap rules; eager calls keep the autograd.Function path.
 """
 import functools
 
@@ -15,7 +16,7 @@ import torch.nn.functional as torch_functional  # noqa: E402
 import groupnorm.torch as gnt  # noqa: E402
 
 if getattr(gnt, "_ops", None) is None:
-    pytest.skip("this torch has no torch.library.custom_op (torch < 2.4)", allow_module_level=True)
+    pytest.skip("this torch has no torch.library.register_fake (torch < 2.4)", allow_module_level=True)
 
 FLOAT32_RTOL = 1e-5
 
@@ -171,7 +172,7 @@ def test_a_second_derivative_through_the_operators_is_refused(rng):
     x = torch.nn.Parameter(tensor(rng, (2, 4, 3), torch.float64))
     y = gnt.group_norm(x, 2)
     (grad_x,) = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="groupnorm.group_norm_backward"):
+    with pytest.raises(RuntimeError, match="group_norm_backward has no derivative"):
         grad_x.sum().backward()
 
 
@@ -288,3 +289,65 @@ def test_jit_trace_records_the_operator(rng):
     x = tensor(rng, (3, 4, 6, 5))
     with torch.no_grad():
         assert_close(traced(x), reference(x), "traced y")
+
+
+# ----------------------------------------------------------------------------------------- torch.func transforms
+
+FLOAT64_RTOL = 1e-10
+
+
+def test_vmap_folds_the_batch_into_one_call(rng, kernel_calls):
+    x, weight, bias = tensor(rng, (5, 2, 8, 3)), tensor(rng, (8,)), tensor(rng, (8,))
+    y = torch.vmap(lambda t: gnt.group_norm(t, 4, weight, bias))(x)
+    assert kernel_calls["forward"] == 1
+    assert_close(y, torch.vmap(lambda t: torch_functional.group_norm(t, 4, weight, bias))(x), "y")
+
+
+@pytest.mark.parametrize("in_dims", [(0, 0), (None, 0), (2, 0)], ids=["both", "weight_only", "x_on_axis_2"])
+def test_vmap_over_weights(rng, in_dims):
+    """Batched parameters (an ensemble of models): a call per batch element."""
+    x = tensor(rng, (5, 2, 8, 3)).movedim(0, in_dims[0]) if in_dims[0] is not None else tensor(rng, (2, 8, 3))
+    weights, bias = tensor(rng, (5, 8)), tensor(rng, (8,))
+    ours = torch.vmap(lambda t, w: gnt.group_norm(t, 4, w, bias), in_dims=in_dims)(x, weights)
+    theirs = torch.vmap(lambda t, w: torch_functional.group_norm(t, 4, w, bias), in_dims=in_dims)(x, weights)
+    assert_close(ours, theirs, "y")
+
+
+def loss_of(function):
+    return lambda x, weight, bias: function(x, 4, weight, bias).pow(3).sum()
+
+
+def test_grad_matches_torch(rng):
+    args = (tensor(rng, (2, 8, 3), torch.float64), tensor(rng, (8,), torch.float64), tensor(rng, (8,), torch.float64))
+    ours = torch.func.grad(loss_of(gnt.group_norm), argnums=(0, 1, 2))(*args)
+    theirs = torch.func.grad(loss_of(torch_functional.group_norm), argnums=(0, 1, 2))(*args)
+    for label, mine, reference in zip(("dx", "dw", "db"), ours, theirs):
+        assert_close(mine, reference, label, FLOAT64_RTOL)
+
+
+def test_per_sample_gradients(rng, kernel_calls):
+    """vmap(grad): the parameter gradients of each sample on its own, as differentially private training takes."""
+    x = tensor(rng, (6, 1, 8, 5), torch.float64)
+    weight, bias = tensor(rng, (8,), torch.float64), tensor(rng, (8,), torch.float64)
+    per_sample = torch.vmap(torch.func.grad(loss_of(gnt.group_norm), argnums=(1, 2)), in_dims=(0, None, None))
+    dw, db = per_sample(x, weight, bias)
+    assert dw.shape == db.shape == (6, 8)
+    for i in range(6):
+        leaves = [t.clone().requires_grad_() for t in (weight, bias)]
+        loss_of(torch_functional.group_norm)(x[i], *leaves).backward()
+        assert_close(dw[i], leaves[0].grad, f"sample {i}: dw", FLOAT64_RTOL)
+        assert_close(db[i], leaves[1].grad, f"sample {i}: db", FLOAT64_RTOL)
+    assert kernel_calls["forward"] == 1  # the forward folded the samples into one call
+
+
+def test_jacrev_matches_torch(rng):
+    x, weight = tensor(rng, (2, 4, 3), torch.float64), tensor(rng, (4,), torch.float64)
+    ours = torch.func.jacrev(lambda t: gnt.group_norm(t, 2, weight))(x)
+    theirs = torch.func.jacrev(lambda t: torch_functional.group_norm(t, 2, weight))(x)
+    assert_close(ours, theirs, "jacobian", FLOAT64_RTOL)
+
+
+def test_a_second_derivative_in_transforms_is_refused(rng):
+    x = tensor(rng, (2, 4, 3), torch.float64)
+    with pytest.raises(RuntimeError, match="group_norm_backward has no derivative"):
+        torch.func.jacrev(torch.func.grad(lambda t: gnt.group_norm(t, 2).pow(3).sum()))(x)
