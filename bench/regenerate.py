@@ -3,7 +3,7 @@
 Steps: a virtual environment (build-bench/venv, created or reused) with the optional peers and groupnorm installed
 from this working tree (``pip install .``); the C++ groupnorm_bench built with CMake into build-bench; then every
 benchmark in turn, each writing JSON, markdown and a log under build-bench/results: bench_forward.py in float32
-and in float16/bfloat16, bench_training.py, ``python -m groupnorm.bench`` (every peer, with the plot
+and in float16/bfloat16, bench_training.py, bench_compile.py, ``python -m groupnorm.bench`` (every peer, with the plot
 bench/peers.png) and groupnorm_bench on every ISA level; last, RESULTS.md from their outputs: a header (machine,
 threads, load, date, commit, this command), every target's PASS/FAIL line, then one section per benchmark with
 the command that produced it. The analysis of the figures is written by hand in bench/NOTES.md.
@@ -37,7 +37,7 @@ COMMAND_VARIABLE, STARTED_VARIABLE = "GROUPNORM_REGENERATE_COMMAND", "GROUPNORM_
 # Interleaved rounds per benchmark (repetitions for groupnorm_bench): the whole command took 11 minutes on the
 # 2-core development machine with the venv and the C++ build reused (about 2 more to create them); most of it
 # is calibration and JAX compilation, not rounds. --quick takes seconds per step instead.
-ROUNDS = {"forward": 25, "half": 25, "training": 15, "peers": 15, "cpp_reps": 11}
+ROUNDS = {"forward": 25, "half": 25, "training": 15, "compile": 15, "peers": 15, "cpp_reps": 11}
 QUICK_CASES = "16x32-g4,1x64x32x32-g8"  # --quick: two small cases, one of them in both layouts
 NOISY_LOAD = 0.5  # a 1-minute load average above this during the run is called out in the header
 
@@ -114,6 +114,13 @@ def step_half(run) -> str:
 
 def step_training(run) -> str:
     return python_benchmark(run, "bench_training.py", "training", run.benchmark_options("training"))
+
+
+def step_compile(run) -> str:
+    """bench_compile.py; --quick: its one tiny case through the aot_eager backend (no C++ to generate)."""
+    options = ["--quick", "--backend", "aot_eager", "--min-batch-ms", "0.05"] if run.quick else \
+        ["--rounds", str(ROUNDS["compile"])]
+    return python_benchmark(run, "bench_compile.py", "compile", options)
 
 
 def step_peers(run, dtype: str) -> str:
@@ -218,6 +225,8 @@ STEPS = [
     ("forward", "Forward, float32, against torch and the copy (bench/bench_forward.py)", step_forward),
     ("half", "Forward, float16 and bfloat16 (bench/bench_forward.py --dtype half)", step_half),
     ("training", "Training: forward+backward through groupnorm.torch (bench/bench_training.py)", step_training),
+    ("compile", "torch.compile: groupnorm.torch in compiled graphs against Inductor's group norm "
+                "(bench/bench_compile.py)", step_compile),
     ("cpp", "C++ alone, per ISA level and thread count (groupnorm_bench)", step_cpp),
 ]
 

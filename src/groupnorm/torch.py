@@ -8,8 +8,8 @@ copy, as NumPy views of their memory (the exchange DLPack makes, without its per
 back the same way, in the input's memory format (a channels_last tensor stays channels_last). Calls that torch
 traces into a graph (torch.compile, torch.export, make_fx, torch.jit.trace) go through the custom operators
 ``torch.ops.groupnorm.group_norm_forward`` and ``group_norm_backward`` instead, and calls inside torch.func
-transforms (grad, vmap, jacrev, ...) through an autograd.Function on those operators, which carry vmap rules. Importing this module imports torch
-and registers those operators; the rest of groupnorm never imports torch.
+transforms (grad, vmap, jacrev, ...) through an autograd.Function on those operators, which carry vmap rules.
+Importing this module imports torch and registers those operators; the rest of groupnorm never imports torch.
 """
 import inspect
 
