@@ -156,9 +156,9 @@ class _GroupNormFunction(torch.autograd.Function):
 # run it on fake or proxy tensors, which have no memory for the kernels to read, and the autograd.Function above,
 # which crosses into NumPy, would break the graph or be recorded as constants. Those calls go through two custom
 # operators instead, which the tracers keep as one node each: groupnorm::group_norm_forward (y, mean, rstd) and
-# groupnorm::group_norm_backward (the gradients), with shape functions for fake tensors and the autograd formula
-# registered on the forward. Eager calls keep the paths above: the dispatcher's way into a Python kernel and
-# out, with the autograd kernel's Python wrapper, costs about 20 us a call on a 2-core Zen 3 VM.
+# groupnorm::group_norm_backward (the gradients), with shape functions for fake tensors, Autograd kernels and
+# vmap rules. Eager calls keep the paths above: the dispatcher's way into the Python kernels and out costs
+# about 12 us a call on a 2-core Zen 3 VM.
 
 def _like_input(result, input):
     """`result` in the strides torch.empty_like(input) has (the fake functions' promise, which compiled code may
@@ -218,24 +218,6 @@ def _op_backward_fake(grad_output, input, mean, rstd, num_groups, weight):
     return torch.empty_like(input), grad_param, torch.empty_like(grad_param)
 
 
-def _op_setup_context(ctx, inputs, output):
-    input, num_groups, weight, bias, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(input, weight, mean, rstd)
-    ctx.num_groups = num_groups
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _op_backward_formula(ctx, grad_output, _grad_mean, _grad_rstd, backward=None):
-    input, weight, mean, rstd = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    if grad_output is None:
-        return None, None, None, None, None
-    dx, dw, db = (backward or _ops.group_norm_backward)(grad_output, input, mean, rstd, ctx.num_groups, weight)
-    # dw and db are float32 for half data; autograd casts each gradient to its input's dtype (float16 parameters).
-    return dx if needs[0] else None, None, dw if needs[2] else None, db if needs[3] else None, None
-
-
 def _batched(value, dim, batch_size):
     """A vmapped argument with its batch dimension first (an unbatched one repeated, as a view), or None."""
     if value is None:
@@ -268,11 +250,11 @@ def _backward_vmap(info, in_dims, *args):
     return _each_sample(_ops.group_norm_backward, info, in_dims, args)
 
 
-class _TransformedGroupNormBackward(torch.autograd.Function):
-    """The backward operator inside torch.func transforms, whose grad differentiates with create_graph: its own
-    derivative refused (the operator's registered refusal is a Function that transforms do not take)."""
+class _OperatorBackward(torch.autograd.Function):
+    """The backward operator's autograd node: its derivative refused when asked for (a second derivative of
+    group_norm), as the eager path's once_differentiable refuses it, rather than taken as zero."""
 
-    generate_vmap_rule = True
+    generate_vmap_rule = True  # forward calls only the operators, which carry vmap rules
 
     @staticmethod
     def forward(grad_output, input, mean, rstd, num_groups, weight):
@@ -284,12 +266,13 @@ class _TransformedGroupNormBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        _no_second_derivative(ctx, *grads)
+        raise RuntimeError("groupnorm::group_norm_backward has no derivative: groupnorm.torch's group_norm is once "
+                           "differentiable (use torch.nn.functional.group_norm for higher derivatives)")
 
 
-class _TransformedGroupNorm(torch.autograd.Function):
-    """group_norm inside torch.func transforms (grad, vjp, jacrev, vmap and their compositions), which take only
-    the setup_context form of a Function: forward and backward call the operators, which carry vmap rules."""
+class _OperatorFunction(torch.autograd.Function):
+    """The forward operator's autograd node, in the setup_context form that torch.func transforms (grad, vjp,
+    jacrev, vmap and their compositions) take; group_norm calls it directly inside a transform."""
 
     generate_vmap_rule = True
 
@@ -299,31 +282,47 @@ class _TransformedGroupNorm(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _op_setup_context(ctx, inputs, output)
+        input, num_groups, weight, _, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(input, weight, mean, rstd)
+        ctx.num_groups = num_groups
+        ctx.mark_non_differentiable(mean, rstd)
 
     @staticmethod
-    def backward(ctx, grad_output, grad_mean, grad_rstd):
-        return _op_backward_formula(ctx, grad_output, grad_mean, grad_rstd, _TransformedGroupNormBackward.apply)
+    def backward(ctx, grad_output, _grad_mean, _grad_rstd):
+        input, weight, mean, rstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if grad_output is None:
+            return None, None, None, None, None
+        dx, dw, db = _OperatorBackward.apply(grad_output, input, mean, rstd, ctx.num_groups, weight)
+        # dw and db are float32 for half data; autograd casts each gradient to its input's dtype.
+        return dx if needs[0] else None, None, dw if needs[2] else None, db if needs[3] else None, None
 
 
-def _no_second_derivative(ctx, *grads):
-    """The backward operator's own derivative, which groupnorm does not compute: refused, as the eager path's
-    once_differentiable refuses it, rather than taken as zero."""
-    raise RuntimeError("groupnorm::group_norm_backward has no derivative: groupnorm.torch's group_norm is once "
-                       "differentiable (use torch.nn.functional.group_norm for higher derivatives)")
+def _autograd_kernel(function, op):
+    """The operator's kernel for the Autograd dispatch key: `function`'s node where a gradient is wanted, else
+    straight below autograd. What torch.library.register_autograd installs, without its per-call Python
+    wrappers: the way from the dispatcher to the kernel and back costs about 12 us a call on a 2-core Zen 3 VM
+    with this kernel, 20 with register_autograd's."""
+    def kernel(*args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return function.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return kernel
 
 
 _LIBRARY = None  # the torch.library.Library that holds the operators (it must outlive them)
 
 
 def _define_ops():
-    """The two operators, or None where torch lacks register_fake / register_autograd (before 2.4): there traced
+    """The two operators, or None where torch lacks register_fake (before 2.4): there traced
     calls run the eager paths, as they did before these operators existed. They are defined through
     torch.library.Library rather than torch.library.custom_op, whose own Python wrappers cost about 10 us more a
-    call (20 against 30 us over the kernel's own time, on a 2-core Zen 3 VM)."""
+    call on a 2-core Zen 3 VM."""
     global _LIBRARY
     library = getattr(torch, "library", None)
-    if library is None or not (hasattr(library, "register_fake") and hasattr(library, "register_autograd")):
+    if library is None or not hasattr(library, "register_fake"):
         return None
     _LIBRARY = library.Library("groupnorm", "DEF")
     _LIBRARY.define("group_norm_forward(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps) "
@@ -335,13 +334,15 @@ def _define_ops():
         _LIBRARY.impl("group_norm_backward", lambda *args: _op_backward_impl(*args), device)
     library.register_fake("groupnorm::group_norm_forward", _op_forward_fake, lib=_LIBRARY)
     library.register_fake("groupnorm::group_norm_backward", _op_backward_fake, lib=_LIBRARY)
-    library.register_autograd("groupnorm::group_norm_forward", _op_backward_formula,
-                              setup_context=_op_setup_context, lib=_LIBRARY)
-    library.register_autograd("groupnorm::group_norm_backward", _no_second_derivative, lib=_LIBRARY)
+    ops = torch.ops.groupnorm
+    _LIBRARY.impl("group_norm_forward", _autograd_kernel(_OperatorFunction, ops.group_norm_forward.default),
+                  "Autograd")
+    _LIBRARY.impl("group_norm_backward", _autograd_kernel(_OperatorBackward, ops.group_norm_backward.default),
+                  "Autograd")
     if hasattr(library, "register_vmap"):
         library.register_vmap("groupnorm::group_norm_forward", _forward_vmap, lib=_LIBRARY)
         library.register_vmap("groupnorm::group_norm_backward", _backward_vmap, lib=_LIBRARY)
-    return torch.ops.groupnorm
+    return ops
 
 
 _ops = _define_ops()
@@ -389,7 +390,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
         if torch.compiler.is_compiling():  # Dynamo: constant, so it looks no further
             return _ops.group_norm_forward(input, num_groups, weight, bias, eps)[0]
         if torch._C._functorch.peek_interpreter_stack() is not None:  # inside a torch.func transform
-            return _TransformedGroupNorm.apply(input, num_groups, weight, bias, eps)[0]
+            return _OperatorFunction.apply(input, num_groups, weight, bias, eps)[0]
         if _traced(input):
             return _ops.group_norm_forward(input, num_groups, weight, bias, eps)[0]
     if _differentiable(input, weight, bias):
