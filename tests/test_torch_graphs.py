@@ -304,13 +304,14 @@ def test_vmap_folds_the_batch_into_one_call(rng, kernel_calls):
 
 
 @pytest.mark.parametrize("in_dims", [(0, 0), (None, 0), (2, 0)], ids=["both", "weight_only", "x_on_axis_2"])
-def test_vmap_over_weights(rng, in_dims):
-    """Batched parameters (an ensemble of models): a call per batch element."""
+def test_vmap_over_weights(rng, kernel_calls, in_dims):
+    """Batched parameters (an ensemble of models): the batch folded into the channels, still one call."""
     x = tensor(rng, (5, 2, 8, 3)).movedim(0, in_dims[0]) if in_dims[0] is not None else tensor(rng, (2, 8, 3))
     weights, bias = tensor(rng, (5, 8)), tensor(rng, (8,))
     ours = torch.vmap(lambda t, w: gnt.group_norm(t, 4, w, bias), in_dims=in_dims)(x, weights)
     theirs = torch.vmap(lambda t, w: torch_functional.group_norm(t, 4, w, bias), in_dims=in_dims)(x, weights)
     assert_close(ours, theirs, "y")
+    assert kernel_calls["forward"] == 1
 
 
 def loss_of(function):
@@ -325,19 +326,21 @@ def test_grad_matches_torch(rng):
         assert_close(mine, reference, label, FLOAT64_RTOL)
 
 
-def test_per_sample_gradients(rng, kernel_calls):
-    """vmap(grad): the parameter gradients of each sample on its own, as differentially private training takes."""
-    x = tensor(rng, (6, 1, 8, 5), torch.float64)
+@pytest.mark.parametrize("n", [1, 2])
+def test_per_sample_gradients(rng, kernel_calls, n):
+    """vmap(grad): the gradients of each sample on its own, as differentially private training takes them; one
+    forward and one backward call for the whole batch (n = 1 folds it as a view, n = 2 through a copy)."""
+    x = tensor(rng, (6, n, 8, 5), torch.float64)
     weight, bias = tensor(rng, (8,), torch.float64), tensor(rng, (8,), torch.float64)
-    per_sample = torch.vmap(torch.func.grad(loss_of(gnt.group_norm), argnums=(1, 2)), in_dims=(0, None, None))
-    dw, db = per_sample(x, weight, bias)
-    assert dw.shape == db.shape == (6, 8)
+    per_sample = torch.vmap(torch.func.grad(loss_of(gnt.group_norm), argnums=(0, 1, 2)), in_dims=(0, None, None))
+    dx, dw, db = per_sample(x, weight, bias)
+    assert dx.shape == x.shape and dw.shape == db.shape == (6, 8)
     for i in range(6):
-        leaves = [t.clone().requires_grad_() for t in (weight, bias)]
-        loss_of(torch_functional.group_norm)(x[i], *leaves).backward()
-        assert_close(dw[i], leaves[0].grad, f"sample {i}: dw", FLOAT64_RTOL)
-        assert_close(db[i], leaves[1].grad, f"sample {i}: db", FLOAT64_RTOL)
-    assert kernel_calls["forward"] == 1  # the forward folded the samples into one call
+        leaves = [t.clone().requires_grad_() for t in (x[i], weight, bias)]
+        loss_of(torch_functional.group_norm)(*leaves).backward()
+        for label, mine, leaf in zip(("dx", "dw", "db"), (dx[i], dw[i], db[i]), leaves):
+            assert_close(mine, leaf.grad, f"sample {i}: {label}", FLOAT64_RTOL)
+    assert kernel_calls == {"forward": 1, "backward": 1}
 
 
 def test_jacrev_matches_torch(rng):

@@ -218,36 +218,50 @@ def _op_backward_fake(grad_output, input, mean, rstd, num_groups, weight):
     return torch.empty_like(input), grad_param, torch.empty_like(grad_param)
 
 
-def _batched(value, dim, batch_size):
-    """A vmapped argument with its batch dimension first (an unbatched one repeated, as a view), or None."""
-    if value is None:
-        return None
+def _batch_first(value, dim, batch_size):
+    """A vmapped tensor with its batch dimension first; an unbatched one repeated as a view."""
     return value.movedim(dim, 0) if dim is not None else value.expand(batch_size, *value.shape)
 
 
-def _each_sample(op, info, in_dims, args):
-    """`op` once per batch element of a vmapped call, its results stacked along dimension 0."""
-    batched = [_batched(a, d, info.batch_size) if isinstance(a, torch.Tensor) else a for a, d in zip(args, in_dims)]
-    results = [op(*(a[i] if isinstance(a, torch.Tensor) else a for a in batched)) for i in range(info.batch_size)]
-    return tuple(torch.stack(r) for r in zip(*results)), (0,) * len(results[0])
+def _into_channels(value, dim, batch_size):
+    """A vmapped tensor of shape (N, K, *) per batch element as one (N, B*K, *) tensor: the batch folded into
+    axis 1 (channels, or a statistic's groups), element b's K entries at b*K. A free view where N is 1."""
+    return _batch_first(value, dim, batch_size).movedim(0, 1).flatten(1, 2)
+
+
+def _params_into_channels(value, dim, batch_size):
+    """A vmapped per-channel parameter (C,) as (B*C,), or None."""
+    return None if value is None else _batch_first(value, dim, batch_size).flatten()
 
 
 def _forward_vmap(info, in_dims, input, num_groups, weight, bias, eps):
-    """vmap of group_norm_forward: with the parameters unbatched, one call on the batch folded into N (every
-    sample is normalised on its own); else a call per batch element."""
-    if in_dims[2] is not None or in_dims[3] is not None or in_dims[0] is None:
-        return _each_sample(_ops.group_norm_forward, info, in_dims, (input, num_groups, weight, bias, eps))
-    x = input.movedim(in_dims[0], 0)
-    batch, n = x.shape[0], x.shape[1]
-    y, mean, rstd = _ops.group_norm_forward(x.flatten(0, 1), num_groups, weight, bias, eps)
-    stats = (batch, n, num_groups)
-    return (y.unflatten(0, (batch, n)), mean.reshape(stats), rstd.reshape(stats)), (0, 0, 0)
+    """vmap of group_norm_forward, one call whatever is batched. Every group of every sample is normalised on its
+    own, so the batch folds into N where the parameters are shared, and into the channels (B*C channels in B*G
+    groups, each element's parameters on its own channels) where they are batched."""
+    x_dim, _, w_dim, b_dim, _ = in_dims
+    batch = info.batch_size
+    if w_dim is None and b_dim is None and x_dim is not None:
+        x = input.movedim(x_dim, 0)
+        n = x.shape[1]
+        y, mean, rstd = _ops.group_norm_forward(x.flatten(0, 1), num_groups, weight, bias, eps)
+        stats = (batch, n, num_groups)
+        return (y.unflatten(0, (batch, n)), mean.reshape(stats), rstd.reshape(stats)), (0, 0, 0)
+    y, mean, rstd = _ops.group_norm_forward(
+        _into_channels(input, x_dim, batch), batch * num_groups, _params_into_channels(weight, w_dim, batch),
+        _params_into_channels(bias, b_dim, batch), eps)
+    return (y.unflatten(1, (batch, -1)), mean.unflatten(1, (batch, -1)), rstd.unflatten(1, (batch, -1))), (1, 1, 1)
 
 
-def _backward_vmap(info, in_dims, *args):
-    """vmap of group_norm_backward: a call per batch element, as the parameter gradients are sums over each
-    element's own samples."""
-    return _each_sample(_ops.group_norm_backward, info, in_dims, args)
+def _backward_vmap(info, in_dims, grad_output, input, mean, rstd, num_groups, weight):
+    """vmap of group_norm_backward, one call: the batch folded into the channels, so that the parameter
+    gradients, sums over N and the positions, come out per batch element (per-sample gradients)."""
+    batch = info.batch_size
+    dy_dim, x_dim, mean_dim, rstd_dim, _, w_dim = in_dims
+    dx, dw, db = _ops.group_norm_backward(
+        _into_channels(grad_output, dy_dim, batch), _into_channels(input, x_dim, batch),
+        _into_channels(mean, mean_dim, batch), _into_channels(rstd, rstd_dim, batch), batch * num_groups,
+        _params_into_channels(weight, w_dim, batch))
+    return (dx.unflatten(1, (batch, -1)), dw.unflatten(0, (batch, -1)), db.unflatten(0, (batch, -1))), (1, 0, 0)
 
 
 class _OperatorBackward(torch.autograd.Function):
