@@ -232,14 +232,15 @@ def exception_chain(error):
     return "\n".join(messages)
 
 
-@pytest.mark.parametrize("x_dtype, num_groups, message", [
-    (torch.float32, 3, r"ValueError: num_groups=3 must divide the number of channels \(4\)"),
-    (torch.int32, 2, r"TypeError: input has dtype torch.int32"),
+@pytest.mark.parametrize("x_dtype, num_groups, eps, message", [
+    (torch.float32, 3, 1e-5, r"ValueError: num_groups=3 must divide the number of channels \(4\)"),
+    (torch.int32, 2, 1e-5, r"TypeError: input has dtype torch.int32"),
+    (torch.float32, 2, -1.0, r"ValueError: eps=-1.0"),
 ])
-def test_compile_fails_with_the_eager_error(x_dtype, num_groups, message):
+def test_compile_fails_with_the_eager_error(x_dtype, num_groups, eps, message):
     """Bad arguments fail while tracing (the fake function checks them), with the message the eager call gives."""
     torch._dynamo.reset()
-    compiled = torch.compile(functools.partial(gnt.group_norm, num_groups=num_groups), fullgraph=True,
+    compiled = torch.compile(functools.partial(gnt.group_norm, num_groups=num_groups, eps=eps), fullgraph=True,
                              backend="aot_eager")
     with pytest.raises(Exception) as raised:
         compiled(torch.zeros(2, 4, 3, dtype=x_dtype))

@@ -198,6 +198,7 @@ def _op_forward_impl(input, num_groups, weight, bias, eps):
 
 def _op_forward_fake(input, num_groups, weight, bias, eps):
     _check_fake(input, num_groups, {"weight": weight, "bias": bias})
+    _core._check_eps_value(eps)
     stats = input.new_empty((input.shape[0], num_groups), dtype=_stats_dtype(input))
     return torch.empty_like(input), stats, torch.empty_like(stats)
 
