@@ -379,6 +379,19 @@ def _dense(frame, tensor, channel_axis):
     return frame.permuted_copy(tensor, order, inverse), 0
 
 
+def check_rank(name, shape):
+    """An array's shape has the (N, C, *) dimensions group norm needs, else the error naming it (shared with
+    groupnorm.jax and groupnorm.torch's shape functions)."""
+    if len(shape) < 2:
+        raise ValueError(f"{name} has shape {tuple(shape)} ({len(shape)} dimension(s)); it needs at least 2: (N, C, *)")
+
+
+def check_param_shape(name, shape, channels):
+    """A weight or bias has one value per channel, else the error naming it (shared as check_rank)."""
+    if tuple(shape) != (channels,):
+        raise ValueError(f"{name} has shape {tuple(shape)}; it must be ({channels},), one value per channel")
+
+
 def check_groups(num_groups, channels):
     """num_groups as an int that divides the channels, else the error naming it (shared with groupnorm.jax)."""
     groups = _core._index(num_groups, "num_groups")
@@ -407,8 +420,7 @@ def _param(frame, value, name, c, x):
     if value is None:
         return None
     value = _check_tensor(frame, value, name, frame.device(x))
-    if tuple(value.shape) != (c,):
-        raise ValueError(f"{name} has shape {tuple(value.shape)}; it must be ({c},), one value per channel")
+    check_param_shape(name, value.shape, c)
     if not frame.real(value):
         raise TypeError(f"{name} has dtype {value.dtype}; it must hold real numbers (float or integer)")
     x_name, own = frame.dtype_name(x), frame.dtype_name(value)
@@ -531,9 +543,7 @@ def _check_input(frame, input):
     x = frame.usable(input, "input")
     if frame.dtype_name(x) is None:
         raise TypeError(f"input has dtype {x.dtype}; {frame.dtype_rule}")
-    if len(x.shape) < 2:
-        raise ValueError(f"input has shape {tuple(x.shape)} ({len(x.shape)} dimension(s)); it needs at least 2: "
-                         f"(N, C, *)")
+    check_rank("input", x.shape)
     return x
 
 

@@ -83,8 +83,7 @@ def _check_input(x, name="input"):
     x = _array(x, name)
     if x.dtype.name not in _DTYPES:
         raise TypeError(f"{name} has dtype {x.dtype}; groupnorm supports float16, bfloat16, float32 and float64")
-    if x.ndim < 2:
-        raise ValueError(f"{name} has shape {x.shape} ({x.ndim} dimension(s)); it needs at least 2: (N, C, *)")
+    _gpu.check_rank(name, x.shape)
     return x
 
 
@@ -102,8 +101,7 @@ def _param(value, name, channels):
     if value is None:
         return None
     value = _array(value, name)
-    if value.shape != (channels,):
-        raise ValueError(f"{name} has shape {value.shape}; it must be ({channels},), one value per channel")
+    _gpu.check_param_shape(name, value.shape, channels)
     if not _real(value.dtype):
         raise TypeError(f"{name} has dtype {value.dtype}; it must hold real numbers (float or integer)")
     return value

@@ -182,18 +182,12 @@ def _check_fake(input, num_groups, params):
     """The checks the kernels make, on tensors without data (what the custom operators' fake functions see), so that
     tracing fails with the eager call's error rather than a shape error later in the graph."""
     _check_dtype("input", input)
-    if input.dim() < 2:
-        raise ValueError(f"input has shape {tuple(input.shape)} ({input.dim()} dimension(s)); it needs at least 2: "
-                         f"(N, C, *)")
+    _gpu.check_rank("input", input.shape)
     channels = input.shape[1]
-    if num_groups <= 0:
-        raise ValueError(f"num_groups={num_groups} must be positive")
-    if channels % num_groups != 0:
-        raise ValueError(f"num_groups={num_groups} must divide the number of channels ({channels})")
+    _gpu.check_groups(num_groups, channels)
     for name, param in params.items():
-        if param is not None and tuple(param.shape) != (channels,):
-            raise ValueError(f"{name} has shape {tuple(param.shape)}; it must be ({channels},), one value per "
-                             f"channel")
+        if param is not None:
+            _gpu.check_param_shape(name, param.shape, channels)
         _check_param_dtype(name, param, input)
 
 
