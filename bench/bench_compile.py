@@ -21,7 +21,7 @@ Compilation happens before timing (its seconds are reported); Dynamo's caches ar
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import sys
 import time
 
@@ -36,10 +36,10 @@ except ImportError:  # pragma: no cover - the benchmark is meaningless without t
 import groupnorm as gn
 import groupnorm.torch as gnt
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0] if "/" in __file__ else ".")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_forward import (calibrate, copy_destination_for, fmt, format_markdown_table,  # noqa: E402
                            format_text_table, geometric_mean, header_lines, machine_header, time_batch_ns,
-                           write_outputs)
+                           timing_stats, worst_spread, write_outputs)
 
 CASES = [((1, 320, 64, 64), 32), ((4, 256, 28, 28), 32), ((2, 512, 14, 14), 32)]
 QUICK_CASES = [((2, 32, 8, 8), 8)]
@@ -162,10 +162,7 @@ def run_rounds(cases: list, rounds: int, min_batch_ns: int) -> None:
 def summarise_case(case: Case, check: dict) -> list:
     """One row per pass: medians (us), spreads, the compiled and eager speedups and the floor ratios."""
     def stats(key):
-        ordered = sorted(case.samples_ns[key])
-        q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
-        return {"median_us": statistics.median(ordered) / 1e3, "min_us": ordered[0] / 1e3,
-                "p25_us": q[0] / 1e3, "p75_us": q[2] / 1e3, "rounds": len(ordered), "batch_calls": case.batch_size[key]}
+        return {**timing_stats(case.samples_ns[key]), "batch_calls": case.batch_size[key]}
 
     copy_us = stats(("copy", "copy"))["median_us"]
     rows = []
@@ -190,9 +187,7 @@ def summarise_case(case: Case, check: dict) -> list:
 
 def summarise(rows: list) -> dict:
     worst = min(rows, key=lambda r: r["compiled_speedup"]) if rows else None
-    spreads = [((r["timing"][n]["p75_us"] - r["timing"][n]["p25_us"]) / r["timing"][n]["median_us"],
-                f"{r['case']} {r['layout']} {r['pass']} {n}") for r in rows for n in CONTENDERS]
-    spread = max(spreads) if spreads else (None, None)
+    spread = worst_spread(rows, CONTENDERS) or (None, None)
     summary = {"all_checks_ok": all(r["check"]["ok"] for r in rows), "worst_spread": spread[0],
                "worst_spread_where": spread[1]}
     for pass_name in PASSES:

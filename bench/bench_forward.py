@@ -221,15 +221,18 @@ def run_rounds(cases: list, rounds: int, min_batch_ns: int, progress: bool) -> N
             gc.enable()
 
 
+def timing_stats(samples_ns) -> dict:
+    """Median, minimum and quartiles (us) of one contender's per-call times (ns) over the rounds (shared with
+    bench_training.py and bench_compile.py)."""
+    ordered = sorted(samples_ns)
+    q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
+    return {"median_us": statistics.median(ordered) / 1e3, "min_us": ordered[0] / 1e3,
+            "p25_us": q[0] / 1e3, "p75_us": q[2] / 1e3, "rounds": len(ordered)}
+
+
 def summarise_case(case: Case) -> dict:
     """Per-call medians (us) and the derived ratios for one case."""
-    def stats(samples):
-        ordered = sorted(samples)
-        q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
-        return {"median_us": statistics.median(ordered) / 1e3, "min_us": ordered[0] / 1e3,
-                "p25_us": q[0] / 1e3, "p75_us": q[2] / 1e3, "rounds": len(ordered)}
-
-    timing = {name: stats(case.samples_ns[name]) for name in CONTENDERS}
+    timing = {name: timing_stats(case.samples_ns[name]) for name in CONTENDERS}
     for name in CONTENDERS:
         timing[name]["batch_calls"] = case.batch_size[name]
     med = {name: timing[name]["median_us"] for name in CONTENDERS}
@@ -313,15 +316,16 @@ def targets_of(dtype: str) -> dict:
 
 def worst_spread(rows: list, names=None):
     """The largest (p75 - p25) / median over every reported figure (the contenders `names`, by default the
-    forward's), and where it occurred."""
+    forward's), and where it occurred (case, layout, the row's pass where it has one, contender)."""
     worst = None
     for r in rows:
         row_names = names or ("torch", "gn_out", "gn_alloc", "gn_torch", "copy_numpy")
+        where = " ".join(r[key] for key in ("case", "layout", "pass") if key in r)
         for name in row_names:
             t = r["timing"][name]
             value = (t["p75_us"] - t["p25_us"]) / t["median_us"]
             if worst is None or value > worst[0]:
-                worst = (value, f"{r['case']} {r['layout']} {name}")
+                worst = (value, f"{where} {name}")
     return worst
 
 

@@ -43,8 +43,8 @@ from groupnorm import _dlpack
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_forward import (ISSUE_CHANNELS_LAST, ONE_MILLION, QUICK_CASE_IDS, all_case_specs,  # noqa: E402
                            calibrate, fmt, format_markdown_table, format_text_table, geometric_mean,
-                           header_lines, machine_header, target_lines, time_batch_ns, worst_spread,
-                           write_outputs)
+                           header_lines, machine_header, target_lines, time_batch_ns, timing_stats,
+                           worst_spread, write_outputs)
 
 CONTENDERS = ("torch", "gn", "fn_floor", "gn_bwd", "add_numpy", "add_alloc", "add_torch")
 CHANNELS_LAST_PAIR = "1x320x64x64-g32"  # the case whose channels-last and NCHW backward are compared
@@ -201,11 +201,7 @@ def run_rounds(cases: list, rounds: int, min_batch_ns: int, progress: bool) -> N
 def summarise_case(case: Case) -> dict:
     """Per-call medians (us) and the derived ratios for one case."""
     def stats(name):
-        ordered = sorted(case.samples_ns[name])
-        q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
-        return {"median_us": statistics.median(ordered) / 1e3, "min_us": ordered[0] / 1e3,
-                "p25_us": q[0] / 1e3, "p75_us": q[2] / 1e3, "rounds": len(ordered),
-                "batch_calls": case.batch_size[name],
+        return {**timing_stats(case.samples_ns[name]), "batch_calls": case.batch_size[name],
                 "minor_faults_per_call": statistics.median(case.faults[name])}
 
     timing = {name: stats(name) for name in CONTENDERS}
