@@ -232,19 +232,27 @@ def exception_chain(error):
     return "\n".join(messages)
 
 
-@pytest.mark.parametrize("x_dtype, num_groups, eps, message", [
-    (torch.float32, 3, 1e-5, r"ValueError: num_groups=3 must divide the number of channels \(4\)"),
-    (torch.int32, 2, 1e-5, r"TypeError: input has dtype torch.int32"),
-    (torch.float32, 2, -1.0, r"ValueError: eps=-1.0"),
+@pytest.mark.parametrize("x_shape, x_dtype, num_groups, weight_size, eps, message", [
+    ((2, 4, 3), torch.float32, 3, None, 1e-5, r"ValueError: num_groups=3 must divide the number of channels \(4\)"),
+    ((2, 4, 3), torch.float32, 0, None, 1e-5, r"ValueError: num_groups=0 must be positive"),
+    ((2, 4, 3), torch.int32, 2, None, 1e-5, r"TypeError: input has dtype torch.int32"),
+    ((2, 4, 3), torch.float32, 2, None, -1.0, r"ValueError: eps=-1.0"),
+    ((4,), torch.float32, 2, None, 1e-5,
+     r"ValueError: input has shape \(4,\) \(1 dimension\(s\)\); it needs at least 2"),
+    ((2, 4, 3), torch.float32, 2, 3, 1e-5,
+     r"ValueError: weight has shape \(3,\); it must be \(4,\), one value per channel"),
 ])
-def test_compile_fails_with_the_eager_error(x_dtype, num_groups, eps, message):
+def test_compile_fails_with_the_eager_error(x_shape, x_dtype, num_groups, weight_size, eps, message):
     """Bad arguments fail while tracing (the fake function checks them), with the message the eager call gives."""
     torch._dynamo.reset()
-    compiled = torch.compile(functools.partial(gnt.group_norm, num_groups=num_groups, eps=eps), fullgraph=True,
-                             backend="aot_eager")
+    weight = None if weight_size is None else torch.ones(weight_size)
+    compiled = torch.compile(functools.partial(gnt.group_norm, num_groups=num_groups, weight=weight, eps=eps),
+                             fullgraph=True, backend="aot_eager")
     with pytest.raises(Exception) as raised:
-        compiled(torch.zeros(2, 4, 3, dtype=x_dtype))
+        compiled(torch.zeros(x_shape, dtype=x_dtype))
     assert pytest.importorskip("re").search(message, exception_chain(raised.value)), exception_chain(raised.value)
+    with pytest.raises((TypeError, ValueError), match=message.split(": ", 1)[1]):  # the eager call's own
+        gnt.group_norm(torch.zeros(x_shape, dtype=x_dtype), num_groups, weight, eps=eps)
 
 
 # ------------------------------------------------------------------------------ export, make_fx, jit.trace
