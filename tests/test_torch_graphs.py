@@ -115,6 +115,23 @@ def test_opcheck(rng, shape, num_groups, memory_format, dtype, param_dtype):
     assert not failed, failed
 
 
+@pytest.mark.parametrize("grad_shape, grad_dtype, message", [
+    ((2, 4, 4), torch.float32, r"grad_output has shape \(2, 4, 4\); it must match the input's shape \(2, 4, 3\)"),
+    ((2, 4, 3), torch.float64, r"grad_output has dtype torch.float64; it must match the input's dtype torch.float32"),
+])
+def test_backward_operator_checks_grad_output_on_fake_tensors(grad_shape, grad_dtype, message):
+    """On meta tensors (the fake function), with the messages of the operator's real kernel."""
+    x = torch.empty(2, 4, 3, device="meta")
+    stats = torch.empty(2, 2, device="meta")
+    with pytest.raises(ValueError, match=message):
+        torch.ops.groupnorm.group_norm_backward(torch.empty(grad_shape, dtype=grad_dtype, device="meta"), x, stats,
+                                                stats, 2, None)
+    real = [torch.zeros(2, 4, 3), torch.zeros(2, 2), torch.ones(2, 2)]
+    with pytest.raises(ValueError, match=message.replace("torch.", "")):
+        torch.ops.groupnorm.group_norm_backward(torch.zeros(grad_shape, dtype=grad_dtype), real[0], real[1], real[2],
+                                                2, None)
+
+
 def test_the_operators_compute_what_torch_does(rng):
     """Against torch's native_group_norm (forward) and float64 autograd (backward), with the gradient in another
     layout than the input (which torch's own native_group_norm_backward does not take: its autograd formula passes

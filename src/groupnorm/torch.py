@@ -212,9 +212,11 @@ def _op_backward_impl(grad_output, input, mean, rstd, num_groups, weight):
 
 def _op_backward_fake(grad_output, input, mean, rstd, num_groups, weight):
     _check_fake(input, num_groups, {"weight": weight})
-    if grad_output.shape != input.shape or grad_output.dtype != input.dtype:
-        raise ValueError(f"grad_output has shape {tuple(grad_output.shape)} and dtype {grad_output.dtype}; they must "
-                         f"match the input's, {tuple(input.shape)} and {input.dtype}")
+    if grad_output.shape != input.shape:  # group_norm_backward's messages (groupnorm._core)
+        raise ValueError(f"grad_output has shape {tuple(grad_output.shape)}; it must match the input's shape "
+                         f"{tuple(input.shape)}")
+    if grad_output.dtype != input.dtype:
+        raise ValueError(f"grad_output has dtype {grad_output.dtype}; it must match the input's dtype {input.dtype}")
     grad_param = input.new_empty((input.shape[1],), dtype=_stats_dtype(input))
     return torch.empty_like(input), grad_param, torch.empty_like(grad_param)
 
