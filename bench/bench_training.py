@@ -11,6 +11,10 @@ the floor ("add alloc": the floor plus a fresh output's page faults), and so is 
 ``torch.add(..., out=)`` of the same bytes ("add_").
 "Function floor": the same fwd+bwd through a torch.autograd.Function that computes nothing (it returns empty
 tensors), i.e. what any Python autograd.Function pays per step before a kernel runs; shown for reference.
+``--activation silu``: GroupNorm then SiLU, the diffusion U-Net pair: groupnorm.torch.GroupNorm(...,
+activation="silu") (one fused forward, one fused backward) against torch.nn.GroupNorm followed by
+torch.nn.functional.silu (torch's two kernels each way); the backward alone gets bias and activation. The issue's
+targets are judged without an activation only.
 Conventions as bench_forward.py: one process, interleaved rounds, medians of calibrated batches, one thread
 count for everyone; targets judged on the issue's case list, channels-last rows beyond it marked (extra).
 """
@@ -72,6 +76,13 @@ class _EmptyFunction(torch.autograd.Function):
         return torch.empty_like(input), None, torch.empty_like(weight), torch.empty_like(weight), None
 
 
+class _TorchGroupNormSiLU(torch.nn.GroupNorm):
+    """torch.nn.GroupNorm followed by SiLU, with the module's own weight and bias attributes."""
+
+    def forward(self, input):
+        return torch.nn.functional.silu(super().forward(input))
+
+
 class _EmptyGroupNorm(gnt.GroupNorm):
     def forward(self, input):
         return _EmptyFunction.apply(input, self.num_groups, self.weight, self.bias, self.eps)
@@ -80,7 +91,7 @@ class _EmptyGroupNorm(gnt.GroupNorm):
 class Case:
     """One benchmark case: torch leaves and modules, NumPy views of the same memory, the timed callables."""
 
-    def __init__(self, case_id, shape, num_groups, layout, dtype, rng):
+    def __init__(self, case_id, shape, num_groups, layout, dtype, rng, activation=None):
         self.case_id, self.shape, self.num_groups, self.layout = case_id, tuple(shape), num_groups, layout
         self.callables, self.batch_size, self.samples_ns, self.faults, self.check = {}, {}, {}, {}, {}
         channels = shape[1]
@@ -94,8 +105,9 @@ class Case:
         self.x = data(shape, 2.0, 0.5).requires_grad_()
         self.grad = data(shape)
         weight, bias = data((channels,)), data((channels,))
-        self.torch_module = torch.nn.GroupNorm(num_groups, channels, dtype=torch_dtype)
-        self.gn_module = gnt.GroupNorm(num_groups, channels, dtype=torch_dtype)
+        torch_class = torch.nn.GroupNorm if activation is None else _TorchGroupNormSiLU
+        self.torch_module = torch_class(num_groups, channels, dtype=torch_dtype)
+        self.gn_module = gnt.GroupNorm(num_groups, channels, dtype=torch_dtype, activation=activation)
         self.empty_module = _EmptyGroupNorm(num_groups, channels, dtype=torch_dtype)
         with torch.no_grad():
             for module in (self.torch_module, self.gn_module):
@@ -107,8 +119,9 @@ class Case:
         self.x_np = _dlpack.from_torch(self.x)
         self.grad_np = _dlpack.from_torch(self.grad)
         self.weight_np = _dlpack.from_torch(weight)
-        _, self.mean_np, self.rstd_np = gn.group_norm_forward(self.x_np, num_groups, self.weight_np,
-                                                              _dlpack.from_torch(bias), 1e-5)
+        self.bias_np = _dlpack.from_torch(bias)
+        _, self.mean_np, self.rstd_np = gn.group_norm_forward(self.x_np, num_groups, self.weight_np, self.bias_np,
+                                                              1e-5, activation=activation)
         # The floor reads x and dy and writes dx, over the contiguous memory behind them.
         x_storage = self.x.detach().permute(*self.memory_order()).contiguous().reshape(-1)
         grad_storage = self.grad.permute(*self.memory_order()).contiguous().reshape(-1)
@@ -121,7 +134,8 @@ class Case:
             "gn": functools.partial(self.fwd_bwd, self.gn_module),
             "fn_floor": functools.partial(self.fwd_bwd, self.empty_module),
             "gn_bwd": functools.partial(gn.group_norm_backward, self.grad_np, self.x_np, self.mean_np,
-                                        self.rstd_np, num_groups, self.weight_np),
+                                        self.rstd_np, num_groups, self.weight_np, bias=self.bias_np,
+                                        activation=activation),
             "add_numpy": functools.partial(np.add, as_numpy(x_storage), as_numpy(grad_storage),
                                            out=as_numpy(self.floor_out)),
             "add_alloc": functools.partial(np.add, as_numpy(x_storage), as_numpy(grad_storage)),
@@ -230,8 +244,9 @@ def summarise_case(case: Case) -> dict:
     }
 
 
-def summarise(all_rows: list) -> dict:
-    """Aggregates and PASS/FAIL per target (None where no case covers it), over the issue's case list."""
+def summarise(all_rows: list, activation=None) -> dict:
+    """Aggregates and PASS/FAIL per target (None where no case covers it, or with an activation), over the issue's
+    case list."""
     rows = [r for r in all_rows if r["in_issue"]]
     extra = [r for r in all_rows if not r["in_issue"]]
     big = [r for r in rows if r["elements"] >= ONE_MILLION]
@@ -266,6 +281,8 @@ def summarise(all_rows: list) -> dict:
         "channels_last_bwd_as_fast": None if channels_last is None
         else channels_last["bwd_ratio"] <= CHANNELS_LAST_SLACK,
     }
+    if activation is not None:  # the issue's targets are for GroupNorm alone
+        summary["targets"] = dict.fromkeys(summary["targets"])
     return summary
 
 
@@ -330,7 +347,9 @@ TRAINING_TIMINGS = (
 
 def write_markdown(path: str, header: dict, rows: list, summary: dict) -> None:
     """A self-contained section for bench/RESULTS.md: header, table, summary, targets."""
-    parts = [f"## Training (forward+backward), {header['dtype']}, {header['threads']} threads — {header['date']}", ""]
+    block = "" if header.get("activation") is None else f", GroupNorm+{header['activation'].upper()}"
+    parts = [f"## Training (forward+backward){block}, {header['dtype']}, {header['threads']} threads — "
+             f"{header['date']}", ""]
     parts += [f"- {line}" for line in header_lines(header, "np.add", TRAINING_TIMINGS)]
     parts += ["", format_markdown_table(rows, TABLE_COLUMNS, table_cells), ""]
     parts += [f"- {line}" for line in summary_lines(summary)]
@@ -369,6 +388,8 @@ def parse_args(argv=None):
     parser.add_argument("--cases", default=None,
                         help="comma list of case names (e.g. 4x256x28x28-g32, or 1x320x64x64-g32:nhwc for one layout)")
     parser.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--activation", choices=["none", "silu"], default="none",
+                        help="silu: GroupNorm then SiLU (groupnorm fused, torch's two modules); targets not judged")
     parser.add_argument("--min-batch-ms", type=float, default=1.0, help="calibrate batches to at least this long")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="sanity check: max |gn - torch| / max(1, max|torch|) over y, dx, dw, db (default 1e-4; "
@@ -380,6 +401,7 @@ def parse_args(argv=None):
     parser.add_argument("--list", action="store_true", help="list the case names and exit")
     parser.add_argument("--progress", action="store_true", help="report each finished round on stderr")
     args = parser.parse_args(argv)
+    args.activation = None if args.activation == "none" else args.activation
     if args.rounds is None:
         args.rounds = 3 if args.quick else 21
     if args.tolerance is None:
@@ -399,19 +421,19 @@ def main(argv=None) -> int:
     specs = selected_specs(args)
     gn.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
-    header = machine_header(args, args.threads, TRAINING_DEFINITIONS)
+    header = {**machine_header(args, args.threads, TRAINING_DEFINITIONS), "activation": args.activation}
     for line in header_lines(header, "np.add", TRAINING_TIMINGS):
         print(line)
     print(flush=True)
 
     rng = np.random.default_rng(20240611)
-    cases = [Case(*spec, args.dtype, rng) for spec in specs]
+    cases = [Case(*spec, args.dtype, rng, args.activation) for spec in specs]
     for case in cases:
         case.verify(args.tolerance)
     run_rounds(cases, args.rounds, int(args.min_batch_ms * 1e6), args.progress)
 
     rows = [summarise_case(case) for case in cases]
-    summary = summarise(rows)
+    summary = summarise(rows, args.activation)
     print(format_text_table(rows, TABLE_COLUMNS, table_cells))
     print()
     for line in summary_lines(summary):

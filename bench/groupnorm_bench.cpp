@@ -380,7 +380,8 @@ void run_case(const CaseSpec& spec, DType dtype, const std::vector<Isa>& isas, c
       if (opt.backward) {
         auto backward = [&] {
           status = groupnorm::group_norm_backward(p, dtype, dy.data(), x.data(), mean.data(), rstd.data(),
-                                                  weight.data(), dx.data(), dweight.data(), dbias.data());
+                                                  weight.data(), bias.data(), dx.data(), dweight.data(),
+                                                  dbias.data());
         };
         row.pass = "backward";
         row.bytes = 3 * bytes;

@@ -265,11 +265,14 @@ Status group_norm_forward(const Problem& problem, DType dtype, const void* x, co
 }
 
 Status group_norm_backward(const Problem& problem, DType dtype, const void* dy, const void* x, const void* mean,
-                           const void* rstd, const void* weight, void* dx, void* dweight, void* dbias) {
+                           const void* rstd, const void* weight, const void* bias, void* dx, void* dweight,
+                           void* dbias) {
   if (!valid(problem)) return kInvalidArgument;
   const bool empty = problem.N == 0 || problem.C == 0 || problem.HxW == 0;
   if (!empty && (dy == nullptr || x == nullptr || mean == nullptr || rstd == nullptr || dx == nullptr))
     return kInvalidArgument;
+  // The activation's pass writes dx before the normalisation's reads x.
+  if (!empty && problem.activation != Activation::kNone && dx == x) return kInvalidArgument;
   Problem p = problem;
   if (p.num_threads <= 0) p.num_threads = get_num_threads();
   const KernelTable* table = compiled_table(current_isa());
@@ -277,23 +280,25 @@ Status group_norm_backward(const Problem& problem, DType dtype, const void* dy, 
     case DType::kFloat32:
       return table->backward_f32(p, static_cast<const float*>(dy), static_cast<const float*>(x),
                                  static_cast<const float*>(mean), static_cast<const float*>(rstd),
-                                 static_cast<const float*>(weight), static_cast<float*>(dx),
-                                 static_cast<float*>(dweight), static_cast<float*>(dbias));
+                                 static_cast<const float*>(weight), static_cast<const float*>(bias),
+                                 static_cast<float*>(dx), static_cast<float*>(dweight), static_cast<float*>(dbias));
     case DType::kFloat64:
       return table->backward_f64(p, static_cast<const double*>(dy), static_cast<const double*>(x),
                                  static_cast<const double*>(mean), static_cast<const double*>(rstd),
-                                 static_cast<const double*>(weight), static_cast<double*>(dx),
-                                 static_cast<double*>(dweight), static_cast<double*>(dbias));
+                                 static_cast<const double*>(weight), static_cast<const double*>(bias),
+                                 static_cast<double*>(dx), static_cast<double*>(dweight),
+                                 static_cast<double*>(dbias));
     case DType::kFloat16:
       return table->backward_f16(p, static_cast<const Half*>(dy), static_cast<const Half*>(x),
                                  static_cast<const float*>(mean), static_cast<const float*>(rstd),
-                                 static_cast<const float*>(weight), static_cast<Half*>(dx),
-                                 static_cast<float*>(dweight), static_cast<float*>(dbias));
+                                 static_cast<const float*>(weight), static_cast<const float*>(bias),
+                                 static_cast<Half*>(dx), static_cast<float*>(dweight), static_cast<float*>(dbias));
     case DType::kBFloat16:
       return table->backward_bf16(p, static_cast<const BFloat16*>(dy), static_cast<const BFloat16*>(x),
                                   static_cast<const float*>(mean), static_cast<const float*>(rstd),
-                                  static_cast<const float*>(weight), static_cast<BFloat16*>(dx),
-                                  static_cast<float*>(dweight), static_cast<float*>(dbias));
+                                  static_cast<const float*>(weight), static_cast<const float*>(bias),
+                                  static_cast<BFloat16*>(dx), static_cast<float*>(dweight),
+                                  static_cast<float*>(dbias));
   }
   return kInvalidArgument;
 }

@@ -192,9 +192,22 @@ def finite_max(a):
     return float(a.max()) if a.size else 0.0
 
 
-def group_norm_backward_reference(grad_output, x, num_groups, weight=None, eps=1e-5, *, with_scales=False):
-    """(grad_input, grad_weight, grad_bias) of group_norm (no activation) in the accumulator dtype, from x itself:
-    dx = rstd*(w*dy - mean_g(w*dy) - x_hat*mean_g(w*dy*x_hat)), dw = sum dy*x_hat, db = sum dy. With_scales, a 4th
+def silu_grad_reference(grad_output, x, num_groups, weight=None, bias=None, eps=1e-5):
+    """dz * silu'(u) in the accumulator dtype: the gradient at the normalised u = x_hat*w + b of z = silu(u), from x
+    itself, silu'(u) = s*(1 + u*(1 - s)) with s = sigmoid(u)."""
+    x = np.asarray(x)
+    acc = accumulator_dtype(x.dtype)
+    u = group_norm_reference(x, num_groups, weight, bias, eps).astype(acc)
+    with np.errstate(over="ignore"):
+        s = 1 / (1 + np.exp(-u))
+    return np.asarray(grad_output).astype(acc) * s * (1 + u * (1 - s))
+
+
+def group_norm_backward_reference(grad_output, x, num_groups, weight=None, eps=1e-5, *, bias=None, activation=None,
+                                  with_scales=False):
+    """(grad_input, grad_weight, grad_bias) of group_norm (then SiLU with activation='silu', whose input needs
+    bias) in the accumulator dtype, from x itself: dx = rstd*(w*dy - mean_g(w*dy) - x_hat*mean_g(w*dy*x_hat)),
+    dw = sum dy*x_hat, db = sum dy, with dy = grad_output, or silu_grad_reference of it. With_scales, a 4th
     item: the term scales of the three (see GRAD_TOLERANCE)."""
     x = np.asarray(x)
     acc = accumulator_dtype(x.dtype)
@@ -202,6 +215,8 @@ def group_norm_backward_reference(grad_output, x, num_groups, weight=None, eps=1
     if x.size == 0:
         zeros = (np.zeros(x.shape, acc), np.zeros(C, acc), np.zeros(C, acc))
         return zeros + ((0.0, 0.0, 0.0),) if with_scales else zeros
+    if activation == "silu":
+        grad_output = silu_grad_reference(grad_output, x, num_groups, weight, bias, eps)
     groups = x.astype(acc).reshape(N, num_groups, -1)
     dy = np.asarray(grad_output).astype(acc).reshape(N, C, -1)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):

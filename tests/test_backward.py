@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import groupnorm as gn
-from reference import (assert_grads_match, at_odd_address, group_norm_backward_reference, group_stats_reference,
-                       random_array, same_bits, same_memory_order)
+from reference import (assert_grads_match, at_odd_address, group_norm_backward_reference, group_norm_reference,
+                       group_stats_reference, random_array, same_bits, same_memory_order)
 
 DTYPES = [np.float32, np.float64]
 TAILS = (1, 3, 7, 15, 16, 17, 31, 33, 63, 65)
@@ -30,21 +30,22 @@ def poison_heap(*arrays):
     del blocks
 
 
-def check_backward(dy, x, G, weight=None, eps=1e-5):
+def check_backward(dy, x, G, weight=None, eps=1e-5, *, bias=None, activation=None):
     """group_norm_forward + group_norm_backward against the reference: values, dtypes, shapes, the input's
     memory layout for grad_input, no NaN, inputs unmodified. Returns the three gradients."""
     x_before, dy_before = np.array(x, copy=True), np.array(dy, copy=True)
-    y, mean, rstd = gn.group_norm_forward(x, G, weight, None, eps)
+    y, mean, rstd = gn.group_norm_forward(x, G, weight, bias, eps, activation=activation)
     C = x.shape[1]
     poison_heap(x, np.empty(C, x.dtype), np.empty(C, x.dtype))
-    grads = gn.group_norm_backward(dy, x, mean, rstd, G, weight)
+    grads = gn.group_norm_backward(dy, x, mean, rstd, G, weight, bias=bias, activation=activation)
     assert isinstance(grads, tuple) and len(grads) == 3
     grad_input, grad_weight, grad_bias = grads
     assert type(grad_input) is np.ndarray and grad_input.shape == x.shape
     assert same_memory_order(grad_input, np.empty_like(x)), \
         f"grad_input strides {grad_input.strides} do not follow the input's layout {x.strides}"
     assert grad_weight.shape == (C,) and grad_bias.shape == (C,)
-    assert_grads_match(grads, group_norm_backward_reference(dy, x, G, weight, eps, with_scales=True), x.dtype)
+    assert_grads_match(grads, group_norm_backward_reference(dy, x, G, weight, eps, bias=bias, activation=activation,
+                                                            with_scales=True), x.dtype)
     assert same_bits(x, x_before) and same_bits(dy, dy_before), "an input was modified"
     return grads
 
@@ -304,6 +305,86 @@ def test_statistics_of_another_dtype_are_converted(rng):
         assert same_bits(a, b)
 
 
+# ------------------------------------------------------------------------------------------------- SiLU
+# activation='silu': the forward's z = u*sigmoid(u), u = x_hat*w + b, and the backward's gradient through it, the
+# SiLU's input recomputed from x, the statistics, weight and bias.
+
+SILU_CASES = [((2, 6, 17), 3), ((2, 33, 5), 11), ((3, 12, 7, 5), 4), ((2, 16, 3, 5, 4), 8), ((9, 12), 4),
+              ((1, 4, 130, 130), 1), ((2, 64, 9, 9), 32)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", ["none", "weight", "bias", "both"])
+@pytest.mark.parametrize("shape, G", SILU_CASES, ids=[f"{s}-G{g}".replace(" ", "") for s, g in SILU_CASES])
+def test_silu_backward(isa, rng, shape, G, affine, dtype, layout):
+    x = random_array(rng, shape, dtype, layout, offset=0.3)
+    dz = random_array(rng, shape, dtype, layout)
+    C = shape[1]
+    weight = rng.uniform(-2, 2, C).astype(dtype) if affine in ("weight", "both") else None
+    bias = rng.uniform(-2, 2, C).astype(dtype) if affine in ("bias", "both") else None
+    check_backward(dz, x, G, weight, bias=bias, activation="silu")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [1e4, -3e3])
+def test_silu_backward_large_offset(isa, rng, offset, dtype, layout):
+    """|mean| * rstd far above 1: the SiLU's input needs the low part of the mean that float32 statistics drop."""
+    x = random_array(rng, (2, 8, 33, 31), dtype, layout, offset=offset)
+    dz = random_array(rng, x.shape, dtype, layout)
+    weight, bias = (rng.uniform(-2, 2, 8).astype(dtype) for _ in range(2))
+    check_backward(dz, x, 4, weight, bias=bias, activation="silu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, G, layout", [((2, 6, 30007), 3, "contiguous"), ((2, 64, 40, 13), 8, "channels_last"),
+                                              ((3000, 12), 4, "contiguous")], ids=["chunked", "rows", "2d"])
+def test_silu_backward_bitwise_identical_for_every_thread_count(isa, rng, shape, G, layout, dtype):
+    x = random_array(rng, shape, dtype, layout)
+    dz = random_array(rng, shape, dtype, layout)
+    weight, bias = (rng.uniform(-2, 2, shape[1]).astype(dtype) for _ in range(2))
+    _, mean, rstd = gn.group_norm_forward(x, G, weight, bias, activation="silu")
+    results = []
+    for threads in (1, 2, 3):
+        gn.set_num_threads(threads)
+        try:
+            results.append(gn.group_norm_backward(dz, x, mean, rstd, G, weight, bias=bias, activation="silu"))
+        finally:
+            gn.set_num_threads(None)
+    for other in results[1:]:
+        assert all(same_bits(a, b) for a, b in zip(results[0], other))
+
+
+def test_silu_backward_bias_is_read_only_with_the_activation(rng):
+    x = random_array(rng, (2, 6, 5, 4), np.float32)
+    dy = random_array(rng, x.shape, np.float32)
+    _, mean, rstd = gn.group_norm_forward(x, 3)
+    plain = gn.group_norm_backward(dy, x, mean, rstd, 3)
+    with_bias = gn.group_norm_backward(dy, x, mean, rstd, 3, bias=np.full(6, 5.0, np.float32))
+    assert all(same_bits(a, b) for a, b in zip(plain, with_bias))
+    silu = gn.group_norm_backward(dy, x, mean, rstd, 3, bias=np.full(6, 5.0, np.float32), activation="silu")
+    assert not np.array_equal(silu[0], plain[0])
+
+
+def test_silu_layer(rng):
+    layer = gn.GroupNorm(4, 12, activation="silu")
+    assert repr(layer) == "GroupNorm(4, 12, eps=1e-05, affine=True, activation='silu')"
+    layer.weight[:] = rng.uniform(-2, 2, 12)
+    layer.bias[:] = rng.uniform(-2, 2, 12)
+    x = random_array(rng, (3, 12, 5, 5), np.float64)
+    dz = random_array(rng, x.shape, np.float64)
+    z = layer(x)
+    ref = group_norm_reference(x, 4, layer.weight, layer.bias, activation="silu")
+    assert np.abs(z - ref).max() <= 1e-12
+    dx = layer.backward(dz)
+    want = group_norm_backward_reference(dz, x, 4, layer.weight, bias=layer.bias, activation="silu",
+                                         with_scales=True)
+    assert_grads_match((dx, layer.grad_weight, layer.grad_bias), want, np.float64)
+    with pytest.raises(ValueError, match=message("activation", "'relu'", "None or 'silu'")):
+        gn.GroupNorm(4, 12, activation="relu")
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 def message(*parts):
@@ -342,6 +423,10 @@ BACKWARD_ERRORS = [
     ("mean-None", TypeError, message("mean", "None", "(2, 3)"), dict(mean=None)),
     ("rstd-complex", TypeError, message("rstd", "complex128"), dict(rstd=np.zeros((2, 3), np.complex128))),
     ("rstd-str", TypeError, message("rstd", "'x'"), dict(rstd="x")),
+    ("bias-short", ValueError, message("bias", "(5,)", "6"), dict(bias=np.ones(5, np.float32))),
+    ("bias-str", TypeError, message("bias"), dict(bias="abcdef")),
+    ("activation-unknown", ValueError, message("activation", "'relu'", "None or 'silu'"), dict(activation="relu")),
+    ("activation-int", TypeError, message("activation", "1"), dict(activation=1)),
 ]
 
 
@@ -353,7 +438,8 @@ def test_backward_errors(exception, pattern, change):
     before = {k: np.array(v, copy=True) for k, v in args.items() if isinstance(v, np.ndarray)}
     with pytest.raises(exception, match=pattern):
         gn.group_norm_backward(args["grad_output"], args["input"], args["mean"], args["rstd"],
-                               args["num_groups"], args["weight"])
+                               args["num_groups"], args["weight"], bias=args.get("bias"),
+                               activation=args.get("activation", "silu"))
     for k, v in before.items():
         assert same_bits(args[k], v), f"a refused call modified {k}"
 
@@ -365,6 +451,7 @@ FORWARD_ERRORS = [
     ("eps-negative", ValueError, message("eps", "-0.1"), dict(eps=-0.1)),
     ("eps-str", TypeError, message("eps", "'1'"), dict(eps="1")),
     ("bias-2d", ValueError, message("bias", "(6, 1)"), dict(bias=np.ones((6, 1)))),
+    ("activation-unknown", ValueError, message("activation", "'gelu'", "None or 'silu'"), dict(activation="gelu")),
 ]
 
 
@@ -374,7 +461,8 @@ def test_forward_errors(exception, pattern, change):
     args = dict(input=np.zeros(SHAPE, np.float32), num_groups=3, weight=None, bias=None, eps=1e-5)
     args.update(change)
     with pytest.raises(exception, match=pattern):
-        gn.group_norm_forward(args["input"], args["num_groups"], args["weight"], args["bias"], args["eps"])
+        gn.group_norm_forward(args["input"], args["num_groups"], args["weight"], args["bias"], args["eps"],
+                              activation=args.get("activation"))
 
 
 # ------------------------------------------------------------------------------------------------- layer

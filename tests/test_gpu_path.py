@@ -110,8 +110,8 @@ def forward(cuda, x, groups, weight=None, bias=None, eps=1e-5, activation=None, 
     return _gpu.run_forward(cuda, TORCH, x, groups, weight, bias, eps, activation, channel_axis, out, stats, 0, 0)
 
 
-def backward(cuda, dy, x, mean, rstd, groups, weight=None):
-    return _gpu.run_backward(cuda, TORCH, dy, x, mean, rstd, groups, weight, 0, 0)
+def backward(cuda, dy, x, mean, rstd, groups, weight=None, bias=None, activation=None):
+    return _gpu.run_backward(cuda, TORCH, dy, x, mean, rstd, groups, weight, bias, activation, 0, 0)
 
 
 TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-11, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -232,6 +232,29 @@ def test_backward_matches_autograd_float64(cuda, dtype, layout, with_weight):
     close(db, br.grad, dtype, "grad_bias")
     assert dx.dtype == dtype and layout_of(dx) == ("channels_last" if layout == "channels_last" else "contiguous")
     assert dw.dtype == db.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_silu_backward_matches_autograd_float64(cuda, dtype, layout):
+    """activation='silu' through the forward with statistics and the backward with bias: the CUDA kernels'
+    fused SiLU gradient against torch's silu(group_norm) in float64."""
+    x = make((2, 12, 5, 7), dtype, layout, seed=8, offset=0.5)
+    dz = make((2, 12, 5, 7), dtype, layout, seed=9)
+    w = torch.linspace(-1.5, 1.5, 12).to(dtype)
+    b = torch.linspace(1.0, -0.5, 12).to(torch.float32)  # float32 bias with 16-bit data: both go as float32
+    z, mean, rstd = forward(cuda, x, 4, w, b, activation="silu", stats=True)
+    dx, dw, db = backward(cuda, dz, x, mean, rstd, 4, w, b, activation="silu")
+    xr, wr, br = (t.detach().clone().double().requires_grad_() for t in (x, w, b))
+    want = torch.nn.functional.silu(torch.nn.functional.group_norm(xr, 4, wr, br, 1e-5))
+    want.backward(dz.double())
+    close(z, want.detach(), dtype, "z")
+    close(dx, xr.grad, dtype, "grad_input")
+    close(dw, wr.grad, dtype, "grad_weight")
+    close(db, br.grad, dtype, "grad_bias")
+    plain = backward(cuda, dz, x, mean, rstd, 4, w, b)  # the bias alone changes nothing
+    assert torch.equal(plain[0], backward(cuda, dz, x, mean, rstd, 4, w)[0])
+    assert not torch.equal(plain[0], dx)
 
 
 def test_empty_tensors(cuda):
@@ -427,7 +450,7 @@ def test_the_stream_reaches_the_kernels(cuda):
     x = make((2, 8, 4, 4), torch.float32, "contiguous", seed=16)
     _, mean, rstd = _gpu.run_forward(cuda, TORCH, x, 4, None, None, 1e-5, None, 1, None, True, 0, 0x1234)
     assert cuda.streams[-1] == 0x1234
-    _gpu.run_backward(cuda, TORCH, x, x, mean, rstd, 4, None, 0, 0x5678)
+    _gpu.run_backward(cuda, TORCH, x, x, mean, rstd, 4, None, None, None, 0, 0x5678)
     assert cuda.streams[-1] == 0x5678
 
 
@@ -493,7 +516,7 @@ def test_numpy_like_forward_and_backward(cuda, dtype, layout):
     assert np_layout(y) == ("channels_last" if layout == "channels_last" else "contiguous")
     stats = np.float64 if dtype == torch.float64 else np.float32
     assert mean.dtype == rstd.dtype == stats and mean.shape == (2, 4)
-    dx, dw, db = _gpu.run_backward(cuda, NUMPY, dy, x, mean, rstd, 4, w, 0, 0)
+    dx, dw, db = _gpu.run_backward(cuda, NUMPY, dy, x, mean, rstd, 4, w, None, None, 0, 0)
     xr = xt.double().requires_grad_()
     wr = torch.from_numpy(w).double().requires_grad_()
     br = torch.zeros(12, dtype=torch.float64, requires_grad=True)
@@ -539,7 +562,7 @@ def test_numpy_like_out_channel_axis_and_checks(cuda):
         (lambda: np_forward(cuda, x, 2, out=readonly), ValueError, "out is read-only"),
         (lambda: np_forward(cuda, x, 2, out=np.empty(x.shape)), ValueError, "out has dtype float64"),
         (lambda: _gpu.run_backward(cuda, NUMPY, x, x, np.zeros((2, 3), np.float32), np.ones((2, 2), np.float32), 2,
-                                   None, 0, 0), ValueError, r"mean has shape \(2, 3\)"),
+                                   None, None, None, 0, 0), ValueError, r"mean has shape \(2, 3\)"),
     ]
     calls = len(cuda.calls)
     for call, error, message in cases:

@@ -10,7 +10,7 @@ from groupnorm._dlpack import BFLOAT16_STORAGE
 from isa_levels import use_isa
 from reference import (affine_params, empty_like_layout, group_norm_backward_reference, group_norm_reference,
                        group_stats_reference, guard_untouched, off_cache_line, random_array, same_bits,
-                       same_memory_order)
+                       same_memory_order, silu_grad_reference)
 
 try:
     import ml_dtypes
@@ -268,6 +268,44 @@ def test_backward(isa, rng, shape, G, dtype, layout):
     np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=1e-5 * np.abs(dw_ref).max())
     np.testing.assert_allclose(db, db_ref, rtol=0, atol=1e-5 * np.abs(db_ref).max())
     assert same_bits(x, x_before) and same_bits(dy, dy_before)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("shape, G", [((2, 6, 17), 3), ((3, 33, 7, 5), 11), ((1, 64, 40, 40), 32), ((9, 12), 4)])
+def test_silu_backward(isa, rng, shape, G, dtype, layout):
+    """activation='silu': the SiLU's gradient g = dz*silu'(u) is rounded to the storage dtype before the
+    normalisation's backward (as torch's separate silu rounds it), so grad_input is judged against the float64
+    gradient of that rounded g, with one ulp of g a term of slack (where the kernels' float g and the exact one
+    round apart); the parameter gradients against the exact g, with that rounding summed into the bound."""
+    x = random_array(rng, shape, dtype, layout, offset=0.5, scale=2.0)
+    dz = random_array(rng, shape, dtype, layout)
+    weight, bias = (rng.uniform(-2, 2, shape[1]).astype(np.float32) for _ in range(2))
+    x_before, dz_before = np.array(x, copy=True), np.array(dz, copy=True)
+    _, mean, rstd = gn.group_norm_forward(x, G, weight, bias, activation="silu")
+    dx, dw, db = gn.group_norm_backward(dz, x, mean, rstd, G, weight, bias=bias, activation="silu")
+    assert dx.dtype == x.dtype and same_memory_order(dx, np.empty_like(x)) and dw.dtype == db.dtype == np.float32
+    x64, dz64 = x.astype(np.float64), dz.astype(np.float64)
+    g = silu_grad_reference(dz64, x64, G, weight, bias)
+    g_stored = g.astype(np.float32).astype(x.dtype).astype(np.float64)
+    ulp = 2.0 ** -(10 if np.dtype(dtype) == np.float16 else 7)
+    dx_ref = np.asarray(group_norm_backward_reference(g_stored, x64, G, weight)[0], np.float64)
+    terms = grad_input_terms(g_stored, x64, G, weight)
+    with np.errstate(over="ignore"):
+        nearest = dx_ref.astype(dtype).astype(np.float64)
+    below, above = neighbours(dx_ref.astype(dtype), dtype)
+    err, dx_ulp = np.abs(dx.astype(np.float64) - nearest), np.maximum(above - nearest, nearest - below)
+    assert (err <= dx_ulp + ulp * terms).all(), "grad_input: farther than an ulp plus one ulp of g a term"
+    # Where the kernels' g rounded as the reference's (nearly everywhere), grad_input is the nearest value.
+    assert (err > 2.0 ** -18 * terms).mean() <= 0.01, "grad_input: not the nearest value on more than 1%"
+    _, dw_ref, db_ref = group_norm_backward_reference(g, x64, G, weight)
+    x_hat = (x64.reshape(shape[0], G, -1) - mean[..., None]) * rstd[..., None]
+    per_channel = (0,) + tuple(range(2, x.ndim))
+    g_abs = np.abs(g).sum(axis=per_channel)
+    g_x_hat_abs = np.abs(g * x_hat.reshape(shape)).sum(axis=per_channel)
+    assert np.all(np.abs(dw - dw_ref) <= 1e-5 * np.abs(dw_ref).max() + ulp * g_x_hat_abs), "grad_weight"
+    assert np.all(np.abs(db - db_ref) <= 1e-5 * np.abs(db_ref).max() + ulp * g_abs), "grad_bias"
+    assert same_bits(x, x_before) and same_bits(dz, dz_before)
 
 
 @pytest.mark.parametrize("offset", [1, 5, 8, 15])

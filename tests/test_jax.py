@@ -161,6 +161,22 @@ def test_forward_and_backward_functions():
         assert np.abs(up(got) - truth).max() / (np.abs(truth).max() + 1) < 1e-5, name
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_forward_and_backward_functions_with_the_activation(dtype):
+    """activation='silu' in group_norm_forward, and in group_norm_backward with the forward's bias."""
+    x = data((2, 8, 9), dtype, 11)
+    w, b = data((8,), "float32", 12), data((8,), "float32", 13)
+    z, mean, rstd = gnj.group_norm_forward(x, 4, w, b, activation="silu")
+    close(z, group_norm_reference(up(x), 4, up(w), up(b), activation="silu"), dtype, "z")
+    dz = data((2, 8, 9), dtype, 14)
+    dx, dw, db = gnj.group_norm_backward(dz, x, mean, rstd, 4, w, bias=b, activation="silu")
+    rx, rw, rb = reference_grads(up(x), 4, up(w), up(b), 1e-5, True, up(dz))
+    for name, got, truth in (("dx", dx, rx), ("dw", dw, rw), ("db", db, rb)):
+        close(got, truth, dtype, name)
+    with pytest.raises(ValueError, match="activation='relu' is unknown"):
+        gnj.group_norm_backward(dz, x, mean, rstd, 4, w, bias=b, activation="relu")
+
+
 def test_every_isa_level_and_thread_count_gives_the_numpy_calls_bits(isa):
     """The custom calls run _core's own kernels: the level the isa fixture selects, the thread count set."""
     x = data((2, 32, 17, 9), "float32", 11)

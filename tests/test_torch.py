@@ -233,18 +233,18 @@ class _RecordingCore:
     def __init__(self):
         self.calls = {}
 
-    def group_norm_forward(self, *args):
-        result = groupnorm.group_norm_forward(*args)
+    def group_norm_forward(self, *args, **kwargs):
+        result = groupnorm.group_norm_forward(*args, **kwargs)
         self.calls["forward"] = (args, result)
         return result
 
-    def group_norm_backward(self, *args):
-        result = groupnorm.group_norm_backward(*args)
+    def group_norm_backward(self, *args, **kwargs):
+        result = groupnorm.group_norm_backward(*args, **kwargs)
         self.calls["backward"] = (args, result)
         return result
 
-    def group_norm(self, *args):
-        result = groupnorm.group_norm(*args)
+    def group_norm(self, *args, **kwargs):
+        result = groupnorm.group_norm(*args, **kwargs)
         self.calls["inference"] = (args, result)
         return result
 
@@ -331,7 +331,11 @@ MODULE_CONFIGS = [  # (args, kwargs)
 
 
 def test_module_constructor_signature_is_torchs():
-    assert signature_of(gnt.GroupNorm.__init__) == signature_of(torch.nn.GroupNorm.__init__)
+    """torch's parameters, in order, then groupnorm's keyword-only activation: every call torch's constructor
+    takes, this one takes the same way."""
+    ours = signature_of(gnt.GroupNorm.__init__)
+    assert ours[:-1] == signature_of(torch.nn.GroupNorm.__init__)
+    assert ours[-1] == ("activation", inspect.Parameter.KEYWORD_ONLY, None)
     assert gnt.GroupNorm.__constants__ == torch.nn.GroupNorm.__constants__
 
 
@@ -487,6 +491,76 @@ def test_half_precision_matches_float64_and_torch(isa, rng, shape, num_groups, l
         torch_error = float((theirs.double() - truth).abs().max()) / scale
         assert error <= bound, f"{what}: max error {error:.3g} of max|float64| > {bound:g}"
         assert error <= torch_error + ulp / 4, f"{what}: error {error:.3g} against torch's {torch_error:.3g}"
+
+
+# ------------------------------------------------------------------------------------------- activation='silu'
+
+def silu_reference(x, num_groups, weight, bias, grad):
+    """silu(group_norm(...)) in float64 by torch's autograd: the output and the gradients of x, weight, bias."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    z = torch_functional.silu(torch_functional.group_norm(leaves[0], num_groups, leaves[1], leaves[2], 1e-5))
+    torch.autograd.backward(z, grad.double())
+    return z.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("affine", ["weight_and_bias", "no_affine"])
+@pytest.mark.parametrize("shape, num_groups, layout", GRADCHECK_CASES[:5], ids=lambda v: str(v).replace(" ", ""))
+def test_silu_gradcheck_float64(rng, shape, num_groups, layout, affine):
+    x = tensor(rng, shape, torch.float64, layout_of(shape, layout), offset=0.5, scale=2.0).requires_grad_()
+    params = [tensor(rng, (shape[1],), torch.float64).requires_grad_() for _ in range(2)] if affine != "no_affine" \
+        else []
+
+    def function(x, *params):
+        return gnt.group_norm(x, num_groups, *params, eps=0.25, activation="silu")
+
+    assert torch.autograd.gradcheck(function, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, num_groups, layout", FLOAT32_CASES[:4] + FLOAT32_CASES[7:9],
+                         ids=lambda v: str(v).replace(" ", ""))
+def test_silu_matches_float64(isa, rng, shape, num_groups, layout, dtype):
+    """The module with activation='silu' against silu(group_norm) in float64: output and gradients, in the input's
+    dtype and memory format, within float32 rounding (an ulp of the largest value or two for 16-bit data, whose
+    SiLU gradient is rounded to storage on the way, as torch's separate silu rounds it)."""
+    memory_format = layout_of(shape, layout)
+    x = tensor(rng, shape, dtype, memory_format, offset=0.5, scale=2.0).requires_grad_()
+    module = gnt.GroupNorm(num_groups, shape[1], activation="silu")
+    with torch.no_grad():
+        module.weight.copy_(tensor(rng, (shape[1],)))
+        module.bias.copy_(tensor(rng, (shape[1],)))
+    grad = tensor(rng, shape, dtype, memory_format)
+    z = module(x)
+    torch.autograd.backward(z, grad)
+    assert z.dtype == dtype and z.stride() == x.stride() and x.grad.stride() == x.stride()
+    z64, (dx64, dw64, db64) = silu_reference(x, num_groups, module.weight, module.bias, grad)
+    ulp = 2.0 ** -MANTISSA_BITS[dtype] if dtype in MANTISSA_BITS else 1e-5
+    for what, mine, truth, bound in (("output", z.detach(), z64, ulp), ("grad_input", x.grad, dx64, 2 * ulp),
+                                     ("grad_weight", module.weight.grad, dw64, ulp),
+                                     ("grad_bias", module.bias.grad, db64, ulp)):
+        error = float((mine.double() - truth).abs().max()) / float(truth.abs().max())
+        assert error <= bound, f"{what}: max error {error:.3g} of max|float64| > {bound:g}"
+
+
+def test_silu_module_repr_and_errors():
+    m = gnt.GroupNorm(2, 4, activation="silu")
+    assert repr(m).endswith("activation='silu')") and "activation" not in repr(gnt.GroupNorm(2, 4))
+    assert list(m.state_dict()) == list(torch.nn.GroupNorm(2, 4).state_dict())
+    with pytest.raises(ValueError, match="activation='relu' is unknown; it must be None or 'silu'"):
+        gnt.GroupNorm(2, 4, activation="relu")
+    with pytest.raises(ValueError, match="activation='gelu' is unknown"):
+        gnt.group_norm(torch.zeros(2, 4, 3, requires_grad=True), 2, activation="gelu")
+    with pytest.raises(ValueError, match="activation='gelu' is unknown"):
+        gnt.group_norm(torch.zeros(2, 4, 3), 2, activation="gelu")
+
+
+def test_silu_inference_matches_training_output(rng):
+    x = tensor(rng, (2, 8, 5, 5))
+    w, b = tensor(rng, (8,)), tensor(rng, (8,))
+    with torch.no_grad():
+        inference = gnt.group_norm(x, 4, w, b, activation="silu")
+    training = gnt.group_norm(x.requires_grad_(), 4, w, b, activation="silu")
+    assert torch.equal(inference, training.detach())
 
 
 def test_half_precision_parameters_must_match_or_be_float32():

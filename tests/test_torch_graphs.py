@@ -115,6 +115,22 @@ def test_opcheck(rng, shape, num_groups, memory_format, dtype, param_dtype):
     assert not failed, failed
 
 
+@pytest.mark.parametrize("memory_format, dtype", [(torch.contiguous_format, torch.float32),
+                                                   (torch.channels_last, torch.bfloat16)], ids=["float32", "bf16_nhwc"])
+def test_opcheck_with_the_activation(rng, memory_format, dtype):
+    """The operators with activation='silu' (the backward then reads bias): opcheck's checks, as above."""
+    x = tensor(rng, (2, 6, 3, 4), dtype, memory_format).requires_grad_()
+    params = [tensor(rng, (6,), torch.float32).requires_grad_() for _ in range(2)]
+    results = torch.library.opcheck(torch.ops.groupnorm.group_norm_forward, (x, 3, *params, 1e-5, "silu"))
+    _, mean, rstd = torch.ops.groupnorm.group_norm_forward(x, 3, *params, 1e-5, "silu")
+    grad = tensor(rng, x.shape, dtype, memory_format)
+    results_backward = torch.library.opcheck(torch.ops.groupnorm.group_norm_backward,
+                                             (grad, x.detach(), mean, rstd, 3, *(p.detach() for p in params),
+                                              "silu"))
+    failed = {k: v for k, v in {**results, **results_backward}.items() if v != "SUCCESS"}
+    assert not failed, failed
+
+
 @pytest.mark.parametrize("grad_shape, grad_dtype, message", [
     ((2, 4, 4), torch.float32, r"grad_output has shape \(2, 4, 4\); it must match the input's shape \(2, 4, 3\)"),
     ((2, 4, 3), torch.float64, r"grad_output has dtype torch.float64; it must match the input's dtype torch.float32"),
@@ -210,6 +226,21 @@ def test_compile_fullgraph_matches_torch(rng, kernel_calls, memory_format, dynam
                                        step(compiled, x, grad), step(reference, x, grad)):
             assert_close(mine, theirs, f"batch {batch}: {label}")
     assert kernel_calls["forward"] == 2 and kernel_calls["backward"] == 2
+
+
+def test_compile_fullgraph_with_the_activation(rng, kernel_calls):
+    """GroupNorm(activation='silu') in place of GroupNorm then SiLU: one graph, the same results as torch's pair."""
+    torch._dynamo.reset()
+    reference, ours = blocks(rng)
+    fused = Block(gnt.GroupNorm(4, 16, activation="silu"))
+    fused.load_state_dict(reference.state_dict())
+    fused.forward = lambda x: fused.norm(fused.conv(x))  # the module's own SiLU, not a second one
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x, grad = tensor(rng, (2, 4, 6, 5)), tensor(rng, (2, 16, 6, 5))
+    for label, mine, theirs in zip(["y", "dx", "conv.weight", "conv.bias", "norm.weight", "norm.bias"],
+                                   step(compiled, x, grad), step(reference, x, grad)):
+        assert_close(mine, theirs, label)
+    assert kernel_calls["forward"] == 1 and kernel_calls["backward"] == 1
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # Inductor's own
@@ -364,6 +395,27 @@ def test_per_sample_gradients(rng, kernel_calls, n):
     for i in range(6):
         leaves = [t.clone().requires_grad_() for t in (x[i], weight, bias)]
         loss_of(torch_functional.group_norm)(*leaves).backward()
+        for label, mine, leaf in zip(("dx", "dw", "db"), (dx[i], dw[i], db[i]), leaves):
+            assert_close(mine, leaf.grad, f"sample {i}: {label}", FLOAT64_RTOL)
+    assert kernel_calls == {"forward": 1, "backward": 1}
+
+
+def test_per_sample_gradients_with_the_activation_and_batched_bias(rng, kernel_calls):
+    """vmap(grad) over samples and an ensemble's biases with activation='silu': the backward operator folds the
+    bias into the channels too (the SiLU's input needs it)."""
+    x, weight = tensor(rng, (4, 1, 8, 5), torch.float64), tensor(rng, (8,), torch.float64)
+    biases = tensor(rng, (4, 8), torch.float64)
+
+    def ours(x, w, b):
+        return gnt.group_norm(x, 4, w, b, activation="silu").pow(3).sum()
+
+    def theirs(x, w, b):
+        return torch_functional.silu(torch_functional.group_norm(x, 4, w, b)).pow(3).sum()
+
+    dx, dw, db = torch.vmap(torch.func.grad(ours, argnums=(0, 1, 2)), in_dims=(0, None, 0))(x, weight, biases)
+    for i in range(4):
+        leaves = [t.clone().requires_grad_() for t in (x[i], weight, biases[i])]
+        theirs(*leaves).backward()
         for label, mine, leaf in zip(("dx", "dw", "db"), (dx[i], dw[i], db[i]), leaves):
             assert_close(mine, leaf.grad, f"sample {i}: {label}", FLOAT64_RTOL)
     assert kernel_calls == {"forward": 1, "backward": 1}

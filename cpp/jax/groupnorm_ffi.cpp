@@ -32,7 +32,7 @@ namespace {
 using ForwardFn = groupnorm::Status (*)(const groupnorm::Problem&, groupnorm::DType, const void*, const void*,
                                         const void*, void*, void*, void*);
 using BackwardFn = groupnorm::Status (*)(const groupnorm::Problem&, groupnorm::DType, const void*, const void*,
-                                         const void*, const void*, const void*, void*, void*, void*);
+                                         const void*, const void*, const void*, const void*, void*, void*, void*);
 
 ForwardFn core_forward = nullptr;
 BackwardFn core_backward = nullptr;
@@ -213,8 +213,8 @@ ffi::Error backward_cpu(ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer mean
     return ffi::Error::Success();
   }
   return status_error(core_backward(p, c.dtype, dy.untyped_data(), x.untyped_data(), mean.untyped_data(),
-                                    rstd.untyped_data(), data_or_null(weight, has_weight), dx->untyped_data(),
-                                    dweight->untyped_data(), dbias->untyped_data()));
+                                    rstd.untyped_data(), data_or_null(weight, has_weight), /*bias=*/nullptr,
+                                    dx->untyped_data(), dweight->untyped_data(), dbias->untyped_data()));
 }
 
 #ifdef GROUPNORM_JAX_CUDA

@@ -692,13 +692,152 @@ Status backward_short_runs(const Problem& p, const S* dy, const S* x, const type
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// The SiLU's backward (Problem::activation == kSilu). The forward returned z = u*sigmoid(u) of the normalised
+// u = (x - mean)*rstd*w + b, so the normalisation's backward runs on dy = dz*silu'(u), with
+// silu'(u) = s*(1 + u*(1 - s)) and s = sigmoid(u) (torch's silu_backward). u is recomputed from x and the saved
+// statistics, centred on the mean as given (as gn_cuda_backward does). This pass writes dy into dx, elementwise;
+// the normalisation's backward then reads it there and overwrites it in place. In float16 and bfloat16, dy is
+// rounded to the storage type in between, as torch's unfused silu and group_norm round it.
 
-// dx (same layout as dy and x; may be dy or x itself), dweight and dbias (each may be null) from the saved
-// mean and rstd of the forward (N*G values each, of the data type).
+template <class V>
+inline V silu_derivative(V u) {
+  const V one = V::broadcast(typename V::Scalar(1));
+  const V s = one / (one + exp_approx(V::zero() - u));
+  return s * fma(u, one - s, one);
+}
+
+// dy of n contiguous values whose u is (x - mean)*scale + shift with the same coefficients (a channel's run).
+template <class V, class S>
+void silu_grad_run(const S* dz, const S* x, S* dy, int64_t n, V mean, V scale, V shift) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  auto value = [mean, scale, shift](const V& g, const V& xv) {  // by value: kept in registers across the stores
+    return g * silu_derivative(fma(xv - mean, scale, shift));
+  };
+  int64_t i = 0;
+  for (; i + W <= n; i += W) V::store(dy + i, value(V::load(dz + i), V::load(x + i)));
+  if (i < n) V::store_tail(dy + i, value(V::load_tail(dz + i, n - i, T(0)), V::load_tail(x + i, n - i, T(0))), n - i);
+}
+
+// dy of one row of C channels, each with its own coefficients (arrays padded to whole vectors).
+template <class V, class S>
+void silu_grad_row(const S* dz, const S* x, S* dy, int64_t C, const typename V::Scalar* mean,
+                   const typename V::Scalar* scale, const typename V::Scalar* shift) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  auto value = [&](const V& g, const V& xv, int64_t c) {
+    return g * silu_derivative(fma(xv - V::load(mean + c), V::load(scale + c), V::load(shift + c)));
+  };
+  int64_t c = 0;
+  for (; c + W <= C; c += W) V::store(dy + c, value(V::load(dz + c), V::load(x + c), c));
+  if (c < C)
+    V::store_tail(dy + c, value(V::load_tail(dz + c, C - c, T(0)), V::load_tail(x + c, C - c, T(0)), c), C - c);
+}
+
+// The part of group ng's mean that its T value drops, (sum of x - mean_hi) / M, where it matters to u: when
+// |mean|*rstd > 1, half an ulp of mean_hi moves u by more than float rounding of u near 1 does (data with a large
+// offset; a group of [1,320,64,64] at 1e4 +- 1.5 would otherwise give u errors of 3e-4). 0 elsewhere.
+template <class V, class S>
+double silu_mean_lo(const Problem& p, const S* x, int64_t ng, typename V::Scalar mean_hi, double rstd) {
+  if (!(std::fabs(double(mean_hi)) * rstd > 1.0)) return 0.0;
+  const int64_t D = p.C / p.G, n = ng / p.G, g = ng % p.G;
+  const double M = double(D) * double(p.HxW);
+  if (p.layout == Layout::kChannelsFirst || p.HxW == 1)  // the group is one contiguous run
+    return any_run_shifted_sums<V>(x + ng * D * p.HxW, D * p.HxW, mean_hi).s1 / M;
+  return strided_shifted_sums<V>(x + n * p.HxW * p.C + g * D, D, p.C, p.HxW, mean_hi).s1 / M;
+}
+
+// dy = dz*silu'(u) for the whole tensor, into dy (which may be dz). Channels-first runs of HxW > 1 positions share
+// their coefficients; otherwise (channels-last, or one position a sample) rows of C channels take them per
+// channel from a thread's arrays of its current sample. u = (x - mean_hi)*scale + shift, with scale = rstd*w and
+// shift = b - mean_lo*scale. Elementwise after the groups' mean_lo, so any split gives the same bits.
+template <class V, class S>
+Status silu_backward(const Problem& p, const S* dz, const S* x, const typename V::Scalar* mean,
+                     const typename V::Scalar* rstd, const typename V::Scalar* weight,
+                     const typename V::Scalar* bias, S* dy) {
+  using T = typename V::Scalar;
+  const int64_t C = p.C, D = C / p.G, HxW = p.HxW, groups = p.N * p.G;
+  Scratch<double> mean_lo(groups);
+  if (!mean_lo.data) return kOutOfMemory;
+  auto group_lo = [&](int64_t ng) { mean_lo.data[ng] = silu_mean_lo<V>(p, x, ng, mean[ng], double(rstd[ng])); };
+  auto scale_of = [&](int64_t n, int64_t c) {
+    return double(rstd[n * p.G + c / D]) * (weight ? double(weight[c]) : 1.0);
+  };
+  auto shift_of = [&](int64_t n, int64_t c) {
+    return T((bias ? double(bias[c]) : 0.0) - mean_lo.data[n * p.G + c / D] * scale_of(n, c));
+  };
+  const bool first = p.layout == Layout::kChannelsFirst && HxW > 1;
+  const int64_t c_padded = ceil_div(C, V::kWidth) * V::kWidth, rows = p.N * HxW;
+  const int64_t chunk_len = ceil_div(max_i64(ceil_div(HxW, kChunksMax), kChunkMinElems), 64) * 64;
+  const int64_t nchunks = ceil_div(HxW, chunk_len), rows_per_unit = max_i64(1, kChunkMinElems / C);
+  const int64_t units = first ? p.N * C * nchunks : ceil_div(rows, rows_per_unit);
+  // Channels-first: chunk `unit` of channel unit / nchunks, one set of coefficients.
+  auto run_unit = [&](int64_t unit) {
+    const int64_t nc = unit / nchunks, n = nc / C, c = nc % C, begin = unit % nchunks * chunk_len;
+    const int64_t off = nc * HxW + begin;
+    silu_grad_run<V>(dz + off, x + off, dy + off, min_i64(chunk_len, HxW - begin),
+                     V::broadcast(mean[n * p.G + c / D]), V::broadcast(T(scale_of(n, c))),
+                     V::broadcast(shift_of(n, c)));
+  };
+  // Rows of units [unit_begin, unit_end), with a thread's coefficient arrays (3 * c_padded values).
+  auto row_units = [&](int64_t unit_begin, int64_t unit_end, T* coeffs) {
+    T *m = coeffs, *scale = coeffs + c_padded, *shift = coeffs + 2 * c_padded;
+    for (int64_t c = C; c < c_padded; ++c) m[c] = scale[c] = shift[c] = T(0);
+    int64_t sample = -1;
+    for (int64_t r = unit_begin * rows_per_unit; r < min_i64(rows, unit_end * rows_per_unit); ++r) {
+      if (r / HxW != sample) {
+        sample = r / HxW;
+        for (int64_t c = 0; c < C; ++c) {
+          m[c] = mean[sample * p.G + c / D];
+          scale[c] = T(scale_of(sample, c));
+          shift[c] = shift_of(sample, c);
+        }
+      }
+      silu_grad_row<V>(dz + r * C, x + r * C, dy + r * C, C, m, scale, shift);
+    }
+  };
+  const int nt = team_size(p.num_threads, rows * C, units);
+  if (nt == 1) {  // no OpenMP region at all: a tiny call must not pay for a team
+    for (int64_t ng = 0; ng < groups; ++ng) group_lo(ng);
+    if (first) {
+      for (int64_t unit = 0; unit < units; ++unit) run_unit(unit);
+      return kOk;
+    }
+    Scratch<T> coeffs(3 * c_padded);
+    if (!coeffs.data) return kOutOfMemory;
+    row_units(0, units, coeffs.data);
+    return kOk;
+  }
+  int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+  {
+#pragma omp for schedule(static)
+    for (int64_t ng = 0; ng < groups; ++ng) group_lo(ng);
+    if (first) {
+#pragma omp for schedule(static)
+      for (int64_t unit = 0; unit < units; ++unit) run_unit(unit);
+    } else {
+      Scratch<T> coeffs(3 * c_padded);
+      const ThreadRange mine = thread_range(units);
+      if (coeffs.data)
+        row_units(mine.begin, mine.end, coeffs.data);
+      else
+        failed |= 1;
+    }
+  }
+  return failed ? kOutOfMemory : kOk;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+// dx (same layout as dy and x; may be dy, or x itself without an activation), dweight and dbias (each may be
+// null) from the saved mean and rstd of the forward (N*G values each, of the data type). With p.activation, dy is
+// the gradient of the activation's output and bias (null: zeros) the forward's.
 template <class V, class S>
 Status group_norm_backward_impl(const Problem& p, const S* dy, const S* x, const typename V::Scalar* mean,
-                                const typename V::Scalar* rstd, const typename V::Scalar* weight, S* dx,
-                                typename V::Scalar* dweight, typename V::Scalar* dbias) {
+                                const typename V::Scalar* rstd, const typename V::Scalar* weight,
+                                const typename V::Scalar* bias, S* dx, typename V::Scalar* dweight,
+                                typename V::Scalar* dbias) {
   using T = typename V::Scalar;
   if (p.N == 0 || p.C == 0 || p.HxW == 0) {  // every sum is empty
     for (int64_t c = 0; c < p.C; ++c) {
@@ -706,6 +845,11 @@ Status group_norm_backward_impl(const Problem& p, const S* dy, const S* x, const
       if (dbias) dbias[c] = 0;
     }
     return kOk;
+  }
+  if (p.activation == Activation::kSilu) {
+    const Status status = silu_backward<V>(p, dy, x, mean, rstd, weight, bias, dx);
+    if (status != kOk) return status;
+    dy = dx;  // the normalisation's gradient, read in place
   }
   Scratch<GroupGradCoeffs<T>> coeffs(p.N * p.G);
   if (!coeffs.data) return kOutOfMemory;

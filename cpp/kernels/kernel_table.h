@@ -18,13 +18,15 @@ struct KernelTable {
   Status (*forward_bf16)(const Problem&, const BFloat16* x, const float* weight, const float* bias, BFloat16* y,
                          float* mean_out, float* rstd_out);
   Status (*backward_f32)(const Problem&, const float* dy, const float* x, const float* mean, const float* rstd,
-                         const float* weight, float* dx, float* dweight, float* dbias);
+                         const float* weight, const float* bias, float* dx, float* dweight, float* dbias);
   Status (*backward_f64)(const Problem&, const double* dy, const double* x, const double* mean,
-                         const double* rstd, const double* weight, double* dx, double* dweight, double* dbias);
+                         const double* rstd, const double* weight, const double* bias, double* dx, double* dweight,
+                         double* dbias);
   Status (*backward_f16)(const Problem&, const Half* dy, const Half* x, const float* mean, const float* rstd,
-                         const float* weight, Half* dx, float* dweight, float* dbias);
+                         const float* weight, const float* bias, Half* dx, float* dweight, float* dbias);
   Status (*backward_bf16)(const Problem&, const BFloat16* dy, const BFloat16* x, const float* mean,
-                          const float* rstd, const float* weight, BFloat16* dx, float* dweight, float* dbias);
+                          const float* rstd, const float* weight, const float* bias, BFloat16* dx, float* dweight,
+                          float* dbias);
 };
 
 namespace scalar { const KernelTable* kernel_table(); }

@@ -26,6 +26,7 @@ def group_norm_forward(
     bias: Optional[npt.ArrayLike] = ...,
     eps: float = ...,
     *,
+    activation: Optional[Literal["silu"]] = ...,
     stream: Any = ...,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
 def group_norm_backward(
@@ -36,6 +37,8 @@ def group_norm_backward(
     num_groups: int,
     weight: Optional[npt.ArrayLike] = ...,
     *,
+    bias: Optional[npt.ArrayLike] = ...,
+    activation: Optional[Literal["silu"]] = ...,
     stream: Any = ...,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
 def get_num_threads() -> int: ...

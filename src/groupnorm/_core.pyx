@@ -803,11 +803,11 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     return result
 
 
-def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, stream=None):
+def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None, stream=None):
     """Group Normalization that also returns the statistics its backward pass needs.
 
-    The same computation as :func:`group_norm` (channels on axis 1, no activation), plus each group's
-    mean and ``rstd = 1 / sqrt(var + eps)``, as ``torch.native_group_norm`` returns them.
+    The same computation as :func:`group_norm` (channels on axis 1), plus each group's mean and
+    ``rstd = 1 / sqrt(var + eps)``, as ``torch.native_group_norm`` returns them.
 
     Parameters
     ----------
@@ -820,11 +820,14 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, s
         Per-channel scale and shift, converted to the compute dtype (float64 for float64 input, else float32).
     eps : float, default 1e-5
         Added to the (biased) variance; non-negative.
+    activation : {None, 'silu'}, optional
+        ``'silu'`` fuses ``y * sigmoid(y)`` into the same pass; pass the same ``activation`` and ``bias``
+        to :func:`group_norm_backward`.
 
     Returns
     -------
     y : numpy.ndarray
-        The normalised array, with the input's shape, dtype and memory layout.
+        The normalised array (after the activation), with the input's shape, dtype and memory layout.
     mean, rstd : numpy.ndarray, shape (N, G)
         Per sample and group: the mean and ``1 / sqrt(var + eps)``, float64 for float64 input and float32
         otherwise. Pass them to :func:`group_norm_backward`.
@@ -849,13 +852,15 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, s
     True
     """
     if _foreign(input) or _foreign(weight) or _foreign(bias):
-        return _interop().group_norm_forward(input, num_groups, weight, bias, eps, stream)
+        return _interop().group_norm_forward(input, num_groups, weight, bias, eps, activation, stream)
     if stream is not None:
         _refuse_stream(stream, input)
     cdef _Plan plan
     cdef cnp.ndarray x = _check_input(input, "input", "group_norm_forward")
     _check_shape(x, num_groups, 1, &plan)
     plan.problem.eps = _check_eps(eps)
+    if activation is not None and _check_activation(activation):
+        plan.problem.activation = Activation.kSilu
     cdef int typenum = plan.typenum
     w = _check_param(weight, "weight", plan.problem.C, typenum)
     b = _check_param(bias, "bias", plan.problem.C, typenum)
@@ -891,7 +896,8 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, s
     return result, mean, rstd
 
 
-def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None, *, stream=None):
+def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None, *, bias=None, activation=None,
+                        stream=None):
     """Gradients of Group Normalization with respect to its input, weight and bias.
 
     With ``x_hat = (x - mean) * rstd`` per sample and group, ``M = C/G * prod(spatial)`` elements a
@@ -904,6 +910,12 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None,
     where ``mean_g`` averages over the M elements of the group. Sums are centered on the group mean
     (whose low-order part, lost when it was rounded to float32, is recovered from ``input``), so data
     with a large offset keeps its accuracy. Results are bitwise identical for every thread count.
+
+    With ``activation='silu'``, ``grad_output`` is the gradient of the forward's activated output
+    ``z = u * sigmoid(u)``, ``u = x_hat * w + b``, and ``dy`` above is ``grad_output * s * (1 + u * (1 - s))``
+    with ``s = sigmoid(u)``: u is recomputed from ``input``, the statistics, ``weight`` and ``bias``
+    (the forward need not keep it). In float16 and bfloat16, ``dy`` is rounded to the storage dtype
+    on the way, as torch's separate ``silu`` and ``group_norm`` round it.
 
     Parameters
     ----------
@@ -919,6 +931,10 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None,
         Number of groups G; it must divide C.
     weight : array_like, shape (C,), optional
         The forward's per-channel scale (ones if None), converted to the compute dtype.
+    bias : array_like, shape (C,), optional
+        The forward's per-channel shift (zeros if None); read only with an activation.
+    activation : {None, 'silu'}, optional
+        The forward's activation.
 
     Returns
     -------
@@ -951,8 +967,10 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None,
     >>> dw.round(3)                     # sum of x_hat per channel
     array([-1.789,  1.789, -1.789,  1.789])
     """
-    if _foreign(grad_output) or _foreign(input) or _foreign(mean) or _foreign(rstd) or _foreign(weight):
-        return _interop().group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, stream)
+    if (_foreign(grad_output) or _foreign(input) or _foreign(mean) or _foreign(rstd) or _foreign(weight)
+            or _foreign(bias)):
+        return _interop().group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, bias, activation,
+                                              stream)
     if stream is not None:
         _refuse_stream(stream, input)
     cdef _Plan plan
@@ -965,8 +983,11 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None,
         raise ValueError(f"grad_output has dtype {(<object>dy).dtype}; it must match the input's dtype "
                          f"{(<object>x).dtype}")
     _check_shape(x, num_groups, 1, &plan)
+    if activation is not None and _check_activation(activation):
+        plan.problem.activation = Activation.kSilu
     cdef int typenum = plan.typenum
     w = _check_param(weight, "weight", plan.problem.C, typenum)
+    b = _check_param(bias, "bias", plan.problem.C, typenum)
     m = _check_stats(mean, "mean", plan.problem.N, plan.problem.G, typenum)
     r = _check_stats(rstd, "rstd", plan.problem.N, plan.problem.G, typenum)
     cdef cnp.npy_intp C = plan.problem.C
@@ -996,14 +1017,15 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None,
     cdef const void* mean_ptr = cnp.PyArray_DATA(<cnp.ndarray>m)
     cdef const void* rstd_ptr = cnp.PyArray_DATA(<cnp.ndarray>r)
     cdef const void* w_ptr = cnp.PyArray_DATA(<cnp.ndarray>w) if w is not None else NULL
+    cdef const void* b_ptr = cnp.PyArray_DATA(<cnp.ndarray>b) if b is not None else NULL
     cdef void* dx_ptr = cnp.PyArray_DATA(dx_dst)
     cdef void* dw_ptr = cnp.PyArray_DATA(grad_weight)
     cdef void* db_ptr = cnp.PyArray_DATA(grad_bias)
     cdef DType dtype = <DType>plan.dtype
     cdef Status status
     with nogil:
-        status = c_group_norm_backward(plan.problem, dtype, dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, dx_ptr,
-                                       dw_ptr, db_ptr)
+        status = c_group_norm_backward(plan.problem, dtype, dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
+                                       dx_ptr, dw_ptr, db_ptr)
     if status != kOk:
         _raise_status(status)
     if not direct:

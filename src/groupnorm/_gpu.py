@@ -430,6 +430,15 @@ def _param(frame, value, name, c, x):
     return frame.contiguous(value)
 
 
+def _params(frame, weight, bias, c, x):
+    """weight and bias through _param, in one kernel dtype (float32 where they differ)."""
+    w = _param(frame, weight, "weight", c, x)
+    b = _param(frame, bias, "bias", c, x)
+    if w is not None and b is not None and frame.dtype_name(w) != frame.dtype_name(b):
+        w, b = frame.astype(w, "float32"), frame.astype(b, "float32")
+    return w, b
+
+
 def _params_dtype(frame, x, weight, bias):
     """The parameters' kernel dtype: float32 when either is float32 with 16-bit x (both then float32)."""
     x_name = frame.dtype_name(x)
@@ -530,7 +539,7 @@ def _forward(input, num_groups, weight, bias, eps, activation, channel_axis, out
     gnj = _jax_path(input, out, stream)
     if gnj is not None:
         if want_stats:
-            return gnj.group_norm_forward(input, num_groups, weight, bias, eps)
+            return gnj.group_norm_forward(input, num_groups, weight, bias, eps, activation=activation)
         return gnj.group_norm(input, num_groups, weight, bias, eps, activation=activation, channel_axis=channel_axis)
     cuda, frame, device = _device_checked(input, (out, weight, bias))
     return _on_stream(run_forward, frame, device, stream, cuda, frame, input, num_groups, weight, bias, eps,
@@ -638,10 +647,7 @@ def _forward_plan(cuda, frame, x, num_groups, weight, bias, eps, activation, cha
     eps = _core._check_eps_value(eps)
     silu = _core._check_activation(activation)
     c = x.shape[axis]
-    w = _param(frame, weight, "weight", c, x)
-    b = _param(frame, bias, "bias", c, x)
-    if w is not None and b is not None and frame.dtype_name(w) != frame.dtype_name(b):  # one kernel dtype for both
-        w, b = frame.astype(w, "float32"), frame.astype(b, "float32")
+    w, b = _params(frame, weight, bias, c, x)
     if out is not None:
         out = _check_out(frame, out, x)
     x_dense, layout = _dense(frame, x, axis)
@@ -668,30 +674,32 @@ def group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, o
     return _forward(input, num_groups, weight, bias, eps, activation, channel_axis, out, False, stream)
 
 
-def group_norm_forward(input, num_groups, weight, bias, eps, stream=None):
+def group_norm_forward(input, num_groups, weight, bias, eps, stream=None, activation=None):
     """groupnorm.group_norm_forward for GPU arrays: (y, mean, rstd)."""
-    return _forward(input, num_groups, weight, bias, eps, None, 1, None, True, stream)
+    return _forward(input, num_groups, weight, bias, eps, activation, 1, None, True, stream)
 
 
 # ------------------------------------------------------------------------------------------------ backward
 
-def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, stream=None):
+def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, stream=None, bias=None, activation=None):
     """groupnorm.group_norm_backward for GPU arrays: (grad_input, grad_weight, grad_bias)."""
     gnj = _jax_path(input, None, stream)
     if gnj is not None:
-        return gnj.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight)
-    cuda, frame, device = _device_checked(input, (grad_output, mean, rstd, weight))
+        return gnj.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, bias=bias,
+                                       activation=activation)
+    cuda, frame, device = _device_checked(input, (grad_output, mean, rstd, weight, bias))
     return _on_stream(run_backward, frame, device, stream, cuda, frame, grad_output, input, mean, rstd, num_groups,
-                      weight)
+                      weight, bias, activation)
 
 
-def run_backward(cuda, frame, grad_output, x, mean, rstd, num_groups, weight, device, stream):
-    """The backward on `cuda` for arrays of x's device (see run_forward)."""
-    key = _plan_key(cuda, frame, (grad_output, x, mean, rstd, weight), ("backward", num_groups))
+def run_backward(cuda, frame, grad_output, x, mean, rstd, num_groups, weight, bias, activation, device, stream):
+    """The backward on `cuda` for arrays of x's device (see run_forward); bias is read only with an activation,
+    whose input the kernels recompute."""
+    key = _plan_key(cuda, frame, (grad_output, x, mean, rstd, weight, bias), ("backward", num_groups, activation))
     plan = _plans.get(key) if key is not None else None
     if plan is None:
-        plan, grad_output, x, mean, rstd, weight, cacheable = _backward_plan(cuda, frame, grad_output, x, mean, rstd,
-                                                                             num_groups, weight)
+        plan, grad_output, x, mean, rstd, weight, bias, cacheable = _backward_plan(
+            cuda, frame, grad_output, x, mean, rstd, num_groups, weight, bias, activation)
         if cacheable:
             _keep(key, plan)
     empty, ptr = frame.empty, frame.ptr
@@ -703,18 +711,18 @@ def run_backward(cuda, frame, grad_output, x, mean, rstd, num_groups, weight, de
     if problem is not None:
         workspace = empty((problem.backward_workspace,), "uint8", x)
         cuda.backward(problem, device, ptr(grad_output), ptr(x), ptr(mean), ptr(rstd),
-                      0 if weight is None else ptr(weight), 0, ptr(dx), ptr(grad_weight), ptr(grad_bias),
-                      ptr(workspace), stream)
+                      0 if weight is None else ptr(weight), 0 if bias is None else ptr(bias), ptr(dx),
+                      ptr(grad_weight), ptr(grad_bias), ptr(workspace), stream)
     else:
         frame.fill(grad_weight, 0)
         frame.fill(grad_bias, 0)
     return dx, grad_weight, grad_bias
 
 
-def _backward_plan(cuda, frame, grad_output, x, mean, rstd, num_groups, weight):
-    """Every check of a backward call: (plan, grad_output and x in one kernel layout, mean, rstd, weight, whether
-    the plan may be kept: no copy or conversion was needed)."""
-    originals = (grad_output, x, mean, rstd, weight)
+def _backward_plan(cuda, frame, grad_output, x, mean, rstd, num_groups, weight, bias, activation):
+    """Every check of a backward call: (plan, grad_output and x in one kernel layout, mean, rstd, weight, bias,
+    whether the plan may be kept: no copy or conversion was needed)."""
+    originals = (grad_output, x, mean, rstd, weight, bias)
     x = _check_input(frame, x)
     dy = _check_tensor(frame, grad_output, "grad_output", frame.device(x))
     if tuple(dy.shape) != tuple(x.shape):
@@ -723,9 +731,10 @@ def _backward_plan(cuda, frame, grad_output, x, mean, rstd, num_groups, weight):
     if dy.dtype != x.dtype:
         raise ValueError(f"grad_output has dtype {dy.dtype}; it must match the input's dtype {x.dtype}")
     c = x.shape[1]
-    w = _param(frame, weight, "weight", c, x)
+    silu = _core._check_activation(activation)
+    w, b = _params(frame, weight, bias, c, x)
     x_dense, layout = _dense(frame, x, 1)
-    spec = _problem(frame, x_dense, num_groups, 1, 1.0, False, _params_dtype(frame, x, w, None), layout)
+    spec = _problem(frame, x_dense, num_groups, 1, 1.0, silu, _params_dtype(frame, x, w, b), layout)
     n, _, _, groups = spec[:4]
     stats = _stats_dtype(frame, x)
     m = _stat(frame, mean, "mean", (n, groups), stats, x)
@@ -739,8 +748,8 @@ def _backward_plan(cuda, frame, grad_output, x, mean, rstd, num_groups, weight):
         frame.copy(dy_dense, dy)
     problem = cuda.problem(spec) if math.prod(x.shape) else None
     plan = _Plan(problem, layout, (n, groups), stats)
-    cacheable = problem is not None and all(a is b for a, b in zip((dy_dense, x_dense, m, r, w), originals))
-    return plan, dy_dense, x_dense, m, r, w, cacheable
+    cacheable = problem is not None and all(a is o for a, o in zip((dy_dense, x_dense, m, r, w, b), originals))
+    return plan, dy_dense, x_dense, m, r, w, b, cacheable
 
 
 def _stat(frame, value, name, shape, dtype, x):

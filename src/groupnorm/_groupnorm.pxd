@@ -43,7 +43,7 @@ cdef extern from "groupnorm/groupnorm.h" namespace "groupnorm" nogil:
     Status group_norm_forward(const Problem& problem, DType dtype, const void* x, const void* weight,
                               const void* bias, void* y, void* mean_out, void* rstd_out)
     Status group_norm_backward(const Problem& problem, DType dtype, const void* dy, const void* x,
-                               const void* mean, const void* rstd, const void* weight, void* dx,
+                               const void* mean, const void* rstd, const void* weight, const void* bias, void* dx,
                                void* dweight, void* dbias)
     int get_num_threads()
     void set_num_threads(int n)

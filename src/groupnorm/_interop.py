@@ -44,23 +44,23 @@ def group_norm(input, num_groups, weight, bias, eps, activation, channel_axis, o
     return out if out is not None else _dlpack.wrap_like(y, input)
 
 
-def group_norm_forward(input, num_groups, weight, bias, eps, stream):
+def group_norm_forward(input, num_groups, weight, bias, eps, activation, stream):
     if _gpu.gpu_device(input) is not None:
-        return _gpu.group_norm_forward(input, num_groups, weight, bias, eps, stream)
+        return _gpu.group_norm_forward(input, num_groups, weight, bias, eps, stream, activation)
     if stream is not None:
         _core._refuse_stream(stream, input)
     results = _core.group_norm_forward(_view(input, "input"), num_groups, _view(weight, "weight"),
-                                       _view(bias, "bias"), eps)
+                                       _view(bias, "bias"), eps, activation=activation)
     return tuple(_dlpack.wrap_like(r, input) for r in results)
 
 
-def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, stream):
+def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, bias, activation, stream):
     if _gpu.gpu_device(input) is not None:
-        return _gpu.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, stream)
+        return _gpu.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, stream, bias, activation)
     if stream is not None:
         _core._refuse_stream(stream, input)
     results = _core.group_norm_backward(_view(grad_output, "grad_output"), _view(input, "input"),
                                         _view(mean, "mean"), _view(rstd, "rstd"), num_groups,
-                                        _view(weight, "weight"))
+                                        _view(weight, "weight"), bias=_view(bias, "bias"), activation=activation)
     like = input if is_foreign(input) else grad_output
     return tuple(_dlpack.wrap_like(r, like) for r in results)

@@ -4,7 +4,7 @@ import numbers
 
 import numpy as np
 
-from ._core import _index, group_norm_backward, group_norm_forward
+from ._core import _check_activation, _index, group_norm_backward, group_norm_forward
 
 
 _MAX_ELEMENTS = 2**57  # the C++ entry points' limit on a tensor's size (cpp/dispatch.cpp, kMaxElements)
@@ -18,7 +18,8 @@ def _positive_int(value, name):
 
 
 class GroupNorm:
-    """Group Normalization layer: ``y = group_norm(x, num_groups, weight, bias, eps)`` with a backward pass.
+    """Group Normalization layer: ``y = group_norm(x, num_groups, weight, bias, eps)`` (then, with
+    ``activation='silu'``, ``y * sigmoid(y)`` fused into it) with a backward pass.
 
     Parameters
     ----------
@@ -32,6 +33,9 @@ class GroupNorm:
         Give the layer a learnable ``weight`` (ones) and ``bias`` (zeros), NumPy arrays of shape (C,).
     dtype : {numpy.float32, numpy.float64}, default numpy.float32
         The parameters' dtype.
+    activation : {None, 'silu'}, optional (keyword only)
+        ``'silu'``: the layer is GroupNorm then SiLU, forward and backward in the same kernels (the
+        backward recomputes the SiLU's input rather than keeping it).
 
     Attributes
     ----------
@@ -60,7 +64,7 @@ class GroupNorm:
     True
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32, *, activation=None):
         self.num_groups = _positive_int(num_groups, "num_groups")
         self.num_channels = _positive_int(num_channels, "num_channels")
         if self.num_channels > _MAX_ELEMENTS:
@@ -84,6 +88,8 @@ class GroupNorm:
             raise TypeError(f"dtype={dtype!r} is not a NumPy dtype; use numpy.float32 or numpy.float64") from None
         if param_dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype={param_dtype} is not supported; use numpy.float32 or numpy.float64")
+        _check_activation(activation)
+        self.activation = activation
         self.eps = eps_value
         self.affine = bool(affine)
         self.dtype = param_dtype
@@ -103,8 +109,9 @@ class GroupNorm:
                     f"input cannot be converted to an array: {e}") from None
         if x.ndim < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"input has shape {x.shape}; {self!r} expects (N, {self.num_channels}, *)")
-        y, mean, rstd = group_norm_forward(x, self.num_groups, self.weight, self.bias, self.eps)
-        self._saved = (x, mean, rstd, self.weight)
+        y, mean, rstd = group_norm_forward(x, self.num_groups, self.weight, self.bias, self.eps,
+                                           activation=self.activation)
+        self._saved = (x, mean, rstd, self.weight, self.bias)
         return y
 
     __call__ = forward
@@ -114,13 +121,14 @@ class GroupNorm:
         sets ``grad_weight`` and ``grad_bias`` when the layer is affine."""
         if self._saved is None:
             raise RuntimeError("GroupNorm.backward() needs a forward() call first")
-        x, mean, rstd, weight = self._saved
+        x, mean, rstd, weight, bias = self._saved
         grad_input, grad_weight, grad_bias = group_norm_backward(grad_output, x, mean, rstd, self.num_groups,
-                                                                 weight)
+                                                                 weight, bias=bias, activation=self.activation)
         if self.affine:
             self.grad_weight = grad_weight
             self.grad_bias = grad_bias
         return grad_input
 
     def __repr__(self):
-        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine})"
+        act = "" if self.activation is None else f", activation={self.activation!r}"
+        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}{act})"

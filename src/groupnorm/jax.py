@@ -198,12 +198,17 @@ def _group_norm_fwd(x, w, b, groups, eps, channels_last, has_weight, has_bias, s
     return y, (x, w, b, mean, rstd)
 
 
+def _silu_grad(dy, x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias):
+    """dy through y * sigmoid(y) at its input u, dy * s(u) * (1 + u * (1 - s(u))), in x's dtype."""
+    u = _pre_activation(x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias)
+    s = jax.nn.sigmoid(u)
+    return (dy.astype(u.dtype) * s * (1 + u * (1 - s))).astype(x.dtype)
+
+
 def _group_norm_bwd(groups, eps, channels_last, has_weight, has_bias, silu, saved, dy):
     x, w, b, mean, rstd = saved
-    if silu:  # through y * sigmoid(y) at its input u: dy * s(u) * (1 + u * (1 - s(u)))
-        u = _pre_activation(x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias)
-        s = jax.nn.sigmoid(u)
-        dy = (dy.astype(u.dtype) * s * (1 + u * (1 - s))).astype(x.dtype)
+    if silu:
+        dy = _silu_grad(dy, x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias)
     dx, dw, db = _backward_call(dy, x, mean, rstd, w, groups, channels_last, has_weight)
     return dx, (dw if has_weight else jnp.zeros_like(w)), (db if has_bias else jnp.zeros_like(b))
 
@@ -270,27 +275,29 @@ def _apply(x, weight, bias, *, groups, eps, axis, silu):
     return jnp.moveaxis(y, 1, axis) if moved else y
 
 
-def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5):
+def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None):
     """``groupnorm.group_norm_forward`` for JAX arrays (channels on axis 1): ``(y, mean, rstd)``, with mean and rstd
     of shape (N, G) in float32 (float64 for float64 input). Not differentiable: use :func:`group_norm` for that."""
     _require()
     x = _check_input(input)
     eps = _core._check_eps_value(eps)
+    silu = _core._check_activation(activation)
     groups = _gpu.check_groups(num_groups, x.shape[1])
     return _forward_apply(x, _param(weight, "weight", x.shape[1]), _param(bias, "bias", x.shape[1]), groups=groups,
-                          eps=eps)
+                          eps=eps, silu=silu)
 
 
-@functools.partial(jax.jit, static_argnames=("groups", "eps"))
-def _forward_apply(x, weight, bias, *, groups, eps):
+@functools.partial(jax.jit, static_argnames=("groups", "eps", "silu"))
+def _forward_apply(x, weight, bias, *, groups, eps, silu):
     w, has_weight = _as_param(weight, x)
     b, has_bias = _as_param(bias, x)
-    return _forward_call(x, w, b, groups, eps, False, has_weight, has_bias, False)
+    return _forward_call(x, w, b, groups, eps, False, has_weight, has_bias, silu)
 
 
-def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None):
+def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None, *, bias=None, activation=None):
     """``groupnorm.group_norm_backward`` for JAX arrays (channels on axis 1): ``(grad_input, grad_weight,
-    grad_bias)``, the parameter gradients of shape (C,) in the compute dtype whether or not weight was given."""
+    grad_bias)``, the parameter gradients of shape (C,) in the compute dtype whether or not weight was given. With
+    ``activation='silu'`` grad_output is the activated output's gradient (bias is then the forward's)."""
     _require()
     x = _check_input(input)
     dy = _check_input(grad_output, "grad_output")
@@ -299,7 +306,9 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None)
     if dy.dtype != x.dtype:
         raise ValueError(f"grad_output has dtype {dy.dtype}; it must match the input's dtype {x.dtype}")
     groups = _gpu.check_groups(num_groups, x.shape[1])
+    silu = _core._check_activation(activation)
     w = _param(weight, "weight", x.shape[1])
+    b = _param(bias, "bias", x.shape[1])
     stats = []
     for value, name in ((mean, "mean"), (rstd, "rstd")):
         value = _array(value, name)
@@ -309,11 +318,15 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None)
         if not _real(value.dtype):
             raise TypeError(f"{name} has dtype {value.dtype}; it must hold real numbers (float or integer)")
         stats.append(value)
-    return _backward_apply(dy, x, stats[0], stats[1], w, groups=groups)
+    return _backward_apply(dy, x, stats[0], stats[1], w, b, groups=groups, silu=silu)
 
 
-@functools.partial(jax.jit, static_argnames=("groups",))
-def _backward_apply(dy, x, mean, rstd, weight, *, groups):
+@functools.partial(jax.jit, static_argnames=("groups", "silu"))
+def _backward_apply(dy, x, mean, rstd, weight, bias, *, groups, silu):
     w, has_weight = _as_param(weight, x)
+    b, has_bias = _as_param(bias, x)
     dtype = _compute_dtype(x)
-    return tuple(_backward_call(dy, x, mean.astype(dtype), rstd.astype(dtype), w, groups, False, has_weight))
+    mean, rstd = mean.astype(dtype), rstd.astype(dtype)
+    if silu:
+        dy = _silu_grad(dy, x, mean, rstd, w, b, groups, False, has_weight, has_bias)
+    return tuple(_backward_call(dy, x, mean, rstd, w, groups, False, has_weight))

@@ -103,51 +103,60 @@ def _differentiable(input, weight, bias):
             or isinstance(bias, torch.Tensor) and bias.requires_grad)
 
 
-def _run_forward(input, num_groups, weight, bias, eps):
+def _run_forward(input, num_groups, weight, bias, eps, activation):
     """(y, mean, rstd) of a checked call: y a tensor; the statistics NumPy arrays on the CPU (private to the
     autograd node: no tensor round trip), the framework's arrays on the GPU."""
     if _on_gpu(input):
         _check_param_dtype("weight", weight, input)
         _check_param_dtype("bias", bias, input)
-        return _gpu.group_norm_forward(input, num_groups, weight, bias, eps)
+        return _gpu.group_norm_forward(input, num_groups, weight, bias, eps, None, activation)
     x, w, b = _arrays(input, weight, bias)
-    y, mean, rstd = _core.group_norm_forward(x, num_groups, w, b, eps)
+    y, mean, rstd = _core.group_norm_forward(x, num_groups, w, b, eps, activation=activation)
     return _dlpack.as_torch(y), mean, rstd
 
 
-def _run_backward(grad_output, input, mean, rstd, num_groups, weight):
+def _run_backward(grad_output, input, mean, rstd, num_groups, weight, bias, activation):
     """(grad_input, grad_weight, grad_bias) from the forward's statistics: grad_input a tensor, the parameter
-    gradients (of the compute dtype) NumPy arrays on the CPU."""
+    gradients (of the compute dtype) NumPy arrays on the CPU. bias is read only with an activation."""
     if input.is_cuda:
-        return _gpu.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight)
+        return _gpu.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, None, bias, activation)
+    b = None if bias is None or activation is None else _dlpack.from_torch(bias)
     dx, dw, db = _core.group_norm_backward(_dlpack.from_torch(grad_output), _dlpack.from_torch(input), mean, rstd,
-                                           num_groups, None if weight is None else _dlpack.from_torch(weight))
+                                           num_groups, None if weight is None else _dlpack.from_torch(weight),
+                                           bias=b, activation=activation)
     return _dlpack.as_torch(dx), dw, db
 
 
 def _backward(ctx, grad_output):
     """The gradients of _GroupNormFunction's inputs from its saved state, computed without autograd."""
     # Autograd hands back a gradient of the output's dtype and device; the inputs were checked in forward.
-    input, weight = ctx.saved_tensors
+    saved = ctx.saved_tensors  # (input, weight), and bias with an activation
+    input, weight, activation = saved[0], saved[1], ctx.activation
     needs_input_grad = ctx.needs_input_grad
-    dx, dw, db = _run_backward(grad_output, input, ctx.mean, ctx.rstd, ctx.num_groups, weight)
+    dx, dw, db = _run_backward(grad_output, input, ctx.mean, ctx.rstd, ctx.num_groups, weight,
+                               saved[2] if activation is not None else None, activation)
     return (dx if needs_input_grad[0] else None, None,
             _param_grad(dw, weight.dtype) if needs_input_grad[2] else None,
-            _param_grad(db, ctx.bias_dtype) if needs_input_grad[3] else None, None)
+            _param_grad(db, ctx.bias_dtype) if needs_input_grad[3] else None, None, None)
 
 
 _backward_once_differentiable = torch.autograd.function.once_differentiable(_backward)
 
 
 class _GroupNormFunction(torch.autograd.Function):
-    """y = group_norm(x) with the backward pass of groupnorm's kernels; not twice differentiable."""
+    """y = group_norm(x) (then SiLU with activation='silu') with the backward pass of groupnorm's kernels; not
+    twice differentiable."""
 
     @staticmethod
-    def forward(ctx, input, num_groups, weight, bias, eps):
+    def forward(ctx, input, num_groups, weight, bias, eps, activation):
         ctx.num_groups = num_groups
-        ctx.save_for_backward(input, weight)
+        ctx.activation = activation
+        if activation is None:
+            ctx.save_for_backward(input, weight)
+        else:  # the SiLU's gradient recomputes its input from bias too
+            ctx.save_for_backward(input, weight, bias)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        y, ctx.mean, ctx.rstd = _run_forward(input, num_groups, weight, bias, eps)
+        y, ctx.mean, ctx.rstd = _run_forward(input, num_groups, weight, bias, eps, activation)
         return y
 
     @staticmethod
@@ -191,27 +200,29 @@ def _check_fake(input, num_groups, params):
         _check_param_dtype(name, param, input)
 
 
-def _op_forward_impl(input, num_groups, weight, bias, eps):
-    y, mean, rstd = _run_forward(input, num_groups, weight, bias, eps)
+def _op_forward_impl(input, num_groups, weight, bias, eps, activation=None):
+    y, mean, rstd = _run_forward(input, num_groups, weight, bias, eps, activation)
     return _like_input(y, input), _tensor(mean), _tensor(rstd)
 
 
-def _op_forward_fake(input, num_groups, weight, bias, eps):
+def _op_forward_fake(input, num_groups, weight, bias, eps, activation=None):
     _check_fake(input, num_groups, {"weight": weight, "bias": bias})
     _core._check_eps_value(eps)
+    _core._check_activation(activation)
     stats = input.new_empty((input.shape[0], num_groups), dtype=_stats_dtype(input))
     return torch.empty_like(input), stats, torch.empty_like(stats)
 
 
-def _op_backward_impl(grad_output, input, mean, rstd, num_groups, weight):
+def _op_backward_impl(grad_output, input, mean, rstd, num_groups, weight, bias=None, activation=None):
     if not input.is_cuda:
         mean, rstd = _as_array(mean, "mean"), _as_array(rstd, "rstd")
-    dx, dw, db = _run_backward(grad_output, input, mean, rstd, num_groups, weight)
+    dx, dw, db = _run_backward(grad_output, input, mean, rstd, num_groups, weight, bias, activation)
     return _like_input(dx, input), _tensor(dw), _tensor(db)
 
 
-def _op_backward_fake(grad_output, input, mean, rstd, num_groups, weight):
-    _check_fake(input, num_groups, {"weight": weight})
+def _op_backward_fake(grad_output, input, mean, rstd, num_groups, weight, bias=None, activation=None):
+    _check_fake(input, num_groups, {"weight": weight, "bias": bias})
+    _core._check_activation(activation)
     if grad_output.shape != input.shape:  # group_norm_backward's messages (groupnorm._core)
         raise ValueError(f"grad_output has shape {tuple(grad_output.shape)}; it must match the input's shape "
                          f"{tuple(input.shape)}")
@@ -237,33 +248,35 @@ def _params_into_channels(value, dim, batch_size):
     return None if value is None else _batch_first(value, dim, batch_size).flatten()
 
 
-def _forward_vmap(info, in_dims, input, num_groups, weight, bias, eps):
+def _forward_vmap(info, in_dims, input, num_groups, weight, bias, eps, activation=None):
     """vmap of group_norm_forward, one call whatever is batched. Every group of every sample is normalised on its
-    own, so the batch folds into N where the parameters are shared, and into the channels (B*C channels in B*G
-    groups, each element's parameters on its own channels) where they are batched."""
-    x_dim, _, w_dim, b_dim, _ = in_dims
+    own (and the activation is elementwise), so the batch folds into N where the parameters are shared, and into
+    the channels (B*C channels in B*G groups, each element's parameters on its own channels) where they are
+    batched."""
+    x_dim, _, w_dim, b_dim = in_dims[:4]
     batch = info.batch_size
     if w_dim is None and b_dim is None and x_dim is not None:
         x = input.movedim(x_dim, 0)
         n = x.shape[1]
-        y, mean, rstd = _ops.group_norm_forward(x.flatten(0, 1), num_groups, weight, bias, eps)
+        y, mean, rstd = _ops.group_norm_forward(x.flatten(0, 1), num_groups, weight, bias, eps, activation)
         stats = (batch, n, num_groups)
         return (y.unflatten(0, (batch, n)), mean.reshape(stats), rstd.reshape(stats)), (0, 0, 0)
     y, mean, rstd = _ops.group_norm_forward(
         _into_channels(input, x_dim, batch), batch * num_groups, _params_into_channels(weight, w_dim, batch),
-        _params_into_channels(bias, b_dim, batch), eps)
+        _params_into_channels(bias, b_dim, batch), eps, activation)
     return (y.unflatten(1, (batch, -1)), mean.unflatten(1, (batch, -1)), rstd.unflatten(1, (batch, -1))), (1, 1, 1)
 
 
-def _backward_vmap(info, in_dims, grad_output, input, mean, rstd, num_groups, weight):
+def _backward_vmap(info, in_dims, grad_output, input, mean, rstd, num_groups, weight, bias=None, activation=None):
     """vmap of group_norm_backward, one call: the batch folded into the channels, so that the parameter
     gradients, sums over N and the positions, come out per batch element (per-sample gradients)."""
     batch = info.batch_size
-    dy_dim, x_dim, mean_dim, rstd_dim, _, w_dim = in_dims
+    dy_dim, x_dim, mean_dim, rstd_dim, _, w_dim = in_dims[:6]
+    b_dim = in_dims[6] if len(in_dims) > 6 else None  # the operator's defaults are not passed here
     dx, dw, db = _ops.group_norm_backward(
         _into_channels(grad_output, dy_dim, batch), _into_channels(input, x_dim, batch),
         _into_channels(mean, mean_dim, batch), _into_channels(rstd, rstd_dim, batch), batch * num_groups,
-        _params_into_channels(weight, w_dim, batch))
+        _params_into_channels(weight, w_dim, batch), _params_into_channels(bias, b_dim, batch), activation)
     return (dx.unflatten(1, (batch, -1)), dw.unflatten(0, (batch, -1)), db.unflatten(0, (batch, -1))), (1, 0, 0)
 
 
@@ -274,8 +287,8 @@ class _OperatorBackward(torch.autograd.Function):
     generate_vmap_rule = True  # forward calls only the operators, which carry vmap rules
 
     @staticmethod
-    def forward(grad_output, input, mean, rstd, num_groups, weight):
-        return _ops.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight)
+    def forward(grad_output, input, mean, rstd, num_groups, weight, bias=None, activation=None):
+        return _ops.group_norm_backward(grad_output, input, mean, rstd, num_groups, weight, bias, activation)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -294,26 +307,30 @@ class _OperatorFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, num_groups, weight, bias, eps):
-        return _ops.group_norm_forward(input, num_groups, weight, bias, eps)
+    def forward(input, num_groups, weight, bias, eps, activation=None):
+        return _ops.group_norm_forward(input, num_groups, weight, bias, eps, activation)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, num_groups, weight, _, _ = inputs
+        input, num_groups, weight, bias = inputs[:4]
+        activation = inputs[5] if len(inputs) > 5 else None  # the dispatcher passes the defaults it was given
         _, mean, rstd = output
-        ctx.save_for_backward(input, weight, mean, rstd)
+        ctx.save_for_backward(input, weight, bias, mean, rstd)
         ctx.num_groups = num_groups
+        ctx.activation = activation
         ctx.mark_non_differentiable(mean, rstd)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_rstd):
-        input, weight, mean, rstd = ctx.saved_tensors
+        input, weight, bias, mean, rstd = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        nones = (None,) * (len(needs) - 4)  # eps, and activation where it was passed
         if grad_output is None:
-            return None, None, None, None, None
-        dx, dw, db = _OperatorBackward.apply(grad_output, input, mean, rstd, ctx.num_groups, weight)
+            return (None, None, None, None) + nones
+        dx, dw, db = _OperatorBackward.apply(grad_output, input, mean, rstd, ctx.num_groups, weight,
+                                             bias if ctx.activation is not None else None, ctx.activation)
         # dw and db are float32 for half data; autograd casts each gradient to its input's dtype.
-        return dx if needs[0] else None, None, dw if needs[2] else None, db if needs[3] else None, None
+        return (dx if needs[0] else None, None, dw if needs[2] else None, db if needs[3] else None) + nones
 
 
 def _autograd_kernel(function, op):
@@ -342,10 +359,11 @@ def _define_ops():
     if library is None or not hasattr(library, "register_fake"):
         return None
     _LIBRARY = library.Library("groupnorm", "DEF")
-    _LIBRARY.define("group_norm_forward(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps) "
-                    "-> (Tensor, Tensor, Tensor)")
+    _LIBRARY.define("group_norm_forward(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps, "
+                    "str? activation=None) -> (Tensor, Tensor, Tensor)")
     _LIBRARY.define("group_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor rstd, "
-                    "int num_groups, Tensor? weight) -> (Tensor, Tensor, Tensor)")
+                    "int num_groups, Tensor? weight, Tensor? bias=None, str? activation=None) "
+                    "-> (Tensor, Tensor, Tensor)")
     for device in ("CPU", "CUDA"):  # through the module's names at call time, so that tests can count the calls
         _LIBRARY.impl("group_norm_forward", lambda *args: _op_forward_impl(*args), device)
         _LIBRARY.impl("group_norm_backward", lambda *args: _op_backward_impl(*args), device)
@@ -373,8 +391,9 @@ def _traced(input):
             or torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_tracing())
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
-    """``torch.nn.functional.group_norm`` on groupnorm's kernels, differentiable in input, weight and bias.
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None):
+    """``torch.nn.functional.group_norm`` on groupnorm's kernels, differentiable in input, weight and bias;
+    with ``activation='silu'``, ``silu(group_norm(...))`` in the same kernels, forward and backward.
 
     Parameters
     ----------
@@ -387,6 +406,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     weight, bias : torch.Tensor, shape (C,), optional
         Per-channel scale and shift, of the input's dtype (or float32 with float16/bfloat16 input).
     eps : float, default 1e-5
+    activation : {None, 'silu'}, optional (keyword only)
+        ``'silu'`` applies ``y * sigmoid(y)`` to the normalised ``y`` in the same pass; its gradient is
+        taken in the backward's kernels from the input and the statistics (nothing more is kept).
 
     Returns
     -------
@@ -405,21 +427,21 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """
     if _ops is not None:  # graphs and transforms (about 0.3 us to rule out in an eager call)
         if torch.compiler.is_compiling():  # Dynamo: constant, so it looks no further
-            return _ops.group_norm_forward(input, num_groups, weight, bias, eps)[0]
+            return _ops.group_norm_forward(input, num_groups, weight, bias, eps, activation)[0]
         if torch._C._functorch.peek_interpreter_stack() is not None:  # inside a torch.func transform
-            return _OperatorFunction.apply(input, num_groups, weight, bias, eps)[0]
+            return _OperatorFunction.apply(input, num_groups, weight, bias, eps, activation)[0]
         if _traced(input):
-            return _ops.group_norm_forward(input, num_groups, weight, bias, eps)[0]
+            return _ops.group_norm_forward(input, num_groups, weight, bias, eps, activation)[0]
     if _differentiable(input, weight, bias):
-        return _GroupNormFunction.apply(input, num_groups, weight, bias, eps)
+        return _GroupNormFunction.apply(input, num_groups, weight, bias, eps, activation)
     # Inference (no_grad, or nothing that requires grad): the kernel alone, as torch's own group_norm does,
     # without autograd.Function's cost (about 5 us a call) or the statistics that only a backward reads.
     if _on_gpu(input):
         _check_param_dtype("weight", weight, input)
         _check_param_dtype("bias", bias, input)
-        return _gpu.group_norm(input, num_groups, weight, bias, eps, None, 1, None)
+        return _gpu.group_norm(input, num_groups, weight, bias, eps, activation, 1, None)
     x, w, b = _arrays(input, weight, bias)
-    return _dlpack.as_torch(_core.group_norm(x, num_groups, w, b, eps))
+    return _dlpack.as_torch(_core.group_norm(x, num_groups, w, b, eps, activation=activation))
 
 
 class GroupNorm(torch.nn.Module):
@@ -438,6 +460,9 @@ class GroupNorm(torch.nn.Module):
         As for ``torch.nn.GroupNorm``.
     bias : bool, default True, keyword-only
         With ``affine``, also learn the ``bias`` (else it is None), as ``torch.nn.GroupNorm(..., bias=)``.
+    activation : {None, 'silu'}, default None, keyword-only
+        ``'silu'`` makes the module GroupNorm followed by SiLU (``torch.nn.SiLU``), fused into the same kernels
+        forward and backward; ``extra_repr`` then shows it. The parameters and ``state_dict`` are unchanged.
 
     Examples
     --------
@@ -453,10 +478,13 @@ class GroupNorm(torch.nn.Module):
 
     __constants__ = ["num_groups", "num_channels", "eps", "affine"]
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *, bias=True):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *, bias=True,
+                 activation=None):
         super().__init__()
         if num_channels % num_groups != 0:
             raise ValueError(f"num_channels={num_channels} must be divisible by num_groups={num_groups}")
+        _core._check_activation(activation)
+        self.activation = activation
         factory = {"device": device, "dtype": dtype}
         self.num_groups = num_groups
         self.num_channels = num_channels
@@ -480,10 +508,12 @@ class GroupNorm(torch.nn.Module):
                 torch.nn.init.zeros_(self.bias)
 
     def forward(self, input):
-        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
 
     def extra_repr(self):
         text = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
         if _TORCH_GROUPNORM_HAS_BIAS_FLAG:
             text += f", bias={self.bias is not None}"
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
         return text

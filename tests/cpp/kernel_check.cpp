@@ -768,8 +768,15 @@ struct ReferenceGrads {
   long double dx_scale = 0, dw_scale = 0, db_scale = 0;
 };
 
-template <class T>
-ReferenceGrads reference_grads(const Shape& s, Layout layout, const T* dy, const T* x, const param_t<T>* weight,
+// An element's value, or a value given exactly (the SiLU's reference gradient).
+template <class E>
+long double exact_value(E v) {
+  if constexpr (std::is_same<E, long double>::value) return v;
+  else return value_of(v);
+}
+
+template <class T, class DY = T>
+ReferenceGrads reference_grads(const Shape& s, Layout layout, const DY* dy, const T* x, const param_t<T>* weight,
                                const ReferenceStats& ref) {
   const int64_t D = s.C / s.G;
   const long double M = (long double)(D * s.HxW);
@@ -788,14 +795,14 @@ ReferenceGrads reference_grads(const Shape& s, Layout layout, const T* dy, const
         for (int64_t i = 0; i < s.HxW; ++i) {
           const int64_t k = element_offset(s, layout, n, c, i);
           const long double w = weight ? (long double)weight[c] : 1.0L, xhat = (value_of(x[k]) - mean) * rstd;
-          sum_wdy += w * value_of(dy[k]);
-          sum_wdy_xhat += w * value_of(dy[k]) * xhat;
+          sum_wdy += w * exact_value(dy[k]);
+          sum_wdy_xhat += w * exact_value(dy[k]) * xhat;
         }
       for (int64_t c = gr * D; c < (gr + 1) * D; ++c)
         for (int64_t i = 0; i < s.HxW; ++i) {
           const int64_t k = element_offset(s, layout, n, c, i);
           const long double w = weight ? (long double)weight[c] : 1.0L, xhat = (value_of(x[k]) - mean) * rstd;
-          const long double d = value_of(dy[k]);
+          const long double d = exact_value(dy[k]);
           g.dx[size_t(k)] = rstd * (w * d - sum_wdy / M - xhat * sum_wdy_xhat / M);
           g.dx_terms[size_t(k)] = rstd * (std::fabs(w * d) + std::fabs(sum_wdy / M) + std::fabs(xhat * sum_wdy_xhat / M));
           g.dx_scale = std::fmax(g.dx_scale, std::fabs(rstd * w * d));
@@ -815,8 +822,9 @@ ReferenceGrads reference_grads(const Shape& s, Layout layout, const T* dy, const
 
 template <class T>
 Status run_backward(const Problem& p, const T* dy, const T* x, const param_t<T>* mean, const param_t<T>* rstd,
-                    const param_t<T>* weight, T* dx, param_t<T>* dweight, param_t<T>* dbias) {
-  return groupnorm::group_norm_backward(p, dtype_of<T>(), dy, x, mean, rstd, weight, dx, dweight, dbias);
+                    const param_t<T>* weight, T* dx, param_t<T>* dweight, param_t<T>* dbias,
+                    const param_t<T>* bias = nullptr) {
+  return groupnorm::group_norm_backward(p, dtype_of<T>(), dy, x, mean, rstd, weight, bias, dx, dweight, dbias);
 }
 
 // max |g - g_ref| <= tol * scale, no NaN (unwritten poison), guards intact; g of type G, margins kept for T.
@@ -956,6 +964,133 @@ void check_backward_determinism(Tally& tally, const Levels& levels, std::mt19937
   }
 }
 
+// The SiLU's backward (Problem::activation = kSilu): the normalisation's backward of g = dz*silu'(u), u = (x -
+// mean)*rstd*w + b, against the same in long double from exact statistics; 16-bit types round g to storage before
+// the normalisation's backward, so their reference does too (through float, as the kernels), and dx is judged
+// with a slack of one ulp of g a term (where the kernel's float g and the exact one round apart). Also: the same
+// dx without dweight/dbias, in place over dz, refused over x (x untouched), and the same bits for 1, 2, 3 threads.
+template <class T, class P = param_t<T>>
+void check_silu_backward_shape(Tally& tally, const Levels& levels, const Shape& s, std::mt19937_64& master,
+                               double offset) {
+  const uint64_t case_seed = master();
+  std::mt19937_64 rng(case_seed);
+  const std::vector<T> x = normal_data<T>(rng, s.size(), offset, 1.5);
+  const std::vector<T> dz = normal_data<T>(rng, s.size(), 0.0, 1.0);
+  const std::vector<P> weight = uniform_data<P>(rng, s.C, -2.0, 2.0), bias = uniform_data<P>(rng, s.C, -2.0, 2.0);
+  for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
+    Problem p;
+    p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout, p.activation = Activation::kSilu;
+    const ReferenceStats stats = reference_stats(shape_layout(s, layout), x.data(), p.eps);
+    for (bool affine : {false, true}) {
+      const P* w = affine ? weight.data() : nullptr;
+      const P* b = affine ? bias.data() : nullptr;
+      std::vector<long double> g_exact(size_t(s.size())), g_abs(size_t(s.C), 0.0L), g_xhat_abs(size_t(s.C), 0.0L);
+      std::vector<T> g_stored(size_t(s.size()));
+      for (int64_t n = 0; n < s.N; ++n)
+        for (int64_t c = 0; c < s.C; ++c)
+          for (int64_t i = 0; i < s.HxW; ++i) {
+            const int64_t k = element_offset(s, layout, n, c, i), ng = n * s.G + c / (s.C / s.G);
+            const long double u = (value_of(x[size_t(k)]) - stats.mean[size_t(ng)]) * stats.rstd[size_t(ng)] *
+                                      (w ? (long double)w[c] : 1.0L) + (b ? (long double)b[c] : 0.0L);
+            const long double sig = 1.0L / (1.0L + std::exp(-u));
+            g_exact[size_t(k)] = value_of(dz[size_t(k)]) * sig * (1.0L + u * (1.0L - sig));
+            g_stored[size_t(k)] = from_double<T>(double(g_exact[size_t(k)]));
+            g_abs[size_t(c)] += std::fabs(g_exact[size_t(k)]);
+            g_xhat_abs[size_t(c)] += std::fabs(g_exact[size_t(k)] * (value_of(x[size_t(k)]) - stats.mean[size_t(ng)]) *
+                                               stats.rstd[size_t(ng)]);
+          }
+      // 16-bit dx from g as stored; dweight and dbias from the exact g, each g's storage rounding (at most half an
+      // ulp, one allowed) summed into the bound.
+      const ReferenceGrads ref = is_half_v<T> ? reference_grads(s, layout, g_stored.data(), x.data(), w, stats)
+                                              : reference_grads(s, layout, g_exact.data(), x.data(), w, stats);
+      const ReferenceGrads exact = reference_grads(s, layout, g_exact.data(), x.data(), w, stats);
+      auto expect_param_grad = [&](const std::string& label, const char* name, Quantity q, const Guarded<P>& got,
+                                   const std::vector<long double>& want, long double scale,
+                                   const std::vector<long double>& rounding_terms) {
+        if constexpr (!is_half_v<T>) {
+          expect_close_grad<T>(tally, label, name, q, got, want, scale);
+        } else {
+          long double worst_ratio = 0;
+          int64_t worst = 0;
+          for (int64_t c = 0; c < s.C; ++c) {
+            const long double bound = grad_tolerance<P>() * (scale > 0 ? scale : 1.0L) +
+                                      std::ldexp(rounding_terms[size_t(c)], -HalfFormat<T>::kMantissaBits);
+            const long double ratio = std::fabs((long double)got.data()[c] - want[size_t(c)]) / bound;
+            if (!(ratio <= worst_ratio)) worst_ratio = std::isnan(ratio) ? INFINITY : ratio, worst = c;
+          }
+          record_margin<T>(q, worst_ratio);
+          tally.expect(got.guards_intact() && worst_ratio <= 1,
+                       format("%s: %s[%lld]=%.9Le ref=%.9Le (|err|/bound=%.3Lf)", label.c_str(), name,
+                              (long long)worst, (long double)got.data()[worst], want[size_t(worst)], worst_ratio));
+        }
+      };
+      for (Isa isa : levels.tested) {
+        if (!select_level(tally, isa)) continue;
+        const std::string label = format("backward silu isa=%s %s %s affine=%d %s offset=%g case_seed=%llu",
+                                         groupnorm::isa_name(isa), dtype_name<T>(), layout_name(layout), int(affine),
+                                         shape_label(s).c_str(), offset, (unsigned long long)case_seed);
+        p.num_threads = 0;
+        std::vector<T> y(size_t(s.size()));
+        std::vector<P> mean(size_t(s.N * s.G)), rstd(size_t(s.N * s.G));
+        Status st = run_forward<T>(p, x.data(), w, b, y.data(), mean.data(), rstd.data());
+        if (!tally.expect(st == groupnorm::kOk, format("%s: forward status %d", label.c_str(), int(st)))) continue;
+        Guarded<T> dx(s.size());
+        Guarded<P> dw(s.C), db(s.C);
+        st = run_backward<T>(p, dz.data(), x.data(), mean.data(), rstd.data(), w, dx.data(), dw.data(), db.data(), b);
+        if (!tally.expect(st == groupnorm::kOk, format("%s: backward status %d", label.c_str(), int(st)))) continue;
+        if constexpr (is_half_v<T>) {
+          tally.expect(dx.guards_intact(), label + ": dx guard region overwritten");
+          expect_rounded(tally, label, "dx", kGradInput, dx, ref.dx, ref.dx_terms,
+                         std::ldexp(1.0L, -HalfFormat<T>::kMantissaBits));
+        } else {
+          expect_close_grad<T>(tally, label, "dx", kGradInput, dx, ref.dx, ref.dx_scale);
+        }
+        expect_param_grad(label, "dweight", kGradWeight, dw, exact.dw, exact.dw_scale, g_xhat_abs);
+        expect_param_grad(label, "dbias", kGradBias, db, exact.db, exact.db_scale, g_abs);
+        Guarded<T> dx_only(s.size());
+        st = run_backward<T>(p, dz.data(), x.data(), mean.data(), rstd.data(), w, dx_only.data(), nullptr, nullptr, b);
+        tally.expect(st == groupnorm::kOk && dx_only.guards_intact() && dx_only.bitwise_equal(dx),
+                     label + ": dx without dweight/dbias differs");
+        Guarded<T> inout(s.size());
+        std::memcpy(inout.data(), dz.data(), sizeof(T) * dz.size());
+        st = run_backward<T>(p, inout.data(), x.data(), mean.data(), rstd.data(), w, inout.data(), nullptr, nullptr, b);
+        tally.expect(st == groupnorm::kOk && inout.guards_intact() && inout.bitwise_equal(dx),
+                     label + ": in-place dx (dx == dz) differs from out-of-place");
+        Guarded<T> over_x(s.size());
+        std::memcpy(over_x.data(), x.data(), sizeof(T) * x.size());
+        st = run_backward<T>(p, dz.data(), over_x.data(), mean.data(), rstd.data(), w, over_x.data(), nullptr,
+                             nullptr, b);
+        tally.expect(st == groupnorm::kInvalidArgument && std::memcmp(over_x.data(), x.data(), sizeof(T) * x.size()) == 0,
+                     format("%s: dx over x gave status %d (want kInvalidArgument, x untouched)", label.c_str(), int(st)));
+        for (int nt : {1, 2, 3}) {
+          p.num_threads = nt;
+          Guarded<T> dx_t(s.size());
+          Guarded<P> dw_t(s.C), db_t(s.C);
+          st = run_backward<T>(p, dz.data(), x.data(), mean.data(), rstd.data(), w, dx_t.data(), dw_t.data(),
+                               db_t.data(), b);
+          tally.expect(st == groupnorm::kOk && dx_t.bitwise_equal(dx) && dw_t.bitwise_equal(dw) &&
+                           db_t.bitwise_equal(db),
+                       format("%s: num_threads=%d differs from the default team", label.c_str(), nt));
+        }
+      }
+    }
+  }
+}
+
+template <class T>
+void check_silu_backward_all(Tally& tally, const Levels& levels, std::mt19937_64& master) {
+  const int64_t tails[] = {1, 3, 16, 17, 33};
+  for (int64_t C : tails)
+    for (int64_t HxW : {int64_t(1), int64_t(7), int64_t(16), int64_t(65)})
+      for (int64_t G : group_counts(C)) check_silu_backward_shape<T>(tally, levels, {2, C, G, HxW}, master, 0.5);
+  // Chunked channels (40001 positions), a channels-last sample over several row units and units over several
+  // samples, and one large sample; then the same with a large offset (the mean's low part in u).
+  const Shape shapes[] = {{1, 2, 1, 40001}, {3, 64, 8, 100}, {1, 320, 32, 37}, {2, 5, 5, 1023}};
+  const double offset = is_half_v<T> ? 100.0 : 1e4;
+  for (double off : {0.5, offset})
+    for (const Shape& s : shapes) check_silu_backward_shape<T>(tally, levels, s, master, off);
+}
+
 // Empty problems give zero dweight/dbias and leave dx alone.
 void check_backward_edge_cases(Tally& tally, const Levels& levels) {
   for (Isa isa : levels.tested) {
@@ -1075,6 +1210,10 @@ int main(int argc, char** argv) {
   section("backward determinism f16", [&] { check_backward_determinism<Half>(tally, levels, master); });
   section("backward determinism bf16", [&] { check_backward_determinism<BFloat16>(tally, levels, master); });
   section("backward edge cases", [&] { check_backward_edge_cases(tally, levels); });
+  section("backward silu f32", [&] { check_silu_backward_all<float>(tally, levels, master); });
+  section("backward silu f64", [&] { check_silu_backward_all<double>(tally, levels, master); });
+  section("backward silu f16", [&] { check_silu_backward_all<Half>(tally, levels, master); });
+  section("backward silu bf16", [&] { check_silu_backward_all<BFloat16>(tally, levels, master); });
   groupnorm::isa_select(groupnorm::isa_best());
 
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -618,11 +618,11 @@ void run_valid(const Case& k, ByteStream& in) {
   const P* rstd = pointer(k, rstd1);
   const Buffer<P> mean_before = mean1.copy(), rstd_before = rstd1.copy();
   auto backward_into = [&](const char* call, const Problem& p, const S* dy_in, const S* x_in, Buffer<S>& dx,
-                           Buffer<P>* dw, Buffer<P>* db) {
+                           Buffer<P>* dw, Buffer<P>* db, Status want = groupnorm::kOk) {
     g_context = call;
-    expect_status(groupnorm::group_norm_backward(p, Traits<S>::kDType, dy_in, x_in, mean, rstd, w, pointer(k, dx),
+    expect_status(groupnorm::group_norm_backward(p, Traits<S>::kDType, dy_in, x_in, mean, rstd, w, b, pointer(k, dx),
                                                  dw ? pointer(k, *dw) : nullptr, db ? pointer(k, *db) : nullptr),
-                  groupnorm::kOk, "group_norm_backward");
+                  want, "group_norm_backward");
     inputs_unchanged();
     expect_unchanged(mean1, mean_before, "mean (an input)");
     expect_unchanged(rstd1, rstd_before, "rstd (an input)");
@@ -635,9 +635,21 @@ void run_valid(const Case& k, ByteStream& in) {
   expect_same_values(dx1, dx2, "dx");
   expect_same_values(dw1, dw2, "dweight");
   expect_same_values(db1, db2, "dbias");
+  // The values are checked for the normalisation's backward (the SiLU's, which tests/cpp/kernel_check and the
+  // Python tests check against references, runs above for its memory accesses and determinism).
+  const bool silu = k.p.activation == Activation::kSilu;
+  Buffer<S> dx_plain = silu ? output(elements, k.offset_out, S()) : Buffer<S>();
+  Buffer<P> dw_plain = silu ? output(C, 0, P()) : Buffer<P>(), db_plain = silu ? output(C, 0, P()) : Buffer<P>();
+  if (silu) {
+    Problem plain = with_threads(k.p, 1);
+    plain.activation = Activation::kNone;
+    backward_into("backward without the activation, 1 thread", plain, pointer(k, dy), pointer(k, x), dx_plain,
+                  &dw_plain, &db_plain);
+  }
   g_context = "backward, reference";
   if (k.elements() > 0) {
-    check_backward_values<S>(k, dy, x, rstd, w, dx1, dw1.data(), db1.data());
+    check_backward_values<S>(k, dy, x, rstd, w, silu ? dx_plain : dx1, (silu ? dw_plain : dw1).data(),
+                             (silu ? db_plain : db1).data());
   } else {
     for (size_t c = 0; c < C; ++c)
       if (dw1[c] != 0 || db1[c] != 0) fail("dweight / dbias [%zu] of an empty problem is not 0", c);
@@ -647,10 +659,21 @@ void run_valid(const Case& k, ByteStream& in) {
                   : k.backward_in_place == 2 ? x.copy(k.offset_out)
                                              : output(elements, k.offset_out, S());
   Buffer<P> dw3 = output(C, 2, P()), db3 = output(C, 3, P());
+  // With an activation, dx over x is refused (its pass would overwrite x before the normalisation reads it).
+  const bool refused = silu && k.backward_in_place == 2 && k.elements() > 0;
+  const Buffer<S> dx3_before = dx3.copy();
+  const Buffer<P> dw3_before = dw3.copy(), db3_before = db3.copy();
   backward_into(k.backward_in_place ? "backward in place, decoded threads" : "backward, decoded threads", k.p,
                 k.backward_in_place == 1 ? dx3.data() : pointer(k, dy),
                 k.backward_in_place == 2 ? dx3.data() : pointer(k, x), dx3, k.dweight ? &dw3 : nullptr,
-                k.dbias ? &db3 : nullptr);
+                k.dbias ? &db3 : nullptr, refused ? groupnorm::kInvalidArgument : groupnorm::kOk);
+  if (refused) {
+    g_context = "backward with an activation, dx over x: refused";
+    expect_unchanged(dx3, dx3_before, "dx (over x, refused)");
+    expect_unchanged(dw3, dw3_before, "dweight (refused)");
+    expect_unchanged(db3, db3_before, "dbias (refused)");
+    return;
+  }
   g_context = k.backward_in_place ? "backward in place vs 1 thread" : "backward, decoded threads vs 1 thread";
   expect_same_values(dx3, dx1, "dx");
   if (k.dweight) expect_same_values(dw3, dw1, "dweight");
@@ -761,8 +784,8 @@ void run_invalid(Case k, ByteStream& in) {
          "dtype=%d), want kInvalidArgument",
          int(f), int(fault), (long long)p.N, (long long)p.C, (long long)p.G, (long long)p.HxW, p.eps,
          int(p.layout), int(p.activation), int(dtype));
-  const Status bw = groupnorm::group_norm_backward(p, dtype, bdy, bx, bmean, brstd, w.data(), bdx, dw.data(),
-                                                   db.data());
+  const Status bw = groupnorm::group_norm_backward(p, dtype, bdy, bx, bmean, brstd, w.data(), b.data(), bdx,
+                                                   dw.data(), db.data());
   if (bw != groupnorm::kInvalidArgument)
     fail("group_norm_backward returned %d for fault %d (N=%lld C=%lld G=%lld HxW=%lld eps=%g layout=%d act=%d "
          "dtype=%d), want kInvalidArgument",

@@ -49,13 +49,15 @@ struct Problem {
 Status group_norm_forward(const Problem& problem, DType dtype, const void* x, const void* weight,
                           const void* bias, void* y, void* mean_out, void* rstd_out);
 
-// Gradients of group_norm_forward (no activation) given dy = dL/dy and the forward's x, mean and rstd (N*G
-// values each, of the compute type; the low part of a rounded mean is recovered from x). dy, x and dx hold the
-// same layout; dx may be dy or x itself (in place) and must not otherwise overlap them. weight may be null
-// (all ones); dweight / dbias (C values each, of the compute type: sums over N and HxW of dy*x_hat and dy)
-// may be null if unwanted.
+// Gradients of group_norm_forward given dy = dL/dy (of the activation's output when problem.activation is set)
+// and the forward's x, mean and rstd (N*G values each, of the compute type; the low part of a rounded mean is
+// recovered from x). dy, x and dx hold the same layout; dx may be dy, or x itself without an activation, and must
+// not otherwise overlap them. weight may be null (all ones); bias (null: zeros) is read only with an activation,
+// whose input the backward recomputes. dweight / dbias (C values each, of the compute type: sums over N and HxW of
+// g*x_hat and g, g the gradient of the normalised output) may be null if unwanted.
 Status group_norm_backward(const Problem& problem, DType dtype, const void* dy, const void* x, const void* mean,
-                           const void* rstd, const void* weight, void* dx, void* dweight, void* dbias);
+                           const void* rstd, const void* weight, const void* bias, void* dx, void* dweight,
+                           void* dbias);
 
 // Thread count used when Problem::num_threads <= 0: the value given to set_num_threads, else OpenMP's
 // omp_get_max_threads() in the calling thread (OMP_NUM_THREADS, threadpoolctl). n <= 0 resets.
