@@ -25,6 +25,7 @@
 
 namespace {
 
+using groupnorm::Activation;
 using groupnorm::BFloat16;
 using groupnorm::DType;
 using groupnorm::Half;
@@ -90,6 +91,7 @@ struct Options {
   double min_batch_ms = 0.5;
   bool quick = false;
   bool backward = false;
+  Activation activation = Activation::kNone;
   std::string json_path;
 };
 
@@ -112,12 +114,14 @@ void print_help() {
   std::printf(
       "usage: groupnorm_bench [--quick] [--shape N,C[,H[,W]] --groups G] [--dtype f32|f64|f16|bf16|both|all,...]\n"
       "                       [--layout nchw|nhwc] [--threads 1,2,...] [--isa NAME] [--reps R]\n"
-      "                       [--warmup W] [--min-batch-ms MS] [--backward] [--json PATH]\n"
+      "                       [--warmup W] [--min-batch-ms MS] [--backward] [--activation none|silu]\n"
+      "                       [--json PATH]\n"
       "Times group_norm_forward (and group_norm_backward with --backward) on every compiled and supported\n"
       "ISA level and thread count, beside a memcpy of the same bytes measured in the same rounds.\n"
       "Default cases: the issue's list; --quick: three of them, 5 reps, threads 1 and all.\n"
       "--dtype takes a comma list; both = f32,f64; all = f32,f64,f16,bf16 (16-bit types: float weight,\n"
-      "bias and statistics, the copy floor moves the 16-bit bytes).\n");
+      "bias and statistics, the copy floor moves the 16-bit bytes). --activation silu: GroupNorm then SiLU, in\n"
+      "the forward and (with the forward's bias) in the backward.\n");
 }
 
 const char* dtype_name(DType dtype) {
@@ -182,6 +186,10 @@ Options parse_options(int argc, char** argv) {
       opt.quick = true;
     } else if (arg == "--backward") {
       opt.backward = true;
+    } else if (arg == "--activation") {
+      const std::string v = value();
+      if (v == "silu") opt.activation = Activation::kSilu;
+      else if (v != "none") usage_error("--activation must be none or silu, not '" + v + "'");
     } else if (arg == "--shape") {
       opt.shape = parse_int_list(value(), "--shape");
       opt.custom_shape = true;
@@ -336,6 +344,7 @@ void run_case(const CaseSpec& spec, DType dtype, const std::vector<Isa>& isas, c
   // With one position per channel both layouts are the same memory; like the Python layer, run the
   // channels-last kernels there (they vectorise across C).
   p.layout = p.HxW == 1 ? Layout::kChannelsLast : spec.layout;
+  p.activation = opt.activation;
   const int64_t n = p.N * p.C * p.HxW;
   const int64_t bytes = n * int64_t(sizeof(T));
 

@@ -216,13 +216,139 @@ inline void merge_chunks(const GradSums& partial, const GradSums& out, int64_t o
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// The SiLU's backward (Problem::activation == kSilu). The forward returned z = u*sigmoid(u) of the normalised
+// u = (x - mean)*rstd*w + b, so the normalisation's backward runs on dy = dz*silu'(u), with
+// silu'(u) = s*(1 + u*(1 - s)) and s = sigmoid(u) (torch's silu_backward). u is recomputed from x and the saved
+// statistics, centred on the mean as given (as gn_cuda_backward does) plus, where it matters, the low part that
+// a float mean drops. Each path below writes a unit's dy (a channel's chunk, rows of a sample, a block of
+// samples) into dx just before pass 1 reads that unit, while it is in cache; both passes then read dy from dx,
+// and pass 2 overwrites it in place. In float16 and bfloat16, dy is rounded to the storage type in between, as
+// torch's unfused silu and group_norm round it.
+
+template <class V>
+inline V silu_derivative(V u) {
+  const V one = V::broadcast(typename V::Scalar(1));
+  const V s = one / (one + exp_approx(V::zero() - u));
+  return s * fma(u, one - s, one);
+}
+
+// dy of n contiguous values whose u is (x - mean)*scale + shift with the same coefficients (a channel's run).
+template <class V, class S>
+void silu_grad_run(const S* dz, const S* x, S* dy, int64_t n, V mean, V scale, V shift) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  auto value = [mean, scale, shift](const V& g, const V& xv) {  // by value: kept in registers across the stores
+    return g * silu_derivative(fma(xv - mean, scale, shift));
+  };
+  int64_t i = 0;
+  for (; i + W <= n; i += W) V::store(dy + i, value(V::load(dz + i), V::load(x + i)));
+  if (i < n) V::store_tail(dy + i, value(V::load_tail(dz + i, n - i, T(0)), V::load_tail(x + i, n - i, T(0))), n - i);
+}
+
+// dy of one row of C channels, each with its own coefficients (arrays padded to whole vectors).
+template <class V, class S>
+void silu_grad_row(const S* dz, const S* x, S* dy, int64_t C, const typename V::Scalar* mean,
+                   const typename V::Scalar* scale, const typename V::Scalar* shift) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  auto value = [&](const V& g, const V& xv, int64_t c) {
+    return g * silu_derivative(fma(xv - V::load(mean + c), V::load(scale + c), V::load(shift + c)));
+  };
+  int64_t c = 0;
+  for (; c + W <= C; c += W) V::store(dy + c, value(V::load(dz + c), V::load(x + c), c));
+  if (c < C)
+    V::store_tail(dy + c, value(V::load_tail(dz + c, C - c, T(0)), V::load_tail(x + c, C - c, T(0)), c), C - c);
+}
+
+// One call's SiLU pass: its inputs, and the groups' mean_lo (filled by group_lo before a group's first unit).
+template <class V, class S>
+struct SiluPass {
+  using T = typename V::Scalar;
+  const Problem& p;
+  const S* dz;
+  const S* x;
+  S* dx;
+  const T *mean, *rstd, *weight, *bias;
+  double* mean_lo;  // N*G
+
+  // The part of group ng's mean that its T value drops, (sum of x - mean_hi) / M, where it matters to u: when
+  // |mean|*rstd > 1, half an ulp of mean_hi moves u by more than float rounding of u near 1 does (data with a
+  // large offset: a group of [1,320,64,64] at 1e4 +- 1.5 would otherwise see u off by 3e-4). 0 elsewhere.
+  void group_lo(int64_t ng) const {
+    mean_lo[ng] = 0.0;
+    if (!(std::fabs(double(mean[ng])) * double(rstd[ng]) > 1.0)) return;
+    const int64_t D = p.C / p.G, n = ng / p.G, g = ng % p.G;
+    const double M = double(D) * double(p.HxW);
+    if (p.layout == Layout::kChannelsFirst || p.HxW == 1)  // the group is one contiguous run
+      mean_lo[ng] = any_run_shifted_sums<V>(x + ng * D * p.HxW, D * p.HxW, mean[ng]).s1 / M;
+    else
+      mean_lo[ng] = strided_shifted_sums<V>(x + n * p.HxW * p.C + g * D, D, p.C, p.HxW, mean[ng]).s1 / M;
+  }
+  double scale(int64_t n, int64_t c) const {
+    return double(rstd[n * p.G + c / (p.C / p.G)]) * (weight ? double(weight[c]) : 1.0);
+  }
+  T shift(int64_t n, int64_t c) const {
+    return T((bias ? double(bias[c]) : 0.0) - mean_lo[n * p.G + c / (p.C / p.G)] * scale(n, c));
+  }
+  // Channels-first: values [begin, begin + len) of channel nc = n*C + c.
+  void channel(int64_t nc, int64_t begin, int64_t len) const {
+    const int64_t n = nc / p.C, c = nc % p.C, off = nc * p.HxW + begin;
+    silu_grad_run<V>(dz + off, x + off, dx + off, len, V::broadcast(mean[n * p.G + c / (p.C / p.G)]),
+                     V::broadcast(T(scale(n, c))), V::broadcast(shift(n, c)));
+  }
+  // Rows of C channels: sample n's coefficients into m, sc, sh (c_padded values each, padding 0), then rows
+  // [r0, r1) of the sample.
+  void fill_sample(int64_t n, T* m, T* sc, T* sh, int64_t c_padded) const {
+    for (int64_t c = 0; c < p.C; ++c) {
+      m[c] = mean[n * p.G + c / (p.C / p.G)];
+      sc[c] = T(scale(n, c));
+      sh[c] = shift(n, c);
+    }
+    for (int64_t c = p.C; c < c_padded; ++c) m[c] = sc[c] = sh[c] = T(0);
+  }
+  void rows(int64_t n, int64_t r0, int64_t r1, const T* m, const T* sc, const T* sh) const {
+    for (int64_t r = n * p.HxW + r0; r < n * p.HxW + r1; ++r)
+      silu_grad_row<V>(dz + r * p.C, x + r * p.C, dx + r * p.C, p.C, m, sc, sh);
+  }
+  // Whole samples [n0, n1), either layout with HxW <= kShortRun (the short-run path): their groups' mean_lo,
+  // then channel by channel (one position: a channel is a single value, so a group's run goes at once with the
+  // weights and biases loaded as vectors).
+  void samples(int64_t n0, int64_t n1) const {
+    const int64_t D = p.C / p.G;
+    for (int64_t ng = n0 * p.G; ng < n1 * p.G; ++ng) group_lo(ng);
+    if (p.HxW > 1) {
+      for (int64_t nc = n0 * p.C; nc < n1 * p.C; ++nc) channel(nc, 0, p.HxW);
+      return;
+    }
+    constexpr int64_t W = V::kWidth;
+    for (int64_t ng = n0 * p.G; ng < n1 * p.G; ++ng) {
+      const int64_t c0 = ng % p.G * D, off = ng * D;
+      const V m = V::broadcast(mean[ng]), r = V::broadcast(rstd[ng]), lo = V::broadcast(T(mean_lo[ng]));
+      for (int64_t i = 0; i < D; i += W) {
+        const int64_t k = min_i64(W, D - i);
+        const V w = !weight ? V::broadcast(T(1)) : k == W ? V::load(weight + c0 + i) : V::load_tail(weight + c0 + i, k, T(0));
+        const V b = !bias ? V::zero() : k == W ? V::load(bias + c0 + i) : V::load_tail(bias + c0 + i, k, T(0));
+        const V sc = r * w, sh = b - lo * sc;
+        const V g = k == W ? V::load(dz + off + i) : V::load_tail(dz + off + i, k, T(0));
+        const V xv = k == W ? V::load(x + off + i) : V::load_tail(x + off + i, k, T(0));
+        const V out = g * silu_derivative(fma(xv - m, sc, sh));
+        if (k == W)
+          V::store(dx + off + i, out);
+        else
+          V::store_tail(dx + off + i, out, k);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
 // Channels-first (NCHW): channel (n, c) is one contiguous run of HxW elements, cut into fixed chunks.
 
 template <class V, class S>
 Status backward_channels_first(const Problem& p, const S* dy, const S* x, const typename V::Scalar* mean,
                                const typename V::Scalar* rstd, const typename V::Scalar* weight, S* dx,
                                typename V::Scalar* dweight, typename V::Scalar* dbias, const GradSums& sums,
-                               GroupGradCoeffs<typename V::Scalar>* coeffs) {
+                               GroupGradCoeffs<typename V::Scalar>* coeffs, const SiluPass<V, S>* silu) {
   using T = typename V::Scalar;
   const int64_t D = p.C / p.G, HxW = p.HxW, groups = p.N * p.G, channels = p.N * p.C;
   const int64_t chunk_len = ceil_div(max_i64(ceil_div(HxW, kChunksMax), kChunkMinElems), 64) * 64;
@@ -235,9 +361,10 @@ Status backward_channels_first(const Problem& p, const S* dy, const S* x, const 
 
   // Chunk k of channel nc (in group ng); callers pass all three so small channels pay no division.
   auto chunk_sums = [&](int64_t nc, int64_t k, int64_t ng) {
-    const int64_t unit = nc * nchunks + k, begin = k * chunk_len;
-    run_grad_sums<V>(dy + nc * HxW + begin, x + nc * HxW + begin, min_i64(chunk_len, HxW - begin), T(mean[ng]),
-                     partial.dy + unit, partial.dy_xc + unit, partial.xc + unit);
+    const int64_t unit = nc * nchunks + k, begin = k * chunk_len, len = min_i64(chunk_len, HxW - begin);
+    if (silu) silu->channel(nc, begin, len);  // dy (here dx) of the chunk, while pass 1 has it in cache
+    run_grad_sums<V>(dy + nc * HxW + begin, x + nc * HxW + begin, len, T(mean[ng]), partial.dy + unit,
+                     partial.dy_xc + unit, partial.xc + unit);
   };
   auto channel_merge = [&](int64_t nc) {
     if (nchunks > 1) merge_chunks(partial, sums, nc, nchunks, 1);
@@ -255,6 +382,7 @@ Status backward_channels_first(const Problem& p, const S* dy, const S* x, const 
     grad_apply_run<V>(dy + off, x + off, dx + off, len, scale, coeff);
   };
   auto whole_group = [&](int64_t ng) {
+    if (silu) silu->group_lo(ng);
     for (int64_t nc = ng * D; nc < (ng + 1) * D; ++nc) {
       for (int64_t k = 0; k < nchunks; ++k) chunk_sums(nc, k, ng);
       channel_merge(nc);
@@ -280,6 +408,10 @@ Status backward_channels_first(const Problem& p, const S* dy, const S* x, const 
 #pragma omp for schedule(static)
       for (int64_t ng = 0; ng < groups; ++ng) whole_group(ng);
     } else {
+      if (silu) {
+#pragma omp for schedule(static)
+        for (int64_t ng = 0; ng < groups; ++ng) silu->group_lo(ng);
+      }
 #pragma omp for schedule(static)
       for (int64_t unit = 0; unit < units; ++unit) chunk_sums(unit / nchunks, unit % nchunks, unit / nchunks / D);
 #pragma omp for schedule(static)
@@ -311,11 +443,13 @@ struct GradRowBuffers {
   Scratch<double> block;
   T *mean_hi, *sum_dy, *sum_dy_xc, *sum_xc;  // pass 1: centering value, short-run sums in T
   T *scale, *c2, *shift;                     // pass 2: per-channel coefficients of the current sample
+  T *silu_mean, *silu_scale, *silu_shift;    // the SiLU pass's coefficients of its current sample
   bool clean = false;                        // values_clean(the sample's coefficients)
-  explicit GradRowBuffers(int64_t c_padded) : padded(c_padded), block(7 * c_padded) {
+  explicit GradRowBuffers(int64_t c_padded) : padded(c_padded), block(10 * c_padded) {
     double* base = block.data;  // each array gets c_padded doubles of room, enough for any T
-    T** arrays[] = {&mean_hi, &sum_dy, &sum_dy_xc, &sum_xc, &scale, &c2, &shift};
-    for (int i = 0; i < 7; ++i) *arrays[i] = reinterpret_cast<T*>(base + i * c_padded);
+    T** arrays[] = {&mean_hi, &sum_dy, &sum_dy_xc, &sum_xc, &scale, &c2, &shift, &silu_mean, &silu_scale,
+                    &silu_shift};
+    for (int i = 0; i < 10; ++i) *arrays[i] = reinterpret_cast<T*>(base + i * c_padded);
   }
   bool ok() const { return block.data != nullptr; }
 };
@@ -437,7 +571,7 @@ template <class V, class S>
 Status backward_channels_last(const Problem& p, const S* dy, const S* x, const typename V::Scalar* mean,
                               const typename V::Scalar* rstd, const typename V::Scalar* weight, S* dx,
                               typename V::Scalar* dweight, typename V::Scalar* dbias, const GradSums& sums,
-                              GroupGradCoeffs<typename V::Scalar>* coeffs) {
+                              GroupGradCoeffs<typename V::Scalar>* coeffs, const SiluPass<V, S>* silu) {
   using T = typename V::Scalar;
   const int64_t rows = p.HxW, C = p.C, G = p.G, sample_len = rows * C;
   const int64_t chunk_rows = max_i64(ceil_div(kChunkMinElems, C), ceil_div(rows, kChunksMax));
@@ -449,12 +583,15 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
   const GradSums partial = nchunks > 1 ? grad_sums_in(chunk_block.data, units * C) : sums;
   const bool want_params = dweight || dbias;
 
-  // b.mean_hi must hold sample unit / nchunks's means.
+  // b.mean_hi must hold sample unit / nchunks's means (and b.silu_* its SiLU coefficients: sample_silu).
   auto chunk_sums = [&](int64_t unit, GradRowBuffers<T>& b) {
-    const int64_t n = unit / nchunks, k = unit % nchunks;
+    const int64_t n = unit / nchunks, k = unit % nchunks, r0 = k * chunk_rows, r1 = min_i64(rows, r0 + chunk_rows);
     const GradSums out = {partial.dy + unit * C, partial.dy_xc + unit * C, partial.xc + unit * C};
-    rows_grad_sums<V>(p, dy + n * sample_len, x + n * sample_len, k * chunk_rows,
-                      min_i64(rows, (k + 1) * chunk_rows), b, out);
+    if (silu) silu->rows(n, r0, r1, b.silu_mean, b.silu_scale, b.silu_shift);  // dy (here dx) of the rows
+    rows_grad_sums<V>(p, dy + n * sample_len, x + n * sample_len, r0, r1, b, out);
+  };
+  auto sample_silu = [&](int64_t n, GradRowBuffers<T>& b) {
+    if (silu) silu->fill_sample(n, b.silu_mean, b.silu_scale, b.silu_shift, b.padded);
   };
   auto sample_finish = [&](int64_t n) {
     if (nchunks > 1) merge_chunks(partial, sums, n, nchunks, C);
@@ -480,6 +617,9 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
     });
   };
   auto whole_sample = [&](int64_t n, GradRowBuffers<T>& b) {
+    if (silu)
+      for (int64_t ng = n * G; ng < (n + 1) * G; ++ng) silu->group_lo(ng);
+    sample_silu(n, b);
     sample_means(p, mean, n, b);
     for (int64_t k = 0; k < nchunks; ++k) chunk_sums(n * nchunks + k, b);
     sample_finish(n);
@@ -508,6 +648,10 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
       for (int64_t n = 0; n < p.N; ++n)
         if (ok) whole_sample(n, b);
     } else {
+      if (silu) {
+#pragma omp for schedule(static)
+        for (int64_t ng = 0; ng < p.N * G; ++ng) silu->group_lo(ng);
+      }
       // Each thread applies its own chunks, last summed first: those are still in its cache.
       const ThreadRange mine = thread_range(units);
       int64_t means_of = -1;
@@ -516,6 +660,7 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
         const int64_t n = unit / nchunks;
         if (n != means_of) {
           sample_means(p, mean, n, b);
+          sample_silu(n, b);
           means_of = n;
         }
         chunk_sums(unit, b);
@@ -642,7 +787,7 @@ template <class V, class S>
 Status backward_short_runs(const Problem& p, const S* dy, const S* x, const typename V::Scalar* mean,
                            const typename V::Scalar* rstd, const typename V::Scalar* weight, S* dx,
                            typename V::Scalar* dweight, typename V::Scalar* dbias,
-                           GroupGradCoeffs<typename V::Scalar>* coeffs) {
+                           GroupGradCoeffs<typename V::Scalar>* coeffs, const SiluPass<V, S>* silu) {
   using T = typename V::Scalar;
   const int64_t C = p.C, G = p.G, HxW = p.HxW, L = C / G * HxW, sample_len = C * HxW;
   const bool spread_weight = weight && HxW > 1;
@@ -657,6 +802,7 @@ Status backward_short_runs(const Problem& p, const S* dy, const S* x, const type
       for (int64_t g = 0; g < G; ++g) body(n * G + g, n * sample_len + g * L, w_all ? w_all + g * L : nullptr);
   };
   auto block_coeffs = [&](int64_t k) {
+    if (silu) silu->samples(k * block_rows, min_i64(p.N, (k + 1) * block_rows));  // dy (here dx) of the block
     groups_of(k, [&](int64_t ng, int64_t off, const T* w) {
       coeffs[ng] = row_group_grad_coeffs<V>(dy + off, x + off, L, double(mean[ng]), double(rstd[ng]), w);
     });
@@ -692,143 +838,6 @@ Status backward_short_runs(const Problem& p, const S* dy, const S* x, const type
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The SiLU's backward (Problem::activation == kSilu). The forward returned z = u*sigmoid(u) of the normalised
-// u = (x - mean)*rstd*w + b, so the normalisation's backward runs on dy = dz*silu'(u), with
-// silu'(u) = s*(1 + u*(1 - s)) and s = sigmoid(u) (torch's silu_backward). u is recomputed from x and the saved
-// statistics, centred on the mean as given (as gn_cuda_backward does). This pass writes dy into dx, elementwise;
-// the normalisation's backward then reads it there and overwrites it in place. In float16 and bfloat16, dy is
-// rounded to the storage type in between, as torch's unfused silu and group_norm round it.
-
-template <class V>
-inline V silu_derivative(V u) {
-  const V one = V::broadcast(typename V::Scalar(1));
-  const V s = one / (one + exp_approx(V::zero() - u));
-  return s * fma(u, one - s, one);
-}
-
-// dy of n contiguous values whose u is (x - mean)*scale + shift with the same coefficients (a channel's run).
-template <class V, class S>
-void silu_grad_run(const S* dz, const S* x, S* dy, int64_t n, V mean, V scale, V shift) {
-  using T = typename V::Scalar;
-  constexpr int64_t W = V::kWidth;
-  auto value = [mean, scale, shift](const V& g, const V& xv) {  // by value: kept in registers across the stores
-    return g * silu_derivative(fma(xv - mean, scale, shift));
-  };
-  int64_t i = 0;
-  for (; i + W <= n; i += W) V::store(dy + i, value(V::load(dz + i), V::load(x + i)));
-  if (i < n) V::store_tail(dy + i, value(V::load_tail(dz + i, n - i, T(0)), V::load_tail(x + i, n - i, T(0))), n - i);
-}
-
-// dy of one row of C channels, each with its own coefficients (arrays padded to whole vectors).
-template <class V, class S>
-void silu_grad_row(const S* dz, const S* x, S* dy, int64_t C, const typename V::Scalar* mean,
-                   const typename V::Scalar* scale, const typename V::Scalar* shift) {
-  using T = typename V::Scalar;
-  constexpr int64_t W = V::kWidth;
-  auto value = [&](const V& g, const V& xv, int64_t c) {
-    return g * silu_derivative(fma(xv - V::load(mean + c), V::load(scale + c), V::load(shift + c)));
-  };
-  int64_t c = 0;
-  for (; c + W <= C; c += W) V::store(dy + c, value(V::load(dz + c), V::load(x + c), c));
-  if (c < C)
-    V::store_tail(dy + c, value(V::load_tail(dz + c, C - c, T(0)), V::load_tail(x + c, C - c, T(0)), c), C - c);
-}
-
-// The part of group ng's mean that its T value drops, (sum of x - mean_hi) / M, where it matters to u: when
-// |mean|*rstd > 1, half an ulp of mean_hi moves u by more than float rounding of u near 1 does (data with a large
-// offset; a group of [1,320,64,64] at 1e4 +- 1.5 would otherwise give u errors of 3e-4). 0 elsewhere.
-template <class V, class S>
-double silu_mean_lo(const Problem& p, const S* x, int64_t ng, typename V::Scalar mean_hi, double rstd) {
-  if (!(std::fabs(double(mean_hi)) * rstd > 1.0)) return 0.0;
-  const int64_t D = p.C / p.G, n = ng / p.G, g = ng % p.G;
-  const double M = double(D) * double(p.HxW);
-  if (p.layout == Layout::kChannelsFirst || p.HxW == 1)  // the group is one contiguous run
-    return any_run_shifted_sums<V>(x + ng * D * p.HxW, D * p.HxW, mean_hi).s1 / M;
-  return strided_shifted_sums<V>(x + n * p.HxW * p.C + g * D, D, p.C, p.HxW, mean_hi).s1 / M;
-}
-
-// dy = dz*silu'(u) for the whole tensor, into dy (which may be dz). Channels-first runs of HxW > 1 positions share
-// their coefficients; otherwise (channels-last, or one position a sample) rows of C channels take them per
-// channel from a thread's arrays of its current sample. u = (x - mean_hi)*scale + shift, with scale = rstd*w and
-// shift = b - mean_lo*scale. Elementwise after the groups' mean_lo, so any split gives the same bits.
-template <class V, class S>
-Status silu_backward(const Problem& p, const S* dz, const S* x, const typename V::Scalar* mean,
-                     const typename V::Scalar* rstd, const typename V::Scalar* weight,
-                     const typename V::Scalar* bias, S* dy) {
-  using T = typename V::Scalar;
-  const int64_t C = p.C, D = C / p.G, HxW = p.HxW, groups = p.N * p.G;
-  Scratch<double> mean_lo(groups);
-  if (!mean_lo.data) return kOutOfMemory;
-  auto group_lo = [&](int64_t ng) { mean_lo.data[ng] = silu_mean_lo<V>(p, x, ng, mean[ng], double(rstd[ng])); };
-  auto scale_of = [&](int64_t n, int64_t c) {
-    return double(rstd[n * p.G + c / D]) * (weight ? double(weight[c]) : 1.0);
-  };
-  auto shift_of = [&](int64_t n, int64_t c) {
-    return T((bias ? double(bias[c]) : 0.0) - mean_lo.data[n * p.G + c / D] * scale_of(n, c));
-  };
-  const bool first = p.layout == Layout::kChannelsFirst && HxW > 1;
-  const int64_t c_padded = ceil_div(C, V::kWidth) * V::kWidth, rows = p.N * HxW;
-  const int64_t chunk_len = ceil_div(max_i64(ceil_div(HxW, kChunksMax), kChunkMinElems), 64) * 64;
-  const int64_t nchunks = ceil_div(HxW, chunk_len), rows_per_unit = max_i64(1, kChunkMinElems / C);
-  const int64_t units = first ? p.N * C * nchunks : ceil_div(rows, rows_per_unit);
-  // Channels-first: chunk `unit` of channel unit / nchunks, one set of coefficients.
-  auto run_unit = [&](int64_t unit) {
-    const int64_t nc = unit / nchunks, n = nc / C, c = nc % C, begin = unit % nchunks * chunk_len;
-    const int64_t off = nc * HxW + begin;
-    silu_grad_run<V>(dz + off, x + off, dy + off, min_i64(chunk_len, HxW - begin),
-                     V::broadcast(mean[n * p.G + c / D]), V::broadcast(T(scale_of(n, c))),
-                     V::broadcast(shift_of(n, c)));
-  };
-  // Rows of units [unit_begin, unit_end), with a thread's coefficient arrays (3 * c_padded values).
-  auto row_units = [&](int64_t unit_begin, int64_t unit_end, T* coeffs) {
-    T *m = coeffs, *scale = coeffs + c_padded, *shift = coeffs + 2 * c_padded;
-    for (int64_t c = C; c < c_padded; ++c) m[c] = scale[c] = shift[c] = T(0);
-    int64_t sample = -1;
-    for (int64_t r = unit_begin * rows_per_unit; r < min_i64(rows, unit_end * rows_per_unit); ++r) {
-      if (r / HxW != sample) {
-        sample = r / HxW;
-        for (int64_t c = 0; c < C; ++c) {
-          m[c] = mean[sample * p.G + c / D];
-          scale[c] = T(scale_of(sample, c));
-          shift[c] = shift_of(sample, c);
-        }
-      }
-      silu_grad_row<V>(dz + r * C, x + r * C, dy + r * C, C, m, scale, shift);
-    }
-  };
-  const int nt = team_size(p.num_threads, rows * C, units);
-  if (nt == 1) {  // no OpenMP region at all: a tiny call must not pay for a team
-    for (int64_t ng = 0; ng < groups; ++ng) group_lo(ng);
-    if (first) {
-      for (int64_t unit = 0; unit < units; ++unit) run_unit(unit);
-      return kOk;
-    }
-    Scratch<T> coeffs(3 * c_padded);
-    if (!coeffs.data) return kOutOfMemory;
-    row_units(0, units, coeffs.data);
-    return kOk;
-  }
-  int failed = 0;
-#pragma omp parallel num_threads(nt) reduction(| : failed)
-  {
-#pragma omp for schedule(static)
-    for (int64_t ng = 0; ng < groups; ++ng) group_lo(ng);
-    if (first) {
-#pragma omp for schedule(static)
-      for (int64_t unit = 0; unit < units; ++unit) run_unit(unit);
-    } else {
-      Scratch<T> coeffs(3 * c_padded);
-      const ThreadRange mine = thread_range(units);
-      if (coeffs.data)
-        row_units(mine.begin, mine.end, coeffs.data);
-      else
-        failed |= 1;
-    }
-  }
-  return failed ? kOutOfMemory : kOk;
-}
-
-// ---------------------------------------------------------------------------------------------------------
 
 // dx (same layout as dy and x; may be dy, or x itself without an activation), dweight and dbias (each may be
 // null) from the saved mean and rstd of the forward (N*G values each, of the data type). With p.activation, dy is
@@ -846,22 +855,23 @@ Status group_norm_backward_impl(const Problem& p, const S* dy, const S* x, const
     }
     return kOk;
   }
-  if (p.activation == Activation::kSilu) {
-    const Status status = silu_backward<V>(p, dy, x, mean, rstd, weight, bias, dx);
-    if (status != kOk) return status;
-    dy = dx;  // the normalisation's gradient, read in place
-  }
+  const bool with_silu = p.activation == Activation::kSilu;
+  Scratch<double> silu_mean_lo(with_silu ? p.N * p.G : 0);
+  if (!silu_mean_lo.data) return kOutOfMemory;
+  const SiluPass<V, S> silu_pass{p, dy, x, dx, mean, rstd, weight, bias, silu_mean_lo.data};
+  const SiluPass<V, S>* silu = with_silu ? &silu_pass : nullptr;
+  if (with_silu) dy = dx;  // the normalisation's gradient: written there by the SiLU pass, read in place
   Scratch<GroupGradCoeffs<T>> coeffs(p.N * p.G);
   if (!coeffs.data) return kOutOfMemory;
   if (p.HxW == 1 || (p.layout == Layout::kChannelsFirst && p.HxW <= kShortRun))  // HxW = 1: either layout
-    return backward_short_runs<V>(p, dy, x, mean, rstd, weight, dx, dweight, dbias, coeffs.data);
+    return backward_short_runs<V>(p, dy, x, mean, rstd, weight, dx, dweight, dbias, coeffs.data, silu);
   const int64_t channels = p.N * p.C;
   Scratch<double> sums_block(3 * channels);
   if (!sums_block.data) return kOutOfMemory;
   const GradSums sums = grad_sums_in(sums_block.data, channels);
   if (p.layout == Layout::kChannelsFirst)
-    return backward_channels_first<V>(p, dy, x, mean, rstd, weight, dx, dweight, dbias, sums, coeffs.data);
-  return backward_channels_last<V>(p, dy, x, mean, rstd, weight, dx, dweight, dbias, sums, coeffs.data);
+    return backward_channels_first<V>(p, dy, x, mean, rstd, weight, dx, dweight, dbias, sums, coeffs.data, silu);
+  return backward_channels_last<V>(p, dy, x, mean, rstd, weight, dx, dweight, dbias, sums, coeffs.data, silu);
 }
 
 }  // namespace GROUPNORM_ISA
