@@ -3,7 +3,8 @@
 Steps: a virtual environment (build-bench/venv, created or reused) with the optional peers and groupnorm installed
 from this working tree (``pip install .``); the C++ groupnorm_bench built with CMake into build-bench; then every
 benchmark in turn, each writing JSON, markdown and a log under build-bench/results: bench_forward.py in float32
-and in float16/bfloat16, bench_training.py, bench_compile.py, ``python -m groupnorm.bench`` (every peer, with the plot
+and in float16/bfloat16, bench_training.py (alone and with ``--activation silu``), bench_compile.py,
+``python -m groupnorm.bench`` (every peer, with the plot
 bench/peers.png) and groupnorm_bench on every ISA level; last, RESULTS.md from their outputs: a header (machine,
 threads, load, date, commit, this command), every target's PASS/FAIL line, then one section per benchmark with
 the command that produced it. The analysis of the figures is written by hand in bench/NOTES.md.
@@ -37,7 +38,8 @@ COMMAND_VARIABLE, STARTED_VARIABLE = "GROUPNORM_REGENERATE_COMMAND", "GROUPNORM_
 # Interleaved rounds per benchmark (repetitions for groupnorm_bench): the whole command took 11 minutes on the
 # 2-core development machine with the venv and the C++ build reused (about 2 more to create them); most of it
 # is calibration and JAX compilation, not rounds. --quick takes seconds per step instead.
-ROUNDS = {"forward": 25, "half": 25, "training": 15, "compile": 15, "peers": 15, "cpp_reps": 11}
+ROUNDS = {"forward": 25, "half": 25, "training": 15, "training-silu": 15, "compile": 15, "peers": 15,
+          "cpp_reps": 11}
 QUICK_CASES = "16x32-g4,1x64x32x32-g8"  # --quick: two small cases, one of them in both layouts
 NOISY_LOAD = 0.5  # a 1-minute load average above this during the run is called out in the header
 
@@ -114,6 +116,12 @@ def step_half(run) -> str:
 
 def step_training(run) -> str:
     return python_benchmark(run, "bench_training.py", "training", run.benchmark_options("training"))
+
+
+def step_training_silu(run) -> str:
+    """bench_training.py --activation silu: GroupNorm+SiLU fused against torch's GroupNorm then SiLU (no targets)."""
+    return python_benchmark(run, "bench_training.py", "training-silu",
+                            ["--activation", "silu"] + run.benchmark_options("training-silu"))
 
 
 def step_compile(run) -> str:
@@ -225,6 +233,8 @@ STEPS = [
     ("forward", "Forward, float32, against torch and the copy (bench/bench_forward.py)", step_forward),
     ("half", "Forward, float16 and bfloat16 (bench/bench_forward.py --dtype half)", step_half),
     ("training", "Training: forward+backward through groupnorm.torch (bench/bench_training.py)", step_training),
+    ("training-silu", "Training, GroupNorm+SiLU: activation='silu' against torch's GroupNorm then SiLU "
+                      "(bench/bench_training.py --activation silu)", step_training_silu),
     ("compile", "torch.compile: groupnorm.torch in compiled graphs against Inductor's group norm "
                 "(bench/bench_compile.py)", step_compile),
     ("cpp", "C++ alone, per ISA level and thread count (groupnorm_bench)", step_cpp),

@@ -331,7 +331,7 @@ def test_regenerate_quick(bench_exe, tmp_path):
     has_torch = importlib.util.find_spec("torch") is not None
     for name, heading, _step in regenerate.STEPS:
         body = sections[f"## {heading}"]
-        if name in ("forward", "half", "training", "compile") and not has_torch:
+        if name in ("forward", "half", "training", "training-silu", "compile") and not has_torch:
             assert "Skipped: torch" in body
         elif name == "peers-bfloat16" and importlib.util.find_spec("ml_dtypes") is None:
             assert "Skipped: ml_dtypes" in body
