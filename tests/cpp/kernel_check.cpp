@@ -768,6 +768,14 @@ struct ReferenceGrads {
   long double dx_scale = 0, dw_scale = 0, db_scale = 0;
 };
 
+// f(c, k) for every element of group gr of sample n: its channel and its offset in the layout.
+template <class F>
+void for_group_elements(const Shape& s, Layout layout, int64_t n, int64_t gr, F&& f) {
+  const int64_t D = s.C / s.G;
+  for (int64_t c = gr * D; c < (gr + 1) * D; ++c)
+    for (int64_t i = 0; i < s.HxW; ++i) f(c, element_offset(s, layout, n, c, i));
+}
+
 // An element's value, or a value given exactly (the SiLU's reference gradient).
 template <class E>
 long double exact_value(E v) {
@@ -791,26 +799,22 @@ ReferenceGrads reference_grads(const Shape& s, Layout layout, const DY* dy, cons
       const size_t ng = size_t(n * s.G + gr);
       const long double mean = ref.mean[ng], rstd = ref.rstd[ng];
       long double sum_wdy = 0, sum_wdy_xhat = 0;
-      for (int64_t c = gr * D; c < (gr + 1) * D; ++c)
-        for (int64_t i = 0; i < s.HxW; ++i) {
-          const int64_t k = element_offset(s, layout, n, c, i);
-          const long double w = weight ? (long double)weight[c] : 1.0L, xhat = (value_of(x[k]) - mean) * rstd;
-          sum_wdy += w * exact_value(dy[k]);
-          sum_wdy_xhat += w * exact_value(dy[k]) * xhat;
-        }
-      for (int64_t c = gr * D; c < (gr + 1) * D; ++c)
-        for (int64_t i = 0; i < s.HxW; ++i) {
-          const int64_t k = element_offset(s, layout, n, c, i);
-          const long double w = weight ? (long double)weight[c] : 1.0L, xhat = (value_of(x[k]) - mean) * rstd;
-          const long double d = exact_value(dy[k]);
-          g.dx[size_t(k)] = rstd * (w * d - sum_wdy / M - xhat * sum_wdy_xhat / M);
-          g.dx_terms[size_t(k)] = rstd * (std::fabs(w * d) + std::fabs(sum_wdy / M) + std::fabs(xhat * sum_wdy_xhat / M));
-          g.dx_scale = std::fmax(g.dx_scale, std::fabs(rstd * w * d));
-          g.dw[size_t(c)] += d * xhat;
-          g.db[size_t(c)] += d;
-          dw_sq[size_t(c)] += (d * xhat) * (d * xhat);
-          db_sq[size_t(c)] += d * d;
-        }
+      for_group_elements(s, layout, n, gr, [&](int64_t c, int64_t k) {
+        const long double w = weight ? (long double)weight[c] : 1.0L, xhat = (value_of(x[k]) - mean) * rstd;
+        sum_wdy += w * exact_value(dy[k]);
+        sum_wdy_xhat += w * exact_value(dy[k]) * xhat;
+      });
+      for_group_elements(s, layout, n, gr, [&](int64_t c, int64_t k) {
+        const long double w = weight ? (long double)weight[c] : 1.0L, xhat = (value_of(x[k]) - mean) * rstd;
+        const long double d = exact_value(dy[k]);
+        g.dx[size_t(k)] = rstd * (w * d - sum_wdy / M - xhat * sum_wdy_xhat / M);
+        g.dx_terms[size_t(k)] = rstd * (std::fabs(w * d) + std::fabs(sum_wdy / M) + std::fabs(xhat * sum_wdy_xhat / M));
+        g.dx_scale = std::fmax(g.dx_scale, std::fabs(rstd * w * d));
+        g.dw[size_t(c)] += d * xhat;
+        g.db[size_t(c)] += d;
+        dw_sq[size_t(c)] += (d * xhat) * (d * xhat);
+        db_sq[size_t(c)] += d * d;
+      });
     }
   for (int64_t c = 0; c < s.C; ++c) {
     g.dw_scale = std::fmax(g.dw_scale, std::fmax(std::fabs(g.dw[size_t(c)]), std::sqrt(dw_sq[size_t(c)])));
@@ -1009,26 +1013,21 @@ void check_silu_backward_shape(Tally& tally, const Levels& levels, const Shape& 
       // dx by rstd*(1 + |x_hat|*max|x_hat|)*mean_g(|w*g|) for one ulp of every g.
       std::vector<long double> slack_terms = ref.dx_terms;
       const long double least_normal = std::ldexp(1.0L, HalfFormat<T>::kMinExponent);
-      const int64_t D = s.C / s.G;
       for (int64_t n = 0; n < s.N; ++n)
         for (int64_t gr = 0; gr < s.G; ++gr) {
           const size_t ng = size_t(n * s.G + gr);
           const long double rstd = stats.rstd[ng], mean = stats.mean[ng];
+          auto w_of = [&](int64_t c) { return std::fabs(w ? (long double)w[c] : 1.0L); };
+          auto x_hat_of = [&](int64_t k) { return std::fabs((value_of(x[size_t(k)]) - mean) * rstd); };
           long double w_g = 0, x_hat_max = 0;
-          for (int64_t c = gr * D; c < (gr + 1) * D; ++c)
-            for (int64_t i = 0; i < s.HxW; ++i) {
-              const int64_t k = element_offset(s, layout, n, c, i);
-              w_g += std::fabs((w ? (long double)w[c] : 1.0L) * value_of(g_stored[size_t(k)]));
-              x_hat_max = std::fmax(x_hat_max, std::fabs((value_of(x[size_t(k)]) - mean) * rstd));
-            }
-          w_g /= (long double)(D * s.HxW);
-          for (int64_t c = gr * D; c < (gr + 1) * D; ++c)
-            for (int64_t i = 0; i < s.HxW; ++i) {
-              const int64_t k = element_offset(s, layout, n, c, i);
-              const long double x_hat = std::fabs((value_of(x[size_t(k)]) - mean) * rstd);
-              slack_terms[size_t(k)] += rstd * (std::fabs(w ? (long double)w[c] : 1.0L) * least_normal +
-                                                (1 + x_hat * x_hat_max) * w_g);
-            }
+          for_group_elements(s, layout, n, gr, [&](int64_t c, int64_t k) {
+            w_g += w_of(c) * std::fabs(value_of(g_stored[size_t(k)]));
+            x_hat_max = std::fmax(x_hat_max, x_hat_of(k));
+          });
+          w_g /= (long double)(s.C / s.G * s.HxW);
+          for_group_elements(s, layout, n, gr, [&](int64_t c, int64_t k) {
+            slack_terms[size_t(k)] += rstd * (w_of(c) * least_normal + (1 + x_hat_of(k) * x_hat_max) * w_g);
+          });
         }
       auto expect_param_grad = [&](const std::string& label, const char* name, Quantity q, const Guarded<P>& got,
                                    const std::vector<long double>& want, long double scale,
