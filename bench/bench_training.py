@@ -59,6 +59,7 @@ TARGETS = {
     "channels_last_bwd_as_fast": "channels-last backward within 10% of NCHW on [1,320,64,64] G32",
 }
 CHANNELS_LAST_SLACK = 1.10
+ACTIVATION_NAMES = {"silu": "SiLU"}
 
 
 class _EmptyFunction(torch.autograd.Function):
@@ -347,7 +348,7 @@ TRAINING_TIMINGS = (
 
 def write_markdown(path: str, header: dict, rows: list, summary: dict) -> None:
     """A self-contained section for bench/RESULTS.md: header, table, summary, targets."""
-    block = "" if header.get("activation") is None else f", GroupNorm+{header['activation'].upper()}"
+    block = "" if header.get("activation") is None else f", GroupNorm+{ACTIVATION_NAMES[header['activation']]}"
     parts = [f"## Training (forward+backward){block}, {header['dtype']}, {header['threads']} threads — "
              f"{header['date']}", ""]
     parts += [f"- {line}" for line in header_lines(header, "np.add", TRAINING_TIMINGS)]
