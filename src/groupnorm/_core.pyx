@@ -367,6 +367,13 @@ cdef struct _Plan:
     int order[32]     # axes in memory order: (N, C, spatial...) channels-first or (N, spatial..., C) last
 
 
+cdef inline int _plan_activation(object activation, _Plan* plan) except -1:
+    """The plan's activation from the argument (_check_activation's rules), with no call for the default None."""
+    if activation is not None and _check_activation(activation):
+        plan.problem.activation = Activation.kSilu
+    return 0
+
+
 cdef int _check_shape(cnp.ndarray x, object num_groups, object channel_axis, _Plan* plan) except -1:
     """Checks channel_axis and num_groups against x and fills plan's shape; returns the channel axis."""
     cdef int ndim = cnp.PyArray_NDIM(x)
@@ -746,8 +753,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     cdef cnp.ndarray x = _check_input(input, "input", "group_norm")
     cdef int ax = _check_shape(x, num_groups, channel_axis, &plan)
     plan.problem.eps = _check_eps(eps)
-    if activation is not None and _check_activation(activation):  # no call on the hot path's default
-        plan.problem.activation = Activation.kSilu
+    _plan_activation(activation, &plan)
     cdef int typenum = plan.typenum
     w = _check_param(weight, "weight", plan.problem.C, typenum)
     b = _check_param(bias, "bias", plan.problem.C, typenum)
@@ -859,8 +865,7 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, a
     cdef cnp.ndarray x = _check_input(input, "input", "group_norm_forward")
     _check_shape(x, num_groups, 1, &plan)
     plan.problem.eps = _check_eps(eps)
-    if activation is not None and _check_activation(activation):
-        plan.problem.activation = Activation.kSilu
+    _plan_activation(activation, &plan)
     cdef int typenum = plan.typenum
     w = _check_param(weight, "weight", plan.problem.C, typenum)
     b = _check_param(bias, "bias", plan.problem.C, typenum)
@@ -983,8 +988,7 @@ def group_norm_backward(grad_output, input, mean, rstd, num_groups, weight=None,
         raise ValueError(f"grad_output has dtype {(<object>dy).dtype}; it must match the input's dtype "
                          f"{(<object>x).dtype}")
     _check_shape(x, num_groups, 1, &plan)
-    if activation is not None and _check_activation(activation):
-        plan.problem.activation = Activation.kSilu
+    _plan_activation(activation, &plan)
     cdef int typenum = plan.typenum
     w = _check_param(weight, "weight", plan.problem.C, typenum)
     b = _check_param(bias, "bias", plan.problem.C, typenum)
