@@ -177,6 +177,36 @@ def test_forward_and_backward_functions_with_the_activation(dtype):
         gnj.group_norm_backward(dz, x, mean, rstd, 4, w, bias=b, activation="relu")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+def test_silu_gradient_runs_in_the_backward_call(dtype, channels_last):
+    """The SiLU's gradient is the backward custom call's (no sigmoid in the lowered gradient), with the bits of
+    groupnorm.group_norm_backward(..., activation='silu') on the same data and statistics."""
+    shape = (2, 5, 7, 16) if channels_last else (2, 16, 5, 7)
+    x, dz = data(shape, dtype, 31), data(shape, dtype, 32)
+    w, b = data((16,), "float32", 33), data((16,), "float32", 34)
+    axis = -1 if channels_last else 1
+
+    def f(x, w, b):
+        return gnj.group_norm(x, 4, w, b, activation="silu", channel_axis=axis)
+
+    grad = jax.jit(lambda x, w, b, dz: jax.vjp(f, x, w, b)[1](dz))
+    lowered = grad.lower(x, w, b, dz).as_text()
+    # jax.nn.sigmoid lowers to stablehlo.logistic or to exponential (the version decides)
+    assert "groupnorm_backward" in lowered and "logistic" not in lowered and "exponential" not in lowered
+    dx, dw, db = grad(x, w, b, dz)
+
+    def host(a):  # NumPy's view with channels on axis 1; channels-last data keeps its strides
+        a = np.asarray(a)
+        return np.moveaxis(a, -1, 1) if channels_last else a
+
+    w_np, b_np = np.asarray(w), np.asarray(b)
+    _, mean, rstd = gn.group_norm_forward(host(x), 4, w_np, b_np, activation="silu")
+    want = gn.group_norm_backward(host(dz), host(x), mean, rstd, 4, w_np, bias=b_np, activation="silu")
+    for name, got, bits in (("dx", host(dx), want[0]), ("dw", dw, want[1]), ("db", db, want[2])):
+        assert np.array_equal(np.asarray(got), bits), name
+
+
 def test_every_isa_level_and_thread_count_gives_the_numpy_calls_bits(isa):
     """The custom calls run _core's own kernels: the level the isa fixture selects, the thread count set."""
     x = data((2, 32, 17, 9), "float32", 11)
@@ -308,6 +338,10 @@ def test_the_custom_calls_check_their_buffers_too():
             jax.block_until_ready(gnj._ffi_forward(xv, w, b, groups, 1e-5, False, has_weight, has_bias, False))
     y, mean, rstd = gnj._ffi_forward(x, empty, empty, 2, 1e-5, False, False, False, False)
     with pytest.raises(Exception, match="mean and rstd must hold N\\*num_groups values"):
-        jax.block_until_ready(gnj._backward_call(x, x, mean[:1], rstd[:1], empty, 2, False, False))
+        jax.block_until_ready(gnj._backward_call(x, x, mean[:1], rstd[:1], empty, empty, 2, False, False, False,
+                                                 False))
     with pytest.raises(Exception, match="grad_output, input and grad_input must share a dtype"):
-        jax.block_until_ready(gnj._backward_call(x.astype(jnp.float16), x, mean, rstd, empty, 2, False, False))
+        jax.block_until_ready(gnj._backward_call(x.astype(jnp.float16), x, mean, rstd, empty, empty, 2, False, False,
+                                                 False, False))
+    with pytest.raises(Exception, match="groupnorm: bias must hold C values of the compute type"):
+        jax.block_until_ready(gnj._backward_call(x, x, mean, rstd, empty, jnp.ones(3), 2, False, False, True, True))

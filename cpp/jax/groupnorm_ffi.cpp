@@ -10,6 +10,8 @@
 // Every handler takes the data with channels on axis 1 or last (the attribute channels_last); weight and bias
 // are always passed, as empty arrays when has_weight / has_bias is false. Shapes and dtypes are checked by
 // groupnorm.jax before the call is traced; the handlers check them again and return an error, never crash.
+// With the attribute silu the backward takes the gradient of the SiLU's output and the forward's bias: the kernels
+// fuse the SiLU's gradient into their passes (the forward's u = (x - mean) * rstd * w + b recomputed per element).
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -122,9 +124,9 @@ Checked check_forward(const ffi::AnyBuffer& x, const ffi::AnyBuffer& weight, con
 }
 
 Checked check_backward(const ffi::AnyBuffer& dy, const ffi::AnyBuffer& x, const ffi::AnyBuffer& mean,
-                       const ffi::AnyBuffer& rstd, const ffi::AnyBuffer& weight, const ffi::AnyBuffer& dx,
-                       const ffi::AnyBuffer& dweight, const ffi::AnyBuffer& dbias, int64_t groups, bool channels_last,
-                       bool has_weight) {
+                       const ffi::AnyBuffer& rstd, const ffi::AnyBuffer& weight, const ffi::AnyBuffer& bias,
+                       const ffi::AnyBuffer& dx, const ffi::AnyBuffer& dweight, const ffi::AnyBuffer& dbias,
+                       int64_t groups, bool channels_last, bool has_weight, bool has_bias) {
   Checked c;
   if (c.error = extents_of(x, channels_last, groups, &c.e); c.error.failure()) return c;
   if (!data_dtype(x.element_type(), &c.dtype) || dy.element_type() != x.element_type() ||
@@ -137,6 +139,7 @@ Checked check_backward(const ffi::AnyBuffer& dy, const ffi::AnyBuffer& x, const 
   const ffi::DataType ct = compute_dtype(c.dtype);
   if (c.error = check_stats(mean, rstd, c.e.n * groups, ct); c.error.failure()) return c;
   if (c.error = check_param(weight, has_weight, c.e.c, ct, "weight"); c.error.failure()) return c;
+  if (c.error = check_param(bias, has_bias, c.e.c, ct, "bias"); c.error.failure()) return c;
   if (dweight.element_type() != ct || dbias.element_type() != ct ||
       static_cast<int64_t>(dweight.element_count()) != c.e.c ||
       static_cast<int64_t>(dbias.element_count()) != c.e.c) {
@@ -200,12 +203,15 @@ ffi::Error forward_cpu(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer b
 }
 
 ffi::Error backward_cpu(ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer rstd,
-                        ffi::AnyBuffer weight, ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dweight,
-                        ffi::Result<ffi::AnyBuffer> dbias, int64_t groups, bool channels_last, bool has_weight) {
+                        ffi::AnyBuffer weight, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> dx,
+                        ffi::Result<ffi::AnyBuffer> dweight, ffi::Result<ffi::AnyBuffer> dbias, int64_t groups,
+                        bool channels_last, bool has_weight, bool has_bias, bool silu) {
   if (core_backward == nullptr) return ffi::Error::Internal("groupnorm: the core is not bound (import groupnorm.jax)");
-  const Checked c = check_backward(dy, x, mean, rstd, weight, *dx, *dweight, *dbias, groups, channels_last, has_weight);
+  const Checked c = check_backward(dy, x, mean, rstd, weight, bias, *dx, *dweight, *dbias, groups, channels_last,
+                                   has_weight, has_bias);
   if (c.error.failure()) return c.error;
-  const groupnorm::Problem p = core_problem(c.e, groups, channels_last);
+  groupnorm::Problem p = core_problem(c.e, groups, channels_last);
+  p.activation = silu ? groupnorm::Activation::kSilu : groupnorm::Activation::kNone;
   if (x.element_count() == 0) {  // sums over no element
     const size_t bytes = dweight->size_bytes();
     std::fill_n(static_cast<unsigned char*>(dweight->untyped_data()), bytes, 0);
@@ -213,8 +219,8 @@ ffi::Error backward_cpu(ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer mean
     return ffi::Error::Success();
   }
   return status_error(core_backward(p, c.dtype, dy.untyped_data(), x.untyped_data(), mean.untyped_data(),
-                                    rstd.untyped_data(), data_or_null(weight, has_weight), /*bias=*/nullptr,
-                                    dx->untyped_data(), dweight->untyped_data(), dbias->untyped_data()));
+                                    rstd.untyped_data(), data_or_null(weight, has_weight),
+                                    data_or_null(bias, has_bias), dx->untyped_data(), dweight->untyped_data(), dbias->untyped_data()));
 }
 
 #ifdef GROUPNORM_JAX_CUDA
@@ -277,10 +283,12 @@ ffi::Error forward_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
 }
 
 ffi::Error backward_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer dy, ffi::AnyBuffer x,
-                         ffi::AnyBuffer mean, ffi::AnyBuffer rstd, ffi::AnyBuffer weight,
+                         ffi::AnyBuffer mean, ffi::AnyBuffer rstd, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
                          ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dweight,
-                         ffi::Result<ffi::AnyBuffer> dbias, int64_t groups, bool channels_last, bool has_weight) {
-  const Checked c = check_backward(dy, x, mean, rstd, weight, *dx, *dweight, *dbias, groups, channels_last, has_weight);
+                         ffi::Result<ffi::AnyBuffer> dbias, int64_t groups, bool channels_last, bool has_weight,
+                         bool has_bias, bool silu) {
+  const Checked c = check_backward(dy, x, mean, rstd, weight, bias, *dx, *dweight, *dbias, groups, channels_last,
+                                   has_weight, has_bias);
   if (c.error.failure()) return c.error;
   const Extents& e = c.e;
   const groupnorm::DType dtype = c.dtype;
@@ -288,11 +296,12 @@ ffi::Error backward_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
     if (int code = cudaMemsetAsync(dweight->untyped_data(), 0, dweight->size_bytes(), stream)) return cuda_error(code);
     return cuda_error(cudaMemsetAsync(dbias->untyped_data(), 0, dbias->size_bytes(), stream));
   }
-  const gn_cuda_problem p = cuda_problem(e, groups, channels_last, dtype, false, 0.0);
+  const gn_cuda_problem p = cuda_problem(e, groups, channels_last, dtype, silu, 0.0);
   void* workspace = workspace_of(scratch, gn_cuda_backward_workspace(&p));
   if (workspace == nullptr) return ffi::Error::Internal("groupnorm: XLA lent no scratch memory for the workspace");
   return cuda_error(gn_cuda_backward(&p, dy.untyped_data(), x.untyped_data(), mean.untyped_data(),
-                                     rstd.untyped_data(), data_or_null(weight, has_weight), nullptr,
+                                     rstd.untyped_data(), data_or_null(weight, has_weight),
+                                     data_or_null(bias, has_bias),
                                      dx->untyped_data(), dweight->untyped_data(), dbias->untyped_data(), workspace,
                                      stream));
 }
@@ -322,8 +331,9 @@ extern "C" int gn_jax_has_cuda(void) {
       .Attr<bool>("silu")
 #define GN_BACKWARD_BINDING(...)                                                                              \
   ffi::Ffi::Bind() __VA_ARGS__.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()              \
-      .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()                 \
-      .Ret<ffi::AnyBuffer>().Attr<int64_t>("groups").Attr<bool>("channels_last").Attr<bool>("has_weight")
+      .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()                 \
+      .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Attr<int64_t>("groups").Attr<bool>("channels_last")          \
+      .Attr<bool>("has_weight").Attr<bool>("has_bias").Attr<bool>("silu")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GnForwardCpu, forward_cpu, GN_FORWARD_BINDING());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GnBackwardCpu, backward_cpu, GN_BACKWARD_BINDING());

@@ -157,35 +157,15 @@ def _forward_op(groups, eps, channels_last, has_weight, has_bias, silu):
     return op
 
 
-def _backward_call(dy, x, mean, rstd, w, groups, channels_last, has_weight):
+def _backward_call(dy, x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias, silu):
+    """(dx, dw, db) of the backward custom call; with silu, dy is the activated output's gradient and the kernels
+    fuse the SiLU's gradient (recomputed from x, the statistics, w and b) into their passes."""
     channels = x.shape[-1 if channels_last else 1]
     grads = jax.ShapeDtypeStruct((channels,), _compute_dtype(x))
     call = jax.ffi.ffi_call("groupnorm_backward", (jax.ShapeDtypeStruct(x.shape, x.dtype), grads, grads),
                             vmap_method="sequential")
-    return call(dy, x, mean, rstd, w, groups=np.int64(groups), channels_last=bool(channels_last),
-                has_weight=bool(has_weight))
-
-
-def _pre_activation(x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias):
-    """(x - mean) * rstd * w + b in the compute dtype: the input of a fused SiLU, recomputed for its gradient."""
-    dtype = mean.dtype
-    n = x.shape[0]
-    if channels_last:
-        c = x.shape[-1]
-        grouped = x.astype(dtype).reshape(n, -1, groups, c // groups)
-        u = (grouped - mean[:, None, :, None]) * rstd[:, None, :, None]
-        u = u.reshape(n, -1, c)
-        channel_shape = (1, 1, c)
-    else:
-        c = x.shape[1]
-        grouped = x.astype(dtype).reshape(n, groups, -1)
-        u = ((grouped - mean[:, :, None]) * rstd[:, :, None]).reshape(n, c, -1)
-        channel_shape = (1, c, 1)
-    if has_weight:
-        u = u * w.reshape(channel_shape)
-    if has_bias:
-        u = u + b.reshape(channel_shape)
-    return u.reshape(x.shape)
+    return call(dy, x, mean, rstd, w, b, groups=np.int64(groups), channels_last=bool(channels_last),
+                has_weight=bool(has_weight), has_bias=bool(has_bias), silu=bool(silu))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
@@ -198,18 +178,9 @@ def _group_norm_fwd(x, w, b, groups, eps, channels_last, has_weight, has_bias, s
     return y, (x, w, b, mean, rstd)
 
 
-def _silu_grad(dy, x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias):
-    """dy through y * sigmoid(y) at its input u, dy * s(u) * (1 + u * (1 - s(u))), in x's dtype."""
-    u = _pre_activation(x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias)
-    s = jax.nn.sigmoid(u)
-    return (dy.astype(u.dtype) * s * (1 + u * (1 - s))).astype(x.dtype)
-
-
 def _group_norm_bwd(groups, eps, channels_last, has_weight, has_bias, silu, saved, dy):
     x, w, b, mean, rstd = saved
-    if silu:
-        dy = _silu_grad(dy, x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias)
-    dx, dw, db = _backward_call(dy, x, mean, rstd, w, groups, channels_last, has_weight)
+    dx, dw, db = _backward_call(dy, x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias, silu)
     return dx, (dw if has_weight else jnp.zeros_like(w)), (db if has_bias else jnp.zeros_like(b))
 
 
@@ -233,7 +204,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     eps : float, default 1e-5
         Added to the (biased) variance; a Python number, non-negative.
     activation : {None, 'silu'}, optional
-        ``'silu'`` fuses ``y * sigmoid(y)`` into the kernel (its gradient recomputes y from the statistics).
+        ``'silu'`` fuses ``y * sigmoid(y)`` into the kernels, forward and backward (the backward call recomputes y
+        from x and the statistics).
     channel_axis : int, default 1
         The axis of C: 1, or -1 for channels-last (N, *, C) arrays, which the kernels read as they are; any other
         axis is moved to 1 and back by XLA.
@@ -327,6 +299,4 @@ def _backward_apply(dy, x, mean, rstd, weight, bias, *, groups, silu):
     b, has_bias = _as_param(bias, x)
     dtype = _compute_dtype(x)
     mean, rstd = mean.astype(dtype), rstd.astype(dtype)
-    if silu:
-        dy = _silu_grad(dy, x, mean, rstd, w, b, groups, False, has_weight, has_bias)
-    return tuple(_backward_call(dy, x, mean, rstd, w, groups, False, has_weight))
+    return tuple(_backward_call(dy, x, mean, rstd, w, b, groups, False, has_weight, has_bias, silu))
