@@ -226,7 +226,7 @@ inline void merge_chunks(const GradSums& partial, const GradSums& out, int64_t o
 // torch's unfused silu and group_norm round it.
 
 template <class V>
-inline V silu_derivative(V u) {
+__attribute__((always_inline)) inline V silu_derivative(V u) {
   const V one = V::broadcast(typename V::Scalar(1));
   const V s = one / (one + exp_approx(V::zero() - u));
   return s * fma(u, one - s, one);

@@ -318,9 +318,12 @@ inline ShiftedSums any_run_shifted_sums(const S* x, int64_t n, typename V::Scala
   return n <= V::kWidth ? short_run_shifted_sums<V>(x, n, shift) : run_shifted_sums<V>(x, n, shift);
 }
 
-// exp(x) for the SiLU: Cody-Waite reduction by ln 2 and a Taylor polynomial good to ~1 ulp of T.
+// exp(x) for the SiLU: Cody-Waite reduction by ln 2 and a Taylor polynomial good to ~1 ulp of T. Always inlined,
+// as activate and silu_derivative (backward_impl.h) are: called out of line from the apply loops, every vector
+// paid a call, its ten constants loaded again and the caller's vector registers spilled around it (no ymm
+// register is callee-saved), and the fused SiLU took 3-4x the forward without it (NOTES, fifteenth session).
 template <class V>
-V exp_approx(V x) {
+__attribute__((always_inline)) inline V exp_approx(V x) {
   using T = typename V::Scalar;
   constexpr bool kF32 = sizeof(T) == 4;
   const V limit = V::broadcast(kF32 ? T(87.0) : T(708.0));
@@ -339,7 +342,7 @@ V exp_approx(V x) {
 
 // y * sigmoid(y), written as y / (1 + exp(-y)): a NaN stays NaN, large |y| give y and -0.
 template <class V, bool kSilu>
-V activate(V y) {
+__attribute__((always_inline)) inline V activate(V y) {
   if constexpr (kSilu) {
     const V one = V::broadcast(typename V::Scalar(1));
     return y / (one + exp_approx(V::zero() - y));
@@ -508,7 +511,7 @@ template <class V, bool kSilu, bool kStream, bool kInputNaNs, class S>
 __attribute__((always_inline)) inline void apply_pairs(const S* x, S* y, int64_t begin, int64_t end,
                                                        bool backwards, V mean_hi, V scale, V shift) {
   constexpr int64_t W = V::kWidth;
-  auto pair = [&](int64_t at) {
+  auto pair = [&](int64_t at) __attribute__((always_inline)) {  // with the SiLU GCC left it out of line (bfloat16)
     V a, b;
     load_split(x + at, a, b);
     store_split<V, kStream, kInputNaNs>(y + at, activate<V, kSilu>(fma(a - mean_hi, scale, shift)),
