@@ -114,6 +114,23 @@ def test_large_offset(isa, rng, shape, G, offset, dtype, layout):
     check_backward(dy, x, G, rng.standard_normal(shape[1]).astype(dtype))
 
 
+# Channels-last rows of C values not a multiple of the vector width, taken several at a time where HxW allows
+# (row_fold), as in test_forward.py.
+FOLDED_CASES = [((2, 3, 32, 32), 1), ((1, 3, 64, 96), 3), ((2, 2, 128, 130), 2), ((3, 12, 8, 16), 4),
+                ((1, 6, 100, 164), 2), ((2, 20, 16, 16), 5), ((2, 5, 33, 17), 5)]
+
+
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, G", FOLDED_CASES, ids=[f"{s}-G{g}".replace(" ", "") for s, g in FOLDED_CASES])
+def test_narrow_channels_last_rows(isa, rng, shape, G, dtype, silu):
+    x = random_array(rng, shape, dtype, "channels_last")
+    dy = random_array(rng, shape, dtype, "channels_last")
+    weight = rng.standard_normal(shape[1]).astype(dtype)
+    bias = rng.standard_normal(shape[1]).astype(dtype) if silu else None
+    check_backward(dy, x, G, weight, bias=bias, activation="silu" if silu else None)
+
+
 # x's spread in the first group, far below 1 with eps = 0, and dy's scale: rstd^3 overflows the data type (float32:
 # rstd ~ 1e18; float64: rstd ~ 1e200) while dx ~ dy * rstd does not.
 TINY_SPREAD = {np.float32: (1e-18, 1e6), np.float64: (1e-200, 1.0)}

@@ -88,6 +88,22 @@ def test_large_shapes(isa, rng, shape, G, dtype, layout):
     check_group_norm(x, G, weight, bias)
 
 
+# Channels-last rows of C values not a multiple of the vector width, which the kernels take several at a time when
+# HxW allows (row_fold: k = W / gcd(C, W) rows, for W = 1 to 16 across the levels and dtypes), and one at a time
+# when it does not (HxW odd).
+FOLDED_CASES = [((2, 3, 32, 32), 1), ((1, 3, 64, 96), 3), ((2, 2, 128, 130), 2), ((3, 12, 8, 16), 4),
+                ((1, 6, 100, 164), 2), ((2, 20, 16, 16), 5), ((1, 40, 48), 8), ((2, 5, 33, 17), 5)]
+
+
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, G", FOLDED_CASES, ids=[f"{s}-G{g}".replace(" ", "") for s, g in FOLDED_CASES])
+def test_narrow_channels_last_rows(isa, rng, shape, G, dtype, silu):
+    x = random_array(rng, shape, dtype, "channels_last")
+    weight, bias = affine_params(rng, shape[1], dtype, "both")
+    check_group_norm(x, G, weight, bias, activation="silu" if silu else None)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_four_million_element_group(isa, rng, layout):
     x = random_array(rng, (1, 4, 1024, 1024), np.float32, layout, offset=3.0)

@@ -296,19 +296,24 @@ struct SiluPass {
     silu_grad_run<V>(dz + off, x + off, dx + off, len, V::broadcast(mean[n * p.G + c / (p.C / p.G)]),
                      V::broadcast(T(scale(n, c))), V::broadcast(shift(n, c)));
   }
-  // Rows of C channels: sample n's coefficients into m, sc, sh (c_padded values each, padding 0), then rows
-  // [r0, r1) of the sample.
-  void fill_sample(int64_t n, T* m, T* sc, T* sh, int64_t c_padded) const {
+  // Rows of channels (q: p, or p's rows taken `fold` at a time, row_fold): sample n's coefficients into m, sc, sh
+  // (c_padded values each, padding 0) for q's rows of q.C = fold * p.C channels, then rows [r0, r1) of q's sample.
+  void fill_sample(int64_t n, T* m, T* sc, T* sh, int64_t c_padded, int64_t fold) const {
     for (int64_t c = 0; c < p.C; ++c) {
       m[c] = mean[n * p.G + c / (p.C / p.G)];
       sc[c] = T(scale(n, c));
       sh[c] = shift(n, c);
     }
-    for (int64_t c = p.C; c < c_padded; ++c) m[c] = sc[c] = sh[c] = T(0);
+    for (int64_t c = p.C; c < p.C * fold; ++c) {
+      m[c] = m[c - p.C];
+      sc[c] = sc[c - p.C];
+      sh[c] = sh[c - p.C];
+    }
+    for (int64_t c = p.C * fold; c < c_padded; ++c) m[c] = sc[c] = sh[c] = T(0);
   }
-  void rows(int64_t n, int64_t r0, int64_t r1, const T* m, const T* sc, const T* sh) const {
-    for (int64_t r = n * p.HxW + r0; r < n * p.HxW + r1; ++r)
-      silu_grad_row<V>(dz + r * p.C, x + r * p.C, dx + r * p.C, p.C, m, sc, sh);
+  void rows(const Problem& q, int64_t n, int64_t r0, int64_t r1, const T* m, const T* sc, const T* sh) const {
+    for (int64_t r = n * q.HxW + r0; r < n * q.HxW + r1; ++r)
+      silu_grad_row<V>(dz + r * q.C, x + r * q.C, dx + r * q.C, q.C, m, sc, sh);
   }
   // Whole samples [n0, n1), either layout with HxW <= kShortRun (the short-run path): their groups' mean_lo,
   // then channel by channel (one position: a channel is a single value, so a group's run goes at once with the
@@ -507,21 +512,24 @@ void rows_grad_sums(const Problem& p, const S* dy, const S* x, int64_t r0, int64
   }
 }
 
-// Spreads sample n's group means over its channels (padding 0), for pass 1.
+// Spreads sample n's group means over its channels (padding 0), for pass 1; over `fold` copies of them for rows
+// taken fold at a time (row_fold).
 template <class T, class S>
-void sample_means(const Problem& p, const S* mean, int64_t n, GradRowBuffers<T>& b) {
+void sample_means(const Problem& p, const S* mean, int64_t n, int64_t fold, GradRowBuffers<T>& b) {
   const int64_t D = p.C / p.G;
   for (int64_t g = 0; g < p.G; ++g)
     for (int64_t c = g * D; c < (g + 1) * D; ++c) b.mean_hi[c] = T(mean[n * p.G + g]);
-  for (int64_t c = p.C; c < b.padded; ++c) b.mean_hi[c] = T(0);
+  for (int64_t c = p.C; c < p.C * fold; ++c) b.mean_hi[c] = b.mean_hi[c - p.C];
+  for (int64_t c = p.C * fold; c < b.padded; ++c) b.mean_hi[c] = T(0);
 }
 
 // Spreads sample n's group coefficients over its channels (padding 0), for pass 2: mean_hi too (pass 1 reloads
 // its centering values per sample), in load_split's lane order where V has one for S (split_order), as
 // rows_grad_apply reads them.
 template <class V, class S, class T, class P>
-void sample_grad_coeffs(const Problem& p, const GroupGradCoeffs<T>* coeffs, const P* weight, GradRowBuffers<T>& b) {
-  const int64_t D = p.C / p.G;
+void sample_grad_coeffs(const Problem& p, const GroupGradCoeffs<T>* coeffs, const P* weight, int64_t fold,
+                        GradRowBuffers<T>& b) {
+  const int64_t D = p.C / p.G, C = p.C * fold;  // fold copies of the channels for rows taken fold at a time
   for (int64_t g = 0; g < p.G; ++g) {
     const GroupGradCoeffs<T>& k = coeffs[g];
     for (int64_t c = g * D; c < (g + 1) * D; ++c) {
@@ -531,10 +539,13 @@ void sample_grad_coeffs(const Problem& p, const GroupGradCoeffs<T>* coeffs, cons
       b.shift[c] = k.shift;
     }
   }
-  for (int64_t c = p.C; c < b.padded; ++c) b.mean_hi[c] = b.scale[c] = b.c2[c] = b.shift[c] = T(0);
-  b.clean = values_clean<T>({b.mean_hi, b.scale, b.c2, b.shift}, p.C);
+  for (T* a : {b.mean_hi, b.scale, b.c2, b.shift}) {
+    for (int64_t c = p.C; c < C; ++c) a[c] = a[c - p.C];
+    for (int64_t c = C; c < b.padded; ++c) a[c] = T(0);
+  }
+  b.clean = values_clean<T>({b.mean_hi, b.scale, b.c2, b.shift}, C);
   if constexpr (HasSplit<V, S>::value)
-    for (T* a : {b.mean_hi, b.scale, b.c2, b.shift}) split_order<V::kWidth>(a, p.C);
+    for (T* a : {b.mean_hi, b.scale, b.c2, b.shift}) split_order<V::kWidth>(a, C);
 }
 
 // Pass 2 over rows [r0, r1) of one sample: vector pairs through load_split (the coefficients in its lane order,
@@ -573,29 +584,50 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
                               typename V::Scalar* dweight, typename V::Scalar* dbias, const GradSums& sums,
                               GroupGradCoeffs<typename V::Scalar>* coeffs, const SiluPass<V, S>* silu) {
   using T = typename V::Scalar;
-  const int64_t rows = p.HxW, C = p.C, G = p.G, sample_len = rows * C;
+  // Both passes walk rows of q: p's rows taken fold at a time where they are narrower than whole vectors
+  // (row_fold, as the forward). Pass 1's sums then come per channel of q's rows (C of them a sample, in folded)
+  // and add up, fold by fold, to p's channels (Cr) in `sums`; the groups' coefficients, the parameter gradients,
+  // the SiLU's mean_lo and the rare wide groups take p's channels and rows.
+  const int64_t fold = row_fold(p, V::kWidth), Cr = p.C, Gr = p.G;
+  Problem q = p;
+  q.C = p.C * fold;
+  q.G = p.G * fold;
+  q.HxW = p.HxW / fold;
+  const int64_t rows = q.HxW, C = q.C, sample_len = rows * C;
   const int64_t chunk_rows = max_i64(ceil_div(kChunkMinElems, C), ceil_div(rows, kChunksMax));
   const int64_t nchunks = ceil_div(rows, chunk_rows);
   const int64_t units = p.N * nchunks;
   const int64_t c_padded = ceil_div(C, V::kWidth) * V::kWidth;
   Scratch<double> chunk_block(nchunks > 1 ? 3 * units * C : 0);
-  if (!chunk_block.data) return kOutOfMemory;
-  const GradSums partial = nchunks > 1 ? grad_sums_in(chunk_block.data, units * C) : sums;
+  Scratch<double> folded_block(fold > 1 ? 3 * p.N * C : 0);
+  if (!chunk_block.data || !folded_block.data) return kOutOfMemory;
+  const GradSums folded = fold > 1 ? grad_sums_in(folded_block.data, p.N * C) : sums;  // per channel of q
+  const GradSums partial = nchunks > 1 ? grad_sums_in(chunk_block.data, units * C) : folded;
   const bool want_params = dweight || dbias;
 
   // b.mean_hi must hold sample unit / nchunks's means (and b.silu_* its SiLU coefficients: sample_silu).
   auto chunk_sums = [&](int64_t unit, GradRowBuffers<T>& b) {
     const int64_t n = unit / nchunks, k = unit % nchunks, r0 = k * chunk_rows, r1 = min_i64(rows, r0 + chunk_rows);
     const GradSums out = {partial.dy + unit * C, partial.dy_xc + unit * C, partial.xc + unit * C};
-    if (silu) silu->rows(n, r0, r1, b.silu_mean, b.silu_scale, b.silu_shift);  // dy (here dx) of the rows
-    rows_grad_sums<V>(p, dy + n * sample_len, x + n * sample_len, r0, r1, b, out);
+    if (silu) silu->rows(q, n, r0, r1, b.silu_mean, b.silu_scale, b.silu_shift);  // dy (here dx) of the rows
+    rows_grad_sums<V>(q, dy + n * sample_len, x + n * sample_len, r0, r1, b, out);
   };
   auto sample_silu = [&](int64_t n, GradRowBuffers<T>& b) {
-    if (silu) silu->fill_sample(n, b.silu_mean, b.silu_scale, b.silu_shift, b.padded);
+    if (silu) silu->fill_sample(n, b.silu_mean, b.silu_scale, b.silu_shift, b.padded, fold);
   };
   auto sample_finish = [&](int64_t n) {
-    if (nchunks > 1) merge_chunks(partial, sums, n, nchunks, C);
-    for (int64_t ng = n * G; ng < (n + 1) * G; ++ng)
+    if (nchunks > 1) merge_chunks(partial, folded, n, nchunks, C);
+    if (fold > 1) {  // q's channels c, c + Cr, ... are p's channel c: added in that order
+      const double* const from[3] = {folded.dy + n * C, folded.dy_xc + n * C, folded.xc + n * C};
+      double* const to[3] = {sums.dy + n * Cr, sums.dy_xc + n * Cr, sums.xc + n * Cr};
+      for (int a = 0; a < 3; ++a)
+        for (int64_t c = 0; c < Cr; ++c) {
+          double total = from[a][c];
+          for (int64_t j = 1; j < fold; ++j) total += from[a][j * Cr + c];
+          to[a][c] = total;
+        }
+    }
+    for (int64_t ng = n * Gr; ng < (n + 1) * Gr; ++ng)
       coeffs[ng] = group_grad_coeffs<T>(p, ng, sums, mean, rstd, weight);
   };
   auto chunk_apply = [&](int64_t n, int64_t k, const GradRowBuffers<T>& b) {
@@ -603,27 +635,27 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
     // A sample holding a wide group (rare) goes channel by channel in Wide<T>, every group of it: the vector pass
     // writes whole rows, and in place it would overwrite the wide group's x or dy first.
     bool wide = false;
-    for (int64_t g = 0; g < G; ++g) wide |= coeffs[n * G + g].wide;
-    if (wide) {
-      const int64_t D = C / G, off = n * sample_len + r0 * C;
-      for (int64_t c = 0; c < C; ++c)
-        wide_grad_apply<T>(dy + off + c, x + off + c, dx + off + c, r1 - r0, C, weight ? weight + c : nullptr, 0,
-                           coeffs[n * G + c / D]);
+    for (int64_t g = 0; g < Gr; ++g) wide |= coeffs[n * Gr + g].wide;
+    if (wide) {  // in p's rows: q's rows [r0, r1) are fold times as many of p's
+      const int64_t D = Cr / Gr, off = n * sample_len + r0 * C;
+      for (int64_t c = 0; c < Cr; ++c)
+        wide_grad_apply<T>(dy + off + c, x + off + c, dx + off + c, (r1 - r0) * fold, Cr,
+                           weight ? weight + c : nullptr, 0, coeffs[n * Gr + c / D]);
       return;
     }
     with_input_nans<S>(b.clean, [&](auto input_nans) {
-      rows_grad_apply<V, decltype(input_nans)::value>(p, dy + n * sample_len, x + n * sample_len,
+      rows_grad_apply<V, decltype(input_nans)::value>(q, dy + n * sample_len, x + n * sample_len,
                                                       dx + n * sample_len, r0, r1, b);
     });
   };
   auto whole_sample = [&](int64_t n, GradRowBuffers<T>& b) {
     if (silu)
-      for (int64_t ng = n * G; ng < (n + 1) * G; ++ng) silu->group_lo(ng);
+      for (int64_t ng = n * Gr; ng < (n + 1) * Gr; ++ng) silu->group_lo(ng);
     sample_silu(n, b);
-    sample_means(p, mean, n, b);
+    sample_means(p, mean, n, fold, b);
     for (int64_t k = 0; k < nchunks; ++k) chunk_sums(n * nchunks + k, b);
     sample_finish(n);
-    sample_grad_coeffs<V, S>(p, coeffs + n * G, weight, b);
+    sample_grad_coeffs<V, S>(p, coeffs + n * Gr, weight, fold, b);
     for (int64_t k = nchunks - 1; k >= 0; --k) chunk_apply(n, k, b);  // last summed first: still in cache
   };
 
@@ -650,7 +682,7 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
     } else {
       if (silu) {
 #pragma omp for schedule(static)
-        for (int64_t ng = 0; ng < p.N * G; ++ng) silu->group_lo(ng);
+        for (int64_t ng = 0; ng < p.N * Gr; ++ng) silu->group_lo(ng);
       }
       // Each thread applies its own chunks, last summed first: those are still in its cache.
       const ThreadRange mine = thread_range(units);
@@ -659,7 +691,7 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
         if (!ok) continue;
         const int64_t n = unit / nchunks;
         if (n != means_of) {
-          sample_means(p, mean, n, b);
+          sample_means(p, mean, n, fold, b);
           sample_silu(n, b);
           means_of = n;
         }
@@ -673,7 +705,7 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
         if (!ok) continue;
         const int64_t n = unit / nchunks;
         if (n != coeffs_of) {
-          sample_grad_coeffs<V, S>(p, coeffs + n * G, weight, b);
+          sample_grad_coeffs<V, S>(p, coeffs + n * Gr, weight, fold, b);
           coeffs_of = n;
         }
         chunk_apply(n, unit % nchunks, b);

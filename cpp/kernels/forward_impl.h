@@ -900,17 +900,19 @@ void rotate_left(T* a, int64_t n, int64_t k) {
 // Loads sample n's per-channel coefficients into the thread's buffers: for each group, scale = rstd*w and
 // shift = b - mean_lo*scale, one vector (or the group's last, partial vector) at a time, so no vector is
 // ever read back from scalar stores; then rotated by head, row_rotation's count, for rows_apply. weight_t / bias_t
-// hold the parameters in T (ones and zeros where absent), padded with zeros.
+// hold the parameters in T (ones and zeros where absent), padded with zeros. Group g takes stats[g % period]: the
+// rows of a folded problem (row_fold) hold each real group `fold` times.
 template <class V, class S>
-void sample_coeffs(const Problem& p, const GroupStats* stats, const typename V::Scalar* weight_t,
+void sample_coeffs(const Problem& p, const GroupStats* stats, int64_t period, const typename V::Scalar* weight_t,
                    const typename V::Scalar* bias_t, int64_t head, RowBuffers<typename V::Scalar>& b) {
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   const int64_t D = p.C / p.G;
   for (int64_t g = 0; g < p.G; ++g) {
-    const T mean_hi_s = T(stats[g].mean);
-    const V mean_hi = V::broadcast(mean_hi_s), rstd = V::broadcast(T(stats[g].rstd));
-    const V mean_lo = V::broadcast(T((stats[g].mean - double(mean_hi_s)) + stats[g].mean_lo));
+    const GroupStats& st = stats[g % period];
+    const T mean_hi_s = T(st.mean);
+    const V mean_hi = V::broadcast(mean_hi_s), rstd = V::broadcast(T(st.rstd));
+    const V mean_lo = V::broadcast(T((st.mean - double(mean_hi_s)) + st.mean_lo));
     for (int64_t c = g * D; c < (g + 1) * D; c += W) {
       const int64_t n = min_i64(W, (g + 1) * D - c);
       if (n == W) {
@@ -1168,11 +1170,39 @@ void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, cons
     block(rb, min_i64(r1, rb + rows_per_block));
   }
 }
+// How many channels-last rows the passes take as one (row_fold): a row narrower than a few vectors, or with a
+// masked tail vector, cost its per-row overhead or a masked load and store per row ([1,2,1048576] took 12x the
+// copy, [1,12,262144] 3x). k rows of C values are whole vectors when k is a multiple of W / gcd(C, W); k doubles
+// from there while the rows stay under 4 vectors and HxW stays a multiple of k. 1 when HxW is not a multiple of
+// W / gcd(C, W), or the rows would pass kFoldedRowMax values. The folded row of k*C channels holds each group k
+// times.
+constexpr int64_t kFoldedRowMax = 256;
+
+inline int64_t row_fold(const Problem& p, int64_t W) {
+  int64_t a = p.C, b = W;  // gcd
+  while (b != 0) {
+    const int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  int64_t k = W / a;
+  if (p.HxW % k != 0 || p.C * k > kFoldedRowMax) return 1;
+  while (p.C * k < 4 * W && p.HxW % (2 * k) == 0 && p.C * 2 * k <= kFoldedRowMax) k *= 2;
+  return k;
+}
+
 template <class V, class S, bool kSilu>
 Status forward_channels_last(const Problem& p, const S* x, const typename V::Scalar* weight,
                              const typename V::Scalar* bias, S* y, GroupStats* stats) {
   using T = typename V::Scalar;
-  const int64_t rows = p.HxW, C = p.C, G = p.G, sample_len = rows * C;
+  // The passes walk rows of the folded problem q (row_fold; q is p where fold is 1): its sums come per folded group
+  // and add up, fold by fold, to the real groups' (Cr, Gr), whose statistics and rare second looks take p's rows.
+  const int64_t fold = row_fold(p, V::kWidth), Cr = p.C, Gr = p.G;
+  Problem q = p;
+  q.C = p.C * fold;
+  q.G = p.G * fold;
+  q.HxW = p.HxW / fold;
+  const int64_t rows = q.HxW, C = q.C, G = q.G, sample_len = rows * C;
   const int64_t chunk_rows = max_i64(ceil_div(kChunkMinElems, C), ceil_div(rows, kChunksMax));
   const int64_t nchunks = ceil_div(rows, chunk_rows);
   const int64_t units = p.N * nchunks;
@@ -1183,42 +1213,54 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
   Scratch<T> params(2 * c_padded);
   Scratch<T> shifts(p.N * G);  // read once here (nine far-apart rows a sample), not per chunk
   if (!partial.data || !params.data || !shifts.data) return kOutOfMemory;
-  for (int64_t n = 0; n < p.N; ++n)  // params is their scratch until the parameters are written below
-    sample_shifts<V>(p, x + n * sample_len, params.data, shifts.data + n * G);
+  for (int64_t n = 0; n < p.N; ++n) {  // params is their scratch until the parameters are written below
+    T* const shift = shifts.data + n * G;
+    sample_shifts<V>(p, x + n * sample_len, params.data, shift);
+    for (int64_t g = Gr; g < G; ++g) shift[g] = shift[g % Gr];
+  }
   T* const weight_t = params.data;
   T* const bias_t = params.data + c_padded;
   for (int64_t c = 0; c < c_padded; ++c) {
-    weight_t[c] = c >= C ? T(0) : weight ? T(weight[c]) : T(1);
-    bias_t[c] = c >= C ? T(0) : bias ? T(bias[c]) : T(0);
+    weight_t[c] = c >= C ? T(0) : weight ? T(weight[c % Cr]) : T(1);
+    bias_t[c] = c >= C ? T(0) : bias ? T(bias[c % Cr]) : T(0);
   }
 
   auto chunk_moments = [&](int64_t unit, RowBuffers<T>& b) {
     const int64_t n = unit / nchunks, k = unit % nchunks;
-    rows_shifted_sums<V>(p, x + n * sample_len, shifts.data + n * G, k * chunk_rows,
+    rows_shifted_sums<V>(q, x + n * sample_len, shifts.data + n * G, k * chunk_rows,
                          min_i64(rows, (k + 1) * chunk_rows), b, partial.data + unit * G);
   };
-  const double count = double(rows) * double(C / G), inv_count = 1.0 / count;
-  // The statistics of groups [g0, g1) of sample n.
+  const double count = double(p.HxW) * double(Cr / Gr), inv_count = 1.0 / count;
+  // The statistics of (real) groups [g0, g1) of sample n.
   auto sample_finish = [&](int64_t n, int64_t g0, int64_t g1) {
     // Chunk sums fold into chunk 0's row of G entries, chunk by chunk: each group still adds its chunks in
-    // order, and memory is read in sequence rather than G entries apart.
+    // order, and memory is read in sequence rather than G entries apart; then a folded row's copies of a group
+    // into its first.
     ShiftedSums* total = partial.data + n * nchunks * G;
     for (int64_t k = 1; k < nchunks; ++k) {
       const ShiftedSums* chunk = total + k * G;
+      for (int64_t j = 0; j < fold; ++j) {
+        for (int64_t g = j * Gr + g0; g < j * Gr + g1; ++g) {
+          total[g].s1 += chunk[g].s1;
+          total[g].s2 += chunk[g].s2;
+        }
+      }
+    }
+    for (int64_t j = 1; j < fold; ++j) {
       for (int64_t g = g0; g < g1; ++g) {
-        total[g].s1 += chunk[g].s1;
-        total[g].s2 += chunk[g].s2;
+        total[g].s1 += total[j * Gr + g].s1;
+        total[g].s2 += total[j * Gr + g].s2;
       }
     }
     const S* sample = x + n * sample_len;
-    const int64_t D = C / G;
+    const int64_t D = Cr / Gr;
     // The second look at group g's sums (rare), out of line so the loop over groups stays small.
     auto refined_stats = [&](int64_t g, T shift, double s1, double s2) __attribute__((noinline)) {
       auto visit = [&](auto&& f) {
-        for (int64_t r = 0; r < rows; ++r) f(sample + r * C + g * D, D);
+        for (int64_t r = 0; r < p.HxW; ++r) f(sample + r * Cr + g * D, D);
       };
       auto resum = [&](T k, double& r1, double& r2) {
-        const ShiftedSums sums = strided_shifted_sums<V>(sample + g * D, D, C, rows, k);
+        const ShiftedSums sums = strided_shifted_sums<V>(sample + g * D, D, Cr, p.HxW, k);
         r1 = sums.s1;
         r2 = sums.s2;
       };
@@ -1227,7 +1269,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
       return group_stats(count, inv_count, double(shift), s1, s2, p.eps);
     };
     // Two passes: the moments of every group, then the groups' 1/sqrt back to back and the rare second looks.
-    GroupStats* const sample_stats = stats + n * G;
+    GroupStats* const sample_stats = stats + n * Gr;
     unsigned char refine = 0;
     for (int64_t g = g0; g < g1; ++g) {
       const double s1 = total[g].s1, s2 = total[g].s2;
@@ -1243,8 +1285,8 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
   };
   // Whether sample n holds a wide group, once its groups are finished.
   auto sample_wide = [&](int64_t n) {
-    for (int64_t g = 0; g < G; ++g)
-      if (stats[n * G + g].wide) return true;
+    for (int64_t g = 0; g < Gr; ++g)
+      if (stats[n * Gr + g].wide) return true;
     return false;
   };
   const bool stream = streams_output(p, sizeof(S)) && C % V::kWidth == 0, backwards = apply_backwards(x, y);
@@ -1255,27 +1297,27 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
     S* ys = y + n * sample_len;
     // A sample holding a wide group (rare) is applied channel by channel in Wide<T>, every group of it: the
     // vector pass writes whole rows, and in place it would overwrite the wide group's input first.
-    if (wide) {
-      const int64_t D = C / G;
-      for (int64_t c = 0; c < C; ++c)
-        wide_apply_run<T, kSilu>(xs + r0 * C + c, ys + r0 * C + c, r1 - r0, C, stats[n * G + c / D], weight, bias,
-                                 c);
+    if (wide) {  // in p's rows: rows [r0, r1) of q are fold times as many of p
+      const int64_t D = Cr / Gr;
+      for (int64_t c = 0; c < Cr; ++c)
+        wide_apply_run<T, kSilu>(xs + r0 * C + c, ys + r0 * C + c, (r1 - r0) * fold, Cr, stats[n * Gr + c / D],
+                                 weight, bias, c);
     } else {
       with_input_nans<S>(b.clean, [&](auto input_nans) {
         constexpr bool kInputNaNs = decltype(input_nans)::value;
         if (stream)
-          rows_apply<V, S, kSilu, true, kInputNaNs>(p, xs, ys, r0, r1, b, head, backwards);
+          rows_apply<V, S, kSilu, true, kInputNaNs>(q, xs, ys, r0, r1, b, head, backwards);
         else
-          rows_apply<V, S, kSilu, false, kInputNaNs>(p, xs, ys, r0, r1, b, head, backwards);
+          rows_apply<V, S, kSilu, false, kInputNaNs>(q, xs, ys, r0, r1, b, head, backwards);
       });
     }
   };
 
   auto whole_sample = [&](int64_t n, RowBuffers<T>& b) {
     for (int64_t k = 0; k < nchunks; ++k) chunk_moments(n * nchunks + k, b);
-    sample_finish(n, 0, G);
+    sample_finish(n, 0, Gr);
     const bool wide = sample_wide(n);
-    sample_coeffs<V, S>(p, stats + n * G, weight_t, bias_t, head, b);
+    sample_coeffs<V, S>(q, stats + n * Gr, Gr, weight_t, bias_t, head, b);
     for (int64_t k = nchunks - 1; k >= 0; --k) chunk_apply(n, k, b, wide);  // last summed first: still in cache
   };
 
@@ -1306,9 +1348,9 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
 #pragma omp barrier
       // The samples' groups, split evenly (one sample's groups among all threads when N < threads): each group
       // folds its own chunks in order, so the split changes no result.
-      const ThreadRange finish = thread_range(p.N * G);
-      for (int64_t n = finish.begin / G; n * G < finish.end; ++n)
-        sample_finish(n, max_i64(finish.begin - n * G, 0), min_i64(finish.end - n * G, G));
+      const ThreadRange finish = thread_range(p.N * Gr);
+      for (int64_t n = finish.begin / Gr; n * Gr < finish.end; ++n)
+        sample_finish(n, max_i64(finish.begin - n * Gr, 0), min_i64(finish.end - n * Gr, Gr));
 #pragma omp barrier
       int64_t coeffs_of = -1;
       bool wide = false;
@@ -1316,7 +1358,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
         if (!ok) continue;
         const int64_t n = unit / nchunks;
         if (n != coeffs_of) {
-          sample_coeffs<V, S>(p, stats + n * G, weight_t, bias_t, head, b);
+          sample_coeffs<V, S>(q, stats + n * Gr, Gr, weight_t, bias_t, head, b);
           wide = sample_wide(n);
           coeffs_of = n;
         }

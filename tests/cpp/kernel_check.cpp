@@ -473,6 +473,45 @@ void check_short_groups(Tally& tally, const Levels& levels, std::mt19937_64& mas
     }
 }
 
+// Channels-last rows of C values not a multiple of the vector width, which the kernels take k at a time (row_fold,
+// k = W / gcd(C, W) for each level's W): C from 1 to 40, HxW a multiple of 16 (folded at every width) or not (rows
+// one by one), one chunk or several, one sample or three; data normal, offset (1e4 + N(0,1)), every other group
+// constant (whose sums come out 0 and take the second look and the wide apply), and for float32 and float64
+// 1e25 * N(0,1) (squares beyond float32's range: the second look again).
+template <class T, class P = param_t<T>>
+void check_folded_rows(Tally& tally, const Levels& levels, std::mt19937_64& master) {
+  struct Data {
+    const char* name;
+    double offset, spread;
+    int constant_every;
+  };
+  const Data data[] = {{"0.5+1.5*N(0,1)", 0.5, 1.5, 0}, {"1e4+N(0,1)", 1e4, 1.0, 0},
+                       {"N(0,1), every 2nd group constant", 0.0, 1.0, 2}, {"1e25*N(0,1)", 0.0, 1e25, 0}};
+  const Shape shapes[] = {{1, 1, 1, 64},   {3, 2, 1, 48},    {1, 2, 2, 16 * 1500}, {2, 3, 1, 32},  {1, 3, 3, 16 * 2001},
+                          {1, 5, 5, 80},   {3, 6, 2, 16 * 5}, {2, 6, 3, 33},       {1, 12, 4, 64}, {1, 12, 3, 16 * 700},
+                          {2, 20, 4, 16},  {1, 24, 8, 48},   {1, 40, 5, 17},       {2, 7, 7, 96}};
+  for (const Data& d : data) {
+    if (sizeof(T) == 2 && (std::fabs(d.offset) > 6e4 || d.spread > 6e4)) continue;  // beyond float16's range
+    if (d.spread > 1e20 && is_half_v<T>) continue;
+    for (const Shape& s : shapes) {
+      if (g_quick && s.size() > 20000) continue;
+      const uint64_t case_seed = master();
+      std::mt19937_64 rng(case_seed);
+      std::vector<T> x = normal_data<T>(rng, s.size(), d.offset, d.spread);
+      const int64_t D = s.C / s.G;
+      for (int64_t n = 0; d.constant_every && n < s.N; ++n)  // constant groups in channels-last indexing
+        for (int64_t g = 0; g < s.G; g += d.constant_every)
+          for (int64_t i = 0; i < s.HxW; ++i)
+            for (int64_t c = g * D; c < (g + 1) * D; ++c)
+              x[size_t((n * s.HxW + i) * s.C + c)] = x[size_t(n * s.HxW * s.C + g * D)];
+      const std::vector<P> weight = uniform_data<P>(rng, s.C, -2.0, 2.0);
+      const std::vector<P> bias = normal_data<P>(rng, s.C, 0.0, 1.0);
+      check_data(tally, levels, s, x, weight, bias, true, true,
+                 format("folded rows data=%s case_seed=%llu", d.name, (unsigned long long)case_seed));
+    }
+  }
+}
+
 // Same bits for num_threads = 1, 2, 3, 5 (and the set_num_threads default), on shapes large enough to split;
 // --quick takes the cases marked in_quick only, 16-bit types (whose parallel paths are float32's) the first
 // of those only.
@@ -920,8 +959,10 @@ void check_backward_all(Tally& tally, const Levels& levels, std::mt19937_64& mas
       if (thin && (C + HxW) % 3 != 0) continue;
       for (int64_t G : group_counts(C)) check_backward_shape<T>(tally, levels, {2, C, G, HxW}, master, 0.5);
     }
+  // ... and channels-last rows taken several at a time (row_fold): C = 6 and 12, one chunk and several.
   const Shape shapes[] = {{1, 1, 1, 16385}, {2, 3, 1, 3 * 16384 + 5}, {1, 2, 1, 600001}, {1, 320, 32, 37},
-                          {3, 64, 32, 17},  {1, 7, 7, 50001},         {2, 5, 5, 1023}};
+                          {3, 64, 32, 17},  {1, 7, 7, 50001},         {2, 5, 5, 1023},   {2, 6, 2, 16 * 50},
+                          {1, 12, 4, 16 * 1500}};
   const double offset = is_half_v<T> ? 100.0 : 1e4;  // 1e4 leaves float16 an ulp of 8
   for (const Shape& s : shapes)
     if (!thin || s.size() <= 200000) check_backward_shape<T>(tally, levels, s, master, 0.5);
@@ -1112,12 +1153,13 @@ void check_silu_backward_all(Tally& tally, const Levels& levels, std::mt19937_64
       for (int64_t G : group_counts(C)) check_silu_backward_shape<T>(tally, levels, {2, C, G, HxW}, master, 0.5);
     }
   // Chunked channels (40001 positions), a channels-last sample over several row units and units over several
-  // samples, and one large sample; then the same with a large offset (the mean's low part in u).
-  const Shape shapes[] = {{1, 2, 1, 40001}, {3, 64, 8, 100}, {2, 5, 5, 1023}, {1, 320, 32, 37}};
+  // samples, channels-last rows taken several at a time (row_fold), and one large sample; then the same with a
+  // large offset (the mean's low part in u).
+  const Shape shapes[] = {{1, 2, 1, 40001}, {3, 64, 8, 100}, {2, 5, 5, 1023}, {2, 3, 1, 64}, {1, 320, 32, 37}};
   const double offset = is_half_v<T> ? 100.0 : 1e4;
   for (double off : {0.5, offset})
     for (const Shape& s : shapes)
-      if (!g_quick || &s != &shapes[3]) check_silu_backward_shape<T>(tally, levels, s, master, off);
+      if (!g_quick || &s != &shapes[4]) check_silu_backward_shape<T>(tally, levels, s, master, off);
 }
 
 // Empty problems give zero dweight/dbias and leave dx alone.
@@ -1208,6 +1250,10 @@ int main(int argc, char** argv) {
   section("first pixel 0, rest 200 f64", [&] { check_border_outliers<double>(tally, levels, master, 1); });
   section("both ends 0, rest 200 f32", [&] { check_border_outliers<float>(tally, levels, master, 2); });
   section("both ends 0, rest 200 f64", [&] { check_border_outliers<double>(tally, levels, master, 2); });
+  section("folded rows f32", [&] { check_folded_rows<float>(tally, levels, master); });
+  section("folded rows f64", [&] { check_folded_rows<double>(tally, levels, master); });
+  section("folded rows f16", [&] { check_folded_rows<Half>(tally, levels, master); });
+  section("folded rows bf16", [&] { check_folded_rows<BFloat16>(tally, levels, master); });
   section("short groups f32", [&] { check_short_groups<float>(tally, levels, master); });
   section("short groups f64", [&] { check_short_groups<double>(tally, levels, master); });
   section("short groups f16", [&] { check_short_groups<Half>(tally, levels, master); });
