@@ -527,6 +527,7 @@ void check_thread_determinism(Tally& tally, const Levels& levels, std::mt19937_6
       {{2, 6, 3, 30007}, true, "6 groups: whole groups for 2 and 3 threads, split for 5"},
       {{16, 32, 8, 1031}, false, "many groups: whole groups"},
       {{1, 7, 7, 50001}, true, "channels-last, one sample: row chunks split across threads"},
+      {{1, 6, 3, 30000}, true, "channels-last rows of 6 taken 8 at a time (row_fold), chunks split across threads"},
       {{3, 33, 3, 4099}, false, "3 samples: whole samples for 3 threads, split for 2 and 5"},
   };
   const int thread_counts[] = {2, 3, 5};
@@ -973,7 +974,8 @@ void check_backward_all(Tally& tally, const Levels& levels, std::mt19937_64& mas
 // Same bits of dx, dweight, dbias for num_threads = 1, 2, 3, 5; 16-bit types take the second shape only.
 template <class T, class P = param_t<T>>
 void check_backward_determinism(Tally& tally, const Levels& levels, std::mt19937_64& master) {
-  const Shape shapes[] = {{1, 4, 1, 65536 + 33}, {2, 6, 3, 30007}, {16, 32, 8, 1031}, {1, 7, 7, 50001}};
+  const Shape shapes[] = {{1, 4, 1, 65536 + 33}, {2, 6, 3, 30007}, {16, 32, 8, 1031}, {1, 7, 7, 50001},
+                          {1, 6, 3, 30000}};  // the last: channels-last rows taken 8 at a time (row_fold)
   for (const Shape& s : shapes) {
     if (is_half_v<T> && &s != &shapes[1]) continue;
     const uint64_t case_seed = master();
