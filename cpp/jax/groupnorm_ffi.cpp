@@ -220,7 +220,8 @@ ffi::Error backward_cpu(ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer mean
   }
   return status_error(core_backward(p, c.dtype, dy.untyped_data(), x.untyped_data(), mean.untyped_data(),
                                     rstd.untyped_data(), data_or_null(weight, has_weight),
-                                    data_or_null(bias, has_bias), dx->untyped_data(), dweight->untyped_data(), dbias->untyped_data()));
+                                    data_or_null(bias, has_bias), dx->untyped_data(), dweight->untyped_data(),
+                                    dbias->untyped_data()));
 }
 
 #ifdef GROUPNORM_JAX_CUDA

@@ -304,11 +304,7 @@ struct SiluPass {
       sc[c] = T(scale(n, c));
       sh[c] = shift(n, c);
     }
-    for (int64_t c = p.C; c < p.C * fold; ++c) {
-      m[c] = m[c - p.C];
-      sc[c] = sc[c - p.C];
-      sh[c] = sh[c - p.C];
-    }
+    for (T* a : {m, sc, sh}) repeat_prefix(a, p.C, p.C * fold);
     for (int64_t c = p.C * fold; c < c_padded; ++c) m[c] = sc[c] = sh[c] = T(0);
   }
   void rows(const Problem& q, int64_t n, int64_t r0, int64_t r1, const T* m, const T* sc, const T* sh) const {
@@ -331,7 +327,9 @@ struct SiluPass {
       const V m = V::broadcast(mean[ng]), r = V::broadcast(rstd[ng]), lo = V::broadcast(T(mean_lo[ng]));
       for (int64_t i = 0; i < D; i += W) {
         const int64_t k = min_i64(W, D - i);
-        const V w = !weight ? V::broadcast(T(1)) : k == W ? V::load(weight + c0 + i) : V::load_tail(weight + c0 + i, k, T(0));
+        const V w = !weight ? V::broadcast(T(1))
+                    : k == W ? V::load(weight + c0 + i)
+                             : V::load_tail(weight + c0 + i, k, T(0));
         const V b = !bias ? V::zero() : k == W ? V::load(bias + c0 + i) : V::load_tail(bias + c0 + i, k, T(0));
         const V sc = r * w, sh = b - lo * sc;
         const V g = k == W ? V::load(dz + off + i) : V::load_tail(dz + off + i, k, T(0));
@@ -519,7 +517,7 @@ void sample_means(const Problem& p, const S* mean, int64_t n, int64_t fold, Grad
   const int64_t D = p.C / p.G;
   for (int64_t g = 0; g < p.G; ++g)
     for (int64_t c = g * D; c < (g + 1) * D; ++c) b.mean_hi[c] = T(mean[n * p.G + g]);
-  for (int64_t c = p.C; c < p.C * fold; ++c) b.mean_hi[c] = b.mean_hi[c - p.C];
+  repeat_prefix(b.mean_hi, p.C, p.C * fold);
   for (int64_t c = p.C * fold; c < b.padded; ++c) b.mean_hi[c] = T(0);
 }
 
@@ -540,7 +538,7 @@ void sample_grad_coeffs(const Problem& p, const GroupGradCoeffs<T>* coeffs, cons
     }
   }
   for (T* a : {b.mean_hi, b.scale, b.c2, b.shift}) {
-    for (int64_t c = p.C; c < C; ++c) a[c] = a[c - p.C];
+    repeat_prefix(a, p.C, C);
     for (int64_t c = C; c < b.padded; ++c) a[c] = T(0);
   }
   b.clean = values_clean<T>({b.mean_hi, b.scale, b.c2, b.shift}, C);
@@ -585,14 +583,11 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
                               GroupGradCoeffs<typename V::Scalar>* coeffs, const SiluPass<V, S>* silu) {
   using T = typename V::Scalar;
   // Both passes walk rows of q: p's rows taken fold at a time where they are narrower than whole vectors
-  // (row_fold, as the forward). Pass 1's sums then come per channel of q's rows (C of them a sample, in folded)
-  // and add up, fold by fold, to p's channels (Cr) in `sums`; the groups' coefficients, the parameter gradients,
-  // the SiLU's mean_lo and the rare wide groups take p's channels and rows.
+  // (row_fold, as the forward). Pass 1's sums then come per channel of q's rows (C of them a sample, in
+  // `folded`) and add up, fold by fold, to p's channels (Cr) in `sums`; the groups' coefficients, the parameter
+  // gradients, the SiLU's mean_lo and the rare wide groups take p's channels and rows.
   const int64_t fold = row_fold(p, V::kWidth), Cr = p.C, Gr = p.G;
-  Problem q = p;
-  q.C = p.C * fold;
-  q.G = p.G * fold;
-  q.HxW = p.HxW / fold;
+  const Problem q = folded_problem(p, fold);
   const int64_t rows = q.HxW, C = q.C, sample_len = rows * C;
   const int64_t chunk_rows = max_i64(ceil_div(kChunkMinElems, C), ceil_div(rows, kChunksMax));
   const int64_t nchunks = ceil_div(rows, chunk_rows);

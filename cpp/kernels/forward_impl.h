@@ -1191,6 +1191,21 @@ inline int64_t row_fold(const Problem& p, int64_t W) {
   return k;
 }
 
+// p with its rows taken `fold` at a time: rows of fold * C channels and fold * G groups (p itself for fold 1).
+inline Problem folded_problem(const Problem& p, int64_t fold) {
+  Problem q = p;
+  q.C = p.C * fold;
+  q.G = p.G * fold;
+  q.HxW = p.HxW / fold;
+  return q;
+}
+
+// a[period, n) takes a[0, period) over and over: per-channel (or per-group) values for a folded row.
+template <class T>
+void repeat_prefix(T* a, int64_t period, int64_t n) {
+  for (int64_t i = period; i < n; ++i) a[i] = a[i - period];
+}
+
 template <class V, class S, bool kSilu>
 Status forward_channels_last(const Problem& p, const S* x, const typename V::Scalar* weight,
                              const typename V::Scalar* bias, S* y, GroupStats* stats) {
@@ -1198,10 +1213,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
   // The passes walk rows of the folded problem q (row_fold; q is p where fold is 1): its sums come per folded group
   // and add up, fold by fold, to the real groups' (Cr, Gr), whose statistics and rare second looks take p's rows.
   const int64_t fold = row_fold(p, V::kWidth), Cr = p.C, Gr = p.G;
-  Problem q = p;
-  q.C = p.C * fold;
-  q.G = p.G * fold;
-  q.HxW = p.HxW / fold;
+  const Problem q = folded_problem(p, fold);
   const int64_t rows = q.HxW, C = q.C, G = q.G, sample_len = rows * C;
   const int64_t chunk_rows = max_i64(ceil_div(kChunkMinElems, C), ceil_div(rows, kChunksMax));
   const int64_t nchunks = ceil_div(rows, chunk_rows);
@@ -1216,7 +1228,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
   for (int64_t n = 0; n < p.N; ++n) {  // params is their scratch until the parameters are written below
     T* const shift = shifts.data + n * G;
     sample_shifts<V>(p, x + n * sample_len, params.data, shift);
-    for (int64_t g = Gr; g < G; ++g) shift[g] = shift[g % Gr];
+    repeat_prefix(shift, Gr, G);
   }
   T* const weight_t = params.data;
   T* const bias_t = params.data + c_padded;
