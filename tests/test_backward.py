@@ -114,10 +114,11 @@ def test_large_offset(isa, rng, shape, G, offset, dtype, layout):
     check_backward(dy, x, G, rng.standard_normal(shape[1]).astype(dtype))
 
 
-# Channels-last rows of C values not a multiple of the vector width, taken several at a time where HxW allows
-# (row_fold), as in test_forward.py.
+# Channels-last rows of C values not a multiple of the vector width, taken several at a time (row_fold), with a
+# sample's last HxW % k rows apart where HxW is odd (fold_remainder), as in test_forward.py.
 FOLDED_CASES = [((2, 3, 32, 32), 1), ((1, 3, 64, 96), 3), ((2, 2, 128, 130), 2), ((3, 12, 8, 16), 4),
-                ((1, 6, 100, 164), 2), ((2, 20, 16, 16), 5), ((2, 5, 33, 17), 5)]
+                ((1, 6, 100, 164), 2), ((2, 20, 16, 16), 5), ((2, 5, 33, 17), 5),
+                ((1, 2, 99, 101), 1), ((3, 6, 7, 7), 3)]
 
 
 @pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])

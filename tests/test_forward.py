@@ -88,11 +88,12 @@ def test_large_shapes(isa, rng, shape, G, dtype, layout):
     check_group_norm(x, G, weight, bias)
 
 
-# Channels-last rows of C values not a multiple of the vector width, which the kernels take several at a time when
-# HxW allows (row_fold: k = W / gcd(C, W) rows, for W = 1 to 16 across the levels and dtypes), and one at a time
-# when it does not (HxW odd).
+# Channels-last rows of C values not a multiple of the vector width, which the kernels take several at a time
+# (row_fold: k = W / gcd(C, W) rows or a multiple, for W = 1 to 16 across the levels and dtypes); where HxW is not a
+# multiple of k (HxW odd), a sample's last HxW % k rows go apart (fold_remainder).
 FOLDED_CASES = [((2, 3, 32, 32), 1), ((1, 3, 64, 96), 3), ((2, 2, 128, 130), 2), ((3, 12, 8, 16), 4),
-                ((1, 6, 100, 164), 2), ((2, 20, 16, 16), 5), ((1, 40, 48), 8), ((2, 5, 33, 17), 5)]
+                ((1, 6, 100, 164), 2), ((2, 20, 16, 16), 5), ((1, 40, 48), 8), ((2, 5, 33, 17), 5),
+                ((1, 2, 99, 101), 1), ((3, 6, 7, 7), 3)]
 
 
 @pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])

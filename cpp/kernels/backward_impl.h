@@ -307,9 +307,13 @@ struct SiluPass {
     for (T* a : {m, sc, sh}) repeat_prefix(a, p.C, p.C * fold);
     for (int64_t c = p.C * fold; c < c_padded; ++c) m[c] = sc[c] = sh[c] = T(0);
   }
+  // (q may also be p, for the rows past q's: fold_remainder; a sample is p.HxW * p.C values either way.)
   void rows(const Problem& q, int64_t n, int64_t r0, int64_t r1, const T* m, const T* sc, const T* sh) const {
-    for (int64_t r = n * q.HxW + r0; r < n * q.HxW + r1; ++r)
-      silu_grad_row<V>(dz + r * q.C, x + r * q.C, dx + r * q.C, q.C, m, sc, sh);
+    const int64_t sample = n * p.HxW * p.C;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t off = sample + r * q.C;
+      silu_grad_row<V>(dz + off, x + off, dx + off, q.C, m, sc, sh);
+    }
   }
   // Whole samples [n0, n1), either layout with HxW <= kShortRun (the short-run path): their groups' mean_lo,
   // then channel by channel (one position: a channel is a single value, so a group's run goes at once with the
@@ -510,6 +514,24 @@ void rows_grad_sums(const Problem& p, const S* dy, const S* x, int64_t r0, int64
   }
 }
 
+// Per-channel sums of one sample's rows [r0, p.HxW) into out[0, p.C), in double, centered on mean_hi (p.C values
+// or more): the few rows past a folded problem's (fold_remainder).
+template <class T, class S>
+void rest_grad_sums(const Problem& p, const S* dy, const S* x, int64_t r0, const T* mean_hi, const GradSums& out) {
+  for (int64_t c = 0; c < p.C; ++c) {
+    double s_dy = 0.0, s_dy_xc = 0.0, s_xc = 0.0;
+    for (int64_t r = r0; r < p.HxW; ++r) {
+      const double g = double(widen(dy[r * p.C + c])), xc = double(widen(x[r * p.C + c])) - double(mean_hi[c]);
+      s_dy += g;
+      s_dy_xc += g * xc;
+      s_xc += xc;
+    }
+    out.dy[c] = s_dy;
+    out.dy_xc[c] = s_dy_xc;
+    out.xc[c] = s_xc;
+  }
+}
+
 // Spreads sample n's group means over its channels (padding 0), for pass 1; over `fold` copies of them for rows
 // taken fold at a time (row_fold).
 template <class T, class S>
@@ -586,16 +608,19 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
   // (row_fold, as the forward). Pass 1's sums then come per channel of q's rows (C of them a sample, in
   // `folded`) and add up, fold by fold, to p's channels (Cr) in `sums`; the groups' coefficients, the parameter
   // gradients, the SiLU's mean_lo and the rare wide groups take p's channels and rows.
-  const int64_t fold = row_fold(p, V::kWidth), Cr = p.C, Gr = p.G;
+  // A sample's last `rest` rows of p (fold_remainder), past q's, go with its last chunk, channel by channel.
+  const int64_t fold = row_fold(p, V::kWidth), rest = fold_remainder(p, fold), Cr = p.C, Gr = p.G, D = Cr / Gr;
   const Problem q = folded_problem(p, fold);
-  const int64_t rows = q.HxW, C = q.C, sample_len = rows * C;
+  const int64_t rows = q.HxW, C = q.C, sample_len = p.HxW * Cr, rest_row = rows * fold;
   const int64_t chunk_rows = max_i64(ceil_div(kChunkMinElems, C), ceil_div(rows, kChunksMax));
   const int64_t nchunks = ceil_div(rows, chunk_rows);
   const int64_t units = p.N * nchunks;
   const int64_t c_padded = ceil_div(C, V::kWidth) * V::kWidth;
   Scratch<double> chunk_block(nchunks > 1 ? 3 * units * C : 0);
   Scratch<double> folded_block(fold > 1 ? 3 * p.N * C : 0);
-  if (!chunk_block.data || !folded_block.data) return kOutOfMemory;
+  Scratch<double> rest_block(rest ? 3 * p.N * Cr : 0);
+  if (!chunk_block.data || !folded_block.data || !rest_block.data) return kOutOfMemory;
+  const GradSums rest_sums = grad_sums_in(rest_block.data, p.N * Cr);
   const GradSums folded = fold > 1 ? grad_sums_in(folded_block.data, p.N * C) : sums;  // per channel of q
   const GradSums partial = nchunks > 1 ? grad_sums_in(chunk_block.data, units * C) : folded;
   const bool want_params = dweight || dbias;
@@ -606,6 +631,11 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
     const GradSums out = {partial.dy + unit * C, partial.dy_xc + unit * C, partial.xc + unit * C};
     if (silu) silu->rows(q, n, r0, r1, b.silu_mean, b.silu_scale, b.silu_shift);  // dy (here dx) of the rows
     rows_grad_sums<V>(q, dy + n * sample_len, x + n * sample_len, r0, r1, b, out);
+    if (rest && k == nchunks - 1) {
+      if (silu) silu->rows(p, n, rest_row, p.HxW, b.silu_mean, b.silu_scale, b.silu_shift);
+      rest_grad_sums(p, dy + n * sample_len, x + n * sample_len, rest_row, b.mean_hi,
+                     {rest_sums.dy + n * Cr, rest_sums.dy_xc + n * Cr, rest_sums.xc + n * Cr});
+    }
   };
   auto sample_silu = [&](int64_t n, GradRowBuffers<T>& b) {
     if (silu) silu->fill_sample(n, b.silu_mean, b.silu_scale, b.silu_shift, b.padded, fold);
@@ -614,12 +644,13 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
     if (nchunks > 1) merge_chunks(partial, folded, n, nchunks, C);
     if (fold > 1) {  // q's channels c, c + Cr, ... are p's channel c: added in that order
       const double* const from[3] = {folded.dy + n * C, folded.dy_xc + n * C, folded.xc + n * C};
+      const double* const from_rest[3] = {rest_sums.dy + n * Cr, rest_sums.dy_xc + n * Cr, rest_sums.xc + n * Cr};
       double* const to[3] = {sums.dy + n * Cr, sums.dy_xc + n * Cr, sums.xc + n * Cr};
       for (int a = 0; a < 3; ++a)
         for (int64_t c = 0; c < Cr; ++c) {
           double total = from[a][c];
           for (int64_t j = 1; j < fold; ++j) total += from[a][j * Cr + c];
-          to[a][c] = total;
+          to[a][c] = rest ? total + from_rest[a][c] : total;
         }
     }
     for (int64_t ng = n * Gr; ng < (n + 1) * Gr; ++ng)
@@ -629,10 +660,16 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
     const int64_t r0 = k * chunk_rows, r1 = min_i64(rows, (k + 1) * chunk_rows);
     // A sample holding a wide group (rare) goes channel by channel in Wide<T>, every group of it: the vector pass
     // writes whole rows, and in place it would overwrite the wide group's x or dy first.
+    if (rest && k == nchunks - 1) {  // the sample's rows past q's (fold_remainder), channel by channel in Wide<T>
+      const int64_t off = n * sample_len + rest_row * Cr;
+      for (int64_t c = 0; c < Cr; ++c)
+        wide_grad_apply<T>(dy + off + c, x + off + c, dx + off + c, rest, Cr, weight ? weight + c : nullptr, 0,
+                           coeffs[n * Gr + c / D]);
+    }
     bool wide = false;
     for (int64_t g = 0; g < Gr; ++g) wide |= coeffs[n * Gr + g].wide;
     if (wide) {  // in p's rows: q's rows [r0, r1) are fold times as many of p's
-      const int64_t D = Cr / Gr, off = n * sample_len + r0 * C;
+      const int64_t off = n * sample_len + r0 * C;
       for (int64_t c = 0; c < Cr; ++c)
         wide_grad_apply<T>(dy + off + c, x + off + c, dx + off + c, (r1 - r0) * fold, Cr,
                            weight ? weight + c : nullptr, 0, coeffs[n * Gr + c / D]);

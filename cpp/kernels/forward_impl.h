@@ -1173,10 +1173,14 @@ void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, cons
 // How many channels-last rows the passes take as one (row_fold): a row narrower than a few vectors, or with a
 // masked tail vector, cost its per-row overhead or a masked load and store per row ([1,2,1048576] took 12x the
 // copy, [1,12,262144] 3x). k rows of C values are whole vectors when k is a multiple of W / gcd(C, W); k doubles
-// from there while the rows stay under 4 vectors and HxW stays a multiple of k. 1 when HxW is not a multiple of
-// W / gcd(C, W), or the rows would pass kFoldedRowMax values. The folded row of k*C channels holds each group k
-// times.
+// from there while the rows stay under 4 vectors and HxW stays a multiple of k. Where HxW is not a multiple of
+// W / gcd(C, W) (an odd HxW and an even k), k doubles while the rows stay under 4 vectors and HxW holds at least
+// kFoldedRowsMin of them; the last HxW % k rows of each sample (fold_remainder) then go channel by channel, in
+// Wide<T> as a wide group's do ([1,2,2**30+12345] took 14 s, 13 ns a row). 1 where the rows would pass
+// kFoldedRowMax values, or HxW is short of kFoldedRowsMin folded rows. The folded row of k*C channels holds each
+// group k times.
 constexpr int64_t kFoldedRowMax = 256;
+constexpr int64_t kFoldedRowsMin = 8;
 
 inline int64_t row_fold(const Problem& p, int64_t W) {
   int64_t a = p.C, b = W;  // gcd
@@ -1186,10 +1190,18 @@ inline int64_t row_fold(const Problem& p, int64_t W) {
     b = t;
   }
   int64_t k = W / a;
-  if (p.HxW % k != 0 || p.C * k > kFoldedRowMax) return 1;
-  while (p.C * k < 4 * W && p.HxW % (2 * k) == 0 && p.C * 2 * k <= kFoldedRowMax) k *= 2;
+  if (p.C * k > kFoldedRowMax) return 1;
+  if (p.HxW % k == 0) {
+    while (p.C * k < 4 * W && p.HxW % (2 * k) == 0 && p.C * 2 * k <= kFoldedRowMax) k *= 2;
+    return k;
+  }
+  if (p.HxW < kFoldedRowsMin * k) return 1;
+  while (p.C * k < 4 * W && p.HxW >= kFoldedRowsMin * 2 * k && p.C * 2 * k <= kFoldedRowMax) k *= 2;
   return k;
 }
+
+// The rows of a sample left over after its whole folded rows: p.HxW % fold (0 for fold 1).
+inline int64_t fold_remainder(const Problem& p, int64_t fold) { return p.HxW % fold; }
 
 // p with its rows taken `fold` at a time: rows of fold * C channels and fold * G groups (p itself for fold 1).
 inline Problem folded_problem(const Problem& p, int64_t fold) {
@@ -1212,9 +1224,10 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
   using T = typename V::Scalar;
   // The passes walk rows of the folded problem q (row_fold; q is p where fold is 1): its sums come per folded group
   // and add up, fold by fold, to the real groups' (Cr, Gr), whose statistics and rare second looks take p's rows.
-  const int64_t fold = row_fold(p, V::kWidth), Cr = p.C, Gr = p.G;
+  // A sample's last `rest` rows of p (fold_remainder), past q's, go with its last chunk, group by group.
+  const int64_t fold = row_fold(p, V::kWidth), rest = fold_remainder(p, fold), Cr = p.C, Gr = p.G, D = Cr / Gr;
   const Problem q = folded_problem(p, fold);
-  const int64_t rows = q.HxW, C = q.C, G = q.G, sample_len = rows * C;
+  const int64_t rows = q.HxW, C = q.C, G = q.G, sample_len = p.HxW * Cr, rest_at = rows * C;
   const int64_t chunk_rows = max_i64(ceil_div(kChunkMinElems, C), ceil_div(rows, kChunksMax));
   const int64_t nchunks = ceil_div(rows, chunk_rows);
   const int64_t units = p.N * nchunks;
@@ -1224,7 +1237,8 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
   Scratch<ShiftedSums> partial(units * G);
   Scratch<T> params(2 * c_padded);
   Scratch<T> shifts(p.N * G);  // read once here (nine far-apart rows a sample), not per chunk
-  if (!partial.data || !params.data || !shifts.data) return kOutOfMemory;
+  Scratch<ShiftedSums> rest_sums(rest ? p.N * Gr : 0);
+  if (!partial.data || !params.data || !shifts.data || !rest_sums.data) return kOutOfMemory;
   for (int64_t n = 0; n < p.N; ++n) {  // params is their scratch until the parameters are written below
     T* const shift = shifts.data + n * G;
     sample_shifts<V>(p, x + n * sample_len, params.data, shift);
@@ -1241,6 +1255,9 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
     const int64_t n = unit / nchunks, k = unit % nchunks;
     rows_shifted_sums<V>(q, x + n * sample_len, shifts.data + n * G, k * chunk_rows,
                          min_i64(rows, (k + 1) * chunk_rows), b, partial.data + unit * G);
+    for (int64_t g = 0; rest && k == nchunks - 1 && g < Gr; ++g)
+      rest_sums.data[n * Gr + g] =
+          strided_shifted_sums<V>(x + n * sample_len + rest_at + g * D, D, Cr, rest, shifts.data[n * G + g]);
   };
   const double count = double(p.HxW) * double(Cr / Gr), inv_count = 1.0 / count;
   // The statistics of (real) groups [g0, g1) of sample n.
@@ -1264,8 +1281,11 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
         total[g].s2 += total[j * Gr + g].s2;
       }
     }
+    for (int64_t g = g0; rest && g < g1; ++g) {
+      total[g].s1 += rest_sums.data[n * Gr + g].s1;
+      total[g].s2 += rest_sums.data[n * Gr + g].s2;
+    }
     const S* sample = x + n * sample_len;
-    const int64_t D = Cr / Gr;
     // The second look at group g's sums (rare), out of line so the loop over groups stays small.
     auto refined_stats = [&](int64_t g, T shift, double s1, double s2) __attribute__((noinline)) {
       auto visit = [&](auto&& f) {
@@ -1309,8 +1329,11 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
     S* ys = y + n * sample_len;
     // A sample holding a wide group (rare) is applied channel by channel in Wide<T>, every group of it: the
     // vector pass writes whole rows, and in place it would overwrite the wide group's input first.
+    if (rest && k == nchunks - 1)  // the sample's rows past q's (fold_remainder), channel by channel in Wide<T>
+      for (int64_t c = 0; c < Cr; ++c)
+        wide_apply_run<T, kSilu>(xs + rest_at + c, ys + rest_at + c, rest, Cr, stats[n * Gr + c / D], weight,
+                                 bias, c);
     if (wide) {  // in p's rows: rows [r0, r1) of q are fold times as many of p
-      const int64_t D = Cr / Gr;
       for (int64_t c = 0; c < Cr; ++c)
         wide_apply_run<T, kSilu>(xs + r0 * C + c, ys + r0 * C + c, (r1 - r0) * fold, Cr, stats[n * Gr + c / D],
                                  weight, bias, c);

@@ -474,8 +474,9 @@ void check_short_groups(Tally& tally, const Levels& levels, std::mt19937_64& mas
 }
 
 // Channels-last rows of C values not a multiple of the vector width, which the kernels take k at a time (row_fold,
-// k = W / gcd(C, W) for each level's W): C from 1 to 40, HxW a multiple of 16 (folded at every width) or not (rows
-// one by one), one chunk or several, one sample or three; data normal, offset (1e4 + N(0,1)), every other group
+// k = W / gcd(C, W) for each level's W): C from 1 to 40, HxW a multiple of 16 (folded at every width) or not (the
+// last HxW % k rows of a sample apart: fold_remainder; or rows one by one where HxW is short of 8 folded rows), one
+// chunk or several, one sample or three; data normal, offset (1e4 + N(0,1)), every other group
 // constant (whose sums come out 0 and take the second look and the wide apply), and for float32 and float64
 // 1e25 * N(0,1) (squares beyond float32's range: the second look again).
 template <class T, class P = param_t<T>>
@@ -489,7 +490,8 @@ void check_folded_rows(Tally& tally, const Levels& levels, std::mt19937_64& mast
                        {"N(0,1), every 2nd group constant", 0.0, 1.0, 2}, {"1e25*N(0,1)", 0.0, 1e25, 0}};
   const Shape shapes[] = {{1, 1, 1, 64},   {3, 2, 1, 48},    {1, 2, 2, 16 * 1500}, {2, 3, 1, 32},  {1, 3, 3, 16 * 2001},
                           {1, 5, 5, 80},   {3, 6, 2, 16 * 5}, {2, 6, 3, 33},       {1, 12, 4, 64}, {1, 12, 3, 16 * 700},
-                          {2, 20, 4, 16},  {1, 24, 8, 48},   {1, 40, 5, 17},       {2, 7, 7, 96}};
+                          {2, 20, 4, 16},  {1, 24, 8, 48},   {1, 40, 5, 17},       {2, 7, 7, 96},  {1, 2, 1, 16 * 1500 + 7},
+                          {3, 6, 3, 83},   {2, 1, 1, 16 * 700 + 9}, {2, 3, 1, 16 * 3 + 1}};
   for (const Data& d : data) {
     if (sizeof(T) == 2 && (std::fabs(d.offset) > 6e4 || d.spread > 6e4)) continue;  // beyond float16's range
     if (d.spread > 1e20 && is_half_v<T>) continue;
