@@ -1322,7 +1322,9 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
     return false;
   };
   const bool stream = streams_output(p, sizeof(S)) && C % V::kWidth == 0, backwards = apply_backwards(x, y);
-  const int64_t head = row_rotation(y, C, V::kWidth);
+  // Per sample: with rows left apart (rest), a sample is not a whole number of q's rows, so its rows' alignment
+  // differs from sample 0's (and the non-temporal stores need it).
+  auto head_of = [&](int64_t n) { return row_rotation(y + n * sample_len, C, V::kWidth); };
   auto chunk_apply = [&](int64_t n, int64_t k, const RowBuffers<T>& b, bool wide) {
     const int64_t r0 = k * chunk_rows, r1 = min_i64(rows, (k + 1) * chunk_rows);
     const S* xs = x + n * sample_len;
@@ -1341,9 +1343,9 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
       with_input_nans<S>(b.clean, [&](auto input_nans) {
         constexpr bool kInputNaNs = decltype(input_nans)::value;
         if (stream)
-          rows_apply<V, S, kSilu, true, kInputNaNs>(q, xs, ys, r0, r1, b, head, backwards);
+          rows_apply<V, S, kSilu, true, kInputNaNs>(q, xs, ys, r0, r1, b, head_of(n), backwards);
         else
-          rows_apply<V, S, kSilu, false, kInputNaNs>(q, xs, ys, r0, r1, b, head, backwards);
+          rows_apply<V, S, kSilu, false, kInputNaNs>(q, xs, ys, r0, r1, b, head_of(n), backwards);
       });
     }
   };
@@ -1352,7 +1354,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
     for (int64_t k = 0; k < nchunks; ++k) chunk_moments(n * nchunks + k, b);
     sample_finish(n, 0, Gr);
     const bool wide = sample_wide(n);
-    sample_coeffs<V, S>(q, stats + n * Gr, Gr, weight_t, bias_t, head, b);
+    sample_coeffs<V, S>(q, stats + n * Gr, Gr, weight_t, bias_t, head_of(n), b);
     for (int64_t k = nchunks - 1; k >= 0; --k) chunk_apply(n, k, b, wide);  // last summed first: still in cache
   };
 
@@ -1393,7 +1395,7 @@ Status forward_channels_last(const Problem& p, const S* x, const typename V::Sca
         if (!ok) continue;
         const int64_t n = unit / nchunks;
         if (n != coeffs_of) {
-          sample_coeffs<V, S>(q, stats + n * Gr, Gr, weight_t, bias_t, head, b);
+          sample_coeffs<V, S>(q, stats + n * Gr, Gr, weight_t, bias_t, head_of(n), b);
           wide = sample_wide(n);
           coeffs_of = n;
         }

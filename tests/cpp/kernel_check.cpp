@@ -332,10 +332,11 @@ constexpr AffineMode kAffineModes[] = {
 template <class T, class P = param_t<T>>
 void check_data(Tally& tally, const Levels& levels, const Shape& s, const std::vector<T>& x,
                 const std::vector<P>& weight, const std::vector<P>& bias, bool all_affine_modes, bool check_in_place,
-                const std::string& data_label) {
+                const std::string& data_label, int64_t stream_threshold_bytes = 0) {
   for (Layout layout : {Layout::kChannelsFirst, Layout::kChannelsLast}) {
     Problem p;
     p.N = s.N, p.C = s.C, p.G = s.G, p.HxW = s.HxW, p.layout = layout, p.eps = 1e-5;
+    p.stream_threshold_bytes = stream_threshold_bytes;
     const ReferenceStats ref = reference_stats(shape_layout(s, layout), x.data(), p.eps);
     for (Activation act : {Activation::kNone, Activation::kSilu}) {
       p.activation = act;
@@ -510,6 +511,11 @@ void check_folded_rows(Tally& tally, const Levels& levels, std::mt19937_64& mast
       const std::vector<P> bias = normal_data<P>(rng, s.C, 0.0, 1.0);
       check_data(tally, levels, s, x, weight, bias, true, true,
                  format("folded rows data=%s case_seed=%llu", d.name, (unsigned long long)case_seed));
+      // Non-temporal stores whatever the size (the fuzzer found a sample misaligned for them: rows left apart
+      // made a sample no whole number of folded rows, and the rotation to aligned stores was sample 0's).
+      if (&d == &data[0])
+        check_data(tally, levels, s, x, weight, bias, false, true,
+                   format("folded rows streamed data=%s case_seed=%llu", d.name, (unsigned long long)case_seed), 1);
     }
   }
 }
