@@ -228,7 +228,7 @@ inline void merge_chunks(const GradSums& partial, const GradSums& out, int64_t o
 template <class V>
 __attribute__((always_inline)) inline V silu_derivative(V u) {
   const V one = V::broadcast(typename V::Scalar(1));
-  const V s = one / (one + exp_approx(V::zero() - u));
+  const V s = one / one_plus_exp_neg(u);
   return s * fma(u, one - s, one);
 }
 

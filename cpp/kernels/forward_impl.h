@@ -318,34 +318,54 @@ inline ShiftedSums any_run_shifted_sums(const S* x, int64_t n, typename V::Scala
   return n <= V::kWidth ? short_run_shifted_sums<V>(x, n, shift) : run_shifted_sums<V>(x, n, shift);
 }
 
-// exp(x) for the SiLU: Cody-Waite reduction by ln 2 and a Taylor polynomial good to ~1 ulp of T. Always inlined,
-// as activate and silu_derivative (backward_impl.h) are: called out of line from the apply loops, every vector
-// paid a call, its ten constants loaded again and the caller's vector registers spilled around it (no ymm
+// 1 + exp(-y), the SiLU's denominator (forward and backward): exp by Cody-Waite reduction, n = round(-y / ln 2) and
+// r = -y - n ln 2 with |r| <= ln2 / 2, then a polynomial in r good to about an ulp of T (a Chebyshev fit of degree 6
+// for float, 11 for double), times 2^n, plus 1, in one fma. The rounding is an add of kMagic = 1.5 * 2^m + bias (m
+// mantissa bits): the sum's low mantissa bits hold n + bias, and a shift of its bits puts them in a float's exponent
+// field (pow2_of_rounded): no rounding, conversion or integer add. y is clamped to +-87 (double: +-708) so that 2^n
+// stays normal; a NaN y comes out of the clamp as a number (the caller's y carries the NaN on). Since x = -y, r is
+// taken negated, r' = y + n ln 2, and the polynomial's odd coefficients with their signs flipped.
+// Always inlined, as activate and silu_derivative (backward_impl.h) are: called out of line from the apply loops,
+// every vector paid a call, its constants loaded again and the caller's vector registers spilled around it (no ymm
 // register is callee-saved), and the fused SiLU took 3-4x the forward without it (NOTES, fifteenth session).
 template <class V>
-__attribute__((always_inline)) inline V exp_approx(V x) {
+__attribute__((always_inline)) inline V one_plus_exp_neg(V y) {
   using T = typename V::Scalar;
   constexpr bool kF32 = sizeof(T) == 4;
-  const V limit = V::broadcast(kF32 ? T(87.0) : T(708.0));
-  x = min(max(x, V::zero() - limit), limit);
-  const V n = round_nearest(x * V::broadcast(T(1.4426950408889634)));
-  V r = fma(n, V::broadcast(T(-0.693145751953125)), x);  // ln 2 split: hi has few bits, so n*hi is exact
-  r = fma(n, V::broadcast(T(-1.4286068203094172321e-6)), r);
-  constexpr int kDegree = kF32 ? 7 : 13;
-  double inv_factorial[kDegree + 1];
-  inv_factorial[0] = 1.0;
-  for (int k = 1; k <= kDegree; ++k) inv_factorial[k] = inv_factorial[k - 1] / k;
-  V p = V::broadcast(T(inv_factorial[kDegree]));
-  for (int k = kDegree - 1; k >= 0; --k) p = fma(p, r, V::broadcast(T(inv_factorial[k])));
-  return ldexp_int(p, n);
+  y = min(max(y, V::broadcast(kF32 ? T(-87.0) : T(-708.0))), V::broadcast(kF32 ? T(87.0) : T(708.0)));
+  const V magic = V::broadcast(kF32 ? T(12582912.0 + 127.0) : T(6755399441055744.0 + 1023.0));
+  const V t = fma(y, V::broadcast(T(-1.4426950408889634)), magic);  // n + magic
+  const V n = t - magic;
+  V r = fma(n, V::broadcast(T(0.693145751953125)), y);  // ln 2 split: hi has few bits, so n*hi is exact
+  r = fma(n, V::broadcast(T(1.4286068203094172321e-6)), r);
+  // Coefficients of exp(-r) on |r| <= ln2/2 + 1e-4 (mpmath.chebyfit): c_k (-1)^k for exp's c_k.
+  static constexpr double kF32Coeffs[] = {1.0, -1.0000000377816202, 0.5000000047199452, -0.16666415224265796,
+                                          0.041666352534085764, -0.0083751505698369708, 0.0013941138623396756};
+  static constexpr double kF64Coeffs[] = {1.0,
+                                          -1.0,
+                                          0.50000000000000184387,
+                                          -0.16666666666666680847,
+                                          0.041666666666487682682,
+                                          -0.0083333333333195688662,
+                                          0.0013888888952424725872,
+                                          -0.00019841269890131664129,
+                                          0.000024801485364665952492,
+                                          -2.7557240828098963687e-6,
+                                          2.7632683164907009138e-7,
+                                          -2.5110071076352930923e-8};
+  constexpr int kDegree = kF32 ? 6 : 11;
+  const double* const c = kF32 ? kF32Coeffs : kF64Coeffs;
+  V p = V::broadcast(T(c[kDegree]));
+#pragma GCC unroll 12
+  for (int k = kDegree - 1; k >= 0; --k) p = fma(p, r, V::broadcast(T(c[k])));
+  return fma(p, pow2_of_rounded(t), V::broadcast(T(1)));
 }
 
 // y * sigmoid(y), written as y / (1 + exp(-y)): a NaN stays NaN, large |y| give y and -0.
 template <class V, bool kSilu>
 __attribute__((always_inline)) inline V activate(V y) {
   if constexpr (kSilu) {
-    const V one = V::broadcast(typename V::Scalar(1));
-    return y / (one + exp_approx(V::zero() - y));
+    return y / one_plus_exp_neg(y);
   } else {
     return y;
   }

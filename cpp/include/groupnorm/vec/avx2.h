@@ -141,12 +141,9 @@ struct VecF32 {
   friend VecF32 fma(VecF32 a, VecF32 b, VecF32 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   friend VecF32 min(VecF32 a, VecF32 b) { return {_mm256_min_ps(a.v, b.v)}; }
   friend VecF32 max(VecF32 a, VecF32 b) { return {_mm256_max_ps(a.v, b.v)}; }
-  friend VecF32 round_nearest(VecF32 a) {
-    return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
-  }
-  friend VecF32 ldexp_int(VecF32 a, VecF32 n) {
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
-    return {_mm256_mul_ps(a.v, _mm256_castsi256_ps(bits))};
+  // 2^n from t = n + 127 + 1.5 * 2^23 (one_plus_exp_neg's rounding): the low mantissa bits shifted into the exponent.
+  friend VecF32 pow2_of_rounded(VecF32 t) {
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t.v), 23))};
   }
   // Lane-wise double accumulators: a run's float partial sums widen and add in with no horizontal step, which
   // comes once, in acc_sum.
@@ -223,16 +220,9 @@ struct VecF64 {
   friend VecF64 fma(VecF64 a, VecF64 b, VecF64 c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
   friend VecF64 min(VecF64 a, VecF64 b) { return {_mm256_min_pd(a.v, b.v)}; }
   friend VecF64 max(VecF64 a, VecF64 b) { return {_mm256_max_pd(a.v, b.v)}; }
-  friend VecF64 round_nearest(VecF64 a) {
-    return {_mm256_round_pd(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
-  }
-  // 1.5 * 2^52 puts the integer n into the low mantissa bits; AVX2 has no double -> int64 conversion.
-  friend VecF64 ldexp_int(VecF64 a, VecF64 n) {
-    const __m256d magic = _mm256_set1_pd(6755399441055744.0);
-    const __m256i n_i64 = _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(n.v, magic)),
-                                           _mm256_castpd_si256(magic));
-    const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(n_i64, _mm256_set1_epi64x(1023)), 52);
-    return {_mm256_mul_pd(a.v, _mm256_castsi256_pd(bits))};
+  // 2^n from t = n + 1023 + 1.5 * 2^52 (one_plus_exp_neg's rounding).
+  friend VecF64 pow2_of_rounded(VecF64 t) {
+    return {_mm256_castsi256_pd(_mm256_slli_epi64(_mm256_castpd_si256(t.v), 52))};
   }
   struct Acc {
     __m256d v;

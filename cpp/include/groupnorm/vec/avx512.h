@@ -118,10 +118,10 @@ struct VecF32 {
   friend VecF32 fma(VecF32 a, VecF32 b, VecF32 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   friend VecF32 min(VecF32 a, VecF32 b) { return {_mm512_min_ps(a.v, b.v)}; }
   friend VecF32 max(VecF32 a, VecF32 b) { return {_mm512_max_ps(a.v, b.v)}; }
-  friend VecF32 round_nearest(VecF32 a) {
-    return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  // 2^n from t = n + 127 + 1.5 * 2^23 (one_plus_exp_neg's rounding): the low mantissa bits shifted into the exponent.
+  friend VecF32 pow2_of_rounded(VecF32 t) {
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t.v), 23))};
   }
-  friend VecF32 ldexp_int(VecF32 a, VecF32 n) { return {_mm512_scalef_ps(a.v, n.v)}; }
   // Lane-wise double accumulators: a run's float partial sums widen and add in with no horizontal step, which
   // comes once, in acc_sum.
   struct Acc {
@@ -188,10 +188,10 @@ struct VecF64 {
   friend VecF64 fma(VecF64 a, VecF64 b, VecF64 c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
   friend VecF64 min(VecF64 a, VecF64 b) { return {_mm512_min_pd(a.v, b.v)}; }
   friend VecF64 max(VecF64 a, VecF64 b) { return {_mm512_max_pd(a.v, b.v)}; }
-  friend VecF64 round_nearest(VecF64 a) {
-    return {_mm512_roundscale_pd(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  // 2^n from t = n + 1023 + 1.5 * 2^52 (one_plus_exp_neg's rounding).
+  friend VecF64 pow2_of_rounded(VecF64 t) {
+    return {_mm512_castsi512_pd(_mm512_slli_epi64(_mm512_castpd_si512(t.v), 52))};
   }
-  friend VecF64 ldexp_int(VecF64 a, VecF64 n) { return {_mm512_scalef_pd(a.v, n.v)}; }
   struct Acc {
     __m512d v;
   };

@@ -81,10 +81,9 @@ struct VecF32 {
   friend VecF32 fma(VecF32 a, VecF32 b, VecF32 c) { return {vfmaq_f32(c.v, a.v, b.v)}; }
   friend VecF32 min(VecF32 a, VecF32 b) { return {vminnmq_f32(a.v, b.v)}; }
   friend VecF32 max(VecF32 a, VecF32 b) { return {vmaxnmq_f32(a.v, b.v)}; }
-  friend VecF32 round_nearest(VecF32 a) { return {vrndnq_f32(a.v)}; }
-  friend VecF32 ldexp_int(VecF32 a, VecF32 n) {
-    const int32x4_t bits = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n.v), vdupq_n_s32(127)), 23);
-    return {vmulq_f32(a.v, vreinterpretq_f32_s32(bits))};
+  // 2^n from t = n + 127 + 1.5 * 2^23 (one_plus_exp_neg's rounding): the low mantissa bits shifted into the exponent.
+  friend VecF32 pow2_of_rounded(VecF32 t) {
+    return {vreinterpretq_f32_u32(vshlq_n_u32(vreinterpretq_u32_f32(t.v), 23))};
   }
   // Lane-wise double accumulators: a run's float partial sums widen and add in with no horizontal step, which
   // comes once, in acc_sum.
@@ -155,10 +154,9 @@ struct VecF64 {
   friend VecF64 fma(VecF64 a, VecF64 b, VecF64 c) { return {vfmaq_f64(c.v, a.v, b.v)}; }
   friend VecF64 min(VecF64 a, VecF64 b) { return {vminnmq_f64(a.v, b.v)}; }
   friend VecF64 max(VecF64 a, VecF64 b) { return {vmaxnmq_f64(a.v, b.v)}; }
-  friend VecF64 round_nearest(VecF64 a) { return {vrndnq_f64(a.v)}; }
-  friend VecF64 ldexp_int(VecF64 a, VecF64 n) {
-    const int64x2_t bits = vshlq_n_s64(vaddq_s64(vcvtnq_s64_f64(n.v), vdupq_n_s64(1023)), 52);
-    return {vmulq_f64(a.v, vreinterpretq_f64_s64(bits))};
+  // 2^n from t = n + 1023 + 1.5 * 2^52 (one_plus_exp_neg's rounding).
+  friend VecF64 pow2_of_rounded(VecF64 t) {
+    return {vreinterpretq_f64_u64(vshlq_n_u64(vreinterpretq_u64_f64(t.v), 52))};
   }
   struct Acc {
     float64x2_t v;

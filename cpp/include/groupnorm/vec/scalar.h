@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "groupnorm/half.h"
 
@@ -58,17 +60,17 @@ struct ScalarVec {
   friend ScalarVec operator*(ScalarVec a, ScalarVec b) { return {a.v * b.v}; }
   friend ScalarVec operator/(ScalarVec a, ScalarVec b) { return {a.v / b.v}; }
   friend ScalarVec fma(ScalarVec a, ScalarVec b, ScalarVec c) { return {a.v * b.v + c.v}; }
-  // A NaN operand gives b, as x86's minps / maxps do: exp_approx's clamp then turns a NaN into a finite n,
-  // which ldexp_int may convert to int (converting a NaN is undefined behaviour).
+  // A NaN operand gives b, as x86's minps / maxps do (one_plus_exp_neg's clamp turns a NaN into a number).
   friend ScalarVec min(ScalarVec a, ScalarVec b) { return {a.v < b.v ? a.v : b.v}; }
   friend ScalarVec max(ScalarVec a, ScalarVec b) { return {a.v > b.v ? a.v : b.v}; }
-  friend ScalarVec round_nearest(ScalarVec a) {
-    return {sizeof(T) == 4 ? T(__builtin_nearbyintf(float(a.v))) : T(__builtin_nearbyint(double(a.v)))};
-  }
-  // a * 2^n for an integer-valued n inside the normal exponent range.
-  friend ScalarVec ldexp_int(ScalarVec a, ScalarVec n) {
-    return {sizeof(T) == 4 ? T(__builtin_ldexpf(float(a.v), int(n.v)))
-                           : T(__builtin_ldexp(double(a.v), int(n.v)))};
+  // 2^n from t = n + bias + 1.5 * 2^m (one_plus_exp_neg's rounding): the low mantissa bits shifted into the exponent.
+  friend ScalarVec pow2_of_rounded(ScalarVec t) {
+    using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+    Bits bits;
+    std::memcpy(&bits, &t.v, sizeof bits);
+    bits <<= (sizeof(T) == 4 ? 23 : 52);
+    std::memcpy(&t.v, &bits, sizeof bits);
+    return t;
   }
   // Double accumulators of lane sums (one lane here).
   struct Acc {
