@@ -182,6 +182,15 @@ def check_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activat
 # of terms of one channel can undercut by chance (so can a long channel's: a sum of 262,144 terms came out
 # 3.7 where their root sum of squares is 512). With more than a few elements per group and per channel these
 # scales rarely exceed max|g_ref| by more than a small factor, so the target is unchanged.
+# Channels-last rows of C values not a multiple of the vector width, which the kernels take several at a time
+# (row_fold: k = W / gcd(C, W) rows or a multiple, for W = 1 to 16 across the levels and dtypes); where HxW is not a
+# multiple of k (HxW odd), a sample's last HxW % k rows go apart (fold_remainder). test_forward.py and
+# test_backward.py run these.
+FOLDED_CASES = [((2, 3, 32, 32), 1), ((1, 3, 64, 96), 3), ((2, 2, 128, 130), 2), ((3, 12, 8, 16), 4),
+                ((1, 6, 100, 164), 2), ((2, 20, 16, 16), 5), ((1, 40, 48), 8), ((2, 5, 33, 17), 5),
+                ((1, 2, 99, 101), 1), ((3, 6, 7, 7), 3)]
+FOLDED_IDS = [f"{s}-G{g}".replace(" ", "") for s, g in FOLDED_CASES]
+
 GRAD_TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
 
 

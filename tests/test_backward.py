@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import groupnorm as gn
-from reference import (assert_grads_match, at_odd_address, group_norm_backward_reference, group_norm_reference,
-                       group_stats_reference, random_array, same_bits, same_memory_order)
+from reference import (FOLDED_CASES, FOLDED_IDS, assert_grads_match, at_odd_address, group_norm_backward_reference,
+                       group_norm_reference, group_stats_reference, random_array, same_bits, same_memory_order)
 
 DTYPES = [np.float32, np.float64]
 TAILS = (1, 3, 7, 15, 16, 17, 31, 33, 63, 65)
@@ -114,16 +114,10 @@ def test_large_offset(isa, rng, shape, G, offset, dtype, layout):
     check_backward(dy, x, G, rng.standard_normal(shape[1]).astype(dtype))
 
 
-# Channels-last rows of C values not a multiple of the vector width, taken several at a time (row_fold), with a
-# sample's last HxW % k rows apart where HxW is odd (fold_remainder), as in test_forward.py.
-FOLDED_CASES = [((2, 3, 32, 32), 1), ((1, 3, 64, 96), 3), ((2, 2, 128, 130), 2), ((3, 12, 8, 16), 4),
-                ((1, 6, 100, 164), 2), ((2, 20, 16, 16), 5), ((2, 5, 33, 17), 5),
-                ((1, 2, 99, 101), 1), ((3, 6, 7, 7), 3)]
-
-
+# Channels-last rows of C values not a multiple of the vector width (reference.FOLDED_CASES), as in test_forward.py.
 @pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, G", FOLDED_CASES, ids=[f"{s}-G{g}".replace(" ", "") for s, g in FOLDED_CASES])
+@pytest.mark.parametrize("shape, G", FOLDED_CASES, ids=FOLDED_IDS)
 def test_narrow_channels_last_rows(isa, rng, shape, G, dtype, silu):
     x = random_array(rng, shape, dtype, "channels_last")
     dy = random_array(rng, shape, dtype, "channels_last")

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import groupnorm as gn
-from reference import (affine_params, assert_matches_reference, at_odd_address, check_group_norm, empty_like_layout,
-                       group_norm_reference, guard_untouched, off_cache_line, random_array, same_bits)
+from reference import (FOLDED_CASES, FOLDED_IDS, affine_params, assert_matches_reference, at_odd_address,
+                       check_group_norm, empty_like_layout, group_norm_reference, guard_untouched, off_cache_line,
+                       random_array, same_bits)
 
 DTYPES = [np.float32, np.float64]
 TAILS = (1, 3, 7, 15, 16, 17, 31, 33, 63, 65)
@@ -88,17 +89,10 @@ def test_large_shapes(isa, rng, shape, G, dtype, layout):
     check_group_norm(x, G, weight, bias)
 
 
-# Channels-last rows of C values not a multiple of the vector width, which the kernels take several at a time
-# (row_fold: k = W / gcd(C, W) rows or a multiple, for W = 1 to 16 across the levels and dtypes); where HxW is not a
-# multiple of k (HxW odd), a sample's last HxW % k rows go apart (fold_remainder).
-FOLDED_CASES = [((2, 3, 32, 32), 1), ((1, 3, 64, 96), 3), ((2, 2, 128, 130), 2), ((3, 12, 8, 16), 4),
-                ((1, 6, 100, 164), 2), ((2, 20, 16, 16), 5), ((1, 40, 48), 8), ((2, 5, 33, 17), 5),
-                ((1, 2, 99, 101), 1), ((3, 6, 7, 7), 3)]
-
-
+# Channels-last rows of C values not a multiple of the vector width (reference.FOLDED_CASES).
 @pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, G", FOLDED_CASES, ids=[f"{s}-G{g}".replace(" ", "") for s, g in FOLDED_CASES])
+@pytest.mark.parametrize("shape, G", FOLDED_CASES, ids=FOLDED_IDS)
 def test_narrow_channels_last_rows(isa, rng, shape, G, dtype, silu):
     x = random_array(rng, shape, dtype, "channels_last")
     weight, bias = affine_params(rng, shape[1], dtype, "both")
