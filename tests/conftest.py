@@ -9,6 +9,13 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from reference import ...` in any import mode
 
+# OpenMP threads that finish a parallel region sleep at once instead of spinning (libgomp spins up to 300,000
+# iterations first): pytest-xdist runs one worker a core, and every spinning thread takes a core from the other
+# worker. It changes no result, only who gets the CPU: the README's pytest took 250 s instead of 292 s on the
+# 2-core VM, kernel_check (which inherits it, as every subprocess does) 68 s instead of 105 s. libgomp reads it
+# when it loads, so it is set before groupnorm (and torch) are imported; a value already set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 import groupnorm as gn  # noqa: E402
 from groupnorm import _core  # noqa: E402
 from isa_levels import DEFAULT_ISA, ISA_PARAMS, use_isa  # noqa: E402

@@ -14,13 +14,14 @@ import groupnorm as gn
 PATTERN = np.array([-2.5, -1.0, 0.0, 0.5, 1.25, 3.0, 7.0], dtype=np.float16) + np.float16(10.0)
 P = len(PATTERN)
 HXW = 2**30 + 12_345  # two channels in one group: 2**31 + 24_690 elements
-NEEDED_BYTES = 2 * (2 * 2 * HXW) + (1 << 30)  # input + output + checking chunks
+ARRAY_BYTES = 2 * 2 * HXW  # one float16 array of the shape
+CHECK_BYTES = 1 << 30  # the checking chunks
 
 
-def _require_memory():
-    """Skips the test unless the memory it needs is free now (checked at its start, not at collection, so
+def _require_memory(needed):
+    """Skips the test unless `needed` bytes are free now (checked at its start, not at collection, so
     that a concurrent run of the suite makes it skip rather than both be killed for memory)."""
-    needed = NEEDED_BYTES * (9 / 8 if "asan" in os.environ.get("LD_PRELOAD", "") else 1)  # ASan's shadow
+    needed *= 9 / 8 if "asan" in os.environ.get("LD_PRELOAD", "") else 1  # ASan's shadow
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
@@ -56,6 +57,14 @@ def _patterned(length):
     return x
 
 
+@pytest.fixture(scope="module")
+def flat():
+    """The patterned input, made once for the module's tests (which leave it untouched): on the CI's VM the first
+    touch of 4 GiB costs 4-13 s of page faults, a second copy as much again."""
+    _require_memory(2 * ARRAY_BYTES + CHECK_BYTES)  # itself, then a test's output and checking chunks
+    return _patterned(2 * HXW)
+
+
 def _stats(counts, eps):
     values = PATTERN.astype(np.float64)
     total = counts.sum()
@@ -87,9 +96,8 @@ def _assert_within_one_ulp(got, ref, what):
 
 @pytest.mark.asan_heavy
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_forward_group_over_2_31_elements(layout):
-    _require_memory()
-    flat = _patterned(2 * HXW)
+def test_forward_group_over_2_31_elements(layout, flat):
+    _require_memory(ARRAY_BYTES + CHECK_BYTES)
     if layout == "contiguous":
         x = flat.reshape(1, 2, HXW)
     else:
@@ -111,10 +119,9 @@ def test_forward_group_over_2_31_elements(layout):
 
 
 @pytest.mark.asan_heavy
-def test_backward_group_over_2_31_elements():
+def test_backward_group_over_2_31_elements(flat):
     """dy = x and eps = var make dx = x_hat / 2 (rstd^2 * var = 1/2): well conditioned, known exactly."""
-    _require_memory()
-    flat = _patterned(2 * HXW)
+    _require_memory(ARRAY_BYTES + CHECK_BYTES)
     x = flat.reshape(1, 2, HXW)
     mean, _, var = _stats(_counts(0, 2 * HXW), 0.0)
     eps = var
