@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 import groupnorm as gn  # noqa: E402
 from groupnorm import _core  # noqa: E402
 from isa_levels import DEFAULT_ISA, ISA_PARAMS, use_isa  # noqa: E402
+from xdist_groups import pytest_collection_modifyitems  # noqa: E402,F401  (a hook: pytest finds it here)
 
 
 @pytest.fixture(params=ISA_PARAMS)
