@@ -302,6 +302,23 @@ def test_inference_calls_the_kernel_without_autograd(rng, monkeypatch, mode):
     assert torch.equal(y, gnt.group_norm(x, 4, weight.detach().requires_grad_(), bias).detach())
 
 
+@pytest.mark.parametrize("differentiable", [False, True])
+@pytest.mark.parametrize("which", ["input", "weight", "bias"])
+def test_negated_views_keep_their_sign(rng, which, differentiable):
+    """A lazily negated view (torch._neg_view; ``z.conj().imag`` of a complex z) holds the negatives of its values
+    in memory: groupnorm.torch reads its values, not its memory, on the inference path and the autograd one."""
+    x, w, b = tensor(rng, (2, 8, 5)), tensor(rng, (8,)), tensor(rng, (8,))
+    expected = gnt.group_norm(x, 4, w, b)
+    args = {"input": x, "weight": w, "bias": b}
+    args[which] = torch._neg_view(-args[which])
+    assert args[which].is_neg() and torch.equal(args[which], {"input": x, "weight": w, "bias": b}[which])
+    if differentiable:  # another argument requires grad: the call goes through the autograd.Function
+        other = "bias" if which != "bias" else "weight"
+        args[other] = args[other].clone().requires_grad_()
+    y = gnt.group_norm(args["input"], 4, args["weight"], args["bias"])
+    assert y.requires_grad == differentiable and torch.equal(y.detach(), expected)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward_ad
 def test_forward_mode_ad_is_refused_not_dropped(rng):
     """Inside a dual level the call goes through the autograd.Function, which has no jvp and says so, rather

@@ -319,6 +319,44 @@ cdef object _torch_view(object tensor, object torch):
     return None if descr is None else _tensor_memory(tensor, descr)
 
 
+def torch_views(input, weight, bias):
+    """(x, w, b): the NumPy views of groupnorm.torch's forward tensors (weight and bias may be None, and stay None)
+    where each is a plain CPU ``torch.Tensor`` or ``nn.Parameter`` of a kernel dtype, not lazily negated; None
+    where any is not, and the caller's own checks then raise or resolve (from_torch). Half the cost of those
+    checks for the common call (about 2 us of a 9 us small call on a 2-core Zen 3 VM).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from groupnorm import _dlpack
+    >>> x, w, b = _dlpack.torch_views(torch.zeros(2, 4), torch.ones(4), None)
+    >>> x.shape, w.tolist(), b
+    ((2, 4), [1.0, 1.0, 1.0, 1.0], None)
+    >>> _dlpack.torch_views(torch.zeros(2, 4, dtype=torch.int32), None, None) is None
+    True
+    """
+    torch = sys.modules["torch"]
+    x = _plain_torch_view(input, torch)
+    if x is None:
+        return None
+    w = b = None
+    if weight is not None:
+        w = _plain_torch_view(weight, torch)
+        if w is None:
+            return None
+    if bias is not None:
+        b = _plain_torch_view(bias, torch)
+        if b is None:
+            return None
+    return x, w, b
+
+
+cdef object _plain_torch_view(object tensor, object torch):
+    """_torch_view of a tensor without the negative bit; None otherwise."""
+    view = _torch_view(tensor, torch)
+    return None if view is None or tensor.is_neg() else view
+
+
 def from_torch(tensor):
     """The NumPy view of a CPU torch tensor's memory (as_torch's inverse) for groupnorm.torch, which has checked
     its type, device and dtype (one of the four): no copy, whether or not it requires grad, except for a lazily

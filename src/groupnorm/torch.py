@@ -83,12 +83,13 @@ def _param_grad(grad, dtype):
 
 def _arrays(input, weight, bias):
     """The NumPy views of the forward's three tensors, after the tensor-level checks."""
-    x = _as_array(input, "input")
-    w = None if weight is None else _as_array(weight, "weight")
-    b = None if bias is None else _as_array(bias, "bias")
+    views = _dlpack.torch_views(input, weight, bias)  # plain CPU tensors of kernel dtypes: the common call
+    if views is None:  # anything else meets the checks that raise (or, for a negated view, resolve)
+        views = (_as_array(input, "input"), None if weight is None else _as_array(weight, "weight"),
+                 None if bias is None else _as_array(bias, "bias"))
     _check_param_dtype("weight", weight, input)
     _check_param_dtype("bias", bias, input)
-    return x, w, b
+    return views
 
 
 def _differentiable(input, weight, bias):
