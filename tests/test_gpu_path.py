@@ -84,11 +84,8 @@ class EmulatedProblem:
     """What groupnorm._cuda.problem returns: spec, forward_workspace, backward_workspace (and the C struct)."""
 
 
-@pytest.fixture(scope="session")
-def emulated_library(tmp_path_factory):
-    """The emulated kernels' shared library, compiled once per process: pytest-xdist may hand this module's
-    tests to its worker in more than one batch, and each batch set up the module's fixtures (and compiled, 8-10 s)
-    again."""
+@pytest.fixture(scope="module")
+def cuda(tmp_path_factory):
     if not (ROOT / "cpp" / "cuda" / "groupnorm_cuda_impl.cuh").exists() or not (EMU / "emu_capi.cpp").exists():
         pytest.skip("needs the source tree")
     compiler = shutil.which("c++") or shutil.which("g++")
@@ -100,12 +97,7 @@ def emulated_library(tmp_path_factory):
                "-o", str(library), "-ldl"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    return library
-
-
-@pytest.fixture(scope="module")
-def cuda(emulated_library):
-    emulated = EmulatedCuda(emulated_library)
+    emulated = EmulatedCuda(library)
     emulated.lib.gn_emu_set_seed(12345)
     return emulated
 
