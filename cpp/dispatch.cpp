@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <initializer_list>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -13,6 +14,11 @@
 #endif
 #ifdef _OPENMP
 #include <omp.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#include <pthread.h>
+#define GROUPNORM_FORK_GUARD 1
+#endif
 #endif
 
 #include "groupnorm/groupnorm.h"
@@ -127,6 +133,37 @@ const KernelTable* compiled_table(Isa isa) {
 std::atomic<int> g_isa{-1};
 std::atomic<int> g_num_threads{0};
 
+// GNU OpenMP (libgomp) keeps a pool of worker threads between parallel regions and does nothing at fork(): a
+// child forked after the parent ran a region inherits the pool's bookkeeping but not its threads, and its first
+// region with more than one thread waits for them forever (torch 2.13's CPU kernels hang the same way). LLVM's
+// and Intel's runtimes (libomp, libiomp5) rebuild their pool in the child. So a child forked under any other
+// runtime than those runs every call on its calling thread, as torch's DataLoader workers are told to.
+std::atomic<bool> g_fork_serial{false};
+
+#ifdef GROUPNORM_FORK_GUARD
+// Whether the OpenMP runtime this library calls survives fork: the file that defines omp_get_max_threads is
+// LLVM's or Intel's. Anything else (libgomp, a runtime linked in statically, a name not recognised) counts as not.
+bool openmp_runtime_survives_fork() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&omp_get_max_threads), &info) == 0 || info.dli_fname == nullptr) return false;
+  const char* slash = std::strrchr(info.dli_fname, '/');
+  const char* file = slash ? slash + 1 : info.dli_fname;
+  return std::strncmp(file, "libomp", 6) == 0 || std::strncmp(file, "libiomp", 7) == 0;
+}
+
+void on_fork_child() { g_fork_serial.store(true, std::memory_order_relaxed); }
+
+// Registered when the library loads (before any region can run), once per binary that links groupnorm_core.
+const bool g_fork_guard = openmp_runtime_survives_fork() || pthread_atfork(nullptr, nullptr, on_fork_child) == 0;
+#endif
+
+// The team size a call may use: `requested` (<= 0: get_num_threads()), or 1 in a child that fork() left without
+// OpenMP's threads.
+int call_threads(int requested) {
+  if (g_fork_serial.load(std::memory_order_relaxed)) return 1;
+  return requested > 0 ? requested : get_num_threads();
+}
+
 Isa current_isa() {
   int isa = g_isa.load(std::memory_order_acquire);
   if (isa < 0) {
@@ -223,6 +260,7 @@ bool openmp_enabled() {
 }
 
 int get_num_threads() {
+  if (g_fork_serial.load(std::memory_order_relaxed)) return 1;
   const int n = g_num_threads.load(std::memory_order_relaxed);
   if (n > 0) return n;
 #ifdef _OPENMP
@@ -234,13 +272,15 @@ int get_num_threads() {
 
 void set_num_threads(int n) { g_num_threads.store(n > 0 ? n : 0, std::memory_order_relaxed); }
 
+bool fork_serial() { return g_fork_serial.load(std::memory_order_relaxed); }
+
 Status group_norm_forward(const Problem& problem, DType dtype, const void* x, const void* weight,
                           const void* bias, void* y, void* mean_out, void* rstd_out) {
   if (!valid(problem)) return kInvalidArgument;
   const bool empty = problem.N == 0 || problem.C == 0 || problem.HxW == 0;
   if (!empty && (x == nullptr || y == nullptr)) return kInvalidArgument;
   Problem p = problem;
-  if (p.num_threads <= 0) p.num_threads = get_num_threads();
+  p.num_threads = call_threads(p.num_threads);
   if (p.stream_threshold_bytes == 0) p.stream_threshold_bytes = last_level_cache_bytes();
   const KernelTable* table = compiled_table(current_isa());
   switch (dtype) {
@@ -274,7 +314,7 @@ Status group_norm_backward(const Problem& problem, DType dtype, const void* dy, 
   // The activation's pass writes dx before the normalisation's reads x.
   if (!empty && problem.activation != Activation::kNone && dx == x) return kInvalidArgument;
   Problem p = problem;
-  if (p.num_threads <= 0) p.num_threads = get_num_threads();
+  p.num_threads = call_threads(p.num_threads);
   const KernelTable* table = compiled_table(current_isa());
   switch (dtype) {
     case DType::kFloat32:

@@ -39,7 +39,7 @@ def _cpu_flags():
 def test_config_keys_and_types():
     cfg = gn.config()
     expected = {"version": str, "isa": str, "isa_compiled": list, "isa_supported": list, "isa_available": list,
-                "num_threads": int, "openmp": bool, "cuda": bool, "cuda_reason": str}
+                "num_threads": int, "openmp": bool, "fork_serial": bool, "cuda": bool, "cuda_reason": str}
     assert set(expected) <= set(cfg), f"missing keys: {set(expected) - set(cfg)}"
     for key, kind in expected.items():
         assert isinstance(cfg[key], kind), f"config()[{key!r}] is {type(cfg[key]).__name__}, not {kind.__name__}"

@@ -87,6 +87,74 @@ def test_omp_num_threads_is_the_default():
     assert json.loads(proc.stdout) == [3, 3]
 
 
+FORK_SCRIPT = r"""
+import json, os, signal, sys, time, warnings
+import numpy as np
+import groupnorm as gn
+
+def work():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 32, 64, 64)).astype(np.float32)  # big enough for a team of 2 threads
+    cl = np.moveaxis(np.moveaxis(x, 1, -1).copy(), -1, 1)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y, mean, rstd = gn.group_norm_forward(x, 8, x[0, :, 0, 0], x[1, :, 0, 0])
+    grads = gn.group_norm_backward(dy, x, mean, rstd, 8, x[0, :, 0, 0])
+    return [y, mean, rstd, gn.group_norm(cl, 8), *grads]
+
+gn.set_num_threads(2)
+parent = work()  # the parent's OpenMP runtime now has its worker threads
+pid = os.fork()
+if pid == 0:  # the child: report, and never return into the interpreter's own exit
+    try:
+        runtime_is_gnu = "libgomp" in open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else None
+        report = {"runtime_is_gnu": runtime_is_gnu, "fork_serial": gn.config()["fork_serial"],
+                  "threads": gn.get_num_threads()}
+        report["same_bits"] = all(np.array_equal(a, b) for a, b in zip(work(), parent))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gn.set_num_threads(2)
+        report["warned"] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        report["threads_after_set"] = gn.get_num_threads()
+        report["same_bits_after_set"] = all(np.array_equal(a, b) for a, b in zip(work(), parent))
+        print(json.dumps(report), flush=True)
+        os._exit(0)
+    except BaseException as exc:
+        print(json.dumps({"error": repr(exc)}), flush=True)
+        os._exit(1)
+deadline = time.monotonic() + 90
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    print(json.dumps({"error": "the forked child hung"}), flush=True)
+    sys.exit(1)
+print(json.dumps({"parent_fork_serial": gn.config()["fork_serial"], "parent_threads": gn.get_num_threads(),
+                  "parent_same_bits": all(np.array_equal(a, b) for a, b in zip(work(), parent))}), flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+def test_forked_child_runs_on_one_thread_instead_of_hanging():
+    """A child forked after the parent's OpenMP threads started: GNU OpenMP leaves it without them, and a team
+    would wait for them forever (torch 2.13 hangs there); groupnorm runs on one thread, with the same bits."""
+    if not gn.config()["openmp"]:
+        pytest.skip("built without OpenMP")
+    proc = _run_python(FORK_SCRIPT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    child, parent = (json.loads(line) for line in proc.stdout.splitlines())
+    assert child["same_bits"] and child["same_bits_after_set"], child
+    assert parent == {"parent_fork_serial": False, "parent_threads": 2, "parent_same_bits": True}
+    if child["runtime_is_gnu"] is False:  # LLVM's or Intel's runtime rebuilds its threads in the child
+        assert child["fork_serial"] is False and child["threads"] == child["threads_after_set"] == 2, child
+        return
+    assert child["fork_serial"] is True and child["threads"] == child["threads_after_set"] == 1, child
+    assert len(child["warned"]) == 1 and "set_num_threads(2) has no effect" in child["warned"][0], child
+
+
 def test_without_openmp_one_thread():
     if gn.config()["openmp"]:
         pytest.skip("built with OpenMP")

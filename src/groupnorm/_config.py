@@ -6,7 +6,8 @@ def config():
     """The build and runtime configuration as a dict.
 
     Keys: ``version``; ``isa`` (the SIMD level calls run at); ``isa_compiled``, ``isa_supported``
-    (what the CPU can run) and ``isa_available`` (both); ``openmp`` and ``num_threads``; ``cuda`` (whether GPU
+    (what the CPU can run) and ``isa_available`` (both); ``openmp``, ``num_threads`` and ``fork_serial`` (this
+    process is a fork of one that uses GNU OpenMP, so calls run on one thread); ``cuda`` (whether GPU
     arrays run here) and ``cuda_reason`` (why not); a build with the CUDA backend adds ``cuda_devices``,
     ``cuda_runtime`` and ``cuda_driver``; ``jax`` (whether the build has groupnorm.jax's custom calls) and
     ``jax_reason`` (why not).
@@ -28,6 +29,7 @@ def config():
         "isa_available": [name for name in compiled if name in supported],
         "openmp": _core.openmp(),
         "num_threads": _core.get_num_threads(),
+        "fork_serial": _core.fork_serial(),
         **_cuda_config(),
         "jax": _core.JAX_BUILD_NOTE == "built",
         "jax_reason": "" if _core.JAX_BUILD_NOTE == "built" else _core.JAX_BUILD_NOTE,

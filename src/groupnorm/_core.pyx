@@ -12,6 +12,7 @@ cimport numpy as cnp
 
 import numbers
 import operator
+import warnings
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from ._dlpack import BFLOAT16_STORAGE
 from ._groupnorm cimport (
     Problem, Status, kOk, kOutOfMemory, kUnsupported, Layout, Activation, DType, Isa,
     group_norm_forward as c_group_norm_forward, group_norm_backward as c_group_norm_backward,
-    get_num_threads as c_get_num_threads, set_num_threads as c_set_num_threads,
+    get_num_threads as c_get_num_threads, set_num_threads as c_set_num_threads, fork_serial as c_fork_serial,
     openmp_enabled, isa_name, isa_compiled, isa_supported, isa_current, isa_select,
 )
 
@@ -86,7 +87,11 @@ def get_num_threads():
     """Number of OpenMP threads a call uses.
 
     The value given to :func:`set_num_threads`, else OpenMP's default in the calling thread
-    (``OMP_NUM_THREADS``, or a ``threadpoolctl`` limit), else the number of cores.
+    (``OMP_NUM_THREADS``, or a ``threadpoolctl`` limit), else the number of cores; and 1 in a process
+    forked (``os.fork``, multiprocessing's ``'fork'`` start method) from one that uses GNU OpenMP, whose
+    worker threads do not survive ``fork()``: a team of threads there would wait for them forever (as torch's
+    own kernels do), so every call runs on its calling thread. Workers started with ``'spawn'`` or
+    ``'forkserver'`` keep their threads.
 
     Examples
     --------
@@ -119,7 +124,17 @@ def set_num_threads(n):
     count = _index(n, "n", "an integer or None")
     if count < 0:
         raise ValueError(f"n={count} must be >= 0 (0 or None restores the OpenMP default)")
+    if count > 1 and c_fork_serial():
+        warnings.warn(f"groupnorm.set_num_threads({count}) has no effect in this process: it was forked from one "
+                      f"that uses GNU OpenMP, whose threads fork() does not copy, so groupnorm runs on one thread "
+                      f"here; start workers with multiprocessing's 'spawn' or 'forkserver' method for more",
+                      RuntimeWarning, stacklevel=2)
     c_set_num_threads(min(count, 1 << 16))
+
+
+def fork_serial():
+    """Whether this process is a fork of one that uses GNU OpenMP, so that every call runs on one thread."""
+    return bool(c_fork_serial())
 
 
 # ---------------------------------------------------------------------------------------------------- ISA

@@ -47,6 +47,7 @@ cdef extern from "groupnorm/groupnorm.h" namespace "groupnorm" nogil:
                                void* dweight, void* dbias)
     int get_num_threads()
     void set_num_threads(int n)
+    cbool fork_serial()
     cbool openmp_enabled()
     const char* isa_name(Isa isa)
     cbool isa_compiled(Isa isa)

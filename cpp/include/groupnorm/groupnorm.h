@@ -61,8 +61,11 @@ Status group_norm_backward(const Problem& problem, DType dtype, const void* dy, 
 
 // Thread count used when Problem::num_threads <= 0: the value given to set_num_threads, else OpenMP's
 // omp_get_max_threads() in the calling thread (OMP_NUM_THREADS, threadpoolctl). n <= 0 resets.
+// In a process forked from one that linked GNU OpenMP (whose worker threads fork() does not copy), every call
+// runs on one thread whatever the count asked for (fork_serial() is then true), where a team would hang.
 int get_num_threads();
 void set_num_threads(int n);
+bool fork_serial();
 bool openmp_enabled();
 
 const char* isa_name(Isa isa);
