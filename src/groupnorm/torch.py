@@ -18,7 +18,7 @@ import torch.autograd.forward_ad as _forward_ad
 
 from . import _core, _dlpack, _gpu
 
-__all__ = ["group_norm", "GroupNorm"]
+__all__ = ["group_norm", "GroupNorm", "convert_group_norms"]
 
 # torch.nn.GroupNorm grew a keyword-only `bias` flag (and shows it in its repr); mirror the installed torch.
 _TORCH_GROUPNORM_HAS_BIAS_FLAG = "bias" in inspect.signature(torch.nn.GroupNorm.__init__).parameters
@@ -518,3 +518,88 @@ class GroupNorm(torch.nn.Module):
         if self.activation is not None:
             text += f", activation={self.activation!r}"
         return text
+
+
+# Per-module hook tables of torch.nn.Module (those this torch has): a replacement takes over the very same tables,
+# so hooks registered on the module it replaces keep running, and their handles keep removing them.
+_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+                "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _has_hooks(module):
+    return any(getattr(module, name, None) for name in _HOOK_TABLES)
+
+
+def _replacement(norm, activation):
+    """A GroupNorm on groupnorm's kernels in `norm`'s place: its parameters (the same Parameter objects, so that an
+    optimizer built on the model keeps updating them), eps, affine flag, training mode and hook tables."""
+    new = GroupNorm(norm.num_groups, norm.num_channels, norm.eps, affine=False, activation=activation)
+    new.affine = norm.affine
+    new.weight = norm.weight
+    new.bias = norm.bias
+    for name in _HOOK_TABLES:
+        if hasattr(norm, name):
+            object.__setattr__(new, name, getattr(norm, name))
+    return new.train(norm.training)
+
+
+def convert_group_norms(module, *, fuse_silu=False):
+    """Put :class:`GroupNorm` in the place of every ``torch.nn.GroupNorm`` in `module`, in place.
+
+    Each replacement holds the same ``weight`` and ``bias`` Parameter objects (an optimizer built before the call
+    keeps training them; ``state_dict`` is unchanged), the same ``eps``, training mode and hooks. Only modules of
+    type ``torch.nn.GroupNorm`` itself are replaced: a subclass may change what ``forward`` does, so it stays.
+    A module registered in several places gets one replacement, shared as the original was.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The model; its submodules are replaced in place.
+    fuse_silu : bool, default False (keyword only)
+        Also fuse each ``torch.nn.GroupNorm`` that a plain ``torch.nn.Sequential`` runs straight into a
+        ``torch.nn.SiLU`` (a U-Net's pair): the GroupNorm becomes ``GroupNorm(..., activation='silu')`` and the SiLU
+        an ``nn.Identity`` (the keys of ``state_dict`` stay). The Sequential's result is the same; the GroupNorm
+        module called by itself then includes the SiLU. Pairs where either module has hooks, or the GroupNorm is
+        registered anywhere else too, are not fused.
+
+    Returns
+    -------
+    torch.nn.Module
+        `module`, or its replacement where `module` is itself a ``torch.nn.GroupNorm``.
+
+    Examples
+    --------
+    >>> import torch, groupnorm.torch as gnt
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(4, 8), torch.nn.SiLU())
+    >>> weight = net[1].weight
+    >>> net = gnt.convert_group_norms(net, fuse_silu=True)
+    >>> type(net[1]).__module__, net[1].activation, type(net[2]).__name__, net[1].weight is weight
+    ('groupnorm.torch', 'silu', 'Identity', True)
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if type(module) is torch.nn.GroupNorm:
+        return _replacement(module, None)
+    places = {}  # id of each torch.nn.GroupNorm -> how many (parent, name) slots hold it
+    for parent in module.modules():
+        for child in parent._modules.values():
+            if type(child) is torch.nn.GroupNorm:
+                places[id(child)] = places.get(id(child), 0) + 1
+    done = {}  # id of a replaced GroupNorm -> its (unfused) replacement
+    for parent in list(module.modules()):
+        names = list(parent._modules)
+        for i, name in enumerate(names):
+            norm = parent._modules[name]
+            if type(norm) is not torch.nn.GroupNorm:
+                continue
+            following = parent._modules[names[i + 1]] if i + 1 < len(names) else None
+            if (fuse_silu and type(parent) is torch.nn.Sequential and type(following) is torch.nn.SiLU
+                    and places[id(norm)] == 1 and not _has_hooks(norm) and not _has_hooks(following)):
+                parent._modules[name] = _replacement(norm, "silu")
+                parent._modules[names[i + 1]] = torch.nn.Identity().train(following.training)
+                continue
+            if id(norm) not in done:
+                done[id(norm)] = _replacement(norm, None)
+            parent._modules[name] = done[id(norm)]
+    return module
