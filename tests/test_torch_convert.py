@@ -118,15 +118,17 @@ def test_hooks_move_with_the_module_and_block_fusion():
                                 torch.nn.SiLU())
     seen = []
     handle = model[0].register_forward_hook(lambda module, args, output: seen.append(type(module)))
+    model[2].register_full_backward_hook(lambda module, grad_input, grad_output: seen.append("backward"))
     model[3].register_forward_pre_hook(lambda module, args: None)
     gnt.convert_group_norms(model, fuse_silu=True)
     assert [type(m) for m in model] == [gnt.GroupNorm, torch.nn.SiLU, gnt.GroupNorm, torch.nn.SiLU]
     assert model[0].activation is None and model[2].activation is None  # a hook on either side keeps the pair
-    model(torch.ones(2, 4, 3))
-    assert seen == [gnt.GroupNorm]
+    x = torch.ones(2, 4, 3, requires_grad=True)
+    model(x).sum().backward()
+    assert seen == [gnt.GroupNorm, "backward"]
     handle.remove()  # the handle still reaches the hook table, now the replacement's
-    model(torch.ones(2, 4, 3))
-    assert seen == [gnt.GroupNorm]
+    model(x)
+    assert seen == [gnt.GroupNorm, "backward"]
 
 
 def test_a_shared_module_gets_one_replacement_and_is_not_fused():

@@ -533,12 +533,13 @@ def _has_hooks(module):
 
 def _replacement(norm, activation):
     """A GroupNorm on groupnorm's kernels in `norm`'s place: its parameters (the same Parameter objects, so that an
-    optimizer built on the model keeps updating them), eps, affine flag, training mode and hook tables."""
+    optimizer built on the model keeps updating them), eps, affine flag, training mode and hook tables (with the
+    flag that says whether its backward hooks are full ones)."""
     new = GroupNorm(norm.num_groups, norm.num_channels, norm.eps, affine=False, activation=activation)
     new.affine = norm.affine
     new.weight = norm.weight
     new.bias = norm.bias
-    for name in _HOOK_TABLES:
+    for name in _HOOK_TABLES + ("_is_full_backward_hook",):
         if hasattr(norm, name):
             object.__setattr__(new, name, getattr(norm, name))
     return new.train(norm.training)
