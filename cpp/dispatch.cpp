@@ -157,11 +157,10 @@ void on_fork_child() { g_fork_serial.store(true, std::memory_order_relaxed); }
 const bool g_fork_guard = openmp_runtime_survives_fork() || pthread_atfork(nullptr, nullptr, on_fork_child) == 0;
 #endif
 
-// The team size a call may use: `requested` (<= 0: get_num_threads()), or 1 in a child that fork() left without
-// OpenMP's threads.
+// The team size a call may use: `requested`, or get_num_threads() where it is <= 0 or fork() left this process
+// without OpenMP's threads (get_num_threads() is then 1).
 int call_threads(int requested) {
-  if (g_fork_serial.load(std::memory_order_relaxed)) return 1;
-  return requested > 0 ? requested : get_num_threads();
+  return requested > 0 && !g_fork_serial.load(std::memory_order_relaxed) ? requested : get_num_threads();
 }
 
 Isa current_isa() {
