@@ -392,6 +392,14 @@ def _traced(input):
             or torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_tracing())
 
 
+def _onnx_graph(input, num_groups, weight, bias, eps, activation):
+    """The call as torch's own group_norm (and silu), for torch.onnx.export: an ONNX graph cannot call groupnorm's
+    kernels, and torch's operators have ONNX translations, which ONNX Runtime then runs on its own kernels."""
+    _core._check_activation(activation)
+    output = torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
+    return torch.nn.functional.silu(output) if activation == "silu" else output
+
+
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None):
     """``torch.nn.functional.group_norm`` on groupnorm's kernels, differentiable in input, weight and bias;
     with ``activation='silu'``, ``silu(group_norm(...))`` in the same kernels, forward and backward.
@@ -428,10 +436,14 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     """
     if _ops is not None:  # graphs and transforms (about 0.3 us to rule out in an eager call)
         if torch.compiler.is_compiling():  # Dynamo: constant, so it looks no further
+            if torch.onnx.is_in_onnx_export():  # torch.onnx.export(..., dynamo=True)
+                return _onnx_graph(input, num_groups, weight, bias, eps, activation)
             return _ops.group_norm_forward(input, num_groups, weight, bias, eps, activation)[0]
         if torch._C._functorch.peek_interpreter_stack() is not None:  # inside a torch.func transform
             return _OperatorFunction.apply(input, num_groups, weight, bias, eps, activation)[0]
         if _traced(input):
+            if torch.onnx.is_in_onnx_export():  # torch.onnx.export(..., dynamo=False): TorchScript's tracer
+                return _onnx_graph(input, num_groups, weight, bias, eps, activation)
             return _ops.group_norm_forward(input, num_groups, weight, bias, eps, activation)[0]
     if _differentiable(input, weight, bias):
         return _GroupNormFunction.apply(input, num_groups, weight, bias, eps, activation)
