@@ -348,6 +348,33 @@ def test_jit_trace_records_the_operator(rng):
         assert_close(traced(x), reference(x), "traced y")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["contiguous",
+                                                                                              "channels_last"])
+def test_jit_script_compiles_the_module(rng, kernel_calls, memory_format, tmp_path):
+    """torch.jit.script (which compiles torch.nn.GroupNorm) compiles GroupNorm's forward to the operator: outputs,
+    gradients and the memory format as torch's module gives, on groupnorm's kernels, and through a save and load;
+    with activation='silu' and without affine parameters too."""
+    reference, ours = blocks(rng, memory_format)
+    scripted = torch.jit.script(ours)
+    assert "groupnorm::group_norm_forward" in str(scripted.norm.graph)
+    x, grad = tensor(rng, (3, 4, 6, 5), memory_format=memory_format), tensor(rng, (3, 16, 6, 5))
+    for mine, theirs, what in zip(step(scripted, x, grad), step(reference, x, grad),
+                                  ["y", "dx", "conv.weight", "conv.bias", "norm.weight", "norm.bias"]):
+        assert_close(mine, theirs, what)
+    assert kernel_calls == {"forward": 1, "backward": 1}
+    assert step(scripted, x, grad)[0].is_contiguous(memory_format=memory_format)
+    torch.jit.save(scripted, str(tmp_path / "block.pt"))
+    loaded = torch.jit.load(str(tmp_path / "block.pt"))
+    with torch.no_grad():
+        assert_close(loaded(x), reference(x), "loaded y")
+    fused, plain = gnt.GroupNorm(4, 16, affine=False, activation="silu"), torch.nn.GroupNorm(4, 16, affine=False)
+    y = tensor(rng, (2, 16, 3, 3), memory_format=memory_format)
+    assert_close(torch.jit.script(fused)(y), torch_functional.silu(plain(y)), "silu, no affine")
+
+
 # ----------------------------------------------------------------------------------------- torch.func transforms
 
 FLOAT64_RTOL = 1e-10

@@ -7,8 +7,9 @@ when a gradient is wanted (the kernel alone otherwise);
 copy, as NumPy views of their memory (the exchange DLPack makes, without its per-call cost), and results come
 back the same way, in the input's memory format (a channels_last tensor stays channels_last). Calls that torch
 traces into a graph (torch.compile, torch.export, make_fx, torch.jit.trace) go through the custom operators
-``torch.ops.groupnorm.group_norm_forward`` and ``group_norm_backward`` instead, and calls inside torch.func
-transforms (grad, vmap, jacrev, ...) through an autograd.Function on those operators, which carry vmap rules.
+``torch.ops.groupnorm.group_norm_forward`` and ``group_norm_backward`` instead (as does ``GroupNorm`` compiled by
+torch.jit.script), and calls inside torch.func transforms (grad, vmap, jacrev, ...) through an autograd.Function on
+those operators, which carry vmap rules. Under torch.onnx.export they are torch's own group_norm (and silu).
 Importing this module imports torch and registers those operators; the rest of groupnorm never imports torch.
 """
 import inspect
@@ -521,6 +522,9 @@ class GroupNorm(torch.nn.Module):
                 torch.nn.init.zeros_(self.bias)
 
     def forward(self, input):
+        if torch.jit.is_scripting():  # torch.jit.script compiles this branch alone: the operator, with its autograd
+            return torch.ops.groupnorm.group_norm_forward(input, self.num_groups, self.weight, self.bias, self.eps,
+                                                          self.activation)[0]
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
 
     def extra_repr(self):
