@@ -100,8 +100,8 @@ OPCHECK_CASES = [  # (shape, num_groups, memory_format, dtype, param dtype or No
                          ids=lambda v: str(v).replace(" ", "").replace("torch.", ""))
 def test_opcheck(rng, shape, num_groups, memory_format, dtype, param_dtype):
     """torch.library.opcheck: schema, fake functions against the real ones (shapes, dtypes, strides), the autograd
-    registration, and AOTAutograd with dynamic shapes. The backward operator gets tensors that do not require grad:
-    it has no derivative of its own (test_a_second_derivative_through_the_operators_is_refused)."""
+    registration, and AOTAutograd with dynamic shapes, for the backward operator too (its derivative is the second
+    derivative of group_norm)."""
     x = tensor(rng, shape, dtype, memory_format).requires_grad_()
     params = [None, None] if param_dtype is None else [
         tensor(rng, (shape[1],), param_dtype).requires_grad_() for _ in range(2)]
@@ -109,8 +109,7 @@ def test_opcheck(rng, shape, num_groups, memory_format, dtype, param_dtype):
     y, mean, rstd = torch.ops.groupnorm.group_norm_forward(x, num_groups, *params, 1e-5)
     grad = tensor(rng, shape, dtype, memory_format)
     results_backward = torch.library.opcheck(torch.ops.groupnorm.group_norm_backward,
-                                             (grad, x.detach(), mean, rstd, num_groups,
-                                              None if params[0] is None else params[0].detach()))
+                                             (grad.requires_grad_(), x, mean, rstd, num_groups, params[0]))
     failed = {k: v for k, v in {**results, **results_backward}.items() if v != "SUCCESS"}
     assert not failed, failed
 
@@ -125,8 +124,7 @@ def test_opcheck_with_the_activation(rng, memory_format, dtype):
     _, mean, rstd = torch.ops.groupnorm.group_norm_forward(x, 3, *params, 1e-5, "silu")
     grad = tensor(rng, x.shape, dtype, memory_format)
     results_backward = torch.library.opcheck(torch.ops.groupnorm.group_norm_backward,
-                                             (grad, x.detach(), mean, rstd, 3, *(p.detach() for p in params),
-                                              "silu"))
+                                             (grad.requires_grad_(), x, mean, rstd, 3, *params, "silu"))
     failed = {k: v for k, v in {**results, **results_backward}.items() if v != "SUCCESS"}
     assert not failed, failed
 
@@ -201,12 +199,17 @@ def test_a_parameter_as_input_goes_through_the_operators(rng, kernel_calls):
     assert_close(x.grad, reference.grad, "dx")
 
 
-def test_a_second_derivative_through_the_operators_is_refused(rng):
+def test_a_second_derivative_through_the_operators_matches_torch(rng, kernel_calls):
+    """A Parameter input takes the operators (as a traced call does): create_graph=True through the backward
+    operator's node, whose derivative is torch's."""
     x = torch.nn.Parameter(tensor(rng, (2, 4, 3), torch.float64))
-    y = gnt.group_norm(x, 2)
-    (grad_x,) = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="group_norm_backward has no derivative"):
-        grad_x.sum().backward()
+    grads = []
+    for group_norm in (gnt.group_norm, torch_functional.group_norm):
+        (grad_x,) = torch.autograd.grad((group_norm(x, 2) ** 3).sum(), x, create_graph=True)
+        grads.append(torch.autograd.grad((grad_x ** 2).sum(), x)[0])
+    # The second backward runs the kernel's backward again, for the path through y**3's gradient 3 y**2.
+    assert kernel_calls == {"forward": 1, "backward": 2}
+    assert_close(grads[0], grads[1], "second derivative", FLOAT64_RTOL)
 
 
 # ----------------------------------------------------------------------------------------------- torch.compile
@@ -455,7 +458,43 @@ def test_jacrev_matches_torch(rng):
     assert_close(ours, theirs, "jacobian", FLOAT64_RTOL)
 
 
-def test_a_second_derivative_in_transforms_is_refused(rng):
-    x = tensor(rng, (2, 4, 3), torch.float64)
-    with pytest.raises(RuntimeError, match="group_norm_backward has no derivative"):
-        torch.func.jacrev(torch.func.grad(lambda t: gnt.group_norm(t, 2).pow(3).sum()))(x)
+SECOND_ORDER_TRANSFORMS = {
+    "jacrev_grad": lambda f: torch.func.jacrev(torch.func.grad(f)),
+    "hessian": torch.func.hessian,  # jacfwd(jacrev): forward mode over the backward operator
+    "jacfwd_grad": lambda f: torch.func.jacfwd(torch.func.grad(f)),
+    "vmap_hessian": lambda f: torch.vmap(torch.func.hessian(f)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward mode
+@pytest.mark.parametrize("transform", SECOND_ORDER_TRANSFORMS)
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_second_derivatives_in_transforms_match_torch(rng, kernel_calls, transform, activation):
+    """Hessians by reverse over reverse, forward over reverse, and batched: torch's, with the kernels giving the
+    first-order values."""
+    weight, bias = tensor(rng, (4,), torch.float64), tensor(rng, (4,), torch.float64)
+    x = tensor(rng, (3, 2, 4, 3) if transform == "vmap_hessian" else (2, 4, 3), torch.float64)
+
+    def ours(t):
+        return gnt.group_norm(t, 2, weight, bias, activation=activation).pow(3).sum()
+
+    def theirs(t):
+        y = torch_functional.group_norm(t, 2, weight, bias)
+        return (torch_functional.silu(y) if activation else y).pow(3).sum()
+
+    make = SECOND_ORDER_TRANSFORMS[transform]
+    assert_close(make(ours)(x), make(theirs)(x), "hessian", FLOAT64_RTOL)
+    assert kernel_calls["forward"] >= 1 and kernel_calls["backward"] >= 1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward mode
+def test_forward_mode_jvp_matches_torch(rng):
+    """torch.func.jvp in input, weight and bias."""
+    primals = (tensor(rng, (2, 6, 5), torch.float64), tensor(rng, (6,), torch.float64),
+               tensor(rng, (6,), torch.float64))
+    tangents = tuple(torch.randn_like(t) for t in primals)
+    ours = torch.func.jvp(lambda x, w, b: gnt.group_norm(x, 3, w, b, activation="silu"), primals, tangents)
+    theirs = torch.func.jvp(lambda x, w, b: torch_functional.silu(torch_functional.group_norm(x, 3, w, b)),
+                            primals, tangents)
+    assert_close(ours[0], theirs[0], "primal", FLOAT64_RTOL)
+    assert_close(ours[1], theirs[1], "tangent", FLOAT64_RTOL)

@@ -95,7 +95,8 @@ def _arrays(input, weight, bias):
 
 def _differentiable(input, weight, bias):
     """Whether autograd must see this call: a tensor requiring grad while grad mode is on, or any call inside a
-    forward-AD dual level (where the Function says that it has no jvp, rather than dropping the tangent)."""
+    forward-AD dual level (which group_norm gives the operators' node where torch has them; without them the
+    Function says that it has no jvp, rather than dropping the tangent)."""
     if _forward_ad._current_level >= 0:
         return True
     if not torch.is_grad_enabled():
@@ -142,12 +143,24 @@ def _backward(ctx, grad_output):
             _param_grad(db, ctx.bias_dtype) if needs_input_grad[3] else None, None, None)
 
 
-_backward_once_differentiable = torch.autograd.function.once_differentiable(_backward)
+def _backward_with_graph(ctx, grad_output):
+    """_backward under create_graph=True: the same kernels through the backward operator, whose autograd node
+    differentiates the gradients again (_OperatorBackward)."""
+    if _ops is None:  # torch < 2.4: no operators; a second derivative is refused rather than taken as zero
+        return torch.autograd.function.once_differentiable(_backward)(ctx, grad_output)
+    saved = ctx.saved_tensors  # (input, weight), and bias with an activation
+    input, weight, activation = saved[0], saved[1], ctx.activation
+    dx, dw, db = _OperatorBackward.apply(grad_output, input, _tensor(ctx.mean), _tensor(ctx.rstd), ctx.num_groups,
+                                         weight, saved[2] if activation is not None else None, activation)
+    needs_input_grad = ctx.needs_input_grad
+    return (dx if needs_input_grad[0] else None, None,
+            dw.to(weight.dtype) if needs_input_grad[2] else None,
+            db.to(ctx.bias_dtype) if needs_input_grad[3] else None, None, None)
 
 
 class _GroupNormFunction(torch.autograd.Function):
-    """y = group_norm(x) (then SiLU with activation='silu') with the backward pass of groupnorm's kernels; not
-    twice differentiable."""
+    """y = group_norm(x) (then SiLU with activation='silu') with the backward pass of groupnorm's kernels;
+    differentiable again under create_graph=True (_backward_with_graph)."""
 
     @staticmethod
     def forward(ctx, input, num_groups, weight, bias, eps, activation):
@@ -163,9 +176,9 @@ class _GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if torch.is_grad_enabled():  # create_graph: the gradients must refuse a second derivative, not fake one
-            return _backward_once_differentiable(ctx, grad_output)
-        return _backward(ctx, grad_output)  # the usual backward: once_differentiable's no_grad would cost 1.7 us
+        if torch.is_grad_enabled():  # create_graph: gradients that autograd can differentiate again
+            return _backward_with_graph(ctx, grad_output)
+        return _backward(ctx, grad_output)
 
 
 # --------------------------------------------------------------------------------------------- traced graphs
@@ -282,9 +295,102 @@ def _backward_vmap(info, in_dims, grad_output, input, mean, rstd, num_groups, we
     return (dx.unflatten(1, (batch, -1)), dw.unflatten(0, (batch, -1)), db.unflatten(0, (batch, -1))), (1, 0, 0)
 
 
+# Derivatives beyond the first: group_norm written in torch operations, which autograd and torch.func differentiate
+# to any order and in either mode. The kernels give every call's values and first derivatives; these give the
+# derivatives of those (a gradient penalty, a Hessian-vector product) and the forward-mode tangents (jvp, jacfwd).
+
+def _normalised_as_ops(input, num_groups, rstd=None, eps=None):
+    """((x - mean) * rstd in the input's shape, rstd per group (N, G, 1), the view shape (N, G, size)), in float32
+    (float64 for float64 data). rstd from eps, or the forward's rstd: its value kept and its derivatives taken from
+    the variance it was made of, rstd = (var + e)^(-1/2) with e = 1/rstd^2 - var held constant (eps, up to the
+    rounding of the two), for the backward operator, which has no eps."""
+    compute = _stats_dtype(input)
+    n = input.shape[0]
+    grouped = (n, num_groups, input.numel() // max(n * num_groups, 1))
+    x = input.to(compute).reshape(grouped)
+    centred = x - x.mean(-1, keepdim=True)
+    var = centred.square().mean(-1, keepdim=True)
+    if rstd is None:
+        r = (var + eps).rsqrt()
+    else:
+        held = rstd.to(compute).reshape(n, num_groups, 1)
+        r = (var + (held.reciprocal().square() - var).detach()).rsqrt()
+    return (centred * r).reshape(input.shape), r, grouped
+
+
+def _per_channel(param, input):
+    """A (C,) parameter in the compute dtype, shaped to broadcast over the input (None stays None)."""
+    if param is None:
+        return None
+    return param.to(_stats_dtype(input)).reshape((1, input.shape[1]) + (1,) * (input.dim() - 2))
+
+
+def _affine(xhat, w, b):
+    y = xhat if w is None else xhat * w
+    return y if b is None else y + b
+
+
+def _forward_as_ops(input, num_groups, weight, bias, eps, activation):
+    """group_norm (then SiLU) of the forward operator, in the input's dtype."""
+    xhat, _, _ = _normalised_as_ops(input, num_groups, eps=eps)
+    y = _affine(xhat, _per_channel(weight, input), _per_channel(bias, input))
+    if activation is not None:
+        y = y * torch.sigmoid(y)
+    return y.to(input.dtype)
+
+
+def _gradients_as_ops(grad_output, input, rstd, num_groups, weight, bias, activation):
+    """group_norm's gradients (grad_input, grad_weight, grad_bias), as the backward operator returns them (grad_input
+    in the input's dtype, the others in the compute dtype). bias is read with an activation only."""
+    xhat, r, grouped = _normalised_as_ops(input, num_groups, rstd=rstd)
+    w = _per_channel(weight, input)
+    dz = grad_output.to(xhat.dtype)
+    if activation is not None:  # the SiLU's input u and its derivative s * (1 + u * (1 - s))
+        u = _affine(xhat, w, _per_channel(bias, input))
+        s = torch.sigmoid(u)
+        dz = dz * s * (1 + u * (1 - s))
+    dims = [0] + list(range(2, input.dim()))
+    grad_bias = dz.sum(dims)
+    grad_weight = (dz * xhat).sum(dims)
+    g = (dz if w is None else dz * w).reshape(grouped)
+    xhat = xhat.reshape(grouped)
+    grad_input = r * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    return grad_input.reshape(input.shape).to(input.dtype), grad_weight, grad_bias
+
+
+def _present(tensors):
+    """The (slot, tensor) pairs of the tensors among an operator's inputs (weight and bias may be None)."""
+    return [(slot, t) for slot, t in tensors if t is not None]
+
+
+def _vjp_in(function, pairs, cotangents, needs):
+    """The cotangents of `function`'s tensor inputs (pairs of (input slot, tensor)), in the operator's input slots."""
+    _, vjp = torch.func.vjp(function, *[t for _, t in pairs])
+    result = [None] * len(needs)
+    for (slot, _), cotangent in zip(pairs, vjp(cotangents)):
+        if needs[slot]:
+            result[slot] = cotangent
+    return tuple(result)
+
+
+def _jvp_of(function, pairs, tangents):
+    """`function`'s output tangents from its tensor inputs' (pairs of (input slot, tensor)); a missing tangent is
+    zero. Through two vector-Jacobian products (the transpose of the transpose), not torch.func.jvp: a jvp method
+    also runs inside torch.autograd.forward_ad's dual level, where torch cannot open another."""
+    primals = tuple(t for _, t in pairs)
+    given = tuple(torch.zeros_like(t) if tangents[slot] is None else tangents[slot] for slot, t in pairs)
+    outputs, vjp = torch.func.vjp(function, *primals)
+    single = isinstance(outputs, torch.Tensor)
+    zeros = (torch.zeros_like(outputs),) if single else tuple(torch.zeros_like(o) for o in outputs)
+    _, transposed = torch.func.vjp(lambda *u: vjp(u[0] if single else u), *zeros)
+    result = transposed(given)
+    return result[0] if single else result
+
+
 class _OperatorBackward(torch.autograd.Function):
-    """The backward operator's autograd node: its derivative refused when asked for (a second derivative of
-    group_norm), as the eager path's once_differentiable refuses it, rather than taken as zero."""
+    """The backward operator's autograd node, for second and higher derivatives of group_norm: the vector-Jacobian
+    product of _gradients_as_ops, taken by torch.func.vjp (so it composes with autograd and with torch.func's
+    transforms, and its own result is differentiable again)."""
 
     generate_vmap_rule = True  # forward calls only the operators, which carry vmap rules
 
@@ -294,12 +400,37 @@ class _OperatorBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        grad_output, input, _mean, rstd, num_groups, weight = inputs[:6]
+        bias = inputs[6] if len(inputs) > 6 else None  # the dispatcher passes the defaults it was given
+        ctx.activation = inputs[7] if len(inputs) > 7 else None
+        ctx.num_groups = num_groups
+        ctx.save_for_backward(grad_output, input, rstd, weight, bias)
+        ctx.save_for_forward(grad_output, input, rstd, weight, bias)
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("groupnorm::group_norm_backward has no derivative: groupnorm.torch's group_norm is once "
-                           "differentiable (use torch.nn.functional.group_norm for higher derivatives)")
+    def _function(ctx):
+        """The operator as a function of its tensor inputs, and those inputs as (slot, tensor) pairs: grad_output,
+        input, weight, and bias where the activation reads it (the statistics are not differentiated in)."""
+        grad_output, input, rstd, weight, bias = ctx.saved_tensors
+        pairs = _present([(0, grad_output), (1, input), (5, weight), (6, bias)])
+        slots = [slot for slot, _ in pairs]
+
+        def gradients(*tensors):
+            named = dict(zip(slots, tensors))
+            return _gradients_as_ops(named[0], named[1], rstd, ctx.num_groups, named.get(5), named.get(6),
+                                     ctx.activation)
+        return gradients, pairs
+
+    @staticmethod
+    def backward(ctx, grad_dx, grad_dw, grad_db):
+        function, pairs = _OperatorBackward._function(ctx)
+        compute = _stats_dtype(pairs[1][1])
+        return _vjp_in(function, pairs, (grad_dx, grad_dw.to(compute), grad_db.to(compute)), ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        function, pairs = _OperatorBackward._function(ctx)
+        return _jvp_of(function, pairs, tangents)
 
 
 class _OperatorFunction(torch.autograd.Function):
@@ -318,9 +449,22 @@ class _OperatorFunction(torch.autograd.Function):
         activation = inputs[5] if len(inputs) > 5 else None  # the dispatcher passes the defaults it was given
         _, mean, rstd = output
         ctx.save_for_backward(input, weight, bias, mean, rstd)
+        ctx.save_for_forward(input, weight, bias)
         ctx.num_groups = num_groups
+        ctx.eps = inputs[4]
         ctx.activation = activation
         ctx.mark_non_differentiable(mean, rstd)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        input, weight, bias = ctx.saved_tensors
+        pairs = _present([(0, input), (2, weight), (3, bias)])
+        slots = [slot for slot, _ in pairs]
+
+        def forward(*tensors):
+            named = dict(zip(slots, tensors))
+            return _forward_as_ops(named[0], ctx.num_groups, named.get(2), named.get(3), ctx.eps, ctx.activation)
+        return _jvp_of(forward, pairs, tangents), None, None
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_rstd):
@@ -440,7 +584,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
             if torch.onnx.is_in_onnx_export():  # torch.onnx.export(..., dynamo=True)
                 return _onnx_graph(input, num_groups, weight, bias, eps, activation)
             return _ops.group_norm_forward(input, num_groups, weight, bias, eps, activation)[0]
-        if torch._C._functorch.peek_interpreter_stack() is not None:  # inside a torch.func transform
+        if torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0:
+            # inside a torch.func transform, or a forward-mode AD dual level: the operators' node, which has a jvp
             return _OperatorFunction.apply(input, num_groups, weight, bias, eps, activation)[0]
         if _traced(input):
             if torch.onnx.is_in_onnx_export():  # torch.onnx.export(..., dynamo=False): TorchScript's tracer
