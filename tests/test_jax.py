@@ -102,6 +102,89 @@ def check_forward_and_grad(dtype, layout, silu):
         assert err <= scale * TOLERANCE[dtype] * (1 if name == "dx" else 10), f"{name}: {err:.3g}"
 
 
+def reference_penalty_grads(x, groups, weight, bias, eps, silu):
+    """float64 gradients, in x, weight and bias, of the penalty |d sum(y**3) / d(x, weight)|**2 (second derivatives
+    of group_norm), by torch's autograd."""
+    torch = pytest.importorskip("torch")
+    leaves = [torch.from_numpy(np.array(v, np.float64)).requires_grad_() for v in (x, weight, bias)]
+    y = torch.nn.functional.group_norm(leaves[0], groups, leaves[1], leaves[2], eps)
+    y = torch.nn.functional.silu(y) if silu else y
+    first = torch.autograd.grad((y ** 3).sum(), leaves[:2], create_graph=True)
+    penalty = sum((g ** 2).sum() for g in first)
+    return [g.numpy() for g in torch.autograd.grad(penalty, leaves)]
+
+
+@pytest.mark.parametrize("dtype, layout, silu", [("float64", "channels_first", False),
+                                                 ("float64", "channels_last", True),
+                                                 ("float32", "channels_first", True),
+                                                 ("float32", "channels_last", False)])
+def test_second_derivatives_match_float64(dtype, layout, silu):
+    """grad of a gradient penalty (reverse over reverse) and jax.hessian (forward over reverse): torch's second
+    derivatives, while the custom calls still compute the values and first derivatives; and a third derivative
+    against one of a jax.numpy group norm."""
+    if dtype == "float64":
+        if not hasattr(jax, "enable_x64"):
+            pytest.skip("float64 needs jax.enable_x64 (a scoped jax_enable_x64)")
+        with jax.enable_x64(True):
+            check_second_derivatives(dtype, layout, silu)
+    else:
+        check_second_derivatives(dtype, layout, silu)
+
+
+def check_second_derivatives(dtype, layout, silu):
+    shape = (2, 6, 3, 2)
+    x, w, b = data(shape, dtype, 11, offset=1.0), data((6,), dtype, 12), data((6,), dtype, 13)
+    axis = 1 if layout == "channels_first" else -1
+    moved = (lambda v: v) if layout == "channels_first" else (lambda v: jnp.moveaxis(v, 1, -1))
+    back = (lambda v: v) if layout == "channels_first" else (lambda v: jnp.moveaxis(v, -1, 1))
+    activation = "silu" if silu else None
+
+    def cubed(xv, wv, bv):
+        return (gnj.group_norm(xv, 3, wv, bv, 1e-5, activation=activation, channel_axis=axis) ** 3).sum()
+
+    def penalty(xv, wv, bv):
+        gx, gw = jax.grad(cubed, argnums=(0, 1))(xv, wv, bv)
+        return (gx ** 2).sum() + (gw ** 2).sum()
+
+    step = jax.jit(jax.grad(penalty, argnums=(0, 1, 2)))
+    assert "groupnorm_backward" in str(jax.make_jaxpr(step)(moved(x), w, b))  # the first derivative's custom call
+    got = step(moved(x), w, b)
+    want = reference_penalty_grads(up(x), 3, up(w), up(b), 1e-5, silu)
+    rtol = 1e-10 if dtype == "float64" else 1e-4
+    for name, g, truth in zip(("x", "weight", "bias"), (back(got[0]), got[1], got[2]), want):
+        err = np.abs(up(g) - truth).max() / np.abs(truth).max()
+        assert err <= rtol, f"penalty's gradient in {name}: {err:.3g}"
+
+    def in_x(xv):
+        return cubed(xv, w, b)
+
+    torch = pytest.importorskip("torch")
+    xr, wr, br = (torch.tensor(up(v)) for v in (x, w, b))
+
+    def cubed_ref(t):
+        y = torch.nn.functional.group_norm(t, 3, wr, br, 1e-5)
+        return (torch.nn.functional.silu(y) if silu else y).pow(3).sum()
+
+    hessian_ref = torch.autograd.functional.hessian(cubed_ref, xr).numpy()
+    def in_x_reference(xv):  # channels first, in jax.numpy (no custom call)
+        grouped = xv.reshape(xv.shape[0], 3, -1)
+        centred = grouped - grouped.mean(-1, keepdims=True)
+        y = (centred / jnp.sqrt(jnp.square(centred).mean(-1, keepdims=True) + 1e-5)).reshape(xv.shape)
+        y = y * w.reshape(1, -1, 1, 1) + b.reshape(1, -1, 1, 1)
+        return ((y * jax.nn.sigmoid(y) if silu else y) ** 3).sum()
+
+    def third(f):  # a third derivative: the rules themselves differentiated
+        return jax.grad(lambda xv: (jax.grad(lambda u: (jax.grad(f)(u) ** 2).sum())(xv) ** 2).sum())
+
+    got, truth = up(back(third(in_x)(moved(x)))), up(third(in_x_reference)(x))
+    assert np.abs(got - truth).max() / np.abs(truth).max() <= rtol * 10, "third derivative"
+    h = jax.hessian(in_x)(moved(x))
+    if layout == "channels_last":  # (N, H, W, C) twice: back to (N, C, H, W) on both halves
+        h = jnp.moveaxis(jnp.moveaxis(h, 3, 1), 7, 5)
+    err = np.abs(up(h) - hessian_ref).max() / np.abs(hessian_ref).max()
+    assert err <= rtol, f"hessian: {err:.3g}"
+
+
 def test_without_parameters_and_other_axes():
     x = data((3, 6, 4, 5), "float32", 5)
     close(gnj.group_norm(x, 2), group_norm_reference(up(x), 2), "float32", "no parameters")

@@ -1,7 +1,8 @@
 """groupnorm.jax: Group Normalization for JAX arrays as XLA custom calls, under ``jax.jit`` and ``jax.grad``.
 
 The kernels run inside JAX's own computation: XLA allocates the results, and on a GPU lends its stream and the
-kernels' workspace, so they compose with jit, grad (a custom VJP on groupnorm's backward kernels) and vmap
+kernels' workspace, so they compose with jit, grad (a custom VJP on groupnorm's backward kernels; higher orders
+through JVP rules of both calls written in jax.numpy) and vmap
 (the forward folds the mapped axis into N, one call for the batch, where weight and bias are shared; otherwise,
 and for the backward, one call per element). On the CPU the custom calls run groupnorm's SIMD kernels (the ISA
 level and thread count of groupnorm.set_isa / set_num_threads); on a GPU the CUDA kernels, where the build has
@@ -168,19 +169,97 @@ def _backward_call(dy, x, mean, rstd, w, b, groups, channels_last, has_weight, h
                 has_weight=bool(has_weight), has_bias=bool(has_bias), silu=bool(silu))
 
 
+# ----------------------------------------------------------------------------------- higher derivatives
+# The custom calls give every value, and the backward call the first derivatives. The derivatives of those (grad of
+# grad, jacrev of jacrev, hessian) come from the same computations written in jax.numpy, as JVP rules of the two
+# calls: the backward as a function of (dy, x, mean, rstd, w, b), so that the chain rule through the forward's
+# statistics (whose tangents the forward's rule gives) is exact.
+
+def _grouped(x, groups, channels_last):
+    """x with channels on axis 1, and its view (N, G, rest) in the compute dtype."""
+    if channels_last:
+        x = jnp.moveaxis(x, -1, 1)
+    return x, x.astype(_compute_dtype(x)).reshape(x.shape[0], groups, -1)
+
+
+def _per_channel(p, x):
+    return p.reshape((1, x.shape[1]) + (1,) * (x.ndim - 2))
+
+
+def _forward_as_ops(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu):
+    """(y, mean, rstd) of the forward call, in jax.numpy."""
+    moved, g = _grouped(x, groups, channels_last)
+    mean = g.mean(-1)
+    centred = g - mean[..., None]
+    rstd = jax.lax.rsqrt(jnp.square(centred).mean(-1) + eps)
+    y = (centred * rstd[..., None]).reshape(moved.shape)
+    if has_weight:
+        y = y * _per_channel(w, moved)
+    if has_bias:
+        y = y + _per_channel(b, moved)
+    if silu:
+        y = y * jax.nn.sigmoid(y)
+    y = y.astype(x.dtype)
+    return (jnp.moveaxis(y, 1, -1) if channels_last else y), mean, rstd
+
+
+def _backward_as_ops(dy, x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias, silu):
+    """(dx, dw, db) of the backward call, in jax.numpy, from the statistics given."""
+    moved, g = _grouped(x, groups, channels_last)
+    dz = (jnp.moveaxis(dy, -1, 1) if channels_last else dy).astype(g.dtype)
+    xhat = ((g - mean[..., None]) * rstd[..., None]).reshape(moved.shape)
+    if silu:  # the SiLU's input u and its derivative s * (1 + u * (1 - s))
+        u = xhat * _per_channel(w, moved) if has_weight else xhat
+        u = u + _per_channel(b, moved) if has_bias else u
+        s = jax.nn.sigmoid(u)
+        dz = dz * s * (1 + u * (1 - s))
+    axes = (0,) + tuple(range(2, moved.ndim))
+    db = dz.sum(axes)
+    dw = (dz * xhat).sum(axes)
+    gz = (dz * _per_channel(w, moved) if has_weight else dz).reshape(g.shape)
+    xg = xhat.reshape(g.shape)
+    dx = rstd[..., None] * (gz - gz.mean(-1, keepdims=True) - xg * (gz * xg).mean(-1, keepdims=True))
+    dx = dx.reshape(moved.shape).astype(x.dtype)
+    return (jnp.moveaxis(dx, 1, -1) if channels_last else dx), dw, db
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _forward_differentiable(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu):
+    return _forward_call(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu)
+
+
+@_forward_differentiable.defjvp
+def _forward_jvp(groups, eps, channels_last, has_weight, has_bias, silu, primals, tangents):
+    static = (groups, eps, channels_last, has_weight, has_bias, silu)
+    _, tangents_out = jax.jvp(lambda *p: _forward_as_ops(*p, *static), primals, tangents)
+    return _forward_differentiable(*primals, *static), tangents_out  # itself: the rule is differentiated again
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _backward_differentiable(dy, x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias, silu):
+    return tuple(_backward_call(dy, x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias, silu))
+
+
+@_backward_differentiable.defjvp
+def _backward_jvp(groups, channels_last, has_weight, has_bias, silu, primals, tangents):
+    static = (groups, channels_last, has_weight, has_bias, silu)
+    _, tangents_out = jax.jvp(lambda *p: _backward_as_ops(*p, *static), primals, tangents)
+    return _backward_differentiable(*primals, *static), tangents_out  # (as the forward's rule)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
 def _group_norm(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu):
     return _forward_call(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu)[0]
 
 
 def _group_norm_fwd(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu):
-    y, mean, rstd = _forward_call(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu)
+    y, mean, rstd = _forward_differentiable(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu)
     return y, (x, w, b, mean, rstd)
 
 
 def _group_norm_bwd(groups, eps, channels_last, has_weight, has_bias, silu, saved, dy):
     x, w, b, mean, rstd = saved
-    dx, dw, db = _backward_call(dy, x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias, silu)
+    dx, dw, db = _backward_differentiable(dy, x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias, silu)
     return dx, (dw if has_weight else jnp.zeros_like(w)), (db if has_bias else jnp.zeros_like(b))
 
 
