@@ -62,13 +62,17 @@ def up(x):
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 @pytest.mark.parametrize("silu", [False, True])
 def test_forward_and_grad_match_float64(dtype, layout, silu):
-    if dtype == "float64":
-        if not hasattr(jax, "enable_x64"):
-            pytest.skip("float64 needs jax.enable_x64 (a scoped jax_enable_x64)")
-        with jax.enable_x64(True):
-            check_forward_and_grad(dtype, layout, silu)
-    else:
-        check_forward_and_grad(dtype, layout, silu)
+    in_dtype(check_forward_and_grad, dtype, layout, silu)
+
+
+def in_dtype(check, dtype, *args):
+    """check(dtype, *args), with jax_enable_x64 scoped around it for float64."""
+    if dtype != "float64":
+        return check(dtype, *args)
+    if not hasattr(jax, "enable_x64"):
+        pytest.skip("float64 needs jax.enable_x64 (a scoped jax_enable_x64)")
+    with jax.enable_x64(True):
+        return check(dtype, *args)
 
 
 def check_forward_and_grad(dtype, layout, silu):
@@ -122,13 +126,7 @@ def test_second_derivatives_match_float64(dtype, layout, silu):
     """grad of a gradient penalty (reverse over reverse) and jax.hessian (forward over reverse): torch's second
     derivatives, while the custom calls still compute the values and first derivatives; and a third derivative
     against one of a jax.numpy group norm."""
-    if dtype == "float64":
-        if not hasattr(jax, "enable_x64"):
-            pytest.skip("float64 needs jax.enable_x64 (a scoped jax_enable_x64)")
-        with jax.enable_x64(True):
-            check_second_derivatives(dtype, layout, silu)
-    else:
-        check_second_derivatives(dtype, layout, silu)
+    in_dtype(check_second_derivatives, dtype, layout, silu)
 
 
 def check_second_derivatives(dtype, layout, silu):
