@@ -130,37 +130,28 @@ def _run_backward(grad_output, input, mean, rstd, num_groups, weight, bias, acti
     return _dlpack.as_torch(dx), dw, db
 
 
-def _backward(ctx, grad_output):
-    """The gradients of _GroupNormFunction's inputs from its saved state, computed without autograd."""
+def _backward(ctx, grad_output, with_graph=False):
+    """The gradients of _GroupNormFunction's inputs from its saved state: computed without autograd, or, with_graph
+    (create_graph=True), the same kernels through the backward operator, whose autograd node differentiates the
+    gradients again (_OperatorBackward)."""
     # Autograd hands back a gradient of the output's dtype and device; the inputs were checked in forward.
     saved = ctx.saved_tensors  # (input, weight), and bias with an activation
     input, weight, activation = saved[0], saved[1], ctx.activation
+    bias = saved[2] if activation is not None else None
+    if with_graph:
+        dx, dw, db = _OperatorBackward.apply(grad_output, input, _tensor(ctx.mean), _tensor(ctx.rstd),
+                                             ctx.num_groups, weight, bias, activation)
+    else:
+        dx, dw, db = _run_backward(grad_output, input, ctx.mean, ctx.rstd, ctx.num_groups, weight, bias, activation)
     needs_input_grad = ctx.needs_input_grad
-    dx, dw, db = _run_backward(grad_output, input, ctx.mean, ctx.rstd, ctx.num_groups, weight,
-                               saved[2] if activation is not None else None, activation)
     return (dx if needs_input_grad[0] else None, None,
             _param_grad(dw, weight.dtype) if needs_input_grad[2] else None,
             _param_grad(db, ctx.bias_dtype) if needs_input_grad[3] else None, None, None)
 
 
-def _backward_with_graph(ctx, grad_output):
-    """_backward under create_graph=True: the same kernels through the backward operator, whose autograd node
-    differentiates the gradients again (_OperatorBackward)."""
-    if _ops is None:  # torch < 2.4: no operators; a second derivative is refused rather than taken as zero
-        return torch.autograd.function.once_differentiable(_backward)(ctx, grad_output)
-    saved = ctx.saved_tensors  # (input, weight), and bias with an activation
-    input, weight, activation = saved[0], saved[1], ctx.activation
-    dx, dw, db = _OperatorBackward.apply(grad_output, input, _tensor(ctx.mean), _tensor(ctx.rstd), ctx.num_groups,
-                                         weight, saved[2] if activation is not None else None, activation)
-    needs_input_grad = ctx.needs_input_grad
-    return (dx if needs_input_grad[0] else None, None,
-            dw.to(weight.dtype) if needs_input_grad[2] else None,
-            db.to(ctx.bias_dtype) if needs_input_grad[3] else None, None, None)
-
-
 class _GroupNormFunction(torch.autograd.Function):
     """y = group_norm(x) (then SiLU with activation='silu') with the backward pass of groupnorm's kernels;
-    differentiable again under create_graph=True (_backward_with_graph)."""
+    differentiable again under create_graph=True (_backward's with_graph)."""
 
     @staticmethod
     def forward(ctx, input, num_groups, weight, bias, eps, activation):
@@ -177,7 +168,9 @@ class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():  # create_graph: gradients that autograd can differentiate again
-            return _backward_with_graph(ctx, grad_output)
+            if _ops is None:  # torch < 2.4: no operators; a second derivative is refused rather than taken as zero
+                return torch.autograd.function.once_differentiable(_backward)(ctx, grad_output)
+            return _backward(ctx, grad_output, with_graph=True)
         return _backward(ctx, grad_output)
 
 
@@ -358,9 +351,13 @@ def _gradients_as_ops(grad_output, input, rstd, num_groups, weight, bias, activa
     return grad_input.reshape(input.shape).to(input.dtype), grad_weight, grad_bias
 
 
-def _present(tensors):
-    """The (slot, tensor) pairs of the tensors among an operator's inputs (weight and bias may be None)."""
-    return [(slot, t) for slot, t in tensors if t is not None]
+def _of_tensors(call, inputs):
+    """(`call` as a function of the tensors among `inputs`, those tensors as (slot, tensor) pairs). `inputs` are an
+    operator's (input slot, tensor or None) pairs (weight and bias may be None); `call` gets a dict of the tensors by
+    slot."""
+    pairs = [(slot, t) for slot, t in inputs if t is not None]
+    slots = [slot for slot, _ in pairs]
+    return (lambda *tensors: call(dict(zip(slots, tensors)))), pairs
 
 
 def _vjp_in(function, pairs, cotangents, needs):
@@ -412,14 +409,9 @@ class _OperatorBackward(torch.autograd.Function):
         """The operator as a function of its tensor inputs, and those inputs as (slot, tensor) pairs: grad_output,
         input, weight, and bias where the activation reads it (the statistics are not differentiated in)."""
         grad_output, input, rstd, weight, bias = ctx.saved_tensors
-        pairs = _present([(0, grad_output), (1, input), (5, weight), (6, bias)])
-        slots = [slot for slot, _ in pairs]
-
-        def gradients(*tensors):
-            named = dict(zip(slots, tensors))
-            return _gradients_as_ops(named[0], named[1], rstd, ctx.num_groups, named.get(5), named.get(6),
-                                     ctx.activation)
-        return gradients, pairs
+        return _of_tensors(lambda t: _gradients_as_ops(t[0], t[1], rstd, ctx.num_groups, t.get(5), t.get(6),
+                                                       ctx.activation),
+                           [(0, grad_output), (1, input), (5, weight), (6, bias)])
 
     @staticmethod
     def backward(ctx, grad_dx, grad_dw, grad_db):
@@ -458,12 +450,9 @@ class _OperatorFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         input, weight, bias = ctx.saved_tensors
-        pairs = _present([(0, input), (2, weight), (3, bias)])
-        slots = [slot for slot, _ in pairs]
-
-        def forward(*tensors):
-            named = dict(zip(slots, tensors))
-            return _forward_as_ops(named[0], ctx.num_groups, named.get(2), named.get(3), ctx.eps, ctx.activation)
+        forward, pairs = _of_tensors(lambda t: _forward_as_ops(t[0], ctx.num_groups, t.get(2), t.get(3), ctx.eps,
+                                                               ctx.activation),
+                                     [(0, input), (2, weight), (3, bias)])
         return _jvp_of(forward, pairs, tangents), None, None
 
     @staticmethod
