@@ -79,6 +79,42 @@ struct VecF32 {
   }
 #endif
   static __m256i narrow_bf16_bits(VecF32 a, const BFloat16*) { return _mm512_cvtepi32_epi16(bf16_lanes(a)); }
+  // p[0, 2W) split by parity, as vec/avx2.h's: `even` gets p[0], p[2], ..., `odd` p[1], p[3], ...; one load and one
+  // shift or mask a vector, where load() zero-extends (a lane-crossing shuffle) and shifts. store_split puts the
+  // lanes back with integer rounding and one 16-bit blend, no pack, permute or subnormal test (bf16_rounded).
+  static void load_split(const BFloat16* p, VecF32& even, VecF32& odd) {
+    const __m512i v = _mm512_loadu_si512(p);
+    even.v = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    odd.v = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u))));
+  }
+  // a rounded to nearest even as bfloat16 in the high half of each lane (the low half is left over): add 0x7fff plus
+  // the kept part's lowest bit. A NaN keeps its sign and top payload bits and is made quiet. kInputNaNs false (vec/
+  // avx2.h): no value carries the input's NaNs, and the default quiet NaN that arithmetic makes stays one.
+  template <bool kInputNaNs = true>
+  static __m512i bf16_rounded(VecF32 a) {
+    const __m512i u = _mm512_castps_si512(a.v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    if (!kInputNaNs) return rounded;
+    const __mmask16 nan = _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
+    return _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x400000));
+  }
+  template <bool kInputNaNs = true>
+  static __m512i split_bits(VecF32 even, VecF32 odd) {
+    return _mm512_mask_blend_epi16(__mmask32(0xAAAAAAAAu), _mm512_srli_epi32(bf16_rounded<kInputNaNs>(even), 16),
+                                   bf16_rounded<kInputNaNs>(odd));
+  }
+  template <bool kInputNaNs = true>
+  static void store_split(BFloat16* p, VecF32 even, VecF32 odd) {
+    _mm512_storeu_si512(p, split_bits<kInputNaNs>(even, odd));
+  }
+  // Non-temporal, to a 32-byte aligned p (two 256-bit stores, as store_stream's alignment).
+  template <bool kInputNaNs = true>
+  static void store_split_stream(BFloat16* p, VecF32 even, VecF32 odd) {
+    const __m512i bits = split_bits<kInputNaNs>(even, odd);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(bits));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p + kWidth), _mm512_extracti64x4_epi64(bits, 1));
+  }
   // Round to nearest even in integer arithmetic, each bfloat16 in the low half of its 32-bit lane: add 0x7fff plus
   // the kept part's lowest bit, keep the high half; a NaN keeps its sign and top payload bits and is made quiet.
   static __m512i bf16_lanes(VecF32 a) {
