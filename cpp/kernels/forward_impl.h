@@ -409,8 +409,8 @@ inline void store_two(S* p, const V& a, const V& b) {
 }
 
 // Two vectors' worth of values p[0, 2W) in any lane order, for lane-wise work with one coefficient for every lane
-// (a channels-first run): V::load_split where V has one for S (bfloat16 on AVX2 and AVX-512: the values split by parity, with
-// no widening shuffle), else p[0, W) to a and p[W, 2W) to b. store_split puts them back in the same order.
+// (a channels-first run): V::load_split where V has one for S (bfloat16 on AVX2 and AVX-512: the values split by
+// parity, with no widening shuffle), else p[0, W) to a and p[W, 2W) to b. store_split puts them back in that order.
 template <class V, class S>
 auto load_split_of(const S* p, V& a, V& b, int) -> decltype(V::load_split(p, a, b)) {
   V::load_split(p, a, b);
