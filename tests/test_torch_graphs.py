@@ -26,10 +26,11 @@ def tensor(rng, shape, dtype=torch.float32, memory_format=torch.contiguous_forma
     return values.contiguous(memory_format=memory_format)
 
 
-def assert_close(actual, expected, what, rtol=FLOAT32_RTOL):
+def assert_close(actual, expected, what, rtol=FLOAT32_RTOL, scale=0.0):
+    """Within rtol of the largest magnitude of expected (or of `scale`, where that is larger)."""
     actual, expected = actual.detach(), expected.detach()
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
-    scale = max(float(expected.abs().max()), 1e-30)
+    scale = max(float(expected.abs().max()), scale, 1e-30)
     error = float((actual.double() - expected.double()).abs().max()) / scale
     assert error <= rtol, f"{what}: max |groupnorm - torch| / max|torch| = {error:.3g} > {rtol:g}"
 
@@ -112,6 +113,56 @@ def test_opcheck(rng, shape, num_groups, memory_format, dtype, param_dtype):
                                              (grad.requires_grad_(), x, mean, rstd, num_groups, params[0]))
     failed = {k: v for k, v in {**results, **results_backward}.items() if v != "SUCCESS"}
     assert not failed, failed
+
+
+# Decomposed operators against the kernels, relative to the largest magnitude: float rounding for float32 and
+# float64; for 16-bit data four units in the last place (the kernels round a SiLU's gradient to the storage dtype on
+# the way, as torch's separate silu and group_norm do; the decomposition rounds once, at the end).
+DECOMPOSITION_RTOL = {torch.float64: 1e-12, torch.float32: FLOAT32_RTOL, torch.bfloat16: 2.0**-5, torch.float16: 2.0**-8}
+
+
+@pytest.mark.parametrize("shape, num_groups, memory_format, dtype, param_dtype", OPCHECK_CASES,
+                         ids=lambda v: str(v).replace(" ", "").replace("torch.", ""))
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_decompositions_compute_what_the_kernels_do(rng, shape, num_groups, memory_format, dtype, param_dtype,
+                                                    activation):
+    """gnt.decompositions() holds both operators, and each function gives what the operator's kernels give: the
+    forward's output and statistics, the backward's three gradients, in the same shapes and dtypes."""
+    forward, backward = torch.ops.groupnorm.group_norm_forward.default, torch.ops.groupnorm.group_norm_backward.default
+    table = gnt.decompositions()
+    assert set(table) == {forward, backward}
+    rtol = DECOMPOSITION_RTOL[dtype]
+    x = tensor(rng, shape, dtype, memory_format)
+    weight, bias = (None, None) if param_dtype is None else (tensor(rng, (shape[1],), param_dtype),
+                                                             tensor(rng, (shape[1],), param_dtype))
+    kernels = forward(x, num_groups, weight, bias, 1e-5, activation)
+    for label, mine, theirs in zip(("y", "mean", "rstd"), table[forward](x, num_groups, weight, bias, 1e-5, activation),
+                                   kernels):
+        assert_close(mine, theirs, f"forward {label}", rtol)
+    grad = tensor(rng, shape, dtype, memory_format)
+    args = (grad, x, kernels[1], kernels[2], num_groups, weight, bias, activation)
+    # dx is rstd * w * (g - two group means), which cancel almost entirely in groups of two: its rounding error is
+    # one of those terms'.
+    terms = float(grad.abs().max()) * float(kernels[2].max()) * (1.0 if weight is None else float(weight.abs().max()))
+    for label, mine, theirs in zip(("dx", "dw", "db"), table[backward](*args), backward(*args)):
+        assert_close(mine, theirs, f"backward {label}", rtol, scale=terms if label == "dx" else 0.0)
+
+
+def test_make_fx_with_the_decompositions_traces_torch_operators(rng):
+    """A training step traced with decomposition_table=gnt.decompositions() holds neither operator and computes the
+    same output and gradients as the eager step."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def train_step(x, weight, bias, grad):
+        y = gnt.group_norm(x, 4, weight, bias, activation="silu")
+        return (y,) + torch.autograd.grad(y, (x, weight, bias), grad)
+
+    args = [tensor(rng, (2, 8, 5, 3), memory_format=torch.channels_last).requires_grad_(),
+            tensor(rng, (8,)).requires_grad_(), tensor(rng, (8,)).requires_grad_(), tensor(rng, (2, 8, 5, 3))]
+    graph = make_fx(train_step, decomposition_table=gnt.decompositions())(*args)
+    assert not any("groupnorm" in str(node.target) for node in graph.graph.nodes)
+    for label, mine, theirs in zip(("y", "dx", "dw", "db"), graph(*args), train_step(*args)):
+        assert_close(mine, theirs, label)
 
 
 @pytest.mark.parametrize("memory_format, dtype", [(torch.contiguous_format, torch.float32),

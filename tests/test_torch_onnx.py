@@ -115,3 +115,43 @@ def test_export_checks_the_activation(tmp_path):
 
     with pytest.raises(ValueError, match="activation"):
         export(Bad(), torch.randn(2, 4, 3), tmp_path / "bad.onnx", "torchscript")
+
+
+# torch 2.13's own deprecation, raised inside ExportedProgram.run_decompositions (its deepcopy of a pytree spec).
+LEAFSPEC_WARNING = "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning"
+
+
+@pytest.mark.filterwarnings(LEAFSPEC_WARNING)
+@pytest.mark.parametrize("table", ["groupnorm only", "core ATen too"])
+def test_exported_program_converts_after_decomposition(table, tmp_path):
+    """An ExportedProgram that recorded groupnorm's operator (torch.export of the model itself) holds none after
+    run_decompositions(gnt.decompositions()), computes the eager result, and torch.onnx.export converts it; ONNX
+    Runtime then matches the eager module at batch sizes other than the traced one."""
+    pytest.importorskip("onnxscript")
+    model = seeded_model(7)
+    x = torch.randn(2, 3, 7, 9)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    assert any("groupnorm" in str(node.target) for node in program.graph.nodes)
+    decompositions = gnt.decompositions()
+    if table == "core ATen too":
+        merged = torch.export.default_decompositions()
+        merged.update(decompositions)
+        decompositions = merged
+    program = program.run_decompositions(decompositions)
+    assert not any("groupnorm" in str(node.target) for node in program.graph.nodes)
+    rng = np.random.default_rng(7)
+    inputs = [torch.from_numpy(rng.standard_normal((batch, 3, 7, 9)).astype(np.float32) * 3 + 1) for batch in (2, 5)]
+    with torch.no_grad():
+        expected = [model(x).numpy() for x in inputs]
+        for x, want in zip(inputs, expected):
+            got = program.module()(x).numpy()
+            assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(program, (x,), str(tmp_path / "program.onnx"), dynamo=True, input_names=["x"],
+                          output_names=["y"])
+    session = onnxruntime.InferenceSession(str(tmp_path / "program.onnx"), providers=["CPUExecutionProvider"])
+    for x, want in zip(inputs, expected):
+        got = run(session, x)
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()

@@ -9,7 +9,8 @@ back the same way, in the input's memory format (a channels_last tensor stays ch
 traces into a graph (torch.compile, torch.export, make_fx, torch.jit.trace) go through the custom operators
 ``torch.ops.groupnorm.group_norm_forward`` and ``group_norm_backward`` instead (as does ``GroupNorm`` compiled by
 torch.jit.script), and calls inside torch.func transforms (grad, vmap, jacrev, ...) through an autograd.Function on
-those operators, which carry vmap rules. Under torch.onnx.export they are torch's own group_norm (and silu).
+those operators, which carry vmap rules. Under torch.onnx.export they are torch's own group_norm (and silu), and
+``decompositions()`` writes the operators in torch's own for graphs that already hold them (an ExportedProgram).
 Importing this module imports torch and registers those operators; the rest of groupnorm never imports torch.
 """
 import inspect
@@ -19,7 +20,7 @@ import torch.autograd.forward_ad as _forward_ad
 
 from . import _core, _dlpack, _gpu
 
-__all__ = ["group_norm", "GroupNorm", "convert_group_norms"]
+__all__ = ["group_norm", "GroupNorm", "convert_group_norms", "decompositions"]
 
 # torch.nn.GroupNorm grew a keyword-only `bias` flag (and shows it in its repr); mirror the installed torch.
 _TORCH_GROUPNORM_HAS_BIAS_FLAG = "bias" in inspect.signature(torch.nn.GroupNorm.__init__).parameters
@@ -293,22 +294,23 @@ def _backward_vmap(info, in_dims, grad_output, input, mean, rstd, num_groups, we
 # derivatives of those (a gradient penalty, a Hessian-vector product) and the forward-mode tangents (jvp, jacfwd).
 
 def _normalised_as_ops(input, num_groups, rstd=None, eps=None):
-    """((x - mean) * rstd in the input's shape, rstd per group (N, G, 1), the view shape (N, G, size)), in float32
-    (float64 for float64 data). rstd from eps, or the forward's rstd: its value kept and its derivatives taken from
-    the variance it was made of, rstd = (var + e)^(-1/2) with e = 1/rstd^2 - var held constant (eps, up to the
-    rounding of the two), for the backward operator, which has no eps."""
+    """((x - mean) * rstd in the input's shape, mean and rstd per group (N, G, 1), the view shape (N, G, size)), in
+    float32 (float64 for float64 data). rstd from eps, or the forward's rstd: its value kept and its derivatives
+    taken from the variance it was made of, rstd = (var + e)^(-1/2) with e = 1/rstd^2 - var held constant (eps, up
+    to the rounding of the two), for the backward operator, which has no eps."""
     compute = _stats_dtype(input)
     n = input.shape[0]
     grouped = (n, num_groups, input.numel() // max(n * num_groups, 1))
     x = input.to(compute).reshape(grouped)
-    centred = x - x.mean(-1, keepdim=True)
+    mean = x.mean(-1, keepdim=True)
+    centred = x - mean
     var = centred.square().mean(-1, keepdim=True)
     if rstd is None:
         r = (var + eps).rsqrt()
     else:
         held = rstd.to(compute).reshape(n, num_groups, 1)
         r = (var + (held.reciprocal().square() - var).detach()).rsqrt()
-    return (centred * r).reshape(input.shape), r, grouped
+    return (centred * r).reshape(input.shape), mean, r, grouped
 
 
 def _per_channel(param, input):
@@ -323,19 +325,25 @@ def _affine(xhat, w, b):
     return y if b is None else y + b
 
 
-def _forward_as_ops(input, num_groups, weight, bias, eps, activation):
-    """group_norm (then SiLU) of the forward operator, in the input's dtype."""
-    xhat, _, _ = _normalised_as_ops(input, num_groups, eps=eps)
+def _forward_decomposition(input, num_groups, weight, bias, eps, activation=None):
+    """The forward operator's (y, mean, rstd) in torch's operators: y (group_norm, then SiLU) in the input's dtype,
+    the statistics (N, G) in the compute dtype, as the kernels give them."""
+    xhat, mean, rstd, grouped = _normalised_as_ops(input, num_groups, eps=eps)
     y = _affine(xhat, _per_channel(weight, input), _per_channel(bias, input))
     if activation is not None:
         y = y * torch.sigmoid(y)
-    return y.to(input.dtype)
+    return y.to(input.dtype), mean.reshape(grouped[:2]), rstd.reshape(grouped[:2])
+
+
+def _forward_as_ops(input, num_groups, weight, bias, eps, activation):
+    """group_norm (then SiLU) of the forward operator, in the input's dtype."""
+    return _forward_decomposition(input, num_groups, weight, bias, eps, activation)[0]
 
 
 def _gradients_as_ops(grad_output, input, rstd, num_groups, weight, bias, activation):
     """group_norm's gradients (grad_input, grad_weight, grad_bias), as the backward operator returns them (grad_input
     in the input's dtype, the others in the compute dtype). bias is read with an activation only."""
-    xhat, r, grouped = _normalised_as_ops(input, num_groups, rstd=rstd)
+    xhat, _, r, grouped = _normalised_as_ops(input, num_groups, rstd=rstd)
     w = _per_channel(weight, input)
     dz = grad_output.to(xhat.dtype)
     if activation is not None:  # the SiLU's input u and its derivative s * (1 + u * (1 - s))
@@ -349,6 +357,11 @@ def _gradients_as_ops(grad_output, input, rstd, num_groups, weight, bias, activa
     xhat = xhat.reshape(grouped)
     grad_input = r * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
     return grad_input.reshape(input.shape).to(input.dtype), grad_weight, grad_bias
+
+
+def _gradients_as_op_outputs(grad_output, input, mean, rstd, num_groups, weight, bias=None, activation=None):
+    """The backward operator's (grad_input, grad_weight, grad_bias) in torch's operators (mean is recomputed)."""
+    return _gradients_as_ops(grad_output, input, rstd, num_groups, weight, bias, activation)
 
 
 def _of_tensors(call, inputs):
@@ -532,6 +545,33 @@ def _onnx_graph(input, num_groups, weight, bias, eps, activation):
     _core._check_activation(activation)
     output = torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
     return torch.nn.functional.silu(output) if activation == "silu" else output
+
+
+def decompositions():
+    """groupnorm's operators written in torch's own, as a decomposition table: ``{operator: function}`` for
+    ``torch.ops.groupnorm.group_norm_forward`` and ``group_norm_backward``.
+
+    A graph that recorded groupnorm.torch's calls holds those operators, which only a process with groupnorm can
+    run. Decomposed, it needs torch alone: ``ep.run_decompositions(gnt.decompositions())`` rewrites an
+    ``ExportedProgram`` (from ``torch.export.export``) so that ``torch.onnx.export(ep)`` converts it, and
+    ``make_fx(f, decomposition_table=gnt.decompositions())`` traces a function without them. The functions compute
+    what the kernels do, in float32 for float16/bfloat16 data (float64 for float64): the forward's output, mean and
+    rstd, and the backward's three gradients. Merge the table into ``torch.export.default_decompositions()`` to
+    decompose everything else to core ATen as well. Empty with torch < 2.4, which records no such operators.
+
+    Examples
+    --------
+    >>> import torch, groupnorm.torch as gnt
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), gnt.GroupNorm(2, 8))
+    >>> ep = torch.export.export(model, (torch.randn(1, 3, 8, 8),))
+    >>> ep = ep.run_decompositions(gnt.decompositions())
+    >>> any("groupnorm" in str(node.target) for node in ep.graph.nodes)
+    False
+    """
+    if _ops is None:
+        return {}
+    return {torch.ops.groupnorm.group_norm_forward.default: _forward_decomposition,
+            torch.ops.groupnorm.group_norm_backward.default: _gradients_as_op_outputs}
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None):
