@@ -549,3 +549,56 @@ def test_forward_mode_jvp_matches_torch(rng):
                             primals, tangents)
     assert_close(ours[0], theirs[0], "primal", FLOAT64_RTOL)
     assert_close(ours[1], theirs[1], "tangent", FLOAT64_RTOL)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward mode
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_the_operators_called_directly_carry_tangents(rng, memory_format):
+    """torch.ops.groupnorm's operators called on dual tensors (torch.autograd.forward_ad) give their outputs'
+    tangents, as torch's group_norm does, rather than dropping them: the forward's output (its mean and rstd are not
+    differentiable, as native_group_norm's are not), and the backward's gradients (linear in grad_output, so their
+    tangent in it is the backward of the tangent)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    forward, backward = torch.ops.groupnorm.group_norm_forward, torch.ops.groupnorm.group_norm_backward
+    shape, groups = (2, 6, 3, 4), 3
+    x, tx = tensor(rng, shape, torch.float64, memory_format), tensor(rng, shape, torch.float64, memory_format)
+    w, tw, b, tb = (tensor(rng, (6,), torch.float64) for _ in range(4))
+    expected = torch.func.jvp(  # contiguous: torch's forward-mode group_norm fails on channels_last
+        lambda x, w, b: torch_functional.silu(torch_functional.group_norm(x, groups, w, b)),
+        (x.contiguous(), w, b), (tx.contiguous(), tw, tb))[1]
+    with forward_ad.dual_level():
+        y, mean, rstd = forward(forward_ad.make_dual(x, tx), groups, forward_ad.make_dual(w, tw),
+                                forward_ad.make_dual(b, tb), 1e-5, "silu")
+        tangent = forward_ad.unpack_dual(y).tangent
+        assert forward_ad.unpack_dual(mean).tangent is None and forward_ad.unpack_dual(rstd).tangent is None
+    assert tangent is not None, "the tangent of y was dropped"
+    assert_close(tangent, expected, "tangent of y", FLOAT64_RTOL)
+
+    _, mean, rstd = forward(x, groups, w, b, 1e-5, "silu")
+    g, tg = tensor(rng, shape, torch.float64, memory_format), tensor(rng, shape, torch.float64, memory_format)
+    expected = backward(tg, x, mean, rstd, groups, w, b, "silu")
+    with forward_ad.dual_level():
+        outputs = backward(forward_ad.make_dual(g, tg), x, mean, rstd, groups, w, b, "silu")
+        tangents = [forward_ad.unpack_dual(output).tangent for output in outputs]
+    for label, mine, theirs in zip(("dx", "dw", "db"), tangents, expected):
+        assert mine is not None, f"the tangent of {label} was dropped"
+        assert_close(mine, theirs, f"tangent of {label}", FLOAT64_RTOL)
+
+
+@pytest.mark.parametrize("transform", ["grad", "jvp"])
+def test_the_operators_called_directly_in_a_torch_func_transform_refuse(rng, transform):
+    """torch.func differentiates a direct call of the operator only through group_norm, which makes the node at the
+    transform's level: the operator refuses with a message naming that way, rather than a derivative of zero or
+    torch's internal error."""
+    x, w = tensor(rng, (2, 4, 3), torch.float64), tensor(rng, (4,), torch.float64)
+
+    def direct(x):
+        return torch.ops.groupnorm.group_norm_forward(x, 2, w, None, 1e-5, None)[0].square().sum()
+
+    with pytest.raises(RuntimeError, match="called directly inside a torch.func transform.*groupnorm.torch.group_norm"):
+        if transform == "grad":
+            torch.func.grad(direct)(x)
+        else:
+            torch.func.jvp(direct, (x,), (torch.ones_like(x),))

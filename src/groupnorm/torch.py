@@ -487,11 +487,22 @@ def _autograd_kernel(function, op):
     wrappers: the way from the dispatcher to the kernel and back costs about 12 us a call on a 2-core Zen 3 VM
     with this kernel, 20 with register_autograd's."""
     def kernel(*args):
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args) or _has_tangent(args):
+            if torch._C._functorch.peek_interpreter_stack() is not None:  # a node cannot be made from inside here
+                raise RuntimeError(f"{op} was called directly inside a torch.func transform, which needs its "
+                                   f"gradient; call groupnorm.torch.group_norm (or GroupNorm) there instead")
             return function.apply(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
     return kernel
+
+
+def _has_tangent(args):
+    """Whether a tensor among args carries a forward-mode tangent at the current dual level: the node's jvp must
+    see the call (below autograd the tangent would be dropped, a derivative of zero). Inside the node's forward
+    the tensors are primals again, so its own call of the operator goes below autograd."""
+    return _forward_ad._current_level >= 0 and any(
+        isinstance(arg, torch.Tensor) and _forward_ad.unpack_dual(arg).tangent is not None for arg in args)
 
 
 _LIBRARY = None  # the torch.library.Library that holds the operators (it must outlive them)
