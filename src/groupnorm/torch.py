@@ -566,9 +566,11 @@ def decompositions():
     run. Decomposed, it needs torch alone: ``ep.run_decompositions(gnt.decompositions())`` rewrites an
     ``ExportedProgram`` (from ``torch.export.export``) so that ``torch.onnx.export(ep)`` converts it, and
     ``make_fx(f, decomposition_table=gnt.decompositions())`` traces a function without them. The functions compute
-    what the kernels do, in float32 for float16/bfloat16 data (float64 for float64): the forward's output, mean and
-    rstd, and the backward's three gradients. Merge the table into ``torch.export.default_decompositions()`` to
-    decompose everything else to core ATen as well. Empty with torch < 2.4, which records no such operators.
+    the kernels' formulas, in float32 for float16/bfloat16 data (float64 for float64): the forward's output, mean
+    and rstd, and the backward's three gradients (to rounding; without the kernels' wider fallback for groups whose
+    squares leave float32's range, as torch's own group_norm). Merge the table into
+    ``torch.export.default_decompositions()`` to decompose everything else to core ATen as well. Empty with
+    torch < 2.4, which records no such operators.
 
     Examples
     --------
