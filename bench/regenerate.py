@@ -1,7 +1,8 @@
 """Regenerates bench/RESULTS.md, all of it, with one command: ``python3 bench/regenerate.py``.
 
 Steps: a virtual environment (build-bench/venv, created or reused) with the optional peers and groupnorm installed
-from this working tree (``pip install .``); the C++ groupnorm_bench built with CMake into build-bench; then every
+from this working tree (``pip install --no-build-isolation .``, so that groupnorm.jax's custom calls are built and
+measured); the C++ groupnorm_bench built with CMake into build-bench; then every
 benchmark in turn, each writing JSON, markdown and a log under build-bench/results: bench_forward.py in float32
 and in float16/bfloat16, bench_training.py (alone and with ``--activation silu``), bench_compile.py,
 ``python -m groupnorm.bench`` (every peer, with the plot
@@ -68,17 +69,24 @@ def run_logged(command: list, log: Path) -> None:
         raise RuntimeError(f"{command_text(command)} exited with {result.returncode}:\n{tail}")
 
 
+# groupnorm's build requirements (pyproject.toml): its install below is not isolated, so that it sees jax and
+# compiles groupnorm.jax's custom calls (the peers' groupnorm.jax column), as README's JAX section says.
+BUILD_PACKAGES = ["scikit-build-core>=0.10", "cython>=3.0", "ninja"]
+
+
 def prepare_venv(venv: Path, log_dir: Path) -> Path:
     """Creates venv unless it exists, installs the optional peers and groupnorm from this working tree into it
-    (`pip install .`), and returns its interpreter."""
+    (`pip install --no-build-isolation .`, with the JAX custom calls), and returns its interpreter."""
     python = venv / "bin" / "python"
     if not python.exists():
         print(f"regenerate: creating {venv}", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    packages = VENV_PACKAGES + ([] if shutil.which("cmake") else ["cmake"])
-    print(f"regenerate: installing {' '.join(packages)} and groupnorm (pip install .) into {venv}", flush=True)
+    packages = VENV_PACKAGES + BUILD_PACKAGES + ([] if shutil.which("cmake") else ["cmake"])
+    print(f"regenerate: installing {' '.join(packages)} and groupnorm (pip install --no-build-isolation .) into "
+          f"{venv}", flush=True)
     run_logged([str(python), "-m", "pip", "install", "--quiet", *packages], log_dir / "pip-peers.log")
-    run_logged([str(python), "-m", "pip", "install", "--quiet", "."], log_dir / "pip-groupnorm.log")
+    run_logged([str(python), "-m", "pip", "install", "--quiet", "--no-build-isolation", "."],
+               log_dir / "pip-groupnorm.log")
     return python
 
 

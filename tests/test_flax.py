@@ -78,7 +78,7 @@ def test_linen_matches_flax(shape, dtype, fields):
     def loss(module):
         return lambda v, x: (module.apply(v, x).astype(jnp.float32) * data(shape, "float32", 3)).sum()
 
-    mine, want = (jax.grad(loss(m), argnums=(0, 1))(variables, x) for m in (ours, theirs))
+    mine, want = (jax.jit(jax.grad(loss(m), argnums=(0, 1)))(variables, x) for m in (ours, theirs))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(mine), jax.tree_util.tree_leaves(want)):
         close(a, b, f"gradient {jax.tree_util.keystr(path)}", str(b.dtype) if b.dtype != jnp.float64 else "float32")
 
@@ -160,7 +160,7 @@ def test_nnx_matches_flax(shape, dtype, keywords):
     def loss(module, x):
         return (module(x).astype(jnp.float32) * cotangent).sum()
 
-    (mine, mine_x), (want, want_x) = (nnx.grad(loss, argnums=(0, 1))(module, x) for module in (ours, theirs))
+    (mine, mine_x), (want, want_x) = (nnx.jit(nnx.grad(loss, argnums=(0, 1)))(module, x) for module in (ours, theirs))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(nnx.state(mine, nnx.Param)),
                             jax.tree_util.tree_leaves(nnx.state(want, nnx.Param))):
         close(a, b, f"gradient {jax.tree_util.keystr(path)}", out_dtype)

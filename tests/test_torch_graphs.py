@@ -118,7 +118,8 @@ def test_opcheck(rng, shape, num_groups, memory_format, dtype, param_dtype):
 # Decomposed operators against the kernels, relative to the largest magnitude: float rounding for float32 and
 # float64; for 16-bit data four units in the last place (the kernels round a SiLU's gradient to the storage dtype on
 # the way, as torch's separate silu and group_norm do; the decomposition rounds once, at the end).
-DECOMPOSITION_RTOL = {torch.float64: 1e-12, torch.float32: FLOAT32_RTOL, torch.bfloat16: 2.0**-5, torch.float16: 2.0**-8}
+DECOMPOSITION_RTOL = {torch.float64: 1e-12, torch.float32: FLOAT32_RTOL,
+                      torch.bfloat16: 2.0**-5, torch.float16: 2.0**-8}
 
 
 @pytest.mark.parametrize("shape, num_groups, memory_format, dtype, param_dtype", OPCHECK_CASES,
