@@ -115,16 +115,8 @@ struct VecF32 {
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(bits));
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p + kWidth), _mm512_extracti64x4_epi64(bits, 1));
   }
-  // Round to nearest even in integer arithmetic, each bfloat16 in the low half of its 32-bit lane: add 0x7fff plus
-  // the kept part's lowest bit, keep the high half; a NaN keeps its sign and top payload bits and is made quiet.
-  static __m512i bf16_lanes(VecF32 a) {
-    const __m512i u = _mm512_castps_si512(a.v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    const __mmask16 nan = _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
-    return _mm512_mask_blend_epi32(nan, rounded, quiet_nan);
-  }
+  // bf16_rounded, each bfloat16 in the low half of its 32-bit lane (the high half zero).
+  static __m512i bf16_lanes(VecF32 a) { return _mm512_srli_epi32(bf16_rounded(a), 16); }
   template <class H>
   static VecF32 load(const H* p) {
     return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), p);
