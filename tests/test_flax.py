@@ -62,8 +62,8 @@ LINEN_CASES = [  # (input shape, input dtype, module fields)
 
 @pytest.mark.parametrize("shape, dtype, fields", LINEN_CASES, ids=lambda v: str(v).replace(" ", ""))
 def test_linen_matches_flax(shape, dtype, fields):
-    """Same parameter tree and initial values as flax.linen.GroupNorm, then the same output and gradients (of the
-    parameters and of the input) with other parameter values, through one forward custom call."""
+    """Same parameter tree and initial values as flax.linen.GroupNorm, then the same output, gradients and jax.jvp
+    tangents (of the parameters and of the input) with other parameter values, through one forward custom call."""
     x = data(shape, dtype, 1)
     theirs, ours = linen.GroupNorm(**fields), gnf.GroupNorm(**fields)
     initial = theirs.init(jax.random.key(0), x)
@@ -81,6 +81,11 @@ def test_linen_matches_flax(shape, dtype, fields):
     mine, want = (jax.jit(jax.grad(loss(m), argnums=(0, 1)))(variables, x) for m in (ours, theirs))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(mine), jax.tree_util.tree_leaves(want)):
         close(a, b, f"gradient {jax.tree_util.keystr(path)}", str(b.dtype) if b.dtype != jnp.float64 else "float32")
+
+    tangents = (perturbed(variables, 4), data(shape, dtype, 5))  # forward mode, in the parameters and the input
+    mine, want = (jax.jit(lambda v, x, m=m: jax.jvp(m.apply, (v, x), tangents)[1])(variables, x)
+                  for m in (ours, theirs))
+    close(mine, want, "tangent", str(jnp.dtype(fields.get("dtype", x.dtype))))
 
 
 def test_linen_under_jit_and_vmap():

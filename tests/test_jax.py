@@ -184,6 +184,152 @@ def check_second_derivatives(dtype, layout, silu):
     assert np.abs(got - truth).max() / np.abs(truth).max() <= rtol * 10, "third derivative"
 
 
+def reference_jvp(x, groups, weight, bias, eps, silu, tangents):
+    """float64 tangent of y for tangents (tx, tw, tb) of (x, weight, bias), by torch's forward mode; a tangent of
+    None is zero."""
+    torch = pytest.importorskip("torch")
+    primals = tuple(torch.from_numpy(np.array(v, np.float64)) for v in (x, weight, bias))
+    tangents = tuple(torch.zeros_like(p) if t is None else torch.from_numpy(np.array(t, np.float64))
+                     for p, t in zip(primals, tangents))
+
+    def f(xv, wv, bv):
+        y = torch.nn.functional.group_norm(xv, groups, wv, bv, eps)
+        return torch.nn.functional.silu(y) if silu else y
+
+    return torch.func.jvp(f, primals, tangents)[1].numpy()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func imports it
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("silu", [False, True])
+def test_jvp_matches_float64(dtype, layout, silu):
+    """Forward mode (jax.jvp) with tangents for x, weight and bias, each alone and all three: torch's float64
+    forward mode; a tangent for x alone runs the backward custom call, one for the parameters alone does not."""
+    in_dtype(check_jvp, dtype, layout, silu)
+
+
+def check_jvp(dtype, layout, silu):
+    shape = (2, 12, 5, 7)
+    x = data(shape, dtype, 41, offset=2.0)
+    w, b = data((12,), "float32" if dtype != "float64" else dtype, 42), data((12,), w_dtype(dtype), 43)
+    tx, tw, tb = data(shape, dtype, 44), data((12,), w.dtype, 45), data((12,), b.dtype, 46)
+    axis = 1 if layout == "channels_first" else -1
+    moved = (lambda v: v) if layout == "channels_first" else (lambda v: jnp.moveaxis(v, 1, -1))
+    back = (lambda v: v) if layout == "channels_first" else (lambda v: jnp.moveaxis(v, -1, 1))
+    activation = "silu" if silu else None
+
+    def f(xv, wv, bv):
+        return gnj.group_norm(xv, 3, wv, bv, 1e-5, activation=activation, channel_axis=axis)
+
+    for given in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
+        def partial(*args, given=given):
+            full = iter(args)
+            return f(*[next(full) if g else v for g, v in zip(given, (moved(x), w, b))])
+
+        primals = tuple(v for g, v in zip(given, (moved(x), w, b)) if g)
+        tangents = tuple(v for g, v in zip(given, (moved(tx), tw, tb)) if g)
+        run = jax.jit(lambda p, t, partial=partial: jax.jvp(partial, p, t))
+        if given == (True, False, False):
+            assert "groupnorm_backward" in run.lower(primals, tangents).as_text()
+        if given == (False, True, False):
+            assert "groupnorm_backward" not in run.lower(primals, tangents).as_text()
+        y, ty = run(primals, tangents)
+        assert ty.dtype == x.dtype and ty.shape == y.shape
+        assert np.array_equal(np.asarray(y), np.asarray(f(moved(x), w, b)))
+        want = reference_jvp(up(x), 3, up(w), up(b), 1e-5, silu,
+                             [up(t) if g else None for g, t in zip(given, (tx, tw, tb))])
+        err = np.abs(up(back(ty)) - want).max() / (np.abs(want).max() + 1)
+        assert err <= TOLERANCE[dtype], f"tangent for {given}: {err:.3g}"
+
+
+def w_dtype(dtype):
+    """The parameters' dtype beside `dtype` data: float32 for 16-bit data (the mixed rule), else the data's."""
+    return "float32" if dtype != "float64" else dtype
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func imports it
+def test_forward_mode_transforms():
+    """jacfwd equals jacrev; jacfwd of jacfwd and grad of a jvp (the tangent differentiated, forward and reverse)
+    match torch's float64 second derivatives; vmap of jvp and jvp of vmap give the per-element bits, vmap with shared
+    parameters in one backward call; jax.linearize's linear map matches jvp."""
+    torch = pytest.importorskip("torch")
+    x, w, b = data((2, 6, 5), "float32", 51, offset=1.0), data((6,), "float32", 52), data((6,), "float32", 53)
+    t = data((2, 6, 5), "float32", 54)
+
+    def f(xv):
+        return gnj.group_norm(xv, 3, w, b, activation="silu")
+
+    forward, reverse = jax.jacfwd(f)(x), jax.jacrev(f)(x)
+    assert np.abs(np.asarray(forward) - np.asarray(reverse)).max() <= 1e-5 * np.abs(np.asarray(reverse)).max()
+
+    xr, wr, br = (torch.tensor(up(v)) for v in (x, w, b))
+
+    def f_ref(xv):
+        return torch.nn.functional.silu(torch.nn.functional.group_norm(xv, 3, wr, br, 1e-5))
+
+    second = torch.func.jacfwd(torch.func.jacfwd(f_ref))(xr).numpy()
+    got = up(jax.jacfwd(jax.jacfwd(f))(x))
+    assert np.abs(got - second).max() <= 1e-4 * np.abs(second).max(), "jacfwd of jacfwd"
+
+    def full(xv, wv, bv, axis=1):
+        return gnj.group_norm(xv, 3, wv, bv, activation="silu", channel_axis=axis)
+
+    def full_ref(xv, wv, bv):
+        return torch.nn.functional.silu(torch.nn.functional.group_norm(xv, 3, wv, bv, 1e-5))
+
+    first = (t, data((6,), "float32", 58), data((6,), "float32", 59))  # forward over forward, in all three
+    second = (data((2, 6, 5), "float32", 60), data((6,), "float32", 61), data((6,), "float32", 62))
+    want = torch.func.jvp(lambda *p: torch.func.jvp(full_ref, p, tuple(torch.tensor(up(v)) for v in first))[1],
+                          (xr, wr, br), tuple(torch.tensor(up(v)) for v in second))[1].numpy()
+    for axis in (1, -1):
+        moved = (lambda v: v) if axis == 1 else (lambda v: jnp.moveaxis(v, 1, -1))
+        got = jax.jvp(lambda *p: jax.jvp(lambda *q: full(*q, axis=axis), p, (moved(first[0]),) + first[1:])[1],
+                      (moved(x), w, b), (moved(second[0]),) + second[1:])[1]
+        got = up(got if axis == 1 else jnp.moveaxis(got, -1, 1))
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), f"jvp of jvp, channel_axis={axis}"
+
+    def directional(xv):  # d/dx of sum(jvp(f)(x, t)**2): reverse over forward
+        return (jax.jvp(f, (xv,), (t,))[1] ** 2).sum()
+
+    tr = torch.tensor(up(t))
+    xg = xr.clone().requires_grad_()
+    (torch.func.jvp(f_ref, (xg,), (tr,))[1] ** 2).sum().backward()
+    got = up(jax.grad(directional)(x))
+    assert np.abs(got - xg.grad.numpy()).max() <= 1e-4 * np.abs(xg.grad.numpy()).max(), "grad of jvp"
+
+    xs, ts = data((3, 2, 6, 5), "float32", 55), data((3, 2, 6, 5), "float32", 56)
+    each = [np.asarray(jax.jvp(f, (a,), (c,))[1]) for a, c in zip(xs, ts)]
+    mapped = jax.jit(jax.vmap(lambda a, c: jax.jvp(f, (a,), (c,))[1]))
+    assert mapped.lower(xs, ts).as_text().count("groupnorm_backward") == 1
+    assert np.array_equal(np.asarray(mapped(xs, ts)), np.stack(each))
+    outer = jax.jvp(jax.vmap(f), (xs,), (ts,))[1]
+    assert np.array_equal(np.asarray(outer), np.stack(each))
+    ws = data((3, 6), "float32", 57)
+    per_weight = jax.vmap(lambda v, c: jax.jvp(lambda a: gnj.group_norm(a, 3, v), (x,), (c,))[1])(ws, ts)
+    for v, c, got in zip(ws, ts, per_weight):
+        assert np.array_equal(np.asarray(got), np.asarray(jax.jvp(lambda a: gnj.group_norm(a, 3, v), (x,), (c,))[1]))
+
+    y, linear = jax.linearize(f, x)
+    assert np.array_equal(np.asarray(linear(t)), np.asarray(jax.jvp(f, (x,), (t,))[1]))
+
+
+def test_a_gradient_runs_the_two_calls_alone():
+    """Reverse mode transposes the tangent into the backward call: a jitted vjp lowers to one forward and one
+    backward custom call and no reduction of XLA's (the tangent's jax.numpy form is not in it), with or without a
+    tangent for the parameters."""
+    x, dz = data((2, 8, 5, 3), "float32", 61), data((2, 8, 5, 3), "float32", 62)
+    w, b = data((8,), "float32", 63), data((8,), "float32", 64)
+    for args in ((x, w, b), (x,), (w, b)):
+        def f(*diff, n=len(args)):
+            xv, wv, bv = (x, *diff) if n == 2 else diff if n == 3 else (diff[0], w, b)
+            return gnj.group_norm(xv, 4, wv, bv)
+
+        lowered = jax.jit(lambda *a: jax.vjp(f, *a)[1](dz)).lower(*args).as_text()
+        assert lowered.count("groupnorm_forward") == 1 and lowered.count("groupnorm_backward") == 1, args
+        assert "stablehlo.reduce" not in lowered, args
+
+
 def test_without_parameters_and_other_axes():
     x = data((3, 6, 4, 5), "float32", 5)
     close(gnj.group_norm(x, 2), group_norm_reference(up(x), 2), "float32", "no parameters")
@@ -307,6 +453,18 @@ def test_every_isa_level_and_thread_count_gives_the_numpy_calls_bits(isa):
 def test_empty_and_errors():
     y, mean, rstd = gnj.group_norm_forward(jnp.zeros((2, 4, 0)), 2)
     assert y.shape == (2, 4, 0) and bool(jnp.isnan(mean).all()) and bool(jnp.isnan(rstd).all())
+    w = jnp.ones(4)
+    for shape, axis in (((0, 4, 3), 1), ((0, 3, 4), -1), ((2, 4, 0), 1), ((0, 4), 1)):  # empty, under every transform
+        empty = jnp.zeros(shape)
+
+        def f(v, axis=axis):
+            return gnj.group_norm(v, 2, w, w, channel_axis=axis)
+
+        assert jax.jvp(f, (empty,), (empty,))[1].shape == shape
+        assert jax.jacfwd(jax.grad(lambda v: f(v).sum()))(empty).shape == shape * 2
+        assert jax.vmap(lambda v: jax.jvp(f, (v,), (v,))[1])(jnp.zeros((0,) + shape)).shape == (0,) + shape
+        assert jax.vmap(f)(jnp.zeros((0,) + shape)).shape == (0,) + shape
+        assert jax.grad(lambda v: jax.vmap(f)(v).sum())(jnp.zeros((3,) + shape)).shape == (3,) + shape
     x = data((2, 4, 3), "float32", 12)
     cases = [
         (lambda: gnj.group_norm(x, 3), ValueError, r"num_groups=3 must divide the number of channels \(4\)"),
