@@ -553,6 +553,56 @@ def test_forward_mode_jvp_matches_torch(rng):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward mode
+def test_forward_mode_tangent_runs_the_kernels(rng, kernel_calls):
+    """A tangent of the input alone costs one backward call (xhat's tangent) beside the forward's: no torch.func
+    re-derivation of group_norm in torch's operations; tangents of the parameters alone add one forward call (xhat)
+    and no backward call."""
+    x, w, b = tensor(rng, (2, 6, 5)), tensor(rng, (6,)), tensor(rng, (6,))
+    torch.func.jvp(lambda v: gnt.group_norm(v, 3, w, b), (x,), (torch.randn_like(x),))
+    assert kernel_calls == {"forward": 1, "backward": 1}
+    kernel_calls.update(forward=0, backward=0)
+    torch.func.jvp(lambda u, c: gnt.group_norm(x, 3, u, c), (w, b), (torch.randn_like(w), torch.randn_like(b)))
+    assert kernel_calls == {"forward": 2, "backward": 0}
+
+
+FORWARD_MODE_TRANSFORMS = {  # the tangent differentiated again: its calls' own jvp and vjp
+    "jvp_of_jvp": lambda f, primals, first, second: torch.func.jvp(lambda *p: torch.func.jvp(f, p, first)[1],
+                                                                   primals, second)[1],
+    "grad_of_jvp": lambda f, primals, first, second: torch.func.grad(
+        lambda *p: (torch.func.jvp(f, p, first)[1] * second[0]).sum(), argnums=(0, 1, 2))(*primals),
+    "jacfwd_jacfwd": lambda f, primals, first, second: torch.func.jacfwd(torch.func.jacfwd(
+        lambda v: f(v, *primals[1:])))(primals[0]),
+    "vmap_jvp": lambda f, primals, first, second: torch.vmap(
+        lambda t: torch.func.jvp(f, primals, (t,) + first[1:])[1])(torch.stack([first[0], second[0]])),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward mode
+@pytest.mark.parametrize("transform", FORWARD_MODE_TRANSFORMS)
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_forward_mode_transforms_match_torch(rng, transform, activation):
+    """Second derivatives through the forward-mode tangent (forward over forward, reverse over forward) and a
+    batch of tangents, in input, weight and bias: torch's, in float64. (Forward over forward runs in torch's
+    operations: torch gives zero for the outer derivative of an autograd.Function's jvp, pytorch/pytorch#197867.)"""
+    primals = (tensor(rng, (2, 6, 5), torch.float64), tensor(rng, (6,), torch.float64),
+               tensor(rng, (6,), torch.float64))
+    first = tuple(torch.randn_like(t) for t in primals)
+    second = tuple(torch.randn_like(t) for t in primals)
+
+    def ours(x, w, b):
+        return gnt.group_norm(x, 3, w, b, activation=activation)
+
+    def theirs(x, w, b):
+        y = torch_functional.group_norm(x, 3, w, b)
+        return torch_functional.silu(y) if activation else y
+
+    make = FORWARD_MODE_TRANSFORMS[transform]
+    mine, want = make(ours, primals, first, second), make(theirs, primals, first, second)
+    for got, expected in zip(*((m,) if isinstance(m, torch.Tensor) else m for m in (mine, want))):
+        assert_close(got, expected, transform, FLOAT64_RTOL)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward mode
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
                          ids=["contiguous", "channels_last"])
 def test_the_operators_called_directly_carry_tangents(rng, memory_format):

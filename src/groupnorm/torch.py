@@ -20,6 +20,11 @@ import torch.autograd.forward_ad as _forward_ad
 
 from . import _core, _dlpack, _gpu
 
+try:  # the functorch transforms active (torch >= 2.1)
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_interpreters
+except ImportError:  # pragma: no cover - older torch
+    _functorch_interpreters = None
+
 __all__ = ["group_norm", "GroupNorm", "convert_group_norms", "decompositions"]
 
 # torch.nn.GroupNorm grew a keyword-only `bias` flag (and shows it in its repr); mirror the installed torch.
@@ -290,8 +295,9 @@ def _backward_vmap(info, in_dims, grad_output, input, mean, rstd, num_groups, we
 
 
 # Derivatives beyond the first: group_norm written in torch operations, which autograd and torch.func differentiate
-# to any order and in either mode. The kernels give every call's values and first derivatives; these give the
-# derivatives of those (a gradient penalty, a Hessian-vector product) and the forward-mode tangents (jvp, jacfwd).
+# to any order and in either mode. The kernels give every call's values, first derivatives and forward-mode tangents
+# (_tangent_by_kernels); these give the derivatives of those (a gradient penalty, a Hessian-vector product, the
+# backward operator's tangent), and the whole call under nested forward mode (_nested_forward_mode).
 
 def _normalised_as_ops(input, num_groups, rstd=None, eps=None):
     """((x - mean) * rstd in the input's shape, mean and rstd per group (N, G, 1), the view shape (N, G, size)), in
@@ -454,7 +460,8 @@ class _OperatorFunction(torch.autograd.Function):
         activation = inputs[5] if len(inputs) > 5 else None  # the dispatcher passes the defaults it was given
         _, mean, rstd = output
         ctx.save_for_backward(input, weight, bias, mean, rstd)
-        ctx.save_for_forward(input, weight, bias)
+        ctx.save_for_forward(input, weight, bias, mean, rstd)
+        ctx.set_materialize_grads(False)  # tangents and gradients known to be zero come as None, not zeros
         ctx.num_groups = num_groups
         ctx.eps = inputs[4]
         ctx.activation = activation
@@ -462,11 +469,9 @@ class _OperatorFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, *tangents):
-        input, weight, bias = ctx.saved_tensors
-        forward, pairs = _of_tensors(lambda t: _forward_as_ops(t[0], ctx.num_groups, t.get(2), t.get(3), ctx.eps,
-                                                               ctx.activation),
-                                     [(0, input), (2, weight), (3, bias)])
-        return _jvp_of(forward, pairs, tangents), None, None
+        input, weight, bias, mean, rstd = ctx.saved_tensors
+        return _tangent_by_kernels(input, mean, rstd, ctx.num_groups, ctx.eps, weight, bias, ctx.activation,
+                                   tangents[0], tangents[2], tangents[3]), None, None
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_rstd):
@@ -479,6 +484,35 @@ class _OperatorFunction(torch.autograd.Function):
                                              bias if ctx.activation is not None else None, ctx.activation)
         # dw and db are float32 for half data; autograd casts each gradient to its input's dtype.
         return (dx if needs[0] else None, None, dw if needs[2] else None, db if needs[3] else None) + nones
+
+
+def _tangent_by_kernels(input, mean, rstd, num_groups, eps, weight, bias, activation, tx, tw, tb):
+    """y's tangent for the tangents (tx, tw, tb) of (input, weight, bias), None where zero, on the kernels: with
+    xhat = (x - mean) * rstd, xhat's tangent for tx is rstd * (tx - mean(tx) - xhat * mean(xhat * tx)) over each
+    group, which is the backward's grad_input of tx without parameters; weight, bias, their tangents and the SiLU
+    then act elementwise. (The same through torch.func in torch's operations took 60x the forward's time on
+    [1,320,64,64].) Both calls are the operators' nodes, so the tangent is differentiable again, in either mode.
+    16-bit data is widened first, so that the tangent is rounded once."""
+    compute = _stats_dtype(input)
+    wide = input.to(compute)
+    w, b = _per_channel(weight, input), _per_channel(bias, input)
+    tu = None  # zero
+    if tx is not None:
+        tu = _OperatorBackward.apply(tx.to(compute), wide, mean, rstd, num_groups, None)[0]
+        tu = tu if w is None else tu * w
+    if tw is not None or activation is not None:
+        xhat = _OperatorFunction.apply(wide, num_groups, None, None, eps)[0]
+        if tw is not None:
+            tu = xhat * _per_channel(tw, input) if tu is None else tu + xhat * _per_channel(tw, input)
+    if tb is not None:
+        tu = (torch.zeros_like(wide) if tu is None else tu) + _per_channel(tb, input)
+    if tu is None:  # no tangent at all
+        return torch.zeros_like(input)
+    if activation is not None:  # y = u * s(u): y' = s * (1 + u * (1 - s)) u'
+        u = _affine(xhat, w, b)
+        s = torch.sigmoid(u)
+        tu = tu * s * (1 + u * (1 - s))
+    return tu.to(input.dtype)
 
 
 def _autograd_kernel(function, op):
@@ -587,6 +621,16 @@ def decompositions():
             torch.ops.groupnorm.group_norm_backward.default: _gradients_as_op_outputs}
 
 
+def _nested_forward_mode():
+    """Whether two or more torch.func forward-mode levels are active (jvp of jvp, jacfwd of jacfwd). There torch
+    drops the outer levels' derivatives of anything an autograd.Function's jvp computes (pytorch/pytorch#197867:
+    silently zero), so group_norm runs in torch's operations instead, which torch differentiates at every level."""
+    if _functorch_interpreters is None:
+        return False
+    jvp = torch._C._functorch.TransformType.Jvp
+    return sum(interpreter.key() == jvp for interpreter in _functorch_interpreters()) >= 2
+
+
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None):
     """``torch.nn.functional.group_norm`` on groupnorm's kernels, differentiable in input, weight and bias;
     with ``activation='silu'``, ``silu(group_norm(...))`` in the same kernels, forward and backward.
@@ -627,6 +671,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
                 return _onnx_graph(input, num_groups, weight, bias, eps, activation)
             return _ops.group_norm_forward(input, num_groups, weight, bias, eps, activation)[0]
         if torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0:
+            if _nested_forward_mode():
+                return _forward_as_ops(input, num_groups, weight, bias, eps, activation)
             # inside a torch.func transform, or a forward-mode AD dual level: the operators' node, which has a jvp
             return _OperatorFunction.apply(input, num_groups, weight, bias, eps, activation)[0]
         if _traced(input):
