@@ -450,6 +450,33 @@ def test_every_isa_level_and_thread_count_gives_the_numpy_calls_bits(isa):
         gn.set_num_threads(before)
 
 
+def test_export_serializes_the_custom_calls():
+    """jax.export with export_checks(): serialized and deserialized with its first derivative (vjp_order=1) and a
+    symbolic batch, the module gives the bits of the live function and its gradient; without the checks JAX
+    refuses."""
+    export = pytest.importorskip("jax.export")
+    def uncommitted(*args):  # data()'s arrays are committed to a device, which a symbolic export refuses
+        return jnp.asarray(np.asarray(data(*args)))
+
+    x, w = uncommitted((2, 8, 5), "float32", 71), uncommitted((8,), "float32", 72)
+    f = jax.jit(lambda x, w: gnj.group_norm(x, 4, w, activation="silu"))
+    with pytest.raises(ValueError, match="custom calls"):
+        export.export(f)(x, w)
+    batch = jax.ShapeDtypeStruct(export.symbolic_shape("n, 8, 5"), jnp.float32)
+    exported = export.export(f, disabled_checks=gnj.export_checks())(batch, w)
+    restored = export.deserialize(exported.serialize(vjp_order=1))
+    for n in (2, 3):
+        xn = uncommitted((n, 8, 5), "float32", 73 + n)
+        assert np.array_equal(np.asarray(restored.call(xn, w)), np.asarray(f(xn, w)))
+
+    def loss(g):
+        return lambda x, w: (g(x, w) ** 2).sum()
+
+    mine = jax.grad(loss(restored.call), argnums=(0, 1))(x, w)
+    for got, want in zip(mine, jax.grad(loss(f), argnums=(0, 1))(x, w)):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_empty_and_errors():
     y, mean, rstd = gnj.group_norm_forward(jnp.zeros((2, 4, 0)), 2)
     assert y.shape == (2, 4, 0) and bool(jnp.isnan(mean).all()) and bool(jnp.isnan(rstd).all())

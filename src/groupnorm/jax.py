@@ -28,7 +28,7 @@ from jax.interpreters import ad, batching, mlir
 
 from . import _core, _gpu
 
-__all__ = ["group_norm", "group_norm_forward", "group_norm_backward"]
+__all__ = ["group_norm", "group_norm_forward", "group_norm_backward", "export_checks"]
 
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
 _state = None  # True once the custom calls are registered, else the reason they cannot be
@@ -44,6 +44,16 @@ def available():
             if _state is None:
                 _state = _register()
     return (True, None) if _state is True else (False, _state)
+
+
+def export_checks():
+    """The safety checks ``jax.export`` must skip to serialize a computation that holds groupnorm's custom calls:
+    ``jax.export.export(jax.jit(f), disabled_checks=groupnorm.jax.export_checks())``. JAX refuses custom calls it
+    gives no compatibility guarantee for; groupnorm gives none across its versions either, so a serialized module
+    runs where the same groupnorm is installed and its custom calls are registered (``available()`` registers them:
+    call it before running a deserialized module in a fresh process)."""
+    from jax import export
+    return [export.DisabledSafetyCheck.custom_call(f"groupnorm_{name}") for name in ("forward", "backward")]
 
 
 def has_cuda():
