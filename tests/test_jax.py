@@ -184,6 +184,21 @@ def check_second_derivatives(dtype, layout, silu):
     assert np.abs(got - truth).max() / np.abs(truth).max() <= rtol * 10, "third derivative"
 
 
+def test_higher_derivatives_of_channels_last_arrays_transpose_nothing():
+    """The jax.numpy forms behind second derivatives read channels-last arrays as they are (a reshape to
+    (N, S, G, D)): a Hessian-vector product (forward over reverse), grad of grad and a jvp lower to no transpose,
+    where moving channels to axis 1 put eight in each."""
+    x, w, b = data((2, 5, 6, 16), "float32", 81), data((16,), "float32", 82), data((16,), "float32", 83)
+
+    def f(v):
+        return (gnj.group_norm(v, 4, w, b, activation="silu", channel_axis=-1) ** 2).sum()
+
+    for name, transform in (("hvp", lambda v, t: jax.jvp(jax.grad(f), (v,), (t,))[1]),
+                            ("grad of grad", lambda v, t: jax.grad(lambda u: (jax.grad(f)(u) ** 2).sum())(v)),
+                            ("jvp", lambda v, t: jax.jvp(f, (v,), (t,))[1])):
+        assert "transpose" not in jax.jit(transform).lower(x, x).as_text(), name
+
+
 def reference_jvp(x, groups, weight, bias, eps, silu, tangents):
     """float64 tangent of y for tangents (tx, tw, tb) of (x, weight, bias), by torch's forward mode; a tangent of
     None is zero."""

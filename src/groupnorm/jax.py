@@ -2,11 +2,11 @@
 
 The kernels run inside JAX's own computation: XLA allocates the results, and on a GPU lends its stream and the
 kernels' workspace, so they compose with jit, grad and jvp (a custom JVP whose tangent transposes to groupnorm's
-backward kernels; higher orders through JVP rules of both calls written in jax.numpy) and vmap
-(the forward folds the mapped axis into N, one call for the batch, where weight and bias are shared, and so does
-the gradient of a vmapped call; otherwise, and for vmap of a gradient, one call per element). On the CPU the custom calls run groupnorm's SIMD kernels (the ISA
-level and thread count of groupnorm.set_isa / set_num_threads); on a GPU the CUDA kernels, where the build has
-them.
+backward kernels; higher orders through JVP rules of both calls written in jax.numpy, on the arrays as they lie)
+and vmap (the forward folds the mapped axis into N, one call for the batch, where weight and bias are shared, and
+so does the gradient of a vmapped call; otherwise, and for vmap of a gradient, one call per element). On the CPU
+the custom calls run groupnorm's SIMD kernels (the ISA level and thread count of groupnorm.set_isa /
+set_num_threads); on a GPU the CUDA kernels, where the build has them.
 
 It needs a groupnorm built with the custom calls (``groupnorm.config()["jax"]``): a build that found jaxlib's FFI
 headers, that is ``pip install --no-build-isolation .`` where jax is installed (README, section JAX). Importing
@@ -188,52 +188,77 @@ def _backward_call(dy, x, mean, rstd, w, b, groups, channels_last, has_weight, h
 # calls: the backward as a function of (dy, x, mean, rstd, w, b), so that the chain rule through the forward's
 # statistics (whose tangents the forward's rule gives) is exact.
 
-def _grouped(x, groups, channels_last):
-    """x with channels on axis 1, and its view (N, G, rest) in the compute dtype."""
-    if channels_last:
-        x = jnp.moveaxis(x, -1, 1)
-    return x, x.astype(_compute_dtype(x)).reshape(x.shape[0], groups, math.prod(x.shape[1:]) // groups)
+class _View:
+    """A group norm's arrays seen by group, as reshapes (no transpose): (N, G, D, S) channels first, (N, S, G, D)
+    channels last, with D channels a group and S positions a channel, in the compute dtype. A group reduces over
+    `axes`, a channel (over N and S) over `param_axes`; `stat` shapes (N, G) statistics and `chan` (C,) parameters
+    to broadcast against the view. (With channels moved to axis 1 instead, XLA transposed every channels-last array:
+    a Hessian-vector product took 4x Flax's own.)"""
+
+    def __init__(self, x, groups, channels_last):
+        n, c = x.shape[0], x.shape[-1] if channels_last else x.shape[1]
+        d, s = c // groups, math.prod(x.shape[1:-1] if channels_last else x.shape[2:])
+        self.shape, self.dtype, self.channels = x.shape, _compute_dtype(x), c
+        self.grouped = (n, s, groups, d) if channels_last else (n, groups, d, s)
+        self.axes = (1, 3) if channels_last else (2, 3)
+        self.param_axes = (0, 1) if channels_last else (0, 3)
+        self.param_shape = (1, 1, groups, d) if channels_last else (1, groups, d, 1)
+        self.stat_index = (slice(None), None, slice(None), None) if channels_last else (Ellipsis, None, None)
+
+    def of(self, a):
+        return a.astype(self.dtype).reshape(self.grouped)
+
+    def back(self, a, dtype):
+        return a.astype(dtype).reshape(self.shape)
+
+    def stat(self, s):
+        return s[self.stat_index]
+
+    def chan(self, p):
+        return p.reshape(self.param_shape)
+
+    def channel_sums(self, a):
+        return a.sum(self.param_axes).reshape(self.channels)
+
+    def normalised(self, x, mean, rstd):
+        return (self.of(x) - self.stat(mean)) * self.stat(rstd)
+
+    def affine(self, xhat, w, b, has_weight, has_bias):
+        u = xhat * self.chan(w) if has_weight else xhat
+        return u + self.chan(b) if has_bias else u
 
 
-def _per_channel(p, x):
-    return p.reshape((1, x.shape[1]) + (1,) * (x.ndim - 2))
+def _silu_slope(u):
+    """The SiLU's derivative at u: s * (1 + u * (1 - s)), s = sigmoid(u)."""
+    s = jax.nn.sigmoid(u)
+    return s * (1 + u * (1 - s))
 
 
 def _forward_as_ops(x, w, b, groups, eps, channels_last, has_weight, has_bias, silu):
     """(y, mean, rstd) of the forward call, in jax.numpy."""
-    moved, g = _grouped(x, groups, channels_last)
-    mean = g.mean(-1)
-    centred = g - mean[..., None]
-    rstd = jax.lax.rsqrt(jnp.square(centred).mean(-1) + eps)
-    y = (centred * rstd[..., None]).reshape(moved.shape)
-    if has_weight:
-        y = y * _per_channel(w, moved)
-    if has_bias:
-        y = y + _per_channel(b, moved)
+    v = _View(x, groups, channels_last)
+    g = v.of(x)
+    mean = g.mean(v.axes)
+    centred = g - v.stat(mean)
+    rstd = jax.lax.rsqrt(jnp.square(centred).mean(v.axes) + eps)
+    y = v.affine(centred * v.stat(rstd), w, b, has_weight, has_bias)
     if silu:
         y = y * jax.nn.sigmoid(y)
-    y = y.astype(x.dtype)
-    return (jnp.moveaxis(y, 1, -1) if channels_last else y), mean, rstd
+    return v.back(y, x.dtype), mean, rstd
 
 
 def _backward_as_ops(dy, x, mean, rstd, w, b, groups, channels_last, has_weight, has_bias, silu):
     """(dx, dw, db) of the backward call, in jax.numpy, from the statistics given."""
-    moved, g = _grouped(x, groups, channels_last)
-    dz = (jnp.moveaxis(dy, -1, 1) if channels_last else dy).astype(g.dtype)
-    xhat = ((g - mean[..., None]) * rstd[..., None]).reshape(moved.shape)
-    if silu:  # the SiLU's input u and its derivative s * (1 + u * (1 - s))
-        u = xhat * _per_channel(w, moved) if has_weight else xhat
-        u = u + _per_channel(b, moved) if has_bias else u
-        s = jax.nn.sigmoid(u)
-        dz = dz * s * (1 + u * (1 - s))
-    axes = (0,) + tuple(range(2, moved.ndim))
-    db = dz.sum(axes)
-    dw = (dz * xhat).sum(axes)
-    gz = (dz * _per_channel(w, moved) if has_weight else dz).reshape(g.shape)
-    xg = xhat.reshape(g.shape)
-    dx = rstd[..., None] * (gz - gz.mean(-1, keepdims=True) - xg * (gz * xg).mean(-1, keepdims=True))
-    dx = dx.reshape(moved.shape).astype(x.dtype)
-    return (jnp.moveaxis(dx, 1, -1) if channels_last else dx), dw, db
+    v = _View(x, groups, channels_last)
+    dz = v.of(dy)
+    xhat = v.normalised(x, mean, rstd)
+    if silu:  # dy is the SiLU's output's gradient
+        dz = dz * _silu_slope(v.affine(xhat, w, b, has_weight, has_bias))
+    db = v.channel_sums(dz)
+    dw = v.channel_sums(dz * xhat)
+    gz = dz * v.chan(w) if has_weight else dz
+    dx = v.stat(rstd) * (gz - gz.mean(v.axes, keepdims=True) - xhat * (gz * xhat).mean(v.axes, keepdims=True))
+    return v.back(dx, x.dtype), dw, db
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
@@ -276,69 +301,32 @@ _TANGENT_PARAMS = ("groups", "channels_last", "has_weight", "has_bias", "silu", 
 _tangent_p = jax.extend.core.Primitive("groupnorm_tangent")
 
 
-def _tangent_as_ops(x, mean, rstd, w, b, tx, tw, tb, *, groups, channels_last, has_weight, has_bias, silu,
-                    in_tangents):
-    """y's tangent for the tangents (tx, tw, tb) of (x, w, b) given the statistics, in jax.numpy: with
-    xhat = (x - mean) * rstd, xhat's tangent is rstd * (tx - mean(tx) - xhat * mean(xhat * tx)) over each group, and
-    u = xhat * w + b (then y = silu(u)) carries it on. A tangent left out (in_tangents False) is zero."""
-    moved, g = _grouped(x, groups, channels_last)
-    xhat = (g - mean[..., None]) * rstd[..., None]
-    tu = jnp.zeros(moved.shape, g.dtype)
+def _tangent(x, mean, rstd, w, b, tx, tw, tb, *, groups, channels_last, has_weight, has_bias, silu, in_tangents,
+             by_kernel=True):
+    """y's tangent for the tangents (tx, tw, tb) of (x, w, b) given the statistics: with xhat = (x - mean) * rstd,
+    xhat's tangent is rstd * (tx - mean(tx) - xhat * mean(xhat * tx)) over each group, and u = xhat * w + b (then
+    y = silu(u)) carries it on. A tangent left out (in_tangents False) is zero. by_kernel: xhat's tangent from the
+    backward call (in the compute dtype: 16-bit data is widened first, so that y's tangent is rounded once), else
+    in jax.numpy, which the tangent's own JVP differentiates."""
+    v = _View(x, groups, channels_last)
+    xhat = v.normalised(x, mean, rstd)  # XLA leaves it out where nothing below reads it
+    tu = jnp.zeros(v.grouped, v.dtype)
     if in_tangents[0]:
-        t = (jnp.moveaxis(tx, -1, 1) if channels_last else tx).astype(g.dtype).reshape(g.shape)
-        txhat = rstd[..., None] * (t - t.mean(-1, keepdims=True) - xhat * (xhat * t).mean(-1, keepdims=True))
-        txhat = txhat.reshape(moved.shape)
-        tu = txhat * _per_channel(w, moved) if has_weight else txhat
-    xhat = xhat.reshape(moved.shape)
+        if by_kernel:
+            none = jnp.zeros((0,), v.dtype)
+            txhat = v.of(_backward_call(tx.astype(v.dtype), x.astype(v.dtype), mean, rstd, none, none, groups,
+                                        channels_last, False, False, False)[0])
+        else:
+            t = v.of(tx)
+            txhat = v.stat(rstd) * (t - t.mean(v.axes, keepdims=True) - xhat * (xhat * t).mean(v.axes, keepdims=True))
+        tu = txhat * v.chan(w) if has_weight else txhat
     if has_weight and in_tangents[1]:
-        tu = tu + xhat * _per_channel(tw, moved)
+        tu = tu + xhat * v.chan(tw)
     if has_bias and in_tangents[2]:
-        tu = tu + _per_channel(tb, moved)
-    if silu:  # y = u * s(u): y' = s * (1 + u * (1 - s)) u'
-        u = xhat * _per_channel(w, moved) if has_weight else xhat
-        u = u + _per_channel(b, moved) if has_bias else u
-        s = jax.nn.sigmoid(u)
-        tu = tu * s * (1 + u * (1 - s))
-    ty = tu.astype(x.dtype)
-    return jnp.moveaxis(ty, 1, -1) if channels_last else ty
-
-
-def _by_channel(p, x, channels_last):
-    """A (C,) array shaped to broadcast along x's channel axis."""
-    return p if channels_last else p.reshape((1, -1) + (1,) * (x.ndim - 2))
-
-
-def _tangent_by_kernel(x, mean, rstd, w, b, tx, tw, tb, *, groups, channels_last, has_weight, has_bias, silu,
-                       in_tangents):
-    """_tangent_as_ops' value, with xhat's tangent from the backward call (in the compute dtype: 16-bit data is
-    widened first, so that y's tangent is rounded once) and the rest elementwise."""
-    dtype = _compute_dtype(x)
-    shape = x.shape
-    by_group = shape[:-1] + (groups, shape[-1] // groups) if channels_last else (shape[0], groups,
-                                                                                math.prod(shape[1:]) // groups)
-    stat = (mean.shape[0],) + (1,) * (x.ndim - 2) + (groups, 1) if channels_last else mean.shape + (1,)
-
-    def xhat():
-        return ((x.astype(dtype).reshape(by_group) - mean.reshape(stat)) * rstd.reshape(stat)).reshape(shape)
-
-    none = jnp.zeros((0,), dtype)
-    tu = jnp.zeros(shape, dtype)
-    if in_tangents[0]:
-        wide = x.astype(dtype)
-        tu = _backward_call(tx.astype(dtype), wide, mean, rstd, none, none, groups, channels_last, False, False,
-                            False)[0]
-        if has_weight:
-            tu = tu * _by_channel(w, x, channels_last)
-    if has_weight and in_tangents[1]:
-        tu = tu + xhat() * _by_channel(tw, x, channels_last)
-    if has_bias and in_tangents[2]:
-        tu = tu + _by_channel(tb, x, channels_last)
-    if silu:
-        u = xhat() * _by_channel(w, x, channels_last) if has_weight else xhat()
-        u = u + _by_channel(b, x, channels_last) if has_bias else u
-        s = jax.nn.sigmoid(u)
-        tu = tu * s * (1 + u * (1 - s))
-    return tu.astype(x.dtype)
+        tu = tu + v.chan(tb)
+    if silu:  # y = u * s(u)
+        tu = tu * _silu_slope(v.affine(xhat, w, b, has_weight, has_bias))
+    return v.back(tu, x.dtype)
 
 
 def _tangent_abstract(x, *operands, **params):
@@ -348,7 +336,7 @@ def _tangent_abstract(x, *operands, **params):
 def _tangent_jvp(primals, tangents, **params):
     """The tangent's own tangent (second derivatives through forward mode), from its jax.numpy form."""
     tangents = [ad.instantiate_zeros(t) for t in tangents]
-    _, t_out = jax.jvp(functools.partial(_tangent_as_ops, **params), tuple(primals), tuple(tangents))
+    _, t_out = jax.jvp(functools.partial(_tangent, **params, by_kernel=False), tuple(primals), tuple(tangents))
     return _tangent_p.bind(*primals, **params), t_out
 
 
@@ -384,12 +372,12 @@ def _tangent_batch(args, dims, **params):
     return jax.lax.map(lambda sliced: _tangent_p.bind(*sliced, **params), tuple(args)), 0
 
 
-_tangent_p.def_impl(jax.jit(_tangent_by_kernel, static_argnames=_TANGENT_PARAMS))
+_tangent_p.def_impl(jax.jit(_tangent, static_argnames=_TANGENT_PARAMS))
 _tangent_p.def_abstract_eval(_tangent_abstract)
 ad.primitive_jvps[_tangent_p] = _tangent_jvp
 ad.primitive_transposes[_tangent_p] = _tangent_transpose
 batching.primitive_batchers[_tangent_p] = _tangent_batch
-mlir.register_lowering(_tangent_p, mlir.lower_fun(_tangent_by_kernel, multiple_results=False))
+mlir.register_lowering(_tangent_p, mlir.lower_fun(_tangent, multiple_results=False))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
