@@ -435,6 +435,7 @@ def test_forward_mode_ad_matches_torch(rng, dtype, layout, activation, grad_mode
     assert primal.is_contiguous(memory_format=memory_format)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward_ad
 def test_forward_mode_ad_without_the_operators_is_refused_not_dropped(rng, monkeypatch):
     """Where torch lacks the operators (before 2.4), the autograd.Function says that it has no jvp rather than
     return the primal without its tangent."""

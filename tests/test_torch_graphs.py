@@ -638,6 +638,7 @@ def test_the_operators_called_directly_carry_tangents(rng, memory_format):
         assert_close(mine, theirs, f"tangent of {label}", FLOAT64_RTOL)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward mode
 @pytest.mark.parametrize("transform", ["grad", "jvp"])
 def test_the_operators_called_directly_in_a_torch_func_transform_refuse(rng, transform):
     """torch.func differentiates a direct call of the operator only through group_norm, which makes the node at the
