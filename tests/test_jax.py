@@ -328,6 +328,21 @@ def test_forward_mode_transforms():
     y, linear = jax.linearize(f, x)
     assert np.array_equal(np.asarray(linear(t)), np.asarray(jax.jvp(f, (x,), (t,))[1]))
 
+    # the batching rule in channels-last, with a tangent for the weight alone (the input's left out of the call),
+    # and with the weight's tangent mapped (one call per element)
+    xl, tl = data((3, 2, 5, 4, 6), "float32", 63), data((3, 2, 5, 4, 6), "float32", 64)
+    tws = data((3, 6), "float32", 65)
+
+    def g(v, u):
+        return gnj.group_norm(v, 3, u, b, activation="silu", channel_axis=-1)
+
+    cases = (("x and w", lambda v, c: jax.jvp(g, (v, w), (c, first[1]))[1], (xl, tl)),
+             ("w alone", lambda v: jax.jvp(lambda u: g(v, u), (w,), (first[1],))[1], (xl,)),
+             ("w's tangent mapped", lambda c: jax.jvp(lambda u: g(xl[0], u), (w,), (c,))[1], (tws,)))
+    for name, one, args in cases:
+        each = np.stack([np.asarray(one(*sliced)) for sliced in zip(*args)])
+        assert np.array_equal(np.asarray(jax.vmap(one)(*args)), each), name
+
 
 def test_a_gradient_runs_the_two_calls_alone():
     """Reverse mode transposes the tangent into the backward call: a jitted vjp lowers to one forward and one
