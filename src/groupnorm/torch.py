@@ -346,16 +346,20 @@ def _forward_as_ops(input, num_groups, weight, bias, eps, activation):
     return _forward_decomposition(input, num_groups, weight, bias, eps, activation)[0]
 
 
+def _silu_slope(u):
+    """The SiLU's derivative at u: s * (1 + u * (1 - s)), s = sigmoid(u)."""
+    s = torch.sigmoid(u)
+    return s * (1 + u * (1 - s))
+
+
 def _gradients_as_ops(grad_output, input, rstd, num_groups, weight, bias, activation):
     """group_norm's gradients (grad_input, grad_weight, grad_bias), as the backward operator returns them (grad_input
     in the input's dtype, the others in the compute dtype). bias is read with an activation only."""
     xhat, _, r, grouped = _normalised_as_ops(input, num_groups, rstd=rstd)
     w = _per_channel(weight, input)
     dz = grad_output.to(xhat.dtype)
-    if activation is not None:  # the SiLU's input u and its derivative s * (1 + u * (1 - s))
-        u = _affine(xhat, w, _per_channel(bias, input))
-        s = torch.sigmoid(u)
-        dz = dz * s * (1 + u * (1 - s))
+    if activation is not None:  # dz is the SiLU's output's gradient
+        dz = dz * _silu_slope(_affine(xhat, w, _per_channel(bias, input)))
     dims = [0] + list(range(2, input.dim()))
     grad_bias = dz.sum(dims)
     grad_weight = (dz * xhat).sum(dims)
@@ -506,15 +510,14 @@ def _tangent_by_kernels(input, mean, rstd, num_groups, eps, weight, bias, activa
     if tw is not None or activation is not None:
         xhat = _OperatorFunction.apply(wide, num_groups, None, None, eps)[0]
         if tw is not None:
-            tu = xhat * _per_channel(tw, input) if tu is None else tu + xhat * _per_channel(tw, input)
+            term = xhat * _per_channel(tw, input)
+            tu = term if tu is None else tu + term
     if tb is not None:
         tu = (torch.zeros_like(wide) if tu is None else tu) + _per_channel(tb, input)
     if tu is None:  # no tangent at all
         return torch.zeros_like(input)
-    if activation is not None:  # y = u * s(u): y' = s * (1 + u * (1 - s)) u'
-        u = _affine(xhat, w, b)
-        s = torch.sigmoid(u)
-        tu = tu * s * (1 + u * (1 - s))
+    if activation is not None:  # y = u * s(u)
+        tu = tu * _silu_slope(_affine(xhat, w, b))
     return tu.to(input.dtype)
 
 
