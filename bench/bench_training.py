@@ -346,12 +346,21 @@ TRAINING_TIMINGS = (
 )
 
 
+def training_header_lines(header: dict) -> list:
+    """The forward's header lines, and which autograd node groupnorm.torch runs."""
+    node = ("C++ (groupnorm/_torch_node.so) for inputs under 1 MiB, Python's autograd.Function above"
+            if header["groupnorm_torch_node"] else
+            f"Python's autograd.Function only (no C++ node: {header['groupnorm_torch_node_reason']})")
+    lines = header_lines(header, "np.add", TRAINING_TIMINGS)
+    return lines[:3] + [f"node:       {node}"] + lines[3:]
+
+
 def write_markdown(path: str, header: dict, rows: list, summary: dict) -> None:
     """A self-contained section for bench/RESULTS.md: header, table, summary, targets."""
     block = "" if header.get("activation") is None else f", GroupNorm+{ACTIVATION_NAMES[header['activation']]}"
     parts = [f"## Training (forward+backward){block}, {header['dtype']}, {header['threads']} threads — "
              f"{header['date']}", ""]
-    parts += [f"- {line}" for line in header_lines(header, "np.add", TRAINING_TIMINGS)]
+    parts += [f"- {line}" for line in training_header_lines(header)]
     parts += ["", format_markdown_table(rows, TABLE_COLUMNS, table_cells), ""]
     parts += [f"- {line}" for line in summary_lines(summary)]
     parts += ["", "Targets:", ""]
@@ -422,8 +431,10 @@ def main(argv=None) -> int:
     specs = selected_specs(args)
     gn.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
-    header = {**machine_header(args, args.threads, TRAINING_DEFINITIONS), "activation": args.activation}
-    for line in header_lines(header, "np.add", TRAINING_TIMINGS):
+    available, reason = gnt.cpp_node()
+    header = {**machine_header(args, args.threads, TRAINING_DEFINITIONS), "activation": args.activation,
+              "groupnorm_torch_node": available, "groupnorm_torch_node_reason": reason}
+    for line in training_header_lines(header):
         print(line)
     print(flush=True)
 

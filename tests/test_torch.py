@@ -185,6 +185,7 @@ def test_second_derivative_without_the_operators_is_refused(rng, monkeypatch):
     """Where torch lacks the operators (before 2.4), create_graph=True gradients refuse a second derivative rather
     than take it as zero."""
     monkeypatch.setattr(gnt, "_ops", None)
+    monkeypatch.setattr(gnt, "_node", None)  # which needs the operators, and does not load without them
     x = tensor(rng, (2, 4, 3), torch.float64).requires_grad_()
     (grad_x,) = torch.autograd.grad((gnt.group_norm(x, 2) ** 3).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
@@ -339,8 +340,11 @@ def data_address(array):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_tensors_cross_without_a_copy(rng, monkeypatch, layout):
+    """The Python node's crossing into NumPy (the C++ node, which serves this call where it is built, passes the
+    tensors' own pointers: tests/test_torch_node.py)."""
     core = _RecordingCore()
     monkeypatch.setattr(gnt, "_core", core)
+    monkeypatch.setattr(gnt, "_node", None)
     shape = (2, 8, 6, 5)
     x = tensor(rng, shape, memory_format=layout_of(shape, layout)).requires_grad_()
     weight = tensor(rng, (8,)).requires_grad_()
@@ -441,6 +445,7 @@ def test_forward_mode_ad_without_the_operators_is_refused_not_dropped(rng, monke
     return the primal without its tangent."""
     import torch.autograd.forward_ad as forward_ad
     monkeypatch.setattr(gnt, "_ops", None)
+    monkeypatch.setattr(gnt, "_node", None)  # which needs the operators, and does not load without them
     x = tensor(rng, (2, 8, 5))
     with forward_ad.dual_level(), torch.no_grad():
         dual = forward_ad.make_dual(x, torch.ones_like(x))

@@ -10,7 +10,8 @@ def config():
     process is a fork of one that uses GNU OpenMP, so calls run on one thread); ``cuda`` (whether GPU
     arrays run here) and ``cuda_reason`` (why not); a build with the CUDA backend adds ``cuda_devices``,
     ``cuda_runtime`` and ``cuda_driver``; ``jax`` (whether the build has groupnorm.jax's custom calls) and
-    ``jax_reason`` (why not).
+    ``jax_reason`` (why not); ``torch_node`` (whether the build has groupnorm.torch's C++ autograd node,
+    ``groupnorm.torch.cpp_node()``) and ``torch_node_reason`` (why not, or the torch version it was built for).
 
     Examples
     --------
@@ -33,6 +34,8 @@ def config():
         **_cuda_config(),
         "jax": _core.JAX_BUILD_NOTE == "built",
         "jax_reason": "" if _core.JAX_BUILD_NOTE == "built" else _core.JAX_BUILD_NOTE,
+        "torch_node": _core.TORCH_BUILD_NOTE.startswith("built"),
+        "torch_node_reason": _core.TORCH_BUILD_NOTE,
     }
 
 

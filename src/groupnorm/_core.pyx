@@ -51,16 +51,23 @@ cdef extern from *:
     #ifndef GROUPNORM_JAX_NOTE
     #define GROUPNORM_JAX_NOTE "no JAX custom calls were configured"
     #endif
+    #ifndef GROUPNORM_TORCH_NOTE
+    #define GROUPNORM_TORCH_NOTE "no C++ autograd node was configured"
+    #endif
     """
     const char* GROUPNORM_VERSION
     const char* GROUPNORM_CUDA_NOTE
     const char* GROUPNORM_JAX_NOTE
+    const char* GROUPNORM_TORCH_NOTE
 
 __version__ = GROUPNORM_VERSION.decode()
 # "built" when this build has groupnorm._cuda; otherwise why not (CMake's GROUPNORM_CUDA, or no CUDA compiler).
 CUDA_BUILD_NOTE = GROUPNORM_CUDA_NOTE.decode()
 # "built" when this build has groupnorm/_jax_ffi.so (groupnorm.jax's custom calls); otherwise why not.
 JAX_BUILD_NOTE = GROUPNORM_JAX_NOTE.decode()
+# "built for torch <version>" when this build has groupnorm/_torch_node.so (groupnorm.torch's C++ autograd node);
+# otherwise why not.
+TORCH_BUILD_NOTE = GROUPNORM_TORCH_NOTE.decode()
 
 cnp.import_array()
 
@@ -173,7 +180,8 @@ def supported_isas():
 
 def _cpu_entry_points():
     """The addresses of the C++ core's group_norm_forward and group_norm_backward: groupnorm.jax binds its CPU
-    custom calls to them, so that this one core, with its ISA level and thread count, serves JAX too."""
+    custom calls to them, and groupnorm.torch its C++ autograd node, so that this one core, with its ISA level and
+    thread count, serves JAX and that node too."""
     return <size_t>&c_group_norm_forward, <size_t>&c_group_norm_backward
 
 

@@ -1,0 +1,303 @@
+// groupnorm_node.cpp: groupnorm.torch's autograd node in C++, for the calls where the Python node's own cost
+// dominates the step: a CPU tensor under 1 MiB (a training step of [1,64,32,32] spent about 50 us in the
+// autograd.Function's Python and the NumPy crossings, against 17 us in the two kernels).
+//
+// Built into groupnorm/_torch_node.so when CMake finds torch (GROUPNORM_TORCH; a build that can import torch, as
+// pip install --no-build-isolation where torch is installed), against that torch's headers and libraries, and
+// loaded by groupnorm.torch only under the very torch version it was built for (_torch_node.txt). It registers
+// one operator, groupnorm_node::group_norm, whose kernel makes a torch::autograd::Function node around the
+// forward and backward of the C++ core that groupnorm._core holds (through the entry points gn_torch_bind_core
+// receives from it, so that the ISA level and thread count set through groupnorm apply here too).
+//
+// The operator serves a call only where it can do so exactly as groupnorm.torch's Python node does: plain strided
+// CPU tensors of float32, float64, float16 or bfloat16, contiguous or channels_last, under 1 MiB (larger outputs
+// come from _core's buffer pool, which torch's allocator lacks: fresh pages every step), parameters of the compute
+// dtype, a num_groups that divides C, eps >= 0, activation None or 'silu'. For any other call it returns an empty
+// list and groupnorm.torch takes its Python path, which checks the arguments and raises its own errors.
+// A second derivative (create_graph=True) takes the Python operator groupnorm::group_norm_backward, whose node
+// differentiates the gradients again.
+#include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/Allocator.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#include "groupnorm/groupnorm.h"
+
+namespace {
+
+using ForwardFn = groupnorm::Status (*)(const groupnorm::Problem&, groupnorm::DType, const void*, const void*,
+                                        const void*, void*, void*, void*);
+using BackwardFn = groupnorm::Status (*)(const groupnorm::Problem&, groupnorm::DType, const void*, const void*,
+                                         const void*, const void*, const void*, const void*, void*, void*, void*);
+
+ForwardFn core_forward = nullptr;
+BackwardFn core_backward = nullptr;
+
+// Inputs of this many bytes or more take the Python path (_core's _POOL_MIN_BUFFER: their outputs are pooled).
+constexpr int64_t kMaxInputBytes = int64_t(1) << 20;
+
+// The outputs' memory (y, and dx in the backward): buffers freed by earlier calls, kept for the next call that
+// asks for as many bytes. A training step allocates and frees y and dx of the same sizes every step; from torch's
+// allocator (malloc), the freed pair often merged into more free space at the top of the heap than glibc keeps, it
+// went back to the system, and the next step's kernels wrote fresh pages ([2,512,14,14]: 4-17 page faults and about
+// 10% of the step). Inputs under kMaxInputBytes only, so the cache holds at most kCacheSlots such buffers (8 MiB);
+// each carries its size in a 64-byte header. Thread-safe (autograd runs backward passes on its own threads).
+class OutputCache final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t bytes) override {
+    void* base = take(bytes);
+    if (base == nullptr) {
+      base = std::aligned_alloc(kHeader, kHeader + (bytes + kHeader - 1) / kHeader * kHeader);
+      TORCH_CHECK_WITH(OutOfMemoryError, base != nullptr, "groupnorm: no memory for an output of ", bytes,
+                       " bytes");
+      std::memcpy(base, &bytes, sizeof bytes);
+    }
+    void* data = static_cast<char*>(base) + kHeader;
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+  static OutputCache& instance() {
+    static OutputCache* cache = new OutputCache();  // never destroyed: tensors may outlive static destruction
+    return *cache;
+  }
+
+ private:
+  static constexpr size_t kHeader = 64;
+  static constexpr int kCacheSlots = 8;
+
+  static size_t size_of(void* base) {
+    size_t bytes;
+    std::memcpy(&bytes, base, sizeof bytes);
+    return bytes;
+  }
+  // A kept buffer of exactly `bytes`, else null.
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (int i = 0; i < count_; ++i) {
+      if (size_of(slots_[i]) != bytes) continue;
+      void* base = slots_[i];
+      slots_[i] = slots_[--count_];
+      return base;
+    }
+    return nullptr;
+  }
+  // Keeps a freed buffer, dropping the oldest kept one when full.
+  static void release(void* data) {
+    if (data == nullptr) return;
+    void* base = static_cast<char*>(data) - kHeader;
+    OutputCache& cache = instance();
+    void* dropped = base;
+    {
+      std::lock_guard<std::mutex> lock(cache.mutex_);
+      if (cache.count_ < kCacheSlots) {
+        cache.slots_[cache.count_++] = base;
+        dropped = nullptr;
+      } else {
+        dropped = cache.slots_[0];
+        std::memmove(cache.slots_, cache.slots_ + 1, (kCacheSlots - 1) * sizeof(void*));
+        cache.slots_[kCacheSlots - 1] = base;
+      }
+    }
+    std::free(dropped);
+  }
+
+  std::mutex mutex_;
+  void* slots_[kCacheSlots] = {};
+  int count_ = 0;
+};
+
+// An uninitialised tensor of x's sizes, dtype and `format`, on the cache's memory.
+at::Tensor output_like(const at::Tensor& x, at::MemoryFormat format) {
+  return at::Tensor(at::detail::empty_generic(x.sizes(), &OutputCache::instance(),
+                                              c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type(), format));
+}
+
+// A call this node serves: the core's problem, its dtype, and the memory format of input and outputs.
+struct Plan {
+  groupnorm::Problem problem;
+  groupnorm::DType dtype = groupnorm::DType::kFloat32;
+  at::MemoryFormat format = at::MemoryFormat::Contiguous;
+};
+
+std::optional<groupnorm::DType> core_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat:
+      return groupnorm::DType::kFloat32;
+    case at::kDouble:
+      return groupnorm::DType::kFloat64;
+    case at::kHalf:
+      return groupnorm::DType::kFloat16;
+    case at::kBFloat16:
+      return groupnorm::DType::kBFloat16;
+    default:
+      return std::nullopt;
+  }
+}
+
+// The dtype of the statistics, the parameters and their gradients: float64 for float64 data, else float32.
+at::ScalarType compute_type(at::ScalarType data) { return data == at::kDouble ? at::kDouble : at::kFloat; }
+
+bool plain_cpu(const at::Tensor& t) {
+  return t.layout() == at::kStrided && t.device().is_cpu() && !t.is_neg() && !t.is_conj();
+}
+
+// A weight or bias the core reads as given: absent, or C contiguous values of the compute dtype.
+bool usable_param(const std::optional<at::Tensor>& param, int64_t C, at::ScalarType compute) {
+  if (!param.has_value() || !param->defined()) return true;
+  const at::Tensor& t = *param;
+  return plain_cpu(t) && t.dim() == 1 && t.size(0) == C && t.is_contiguous() && t.scalar_type() == compute;
+}
+
+bool is_silu(const std::optional<c10::string_view>& activation) {
+  return activation.has_value() && std::string_view(activation->data(), activation->size()) == "silu";
+}
+
+// The plan for a call this node serves, else nullopt.
+std::optional<Plan> plan_for(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias, double eps,
+                             const std::optional<c10::string_view>& activation) {
+  if (core_forward == nullptr || core_backward == nullptr || !x.defined() || !plain_cpu(x) || x.dim() < 2)
+    return std::nullopt;
+  const auto dtype = core_dtype(x.scalar_type());
+  if (!dtype || x.numel() == 0 || x.numel() * int64_t(x.element_size()) >= kMaxInputBytes) return std::nullopt;
+  if (activation.has_value() && !is_silu(activation)) return std::nullopt;
+  if (!(eps >= 0.0)) return std::nullopt;  // negative or NaN: the Python path says why
+  Plan plan;
+  plan.dtype = *dtype;
+  groupnorm::Problem& p = plan.problem;
+  p.N = x.size(0);
+  p.C = x.size(1);
+  p.G = num_groups;
+  p.HxW = x.numel() / (p.N * p.C);
+  p.eps = eps;
+  p.activation = is_silu(activation) ? groupnorm::Activation::kSilu : groupnorm::Activation::kNone;
+  if (num_groups <= 0 || p.C % num_groups != 0) return std::nullopt;
+  if (x.is_contiguous()) {
+    p.layout = groupnorm::Layout::kChannelsFirst;
+  } else if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    p.layout = groupnorm::Layout::kChannelsLast;
+    plan.format = at::MemoryFormat::ChannelsLast;
+  } else if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    p.layout = groupnorm::Layout::kChannelsLast;
+    plan.format = at::MemoryFormat::ChannelsLast3d;
+  } else {
+    return std::nullopt;
+  }
+  const at::ScalarType compute = compute_type(x.scalar_type());
+  if (!usable_param(weight, p.C, compute) || !usable_param(bias, p.C, compute)) return std::nullopt;
+  return plan;
+}
+
+void check_status(groupnorm::Status status, const char* pass) {
+  TORCH_CHECK_WITH(OutOfMemoryError, status != groupnorm::kOutOfMemory, "groupnorm: the ", pass,
+                   " could not allocate its scratch memory");
+  TORCH_CHECK(status == groupnorm::kOk, "groupnorm: the ", pass, " refused a checked call (status ", int(status),
+              "); please report this");
+}
+
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// y = group_norm(x) (then SiLU): the core's forward, and its backward on the statistics the forward saves.
+struct GroupNormNode : public torch::autograd::Function<GroupNormNode> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t num_groups,
+                            const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                            double /*eps*/, std::optional<c10::string_view> /*activation*/, const Plan& plan) {
+    // eps and the activation are in the plan; the arguments are autograd's, which counts one gradient for each.
+    const groupnorm::Problem& p = plan.problem;
+    const at::Tensor w = value_or_undefined(weight), b = value_or_undefined(bias);
+    at::Tensor y = output_like(x, plan.format);
+    const auto stats = x.options().dtype(compute_type(x.scalar_type()));
+    at::Tensor mean = at::empty({p.N, p.G}, stats), rstd = at::empty({p.N, p.G}, stats);
+    check_status(core_forward(p, plan.dtype, x.const_data_ptr(), data_or_null(w), data_or_null(b),
+                              y.mutable_data_ptr(), mean.mutable_data_ptr(), rstd.mutable_data_ptr()),
+                 "forward");
+    const bool silu = p.activation == groupnorm::Activation::kSilu;
+    ctx->save_for_backward({x, w, silu ? b : at::Tensor(), mean, rstd});
+    ctx->saved_data["num_groups"] = num_groups;
+    ctx->saved_data["silu"] = silu;
+    ctx->saved_data["bias"] = b.defined();
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &b = saved[2], &mean = saved[3], &rstd = saved[4];
+    const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
+    const bool silu = ctx->saved_data["silu"].toBool(), has_bias = ctx->saved_data["bias"].toBool();
+    const std::optional<c10::string_view> activation =
+        silu ? std::optional<c10::string_view>("silu") : std::nullopt;
+    at::Tensor dx, dw, db;
+    if (at::GradMode::is_enabled()) {  // create_graph: gradients that autograd can differentiate again
+      static const auto op =
+          c10::Dispatcher::singleton()
+              .findSchemaOrThrow("groupnorm::group_norm_backward", "")
+              .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                  std::optional<c10::string_view>)>();
+      std::tie(dx, dw, db) = op.call(grads[0], x, mean, rstd, num_groups,
+                                     w.defined() ? std::optional<at::Tensor>(w) : std::nullopt,
+                                     b.defined() ? std::optional<at::Tensor>(b) : std::nullopt, activation);
+    } else {
+      const auto plan = plan_for(x, num_groups, w, b, 0.0, activation);
+      TORCH_CHECK(plan.has_value(), "groupnorm: the backward lost its forward's plan; please report this");
+      const at::Tensor dy = grads[0].contiguous(plan->format);
+      dx = output_like(x, plan->format);
+      const auto params = x.options().dtype(compute_type(x.scalar_type()));
+      dw = at::empty({plan->problem.C}, params);
+      db = at::empty({plan->problem.C}, params);
+      check_status(core_backward(plan->problem, plan->dtype, dy.const_data_ptr(), x.const_data_ptr(),
+                                 mean.const_data_ptr(), rstd.const_data_ptr(), data_or_null(w), data_or_null(b),
+                                 dx.mutable_data_ptr(), dw.mutable_data_ptr(), db.mutable_data_ptr()),
+                   "backward");
+    }
+    // needs_input_grad counts the tensor arguments given (input, then weight and bias where present); the result
+    // has one gradient per forward argument: input, num_groups, weight, bias, eps, activation, plan.
+    const bool need_dw = w.defined() && ctx->needs_input_grad(1);
+    const bool need_db = has_bias && ctx->needs_input_grad(w.defined() ? 2 : 1);
+    return {ctx->needs_input_grad(0) ? dx : at::Tensor(), at::Tensor(), need_dw ? dw : at::Tensor(),
+            need_db ? db : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// groupnorm_node::group_norm: [y] with the node attached, or [] for a call this node does not serve.
+std::vector<at::Tensor> group_norm(const at::Tensor& input, int64_t num_groups,
+                                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                   double eps, std::optional<c10::string_view> activation) {
+  const auto plan = plan_for(input, num_groups, weight, bias, eps, activation);
+  if (!plan) return {};
+  return {GroupNormNode::apply(input, num_groups, weight, bias, eps, activation, *plan)};
+}
+
+}  // namespace
+
+// The core's entry points, from groupnorm._core (the addresses of groupnorm::group_norm_forward / _backward).
+extern "C" void gn_torch_bind_core(void* forward, void* backward) {
+  core_forward = reinterpret_cast<ForwardFn>(forward);
+  core_backward = reinterpret_cast<BackwardFn>(backward);
+}
+
+TORCH_LIBRARY(groupnorm_node, m) {
+  m.def("group_norm(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps, str? activation) "
+        "-> Tensor[]");
+}
+
+// Above autograd: the kernel makes its own node (GroupNormNode::apply), or none without a gradient to take.
+TORCH_LIBRARY_IMPL(groupnorm_node, CompositeImplicitAutograd, m) { m.impl("group_norm", group_norm); }
