@@ -31,13 +31,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using ForwardFn = groupnorm::Status (*)(const groupnorm::Problem&, groupnorm::DType, const void*, const void*,
-                                        const void*, void*, void*, void*);
-using BackwardFn = groupnorm::Status (*)(const groupnorm::Problem&, groupnorm::DType, const void*, const void*,
-                                         const void*, const void*, const void*, const void*, void*, void*, void*);
-
-ForwardFn core_forward = nullptr;
-BackwardFn core_backward = nullptr;
+groupnorm::ForwardEntry core_forward = nullptr;
+groupnorm::BackwardEntry core_backward = nullptr;
 
 // The problem's extents: n samples, c channels on axis 1 or last, s positions (the other axes).
 struct Extents {
@@ -312,8 +307,8 @@ ffi::Error backward_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
 
 // The core's entry points, from groupnorm._core (the addresses of groupnorm::group_norm_forward / _backward).
 extern "C" void gn_jax_bind_core(void* forward, void* backward) {
-  core_forward = reinterpret_cast<ForwardFn>(forward);
-  core_backward = reinterpret_cast<BackwardFn>(backward);
+  core_forward = reinterpret_cast<groupnorm::ForwardEntry>(forward);
+  core_backward = reinterpret_cast<groupnorm::BackwardEntry>(backward);
 }
 
 // 1 when this library has the CUDA handlers.

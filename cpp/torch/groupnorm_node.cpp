@@ -36,13 +36,8 @@
 
 namespace {
 
-using ForwardFn = groupnorm::Status (*)(const groupnorm::Problem&, groupnorm::DType, const void*, const void*,
-                                        const void*, void*, void*, void*);
-using BackwardFn = groupnorm::Status (*)(const groupnorm::Problem&, groupnorm::DType, const void*, const void*,
-                                         const void*, const void*, const void*, const void*, void*, void*, void*);
-
-ForwardFn core_forward = nullptr;
-BackwardFn core_backward = nullptr;
+groupnorm::ForwardEntry core_forward = nullptr;
+groupnorm::BackwardEntry core_backward = nullptr;
 
 // Inputs of this many bytes or more take the Python path (_core's _POOL_MIN_BUFFER: their outputs are pooled).
 constexpr int64_t kMaxInputBytes = int64_t(1) << 20;
@@ -290,8 +285,8 @@ std::vector<at::Tensor> group_norm(const at::Tensor& input, int64_t num_groups,
 
 // The core's entry points, from groupnorm._core (the addresses of groupnorm::group_norm_forward / _backward).
 extern "C" void gn_torch_bind_core(void* forward, void* backward) {
-  core_forward = reinterpret_cast<ForwardFn>(forward);
-  core_backward = reinterpret_cast<BackwardFn>(backward);
+  core_forward = reinterpret_cast<groupnorm::ForwardEntry>(forward);
+  core_backward = reinterpret_cast<groupnorm::BackwardEntry>(backward);
 }
 
 TORCH_LIBRARY(groupnorm_node, m) {

@@ -59,6 +59,12 @@ Status group_norm_backward(const Problem& problem, DType dtype, const void* dy, 
                            const void* rstd, const void* weight, const void* bias, void* dx, void* dweight,
                            void* dbias);
 
+// The two entry points' pointer types. groupnorm._core hands their addresses to the libraries built beside it
+// (groupnorm.jax's custom calls, groupnorm.torch's C++ autograd node), so that one core, with one ISA level and
+// thread count, serves every caller.
+using ForwardEntry = decltype(&group_norm_forward);
+using BackwardEntry = decltype(&group_norm_backward);
+
 // Thread count used when Problem::num_threads <= 0: the value given to set_num_threads, else OpenMP's
 // omp_get_max_threads() in the calling thread (OMP_NUM_THREADS, threadpoolctl). n <= 0 resets.
 // In a process forked from one that linked GNU OpenMP (whose worker threads fork() does not copy), every call
