@@ -66,6 +66,17 @@ __attribute__((noinline)) void wide_grad_apply(const S* dy, const S* x, S* dx, i
   }
 }
 
+// The running sums of a run's pairs (dy, x - mean_hi), lane by lane: dy, dy*(x - mean_hi) and x - mean_hi.
+template <class V>
+struct GradLanes {
+  V dy = V::zero(), dy_xc = V::zero(), xc = V::zero();
+  void add(V g, V c) {
+    dy = dy + g;
+    dy_xc = fma(g, c, dy_xc);
+    xc = xc + c;
+  }
+};
+
 // run_grad_sums of a short run: two sets of accumulators (even and odd vectors, the tail in the odd set) that
 // take turns, then one reduction across lanes each, in T. A channel of [32,512,7,7] (49 values) spent more on
 // three reductions in double than on its four vectors.
@@ -75,33 +86,21 @@ inline void run_grad_sums_short(const S* dy, const S* x, int64_t n, typename V::
   using T = typename V::Scalar;
   constexpr int64_t W = V::kWidth;
   const V m = V::broadcast(mean_hi);
-  V g_a = V::zero(), gx_a = V::zero(), x_a = V::zero(), g_b = V::zero(), gx_b = V::zero(), x_b = V::zero();
+  GradLanes<V> a, b;
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
-    const V ga = V::load(dy + i), xa = V::load(x + i) - m, gb = V::load(dy + i + W), xb = V::load(x + i + W) - m;
-    g_a = g_a + ga;
-    gx_a = fma(ga, xa, gx_a);
-    x_a = x_a + xa;
-    g_b = g_b + gb;
-    gx_b = fma(gb, xb, gx_b);
-    x_b = x_b + xb;
+    a.add(V::load(dy + i), V::load(x + i) - m);
+    b.add(V::load(dy + i + W), V::load(x + i + W) - m);
   }
   if (i + W <= n) {
-    const V g = V::load(dy + i), xc = V::load(x + i) - m;
-    g_a = g_a + g;
-    gx_a = fma(g, xc, gx_a);
-    x_a = x_a + xc;
+    a.add(V::load(dy + i), V::load(x + i) - m);
     i += W;
   }
-  if (i < n) {  // filled lanes give dy = 0 and x - mean_hi = 0
-    const V g = V::load_tail(dy + i, n - i, T(0)), xc = V::load_tail(x + i, n - i, mean_hi) - m;
-    g_b = g_b + g;
-    gx_b = fma(g, xc, gx_b);
-    x_b = x_b + xc;
-  }
-  *sum_dy = double(V::sum_lanes(g_a + g_b));
-  *sum_dy_xc = double(V::sum_lanes(gx_a + gx_b));
-  *sum_xc = double(V::sum_lanes(x_a + x_b));
+  if (i < n)  // filled lanes give dy = 0 and x - mean_hi = 0
+    b.add(V::load_tail(dy + i, n - i, T(0)), V::load_tail(x + i, n - i, mean_hi) - m);
+  *sum_dy = double(V::sum_lanes(a.dy + b.dy));
+  *sum_dy_xc = double(V::sum_lanes(a.dy_xc + b.dy_xc));
+  *sum_xc = double(V::sum_lanes(a.xc + b.xc));
 }
 
 // Sums of a contiguous run of n >= 1 pairs (dy, x), centered on mean_hi, written to *sum_dy, *sum_dy_xc, *sum_xc.
@@ -119,40 +118,26 @@ void run_grad_sums(const S* dy, const S* x, int64_t n, typename V::Scalar mean_h
   typename V::Acc s_dy = V::acc_zero(), s_dy_xc = V::acc_zero(), s_xc = V::acc_zero();
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
-    V g_a = V::zero(), gx_a = V::zero(), x_a = V::zero(), g_b = V::zero(), gx_b = V::zero(), x_b = V::zero();
+    GradLanes<V> a, b;
 #pragma GCC unroll 2  // as in run_shifted_sums
     for (int64_t k = 0; k < kBlock; k += 2 * W) {
       V ga, gb, la, lb;
       load_split(dy + i + k, ga, gb);  // dy and x in the same lane order, any: every lane is summed
       load_split(x + i + k, la, lb);
-      const V xa = la - m, xb = lb - m;
-      g_a = g_a + ga;
-      gx_a = fma(ga, xa, gx_a);
-      x_a = x_a + xa;
-      g_b = g_b + gb;
-      gx_b = fma(gb, xb, gx_b);
-      x_b = x_b + xb;
+      a.add(ga, la - m);
+      b.add(gb, lb - m);
     }
-    V::acc_add(s_dy, g_a + g_b);
-    V::acc_add(s_dy_xc, gx_a + gx_b);
-    V::acc_add(s_xc, x_a + x_b);
+    V::acc_add(s_dy, a.dy + b.dy);
+    V::acc_add(s_dy_xc, a.dy_xc + b.dy_xc);
+    V::acc_add(s_xc, a.xc + b.xc);
   }
-  V g_s = V::zero(), gx_s = V::zero(), x_s = V::zero();
-  for (; i + W <= n; i += W) {
-    const V g = V::load(dy + i), xc = V::load(x + i) - m;
-    g_s = g_s + g;
-    gx_s = fma(g, xc, gx_s);
-    x_s = x_s + xc;
-  }
-  if (i < n) {  // filled lanes give dy = 0 and x - mean_hi = 0
-    const V g = V::load_tail(dy + i, n - i, T(0)), xc = V::load_tail(x + i, n - i, mean_hi) - m;
-    g_s = g_s + g;
-    gx_s = fma(g, xc, gx_s);
-    x_s = x_s + xc;
-  }
-  V::acc_add(s_dy, g_s);
-  V::acc_add(s_dy_xc, gx_s);
-  V::acc_add(s_xc, x_s);
+  GradLanes<V> rest;
+  for (; i + W <= n; i += W) rest.add(V::load(dy + i), V::load(x + i) - m);
+  if (i < n)  // filled lanes give dy = 0 and x - mean_hi = 0
+    rest.add(V::load_tail(dy + i, n - i, T(0)), V::load_tail(x + i, n - i, mean_hi) - m);
+  V::acc_add(s_dy, rest.dy);
+  V::acc_add(s_dy_xc, rest.dy_xc);
+  V::acc_add(s_xc, rest.xc);
   *sum_dy = V::acc_sum(s_dy);
   *sum_dy_xc = V::acc_sum(s_dy_xc);
   *sum_xc = V::acc_sum(s_xc);
