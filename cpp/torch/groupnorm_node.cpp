@@ -12,7 +12,7 @@
 // The operator serves a call only where it can do so exactly as groupnorm.torch's Python node does: plain strided
 // CPU tensors of float32, float64, float16 or bfloat16, contiguous or channels_last, under 1 MiB (larger outputs
 // come from _core's buffer pool, which torch's allocator lacks: fresh pages every step), parameters of the compute
-// dtype, a num_groups that divides C, eps >= 0, activation None or 'silu'. For any other call it returns an empty
+// dtype or of the data's (a bfloat16 model's), a num_groups that divides C, eps >= 0, activation None or 'silu'. For any other call it returns an empty
 // list and groupnorm.torch takes its Python path, which checks the arguments and raises its own errors.
 // A second derivative (create_graph=True) takes the Python operator groupnorm::group_norm_backward, whose node
 // differentiates the gradients again.
@@ -150,11 +150,35 @@ bool plain_cpu(const at::Tensor& t) {
   return t.layout() == at::kStrided && t.device().is_cpu() && !t.is_neg() && !t.is_conj();
 }
 
-// A weight or bias the core reads as given: absent, or C contiguous values of the compute dtype.
-bool usable_param(const std::optional<at::Tensor>& param, int64_t C, at::ScalarType compute) {
+// A weight or bias the node takes: absent, or C contiguous values of the compute dtype or of the data's (a 16-bit
+// model's parameters, widened for the core as groupnorm._core widens them, exactly).
+bool usable_param(const std::optional<at::Tensor>& param, int64_t C, at::ScalarType compute, at::ScalarType data) {
   if (!param.has_value() || !param->defined()) return true;
   const at::Tensor& t = *param;
-  return plain_cpu(t) && t.dim() == 1 && t.size(0) == C && t.is_contiguous() && t.scalar_type() == compute;
+  return plain_cpu(t) && t.dim() == 1 && t.size(0) == C && t.is_contiguous() &&
+         (t.scalar_type() == compute || t.scalar_type() == data);
+}
+
+// A parameter as the core reads it, in the compute dtype: a float16 or bfloat16 one widened to float32, exactly, in
+// a loop (a dispatched .to() costs a few us, and a step widens up to four).
+at::Tensor widened(const at::Tensor& t, at::ScalarType compute) {
+  if (!t.defined() || t.scalar_type() == compute) return t;
+  TORCH_CHECK(compute == at::kFloat, "groupnorm: only 16-bit parameters are widened; please report this");
+  at::Tensor out(at::detail::empty_cpu({t.numel()}, at::kFloat, false, std::nullopt));
+  float* const to = out.mutable_data_ptr<float>();
+  if (t.scalar_type() == at::kBFloat16) {
+    const c10::BFloat16* const from = t.const_data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < t.numel(); ++i) to[i] = float(from[i]);
+  } else {
+    const c10::Half* const from = t.const_data_ptr<c10::Half>();
+    for (int64_t i = 0; i < t.numel(); ++i) to[i] = float(from[i]);
+  }
+  return out;
+}
+
+// A parameter's gradient (of the compute dtype) in the parameter's own dtype, as groupnorm.torch's _param_grad.
+at::Tensor in_dtype(const at::Tensor& grad, at::ScalarType type) {
+  return grad.scalar_type() == type ? grad : grad.to(type);
 }
 
 bool is_silu(const std::optional<c10::string_view>& activation) {
@@ -193,7 +217,8 @@ std::optional<Plan> plan_for(const at::Tensor& x, int64_t num_groups, const std:
     return std::nullopt;
   }
   const at::ScalarType compute = compute_type(x.scalar_type());
-  if (!usable_param(weight, p.C, compute) || !usable_param(bias, p.C, compute)) return std::nullopt;
+  if (!usable_param(weight, p.C, compute, x.scalar_type()) || !usable_param(bias, p.C, compute, x.scalar_type()))
+    return std::nullopt;
   return plan;
 }
 
@@ -216,17 +241,20 @@ struct GroupNormNode : public torch::autograd::Function<GroupNormNode> {
     // eps and the activation are in the plan; the arguments are autograd's, which counts one gradient for each.
     const groupnorm::Problem& p = plan.problem;
     const at::Tensor w = value_or_undefined(weight), b = value_or_undefined(bias);
+    const at::ScalarType compute = compute_type(x.scalar_type());
     at::Tensor y = output_like(x, plan.format);
-    const auto stats = x.options().dtype(compute_type(x.scalar_type()));
+    const auto stats = x.options().dtype(compute);
     at::Tensor mean = at::empty({p.N, p.G}, stats), rstd = at::empty({p.N, p.G}, stats);
-    check_status(core_forward(p, plan.dtype, x.const_data_ptr(), data_or_null(w), data_or_null(b),
+    const at::Tensor w_core = widened(w, compute), b_core = widened(b, compute);
+    check_status(core_forward(p, plan.dtype, x.const_data_ptr(), data_or_null(w_core), data_or_null(b_core),
                               y.mutable_data_ptr(), mean.mutable_data_ptr(), rstd.mutable_data_ptr()),
                  "forward");
     const bool silu = p.activation == groupnorm::Activation::kSilu;
+    // The parameters as given: a second derivative must reach them through the graph.
     ctx->save_for_backward({x, w, silu ? b : at::Tensor(), mean, rstd});
     ctx->saved_data["num_groups"] = num_groups;
     ctx->saved_data["silu"] = silu;
-    ctx->saved_data["bias"] = b.defined();
+    ctx->saved_data["bias_type"] = b.defined() ? int64_t(b.scalar_type()) : int64_t(-1);
     return y;
   }
 
@@ -235,7 +263,9 @@ struct GroupNormNode : public torch::autograd::Function<GroupNormNode> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &b = saved[2], &mean = saved[3], &rstd = saved[4];
     const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
-    const bool silu = ctx->saved_data["silu"].toBool(), has_bias = ctx->saved_data["bias"].toBool();
+    const bool silu = ctx->saved_data["silu"].toBool();
+    const int64_t bias_type = ctx->saved_data["bias_type"].toInt();  // -1: no bias
+    const bool has_bias = bias_type >= 0;
     const std::optional<c10::string_view> activation =
         silu ? std::optional<c10::string_view>("silu") : std::nullopt;
     at::Tensor dx, dw, db;
@@ -255,13 +285,18 @@ struct GroupNormNode : public torch::autograd::Function<GroupNormNode> {
       TORCH_CHECK(plan.has_value(), "groupnorm: the backward lost its forward's plan; please report this");
       const at::Tensor dy = grads[0].contiguous(plan->format);
       dx = output_like(x, plan->format);
-      const auto params = x.options().dtype(compute_type(x.scalar_type()));
+      const at::ScalarType compute = compute_type(x.scalar_type());
+      const auto params = x.options().dtype(compute);
       dw = at::empty({plan->problem.C}, params);
       db = at::empty({plan->problem.C}, params);
+      const at::Tensor w_core = widened(w, compute), b_core = widened(b, compute);
       check_status(core_backward(plan->problem, plan->dtype, dy.const_data_ptr(), x.const_data_ptr(),
-                                 mean.const_data_ptr(), rstd.const_data_ptr(), data_or_null(w), data_or_null(b),
-                                 dx.mutable_data_ptr(), dw.mutable_data_ptr(), db.mutable_data_ptr()),
+                                 mean.const_data_ptr(), rstd.const_data_ptr(), data_or_null(w_core),
+                                 data_or_null(b_core), dx.mutable_data_ptr(), dw.mutable_data_ptr(),
+                                 db.mutable_data_ptr()),
                    "backward");
+      if (w.defined()) dw = in_dtype(dw, w.scalar_type());
+      if (has_bias) db = in_dtype(db, at::ScalarType(bias_type));
     }
     // needs_input_grad counts the tensor arguments given (input, then weight and bias where present); the result
     // has one gradient per forward argument: input, num_groups, weight, bias, eps, activation, plan.
