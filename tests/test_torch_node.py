@@ -1,7 +1,7 @@
 """groupnorm.torch's C++ autograd node (cpp/torch, groupnorm/_torch_node.so): present where the build must have made
 it (GROUPNORM_EXPECT_TORCH_NODE=1, as .ci/jax sets), the same values and gradients as the Python node to the bit
-on every call it serves (each dtype, layout, parameter set and dtype, and activation, at every ISA level), the calls it leaves
-to the Python node, the Python node's errors for bad arguments, second derivatives, saved-tensor hooks, threads,
+on every call it serves (each dtype, layout, parameter set and dtype, and activation, at every ISA level), the
+calls it leaves to the Python node, the Python node's errors for bad arguments, second derivatives, saved-tensor hooks, threads,
 and the cache that keeps its outputs' memory.
 """
 import os

@@ -12,8 +12,9 @@
 // The operator serves a call only where it can do so exactly as groupnorm.torch's Python node does: plain strided
 // CPU tensors of float32, float64, float16 or bfloat16, contiguous or channels_last, under 1 MiB (larger outputs
 // come from _core's buffer pool, which torch's allocator lacks: fresh pages every step), parameters of the compute
-// dtype or of the data's (a bfloat16 model's), a num_groups that divides C, eps >= 0, activation None or 'silu'. For any other call it returns an empty
-// list and groupnorm.torch takes its Python path, which checks the arguments and raises its own errors.
+// dtype or of the data's (a bfloat16 model's), a num_groups that divides C, eps >= 0, activation None or 'silu'.
+// For any other call it returns an empty list and groupnorm.torch takes its Python path, which checks the
+// arguments and raises its own errors.
 // A second derivative (create_graph=True) takes the Python operator groupnorm::group_norm_backward, whose node
 // differentiates the gradients again.
 #include <ATen/ATen.h>
@@ -79,21 +80,27 @@ class OutputCache final : public c10::Allocator {
     std::memcpy(&bytes, base, sizeof bytes);
     return bytes;
   }
-  // A kept buffer of exactly `bytes`, else null.
+  // A kept buffer of exactly `bytes`, else null; the others keep their order, oldest first.
   void* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
     for (int i = 0; i < count_; ++i) {
       if (size_of(slots_[i]) != bytes) continue;
       void* base = slots_[i];
-      slots_[i] = slots_[--count_];
+      std::memmove(slots_ + i, slots_ + i + 1, (count_ - i - 1) * sizeof(void*));
+      --count_;
       return base;
     }
     return nullptr;
   }
-  // Keeps a freed buffer, dropping the oldest kept one when full.
+  // Keeps a freed buffer, dropping the oldest kept one when full. A buffer of kMaxInputBytes or more (a node output
+  // that resize_ grew, say) goes straight back to the system, so the cache stays within its 8 MiB.
   static void release(void* data) {
     if (data == nullptr) return;
     void* base = static_cast<char*>(data) - kHeader;
+    if (size_of(base) >= size_t(kMaxInputBytes)) {
+      std::free(base);
+      return;
+    }
     OutputCache& cache = instance();
     void* dropped = base;
     {

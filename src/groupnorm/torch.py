@@ -631,8 +631,8 @@ def cpp_node():
     installed; ``groupnorm.config()["torch_node"]``), and loads under the torch version it was built for. It serves
     the differentiable calls on CPU tensors under 1 MiB (float32, float64, float16, bfloat16; contiguous or
     channels_last; parameters of the input's dtype, or float32 with 16-bit input), where Python's
-    autograd.Function would cost as much as the kernels; other calls take the Python node. Both run the same kernels, with the same results to the bit.
-    ``GROUPNORM_TORCH_NODE=0`` in the environment keeps it unloaded.
+    autograd.Function would cost as much as the kernels; other calls take the Python node. Both run the same
+    kernels, with the same results to the bit. ``GROUPNORM_TORCH_NODE=0`` in the environment keeps it unloaded.
 
     Examples
     --------
