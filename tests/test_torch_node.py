@@ -337,3 +337,22 @@ def test_module_training_step_runs_on_the_node(rng):
     assert torch.allclose(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
     assert torch.allclose(module.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-5)
     assert torch.allclose(module.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-5)
+
+
+@needs_node
+@pytest.mark.parametrize("case", ["one_dim", "empty", "zero_groups", "groups_not_dividing", "negative_eps", "nan_eps",
+                                  "short_weight", "float64_weight", "integer_input", "relu"])
+def test_operator_called_directly_answers_empty_for_what_it_does_not_serve(rng, case):
+    """groupnorm_node::group_norm is reachable as torch.ops.groupnorm_node.group_norm: any call outside its set
+    returns [] (groupnorm.torch then raises its own error), never a crash or a write."""
+    x, weight, bias, _ = make_inputs(rng, (2, 8, 3, 3), False, torch.float32, "both")
+    args = {"input": x, "num_groups": 2, "weight": weight, "bias": bias, "eps": 1e-5, "activation": None}
+    args.update({
+        "one_dim": {"input": x.flatten()}, "empty": {"input": x[:0]}, "zero_groups": {"num_groups": 0},
+        "groups_not_dividing": {"num_groups": 3}, "negative_eps": {"eps": -1.0}, "nan_eps": {"eps": float("nan")},
+        "short_weight": {"weight": weight[:4]}, "float64_weight": {"weight": weight.double()},
+        "integer_input": {"input": x.int()}, "relu": {"activation": "relu"},
+    }[case])
+    before = [t.clone() for t in (x, weight, bias)]
+    assert torch.ops.groupnorm_node.group_norm(*args.values()) == []
+    assert all(torch.equal(a, b) for a, b in zip(before, (x, weight, bias)))
