@@ -39,6 +39,7 @@ constexpr int64_t kLineBytes = 64;         // a cache line
 constexpr int64_t kL1TileBytes = 16384;    // rows of a channels-last block kept in L1 across channel tiles
 constexpr int64_t kRowBlockElems = 4096;   // (N, C) input: consecutive groups summed, then applied, while in L1
 constexpr int64_t kShortRun = 16;          // channels-first runs about this short: too short for per-channel work
+constexpr int64_t kL2ResidentBytes = 1 << 20;  // a thread's data this small stays in L2 between two passes
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
