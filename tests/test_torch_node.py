@@ -2,12 +2,16 @@
 it (GROUPNORM_EXPECT_TORCH_NODE=1, as .ci/jax sets), the same values and gradients as the Python node to the bit
 on every call it serves (each dtype, layout, parameter set and dtype, and activation, at every ISA level), the
 calls it leaves to the Python node, the Python node's errors for bad arguments, second derivatives, saved-tensor hooks, threads,
-and the cache that keeps its outputs' memory.
+and the cache that keeps its outputs' memory (across fork() too).
 """
+import ctypes
 import os
+import pathlib
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -322,6 +326,41 @@ def test_steps_from_threads_match_serial_steps(rng):
     for mine, truth in zip(results, serial):
         assert is_node(mine[1])
         assert_same_bits(mine, truth)
+
+
+@needs_node
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+def test_fork_while_another_thread_holds_the_output_cache(rng):
+    """A child forked while another thread holds the lock of the node's output cache (as a thread inside a step
+    does for a moment) can still run a step: fork() takes the lock first, and both processes release it. Without
+    that, about 1 fork in 300-1000 made while another thread ran steps left a child hung on its first step."""
+    path = next(iter(sorted(pathlib.Path(gnt.__file__).parent.glob("_torch_node*.so"))))
+    hold = ctypes.CDLL(str(path)).gn_torch_hold_output_cache
+    hold.argtypes = [ctypes.c_int64]
+    x, weight, bias, grad = make_inputs(rng, (2, 8, 5, 5), False, torch.float32, "both")
+    expected = step(x, 4, weight, bias, grad)
+    holder = threading.Thread(target=hold, args=(400_000,))  # ctypes releases the GIL for the call
+    holder.start()
+    time.sleep(0.1)
+    pid = os.fork()
+    if pid == 0:  # the child: one step; 0 if it gave the parent's bits, 1 if not, 2 if it raised
+        code = 2
+        try:
+            assert_same_bits(step(x, 4, weight, bias, grad), expected)
+            code = 0
+        except AssertionError:
+            code = 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while (status := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if status[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    holder.join()
+    assert status[0] != 0, "the forked child hung in its step (the output cache's lock stayed held)"
+    assert os.waitstatus_to_exitcode(status[1]) == 0, "the forked child's step failed or differed"
 
 
 @needs_node

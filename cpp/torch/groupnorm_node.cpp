@@ -24,16 +24,22 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <optional>
 #include <string_view>
+#include <thread>
 #include <tuple>
 #include <vector>
 
 #include "groupnorm/groupnorm.h"
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 namespace {
 
@@ -48,7 +54,9 @@ constexpr int64_t kMaxInputBytes = int64_t(1) << 20;
 // allocator (malloc), the freed pair often merged into more free space at the top of the heap than glibc keeps, it
 // went back to the system, and the next step's kernels wrote fresh pages ([2,512,14,14]: 4-17 page faults and about
 // 10% of the step). Inputs under kMaxInputBytes only, so the cache holds at most kCacheSlots such buffers (8 MiB);
-// each carries its size in a 64-byte header. Thread-safe (autograd runs backward passes on its own threads).
+// each carries its size in a 64-byte header. Thread-safe (autograd runs backward passes on its own threads), and
+// fork-safe: fork() takes the lock first and both processes release it, so a child forked while another thread was
+// inside take() or release() does not inherit a lock that no thread of its own will ever release.
 class OutputCache final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t bytes) override {
@@ -66,14 +74,28 @@ class OutputCache final : public c10::Allocator {
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
+  // Holds the lock for `microseconds`, as a thread inside take() or release() does (gn_torch_hold_output_cache).
+  static void hold(int64_t microseconds) {
+    std::lock_guard<std::mutex> lock(instance().mutex_);
+    std::this_thread::sleep_for(std::chrono::microseconds(microseconds));
+  }
   static OutputCache& instance() {
-    static OutputCache* cache = new OutputCache();  // never destroyed: tensors may outlive static destruction
+    static OutputCache* cache = [] {  // never destroyed: tensors may outlive static destruction
+      OutputCache* made = new OutputCache();
+#if defined(__unix__) || defined(__APPLE__)
+      pthread_atfork(&lock_for_fork, &unlock_after_fork, &unlock_after_fork);
+#endif
+      return made;
+    }();
     return *cache;
   }
 
  private:
   static constexpr size_t kHeader = 64;
   static constexpr int kCacheSlots = 8;
+
+  static void lock_for_fork() { instance().mutex_.lock(); }
+  static void unlock_after_fork() { instance().mutex_.unlock(); }
 
   static size_t size_of(void* base) {
     size_t bytes;
@@ -330,6 +352,10 @@ extern "C" void gn_torch_bind_core(void* forward, void* backward) {
   core_forward = reinterpret_cast<groupnorm::ForwardEntry>(forward);
   core_backward = reinterpret_cast<groupnorm::BackwardEntry>(backward);
 }
+
+// For tests/test_torch_node.py: the output cache's lock held for `microseconds` on the calling thread, so that a
+// fork() from another thread meanwhile can be tested (the child must still allocate).
+extern "C" void gn_torch_hold_output_cache(int64_t microseconds) { OutputCache::hold(microseconds); }
 
 TORCH_LIBRARY(groupnorm_node, m) {
   m.def("group_norm(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps, str? activation) "
