@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -342,7 +343,9 @@ def test_fork_while_another_thread_holds_the_output_cache(rng):
     holder = threading.Thread(target=hold, args=(400_000,))  # ctypes releases the GIL for the call
     holder.start()
     time.sleep(0.1)
-    pid = os.fork()
+    with warnings.catch_warnings():  # jax, when imported, warns at every fork (Python 3.12 too, with threads)
+        warnings.simplefilter("ignore")
+        pid = os.fork()
     if pid == 0:  # the child: one step; 0 if it gave the parent's bits, 1 if not, 2 if it raised
         code = 2
         try:
