@@ -85,6 +85,30 @@ def test_tiny_values_float32(isa):
         assert_matches_reference(y, group_norm_reference(x, 4, eps=0.0), what=f"seed {seed}")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subnormal_spread_with_eps_zero(isa, dtype, channels_last):
+    # Values of ~1e-40 (float32 subnormals) with eps = 0: 1/std ~ 1e40 lies beyond float32, so the group's apply
+    # must run in double (GroupStats::wide); in float every output was NaN (inf * 0) where the reference is of
+    # order 1. Short groups (the packed path), channel runs and rows alike.
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = np.random.default_rng(seed)
+    for shape, groups in (((2, 8, 33, 31), 4), ((3, 16, 4), 4), ((2, 64, 7), 2)):
+        x = (1e-40 * rng.standard_normal(shape)).astype(dtype)
+        if channels_last:
+            x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+        y = gn.group_norm(x, groups, eps=0.0)
+        ref = group_norm_reference(x.astype(np.float32), groups, eps=0.0)
+        assert np.isfinite(ref).all()
+        if y.dtype == np.float32:
+            assert_matches_reference(y, ref, what=f"seed {seed} {shape}")
+        else:  # within a bfloat16 ulp of the reference (2^-8 relative), to a few ulps of its largest value
+            err = np.abs(y.astype(np.float64) - ref)
+            assert (err <= 2.0 ** -8 * np.abs(ref) + 2.0 ** -12 * np.abs(ref).max()).all(), f"seed {seed} {shape}"
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,groups", [((64, 32), 4), ((33, 16), 1), ((40, 8), 8), ((9, 48), 24),
                                           ((12, 8, 2), 4), ((7, 20), 5), ((20, 128), 4), ((6, 128), 2),

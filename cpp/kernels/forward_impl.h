@@ -205,8 +205,11 @@ __attribute__((noinline)) GroupStats wide_group_stats(double count, T shift, dou
   if (var < 0) var = 0;
   const double mean_hi = double(mean);
   const double wide_std = sizeof(T) == 4 ? 0x1p64 : 0x1p512;
-  return {mean_hi, double(mean - Wd(mean_hi)), double(Wd(1) / wide_sqrt(var + Wd(eps))),
-          var > Wd(wide_std) * Wd(wide_std)};
+  // Wide both ways: with eps = 0, float32 values of ~1e-40 give 1/std ~ 1e40, beyond float, whose apply made
+  // every output NaN (inf * 0) where the reference is of order 1.
+  const Wd var_eps = var + Wd(eps);
+  return {mean_hi, double(mean - Wd(mean_hi)), double(Wd(1) / wide_sqrt(var_eps)),
+          var > Wd(wide_std) * Wd(wide_std) || var_eps < Wd(1) / (Wd(wide_std) * Wd(wide_std))};
 }
 
 inline void put_wide(float* p, double v) { *p = float(v); }
