@@ -119,6 +119,30 @@ def test_forward(isa, rng, shape, G, dtype, layout, activation):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("shape, G", [((2, 8, 40, 41), 4), ((1, 4, 70000), 2)])
+def test_first_look_without_a_shift(isa, rng, dtype, layout, shape, G):
+    """Channels-first 16-bit groups whose first, middle and last values lie around 0 are summed as they are, with
+    no shift (and by vdpbf16ps for bfloat16 on avx512_bf16), then again around their mean where it lies too far
+    from 0. Groups here: 1000 + N(0, 20^2) with -1, 0 and 1 at those three places (plain float32 sums of them
+    lose a few bfloat16 ulps of the variance: only the second look gets it right); N(0, 1); tiny values (bfloat16: ~1e-38, subnormals
+    among them, which vdpbf16ps takes as 0; float16: ~1e-6); 3 + N(0, 0.1^2), whose samples keep their median
+    as the shift. eps = 0, so every group's outputs are of order 1; 70000 values a group are summed in chunks."""
+    N, C = shape[:2]
+    L = C // G * int(np.prod(shape[2:]))
+    tiny = 1e-6 if dtype == np.float16 else 1e-38
+    kinds = np.arange(N * G).reshape(N, G) % 4
+    values = rng.standard_normal((N, G, L)) * np.choose(kinds, [20.0, 1.0, tiny, 0.1])[..., None]
+    values += np.choose(kinds, [1000.0, 0.0, 0.0, 3.0])[..., None]
+    values[kinds == 0, 0], values[kinds == 0, L // 2], values[kinds == 0, L - 1] = -1.0, 0.0, 1.0
+    x = random_array(rng, shape, dtype, layout)
+    x[...] = values.reshape(shape).astype(dtype)
+    r = np.asarray(group_norm_reference(x.astype(np.float64), G, eps=0.0), np.float64)
+    y = gn.group_norm(x, G, eps=0.0)
+    assert_rounded_to_nearest(y, r, COMPUTE_SLACK * (np.abs(r) + 0.25), f"first look, {dtype}, {shape}, G={G}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_large_groups_split_across_threads(isa, rng, dtype, layout):
     gn.set_num_threads(2)
     x = random_array(rng, (1, 64, 96, 96), dtype, layout, offset=100.0, scale=5.0)

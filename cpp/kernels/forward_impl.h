@@ -248,12 +248,16 @@ inline ShiftedSums short_run_shifted_sums(const S* x, int64_t n, typename V::Sca
   return {double(V::sum_lanes(d)), double(V::sum_lanes(d * d))};
 }
 
-template <class V, class S>
+// With kPlain, the shift is 0 and not subtracted (plain_first_look).
+template <class V, bool kPlain = false, class S>
 ShiftedSums run_shifted_sums(const S* x, int64_t n, typename V::Scalar shift) {
   constexpr int64_t W = V::kWidth;
   constexpr int64_t kBlock = 2 * W * kFlushIters;
   const V shift_v = V::broadcast(shift);
-  auto diff = [&](const V& v) { return v - shift_v; };
+  auto diff = [&](const V& v) {
+    if constexpr (kPlain) return v;
+    return v - shift_v;
+  };
   typename V::Acc s1 = V::acc_zero(), s2 = V::acc_zero();
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
@@ -313,6 +317,54 @@ ShiftedSums strided_shifted_sums(const S* x, int64_t n, int64_t stride, int64_t 
     V::acc_add(s2, sq);
   }
   return {V::acc_sum(s1), V::acc_sum(s2)};
+}
+
+// The first look at a channels-first group of 16-bit data may sum x and x*x as they are (shift 0): no subtraction,
+// and for bfloat16 where the level has AVX512_BF16, vdpbf16ps in place of widening (kDotSums). In a
+// micro-benchmark from L1, a vector's shifted sums took 0.82 ns in float16, plain 0.54 ns, bfloat16 by vdpbf16ps
+// 0.19 ns; whole forwards, bench/NOTES.md (twenty-fourth session). A shift of 0 is judged as any other (needs_refine): where the mean lies more than two standard
+// deviations from it, or the sums left float's range (vdpbf16ps's DAZ/FTZ included), the group is summed again
+// the exact way, around its mean. So that such groups rarely pay for two looks, 0 is the shift only where the
+// group's three samples (run_median3's) straddle it or lie nearer to it than their range is wide
+// (plain_first_look); elsewhere their median is, as for float32 and float64, whose forward is bound by memory.
+template <class S>
+constexpr bool kPlainSums = std::is_same<S, Half>::value || std::is_same<S, BFloat16>::value;
+
+template <class V, class S>
+constexpr bool kDotSums =
+#ifdef __AVX512BF16__
+    std::is_same<S, BFloat16>::value && std::is_same<typename V::Scalar, float>::value;
+#else
+    false;
+#endif
+
+// The first look's shift of a run of n >= 1 values: 0 where its first, middle and last values, a <= b <= c, have
+// |b| <= c - a (kPlainSums only), else b (run_median3). A NaN among them gives b.
+template <class T, class S>
+T plain_first_look(const S* x, int64_t n) {
+  const T a = T(widen(x[0])), b = T(widen(x[n / 2])), c = T(widen(x[n - 1]));
+  const T median = median3(a, b, c);
+  if constexpr (kPlainSums<S>) {
+    const T lo = a < b ? (a < c ? a : c) : (b < c ? b : c), hi = a < b ? (b < c ? c : b) : (a < c ? c : a);
+    if (median <= hi - lo && -median <= hi - lo) return T(0);
+  }
+  return median;
+}
+
+// A chunk's sums for the first look at its group, around `shift` (plain_first_look's).
+template <class V, class S>
+ShiftedSums first_look_sums(const S* x, int64_t n, typename V::Scalar shift) {
+  if constexpr (kPlainSums<S>) {
+    if (shift == 0) {
+      if constexpr (kDotSums<V, S>) {
+        typename V::Acc s1 = V::acc_zero(), s2 = V::acc_zero();
+        V::dot_sums_bf16(x, n, s1, s2);
+        return {V::acc_sum(s1), V::acc_sum(s2)};
+      }
+      return run_shifted_sums<V, true>(x, n, shift);
+    }
+  }
+  return run_shifted_sums<V>(x, n, shift);
 }
 
 // The sums of a run of any length: one vector or less inline (short_run_shifted_sums), longer through
@@ -664,16 +716,14 @@ Status forward_channels_first(const Problem& p, const S* x, const typename V::Sc
   Scratch<ShiftedSums> partial(units);
   if (!partial.data) return kOutOfMemory;
   const bool stream = streams_output(p, sizeof(S)), backwards = apply_backwards(x, y);
-  auto group_shift = [&](const S* group) {
-    return run_median3<T>(group, group_len);
-  };
+  auto group_shift = [&](const S* group) { return plain_first_look<T>(group, group_len); };
 
   auto chunk_moments = [&](int64_t unit) {
     const int64_t ng = unit / nchunks, k = unit % nchunks;
     const int64_t begin = k * chunk_len;
     const S* group = x + ng * group_len;
-    partial.data[unit] = run_shifted_sums<V>(group + begin, min_i64(chunk_len, group_len - begin),
-                                             group_shift(group));
+    partial.data[unit] = first_look_sums<V>(group + begin, min_i64(chunk_len, group_len - begin),
+                                            group_shift(group));
   };
   const double inv_group_len = 1.0 / double(group_len);
   // The second look at a group's sums (rare), out of line so the common path stays small.

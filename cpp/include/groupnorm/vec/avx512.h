@@ -163,6 +163,36 @@ struct VecF32 {
   static double acc_sum(const Acc& acc) { return _mm512_reduce_add_pd(_mm512_add_pd(acc.lo, acc.hi)); }
   // The sum of the lanes, in float: for a short run, whose few terms the float sum holds well enough.
   static float sum_lanes(VecF32 a) { return _mm512_reduce_add_ps(a.v); }
+#ifdef __AVX512BF16__
+  // Adds the sums of x and of x*x over bfloat16 p[0, n) to s1 and s2 by vdpbf16ps, which multiplies bfloat16 pairs
+  // exactly and adds both products into a float lane: no widening and no shift, two terms a lane an instruction
+  // (forward_impl.h, dot_sums). It takes inputs below 2^-126 as 0 and flushes products and sums below it (DAZ,
+  // FTZ); the caller's range checks send such groups to the exact path. Each accumulator takes 16 terms a lane
+  // before its lanes widen into s1 and s2, as run_shifted_sums's do.
+  static void dot_sums_bf16(const BFloat16* p, int64_t n, Acc& s1, Acc& s2) {
+    constexpr int64_t kBlock = 2 * 32 * 8;  // two accumulators of each sum, eight instructions each
+    const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);
+    for (int64_t i = 0; i < n;) {
+      __m512 a = _mm512_setzero_ps(), b = a, qa = a, qb = a;
+      const int64_t end = n - i < kBlock ? n : i + kBlock;
+      for (; i + 64 <= end; i += 64) {
+        const __m512bh u = (__m512bh)_mm512_loadu_si512(p + i), v = (__m512bh)_mm512_loadu_si512(p + i + 32);
+        a = _mm512_dpbf16_ps(a, u, ones);
+        qa = _mm512_dpbf16_ps(qa, u, u);
+        b = _mm512_dpbf16_ps(b, v, ones);
+        qb = _mm512_dpbf16_ps(qb, v, v);
+      }
+      for (; i < end; i += 32) {  // the run's last 1 to 63 values; zeros past its end add nothing
+        const __mmask32 live = end - i >= 32 ? ~__mmask32(0) : __mmask32((1u << (end - i)) - 1u);
+        const __m512bh u = (__m512bh)_mm512_maskz_loadu_epi16(live, p + i);
+        a = _mm512_dpbf16_ps(a, u, ones);
+        qa = _mm512_dpbf16_ps(qa, u, u);
+      }
+      acc_add(s1, {_mm512_add_ps(a, b)});
+      acc_add(s2, {_mm512_add_ps(qa, qb)});
+    }
+  }
+#endif
   // Lane i of the result is lane i ^ stride of a (stride 1, 2, 4 or 8): a step of segment_sum's butterfly.
   static VecF32 swap_lanes(VecF32 a, int stride) {
     switch (stride) {
