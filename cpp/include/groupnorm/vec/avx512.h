@@ -192,6 +192,31 @@ struct VecF32 {
       acc_add(s2, {_mm512_add_ps(qa, qb)});
     }
   }
+  // The backward's first pass by vdpbf16ps over bfloat16 runs dy[0, n) and x[0, n) (backward_impl.h,
+  // dot_grad_sums): adds the sums of dy, dy*x, x and dy*dy to the four accumulators, 16 terms a lane each before
+  // they widen, with dot_sums_bf16's DAZ and FTZ.
+  static void dot_grad_sums_bf16(const BFloat16* dy, const BFloat16* x, int64_t n, Acc& s_dy, Acc& s_dy_x, Acc& s_x,
+                                 Acc& s_dy_dy) {
+    constexpr int64_t kBlock = 32 * 8;  // eight instructions an accumulator
+    const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);
+    for (int64_t i = 0; i < n;) {
+      __m512 a_dy = _mm512_setzero_ps(), a_dy_x = a_dy, a_x = a_dy, a_dy_dy = a_dy;
+      const int64_t end = n - i < kBlock ? n : i + kBlock;
+      for (; i < end; i += 32) {  // the run's last 1 to 31 values: masked, zeros past its end add nothing
+        const __mmask32 live = end - i >= 32 ? ~__mmask32(0) : __mmask32((1u << (end - i)) - 1u);
+        const __m512bh g = (__m512bh)_mm512_maskz_loadu_epi16(live, dy + i);
+        const __m512bh v = (__m512bh)_mm512_maskz_loadu_epi16(live, x + i);
+        a_dy = _mm512_dpbf16_ps(a_dy, g, ones);
+        a_dy_x = _mm512_dpbf16_ps(a_dy_x, g, v);
+        a_x = _mm512_dpbf16_ps(a_x, v, ones);
+        a_dy_dy = _mm512_dpbf16_ps(a_dy_dy, g, g);
+      }
+      acc_add(s_dy, {a_dy});
+      acc_add(s_dy_x, {a_dy_x});
+      acc_add(s_x, {a_x});
+      acc_add(s_dy_dy, {a_dy_dy});
+    }
+  }
 #endif
   // Lane i of the result is lane i ^ stride of a (stride 1, 2, 4 or 8): a step of segment_sum's butterfly.
   static VecF32 swap_lanes(VecF32 a, int stride) {
