@@ -144,25 +144,30 @@ void run_grad_sums(const S* dy, const S* x, int64_t n, typename V::Scalar mean_h
 }
 
 // The backward's first pass over a bfloat16 run with vdpbf16ps where the level has AVX512_BF16 (kDotSums): the
-// plain sums of dy, dy*x and x (and dy*dy), from which the centred ones follow as dy*x - mean_hi*dy and
-// x - mean_hi. Taken only for groups whose mean lies within one standard deviation of 0 (|mean * rstd| <= 1, so
-// the centring cancels little; 1/rstd >= 2^-60, so that flushed products are negligible: dot_grad_ok), and each
-// run whose dy*dy averages below 2^-100 (gradients near bfloat16's subnormals, which vdpbf16ps takes as 0; a NaN)
-// is summed again the exact way. A quarter of run_grad_sums's instructions (four dot products for 32 values
-// against widening both, subtracting, two adds and an fma for 16).
-inline bool dot_grad_ok(double mean, double rstd) { return std::fabs(mean * rstd) <= 1.0 && rstd <= 0x1p60; }
+// plain sums of dy, dy*x and x, from which the centred ones follow as dy*x - mean_hi*dy and x - mean_hi; with
+// them dy*dy and x*x, which say whether the plain sums will do. Groups whose mean lies more than a standard
+// deviation (as rstd gives it, eps included) from 0 skip it (dot_grad_ok); a run is summed again the exact way
+// unless its dy*dy averages at least 2^-100 (gradients near bfloat16's subnormals, which vdpbf16ps takes as 0,
+// and NaNs fail), and its own variance is at least mean_hi^2, 2^-16 of its own squared mean and 2^-100 (so the
+// centring cancels little and inputs below 2^-126 are negligible beside the spread: a run of equal values or of
+// subnormals, whose exact centred sums are 0 or nearly, takes the exact path; the fuzz test found one). Five dot
+// products for 32 values against run_grad_sums's widening of both, subtraction, two adds and fma for 16.
+inline bool dot_grad_ok(double mean, double rstd) { return std::fabs(mean * rstd) <= 1.0; }
 
 template <class V, class S>
 void dot_grad_sums(const S* dy, const S* x, int64_t n, typename V::Scalar mean_hi, double* sum_dy,
                    double* sum_dy_xc, double* sum_xc) {
-  typename V::Acc a_dy = V::acc_zero(), a_dy_x = V::acc_zero(), a_x = V::acc_zero(), a_dy_dy = V::acc_zero();
-  V::dot_grad_sums_bf16(dy, x, n, a_dy, a_dy_x, a_x, a_dy_dy);
+  typename V::Acc a_dy = V::acc_zero(), a_dy_x = V::acc_zero(), a_x = V::acc_zero(), a_dy_dy = V::acc_zero(),
+                  a_x_x = V::acc_zero();
+  V::dot_grad_sums_bf16(dy, x, n, a_dy, a_dy_x, a_x, a_dy_dy, a_x_x);
   const double s_dy = V::acc_sum(a_dy), s_dy_x = V::acc_sum(a_dy_x), s_x = V::acc_sum(a_x);
-  if (!(V::acc_sum(a_dy_dy) >= 0x1p-100 * double(n)) || !(s_dy_x - s_dy_x == 0.0) || !(s_x - s_x == 0.0)) {
+  const double inv_n = 1.0 / double(n), m = double(mean_hi), run_mean = s_x * inv_n;
+  const double run_var = V::acc_sum(a_x_x) * inv_n - run_mean * run_mean;  // false below for a NaN or inf
+  if (!(V::acc_sum(a_dy_dy) * inv_n >= 0x1p-100) || !(s_dy_x - s_dy_x == 0.0) ||
+      !(run_var >= m * m && run_var >= 0x1p-16 * run_mean * run_mean && run_var >= 0x1p-100)) {
     run_grad_sums<V>(dy, x, n, mean_hi, sum_dy, sum_dy_xc, sum_xc);
     return;
   }
-  const double m = double(mean_hi);
   *sum_dy = s_dy;
   *sum_dy_xc = s_dy_x - m * s_dy;
   *sum_xc = s_x - double(n) * m;

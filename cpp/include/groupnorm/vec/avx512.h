@@ -193,14 +193,14 @@ struct VecF32 {
     }
   }
   // The backward's first pass by vdpbf16ps over bfloat16 runs dy[0, n) and x[0, n) (backward_impl.h,
-  // dot_grad_sums): adds the sums of dy, dy*x, x and dy*dy to the four accumulators, 16 terms a lane each before
-  // they widen, with dot_sums_bf16's DAZ and FTZ.
+  // dot_grad_sums): adds the sums of dy, dy*x, x, dy*dy and x*x to the five accumulators, 16 terms a lane each
+  // before they widen, with dot_sums_bf16's DAZ and FTZ.
   static void dot_grad_sums_bf16(const BFloat16* dy, const BFloat16* x, int64_t n, Acc& s_dy, Acc& s_dy_x, Acc& s_x,
-                                 Acc& s_dy_dy) {
+                                 Acc& s_dy_dy, Acc& s_x_x) {
     constexpr int64_t kBlock = 32 * 8;  // eight instructions an accumulator
     const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);
     for (int64_t i = 0; i < n;) {
-      __m512 a_dy = _mm512_setzero_ps(), a_dy_x = a_dy, a_x = a_dy, a_dy_dy = a_dy;
+      __m512 a_dy = _mm512_setzero_ps(), a_dy_x = a_dy, a_x = a_dy, a_dy_dy = a_dy, a_x_x = a_dy;
       const int64_t end = n - i < kBlock ? n : i + kBlock;
       for (; i < end; i += 32) {  // the run's last 1 to 31 values: masked, zeros past its end add nothing
         const __mmask32 live = end - i >= 32 ? ~__mmask32(0) : __mmask32((1u << (end - i)) - 1u);
@@ -210,11 +210,13 @@ struct VecF32 {
         a_dy_x = _mm512_dpbf16_ps(a_dy_x, g, v);
         a_x = _mm512_dpbf16_ps(a_x, v, ones);
         a_dy_dy = _mm512_dpbf16_ps(a_dy_dy, g, g);
+        a_x_x = _mm512_dpbf16_ps(a_x_x, v, v);
       }
       acc_add(s_dy, {a_dy});
       acc_add(s_dy_x, {a_dy_x});
       acc_add(s_x, {a_x});
       acc_add(s_dy_dy, {a_dy_dy});
+      acc_add(s_x_x, {a_x_x});
     }
   }
 #endif
