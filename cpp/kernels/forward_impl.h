@@ -322,9 +322,9 @@ ShiftedSums strided_shifted_sums(const S* x, int64_t n, int64_t stride, int64_t 
 // The first look at a channels-first group of 16-bit data may sum x and x*x as they are (shift 0): no subtraction,
 // and for bfloat16 where the level has AVX512_BF16, vdpbf16ps in place of widening (kDotSums). In a
 // micro-benchmark from L1, a vector's shifted sums took 0.82 ns in float16, plain 0.54 ns, bfloat16 by vdpbf16ps
-// 0.19 ns; whole forwards, bench/NOTES.md (twenty-fourth session). A shift of 0 is judged as any other (needs_refine): where the mean lies more than two standard
-// deviations from it, or the sums left float's range (vdpbf16ps's DAZ/FTZ included), the group is summed again
-// the exact way, around its mean. So that such groups rarely pay for two looks, 0 is the shift only where the
+// 0.19 ns; whole forwards, bench/NOTES.md (twenty-fourth session). A shift of 0 is judged as any other
+// (needs_refine): where the mean lies more than two standard deviations from it, or the sums left float's range
+// (vdpbf16ps's DAZ/FTZ included), the group is summed again the exact way, around its mean. So that such groups rarely pay for two looks, 0 is the shift only where the
 // group's three samples (run_median3's) straddle it or lie nearer to it than their range is wide
 // (plain_first_look); elsewhere their median is, as for float32 and float64, whose forward is bound by memory.
 template <class S>

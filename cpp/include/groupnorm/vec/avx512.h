@@ -164,6 +164,8 @@ struct VecF32 {
   // The sum of the lanes, in float: for a short run, whose few terms the float sum holds well enough.
   static float sum_lanes(VecF32 a) { return _mm512_reduce_add_ps(a.v); }
 #ifdef __AVX512BF16__
+  // The first min(n, 32) of a 512-bit register's 16-bit lanes (n >= 1): the bfloat16 dot loops' tails.
+  static __mmask32 mask32(int64_t n) { return n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1u); }
   // Adds the sums of x and of x*x over bfloat16 p[0, n) to s1 and s2 by vdpbf16ps, which multiplies bfloat16 pairs
   // exactly and adds both products into a float lane: no widening and no shift, two terms a lane an instruction
   // (forward_impl.h, dot_sums). It takes inputs below 2^-126 as 0 and flushes products and sums below it (DAZ,
@@ -183,8 +185,7 @@ struct VecF32 {
         qb = _mm512_dpbf16_ps(qb, v, v);
       }
       for (; i < end; i += 32) {  // the run's last 1 to 63 values; zeros past its end add nothing
-        const __mmask32 live = end - i >= 32 ? ~__mmask32(0) : __mmask32((1u << (end - i)) - 1u);
-        const __m512bh u = (__m512bh)_mm512_maskz_loadu_epi16(live, p + i);
+        const __m512bh u = (__m512bh)_mm512_maskz_loadu_epi16(mask32(end - i), p + i);
         a = _mm512_dpbf16_ps(a, u, ones);
         qa = _mm512_dpbf16_ps(qa, u, u);
       }
@@ -203,7 +204,7 @@ struct VecF32 {
       __m512 a_dy = _mm512_setzero_ps(), a_dy_x = a_dy, a_x = a_dy, a_dy_dy = a_dy, a_x_x = a_dy;
       const int64_t end = n - i < kBlock ? n : i + kBlock;
       for (; i < end; i += 32) {  // the run's last 1 to 31 values: masked, zeros past its end add nothing
-        const __mmask32 live = end - i >= 32 ? ~__mmask32(0) : __mmask32((1u << (end - i)) - 1u);
+        const __mmask32 live = mask32(end - i);
         const __m512bh g = (__m512bh)_mm512_maskz_loadu_epi16(live, dy + i);
         const __m512bh v = (__m512bh)_mm512_maskz_loadu_epi16(live, x + i);
         a_dy = _mm512_dpbf16_ps(a_dy, g, ones);
