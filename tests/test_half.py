@@ -141,6 +141,36 @@ def test_first_look_without_a_shift(isa, rng, dtype, layout, shape, G):
     assert_rounded_to_nearest(y, r, COMPUTE_SLACK * (np.abs(r) + 0.25), f"first look, {dtype}, {shape}, G={G}")
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("shape, G", [((2, 20, 24, 25), 2), ((2, 520, 9, 10), 26), ((2, 4, 64, 65), 2),
+                                      ((2, 6, 30, 31), 2), ((2, 8, 1, 37), 4)])
+def test_channels_last_sums_around_zero(isa, rng, dtype, shape, G):
+    """A channels-last sample whose groups all lie around 0 at its nine probed rows is summed around 0, for
+    bfloat16 on avx512_bf16 by vdpbf16ps two channels a lane (groups of an even number of channels: 10 with a
+    masked tail, 20 past the 384 channels of one register tile, 2 in folded rows with rows left over; 3 and 1
+    take the shifted sums everywhere). Sample 0 holds N(0, 1) groups beside a trap, 1000 + N(0, 20^2) with values
+    in [-1, 1] at the probed rows (its float32 sums around 0 lose the variance: only the second look gets it
+    right), and a tiny group (bfloat16: ~1e-38, subnormals among them, which vdpbf16ps takes as 0; float16: ~1e-6).
+    Sample 1 adds a group at 3 + N(0, 0.1^2), which keeps its sample on the shifted sums. eps = 0."""
+    N, C = shape[:2]
+    rows = int(np.prod(shape[2:]))
+    tiny = 1e-6 if dtype == np.float16 else 1e-38
+    kinds = np.arange(N * G).reshape(N, G) % 3
+    kinds[1, -1] = 3
+    scale = np.choose(kinds, [20.0, 1.0, tiny, 0.1])[..., None, None]
+    values = rng.standard_normal((N, G, C // G, rows)) * scale
+    values += np.choose(kinds, [1000.0, 0.0, 0.0, 3.0])[..., None, None]
+    probed = [k * (rows - 1) // 8 for k in range(9)]
+    trap = values[kinds == 0]
+    trap[..., probed] = rng.uniform(-1.0, 1.0, trap[..., probed].shape)
+    values[kinds == 0] = trap
+    x = random_array(rng, shape, dtype, "channels_last")
+    x[...] = values.reshape(shape).astype(dtype)
+    r = np.asarray(group_norm_reference(x.astype(np.float64), G, eps=0.0), np.float64)
+    y = gn.group_norm(x, G, eps=0.0)
+    assert_rounded_to_nearest(y, r, COMPUTE_SLACK * (np.abs(r) + 0.25), f"sums around 0, {dtype}, {shape}, G={G}")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_large_groups_split_across_threads(isa, rng, dtype, layout):

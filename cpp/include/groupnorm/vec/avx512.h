@@ -9,6 +9,7 @@
 
 #include <immintrin.h>
 #include <cstdint>
+#include <type_traits>
 
 #include "groupnorm/half.h"
 
@@ -238,6 +239,59 @@ struct VecF32 {
       acc_add(s_x, {a_x});
       acc_add(s_dy_dy, {a_dy_dy});
       acc_add(s_x_x, {a_x_x});
+    }
+  }
+  // Channels-last sums by vdpbf16ps (forward_impl.h, rows_dot_sums): over rows [0, rows) of p, `stride` values
+  // apart, of channels [0, n), two adjacent channels a lane: sum[j] and sq[j] gain the sums of x and of x*x over
+  // channels 2j and 2j + 1, widened to double, for j < 16 * ceil(n / 32) (channels past n add 0). rows <= 8 keeps
+  // dot_sums_bf16's 16 terms a lane, and its DAZ and FTZ. Column tiles of up to 12 vectors (384 channels, 24
+  // accumulators) over all the rows, so that rows of up to 384 channels are read whole, in order.
+  static void dot_pair_sums_bf16(const BFloat16* p, int64_t stride, int64_t rows, int64_t n, double* sum,
+                                 double* sq) {
+    auto add_wide = [](double* d, __m512 v) {
+      const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+      _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), _mm512_cvtps_pd(_mm512_castps512_ps256(v))));
+      _mm512_storeu_pd(d + 8, _mm512_add_pd(_mm512_loadu_pd(d + 8), _mm512_cvtps_pd(high)));
+    };
+    const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);
+    auto tile = [&](auto vectors, int64_t c) {
+      constexpr int K = decltype(vectors)::value;
+      const __mmask32 last = mask32(n - c - 32 * (K - 1));
+      __m512 a[K], q[K];
+#pragma GCC unroll 12
+      for (int i = 0; i < K; ++i) a[i] = q[i] = _mm512_setzero_ps();
+      for (int64_t r = 0; r < rows; ++r) {
+        const BFloat16* const row = p + r * stride + c;
+#pragma GCC unroll 12
+        for (int i = 0; i < K; ++i) {
+          const __m512bh u = (__m512bh)(i == K - 1 ? _mm512_maskz_loadu_epi16(last, row + 32 * i)
+                                                   : _mm512_loadu_si512(row + 32 * i));
+          a[i] = _mm512_dpbf16_ps(a[i], u, ones);
+          q[i] = _mm512_dpbf16_ps(q[i], u, u);
+        }
+      }
+#pragma GCC unroll 12
+      for (int i = 0; i < K; ++i) {
+        add_wide(sum + c / 2 + 16 * i, a[i]);
+        add_wide(sq + c / 2 + 16 * i, q[i]);
+      }
+    };
+    int64_t c = 0;
+    for (; n - c > 12 * 32; c += 8 * 32) tile(std::integral_constant<int, 8>{}, c);
+    switch ((n - c + 31) / 32) {
+      case 1: tile(std::integral_constant<int, 1>{}, c); break;
+      case 2: tile(std::integral_constant<int, 2>{}, c); break;
+      case 3: tile(std::integral_constant<int, 3>{}, c); break;
+      case 4: tile(std::integral_constant<int, 4>{}, c); break;
+      case 5: tile(std::integral_constant<int, 5>{}, c); break;
+      case 6: tile(std::integral_constant<int, 6>{}, c); break;
+      case 7: tile(std::integral_constant<int, 7>{}, c); break;
+      case 8: tile(std::integral_constant<int, 8>{}, c); break;
+      case 9: tile(std::integral_constant<int, 9>{}, c); break;
+      case 10: tile(std::integral_constant<int, 10>{}, c); break;
+      case 11: tile(std::integral_constant<int, 11>{}, c); break;
+      case 12: tile(std::integral_constant<int, 12>{}, c); break;
+      default: break;  // n == c
     }
   }
 #endif
