@@ -1158,6 +1158,37 @@ void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t
   each_row(x, y, C, c, r0, r1, backwards, row);
 }
 
+// column_apply's tile of K (even) whole vectors for S with load_split: each pair of vectors read and written by
+// load_split and store_split, the coefficients k in split_order (sample_coeffs' split arrays, from a block start).
+template <class V, int K, bool kSilu, bool kStream, bool kInputNaNs, class S>
+void column_apply_split(const S* x, S* y, int64_t C, int64_t c, int64_t r0, int64_t r1,
+                        ColumnCoeffs<typename V::Scalar> k, bool backwards) {
+  constexpr int64_t W = V::kWidth;
+  static_assert(K % 2 == 0, "pairs of vectors");
+  V mean_hi[K], scale[K], shift[K];
+#pragma GCC unroll 8
+  for (int i = 0; i < K; ++i) {
+    mean_hi[i] = V::load(k.mean_hi + i * W);
+    scale[i] = V::load(k.scale + i * W);
+    shift[i] = V::load(k.shift + i * W);
+  }
+  each_row(x, y, C, c, r0, r1, backwards, [&](const S* xr, S* yr) {
+    auto pair = [&](int i) {
+      V a, b;
+      load_split(xr + i * W, a, b);
+      store_split<V, kStream, kInputNaNs>(yr + i * W, activate<V, kSilu>(fma(a - mean_hi[i], scale[i], shift[i])),
+                                          activate<V, kSilu>(fma(b - mean_hi[i + 1], scale[i + 1], shift[i + 1])));
+    };
+    if (backwards) {
+#pragma GCC unroll 8
+      for (int i = K - 2; i >= 0; i -= 2) pair(i);
+    } else {
+#pragma GCC unroll 8
+      for (int i = 0; i < K; i += 2) pair(i);
+    }
+  });
+}
+
 // Applies `vectors` whole vectors of channels starting at c to rows [r0, r1) row by row, each vector's
 // coefficients loaded from k beside it: the rows are read and written in memory order. On AVX2, where a tile holds
 // only two vectors' coefficients, this beats column_apply's tiles (the apply of [1,320,64,64] channels-last from L3
@@ -1260,8 +1291,17 @@ void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, cons
           row_major_apply<V, kSilu, kStream, kInputNaNs>(xs, ys, C, a, (tail_at - a) / W, rb, re, at(a),
                                                          from_zero ? &split : nullptr, backwards);
       } else {
+        // From coefficient 0, as above: pairs go split.
+        const bool from_zero = HasSplit<V, S>::value && k0 + a - c0 == 0;
         for (int64_t i = 0; i < tiles; ++i) {
           const int64_t c = a + (backwards ? tiles - 1 - i : i) * K * W;
+          if constexpr (HasSplit<V, S>::value) {
+            if (from_zero) {
+              const ColumnCoeffs<T> split{b.split_mean_hi + c - a, b.split_scale + c - a, b.split_bias + c - a};
+              column_apply_split<V, K, kSilu, kStream, kInputNaNs>(xs, ys, C, c, rb, re, split, backwards);
+              continue;
+            }
+          }
           column_apply<V, K, false, kSilu, kStream>(xs, ys, C, c, C, rb, re, at(c), backwards);
         }
       }
