@@ -873,6 +873,22 @@ void column_sums(const S* sample, int64_t C, int64_t c, int64_t count, int64_t r
   }
 }
 
+// out[c] for every channel c of [0, C): lane c % W of f(load), where load(row) reads the vector of channels at
+// c - c % W of a channels-last row (the last one masked, its lanes past C read as 0). f: sample_shifts' per-channel
+// figures over its nine probed rows.
+template <class V, class S, class F>
+void channel_vectors(int64_t C, typename V::Scalar* out, F f) {
+  using T = typename V::Scalar;
+  constexpr int64_t W = V::kWidth;
+  int64_t c = 0;
+  for (; c + W <= C; c += W) V::store(out + c, f([c](const S* r) { return V::load(r + c); }));
+  if (c < C) {
+    alignas(64) T lanes[W];
+    V::store(lanes, f([c, C](const S* r) { return V::load_tail(r + c, C - c, T(0)); }));
+    for (int64_t i = 0; c + i < C; ++i) out[c + i] = lanes[i];
+  }
+}
+
 // Where the channels-last statistics can take vdpbf16ps (kDotSums, groups of an even number of channels): every
 // shift of a sample (sample_shifts') becomes 0 when each group's lies within half the range of its nine rows (the
 // widest of the channels its shift came from), so that rows_shifted_sums sums the sample by rows_dot_sums. A group
@@ -882,7 +898,6 @@ template <class V, class S>
 void plain_sample_shifts(const Problem& p, const S* const* row, typename V::Scalar* channel,
                          typename V::Scalar* shift) {
   using T = typename V::Scalar;
-  constexpr int64_t W = V::kWidth;
   const int64_t C = p.C, D = C / p.G;
   T* const range = channel + C;
   auto spread = [&](auto load) {
@@ -894,13 +909,7 @@ void plain_sample_shifts(const Problem& p, const S* const* row, typename V::Scal
     }
     return hi - lo;
   };
-  int64_t c = 0;
-  for (; c + W <= C; c += W) V::store(range + c, spread([c](const S* r) { return V::load(r + c); }));
-  if (c < C) {
-    alignas(64) T lanes[W];
-    V::store(lanes, spread([c, C](const S* r) { return V::load_tail(r + c, C - c, T(0)); }));
-    for (int64_t i = 0; c + i < C; ++i) range[c + i] = lanes[i];
-  }
+  channel_vectors<V, S>(C, range, spread);
   for (int64_t g = 0; g < p.G; ++g) {
     const T* const r = range + g * D;
     auto wider = [](T a, T b) { return a < b ? b : a; };
@@ -922,7 +931,6 @@ void plain_sample_shifts(const Problem& p, const S* const* row, typename V::Scal
 template <class V, class S>
 void sample_shifts(const Problem& p, const S* sample, typename V::Scalar* channel, typename V::Scalar* shift) {
   using T = typename V::Scalar;
-  constexpr int64_t W = V::kWidth;
   const int64_t C = p.C, D = C / p.G, rows = p.HxW;
   const S* row[9];
   for (int64_t k = 0; k < 9; ++k) row[k] = sample + k * (rows - 1) / 8 * C;
@@ -931,19 +939,26 @@ void sample_shifts(const Problem& p, const S* sample, typename V::Scalar* channe
     return med3(med3(load(row[0]), load(row[1]), load(row[2])), med3(load(row[3]), load(row[4]), load(row[5])),
                 med3(load(row[6]), load(row[7]), load(row[8])));
   };
-  int64_t c = 0;
-  for (; c + W <= C; c += W) V::store(channel + c, ninther([c](const S* r) { return V::load(r + c); }));
-  if (c < C) {
-    alignas(64) T lanes[W];
-    V::store(lanes, ninther([c, C](const S* r) { return V::load_tail(r + c, C - c, T(0)); }));
-    for (int64_t i = 0; c + i < C; ++i) channel[c + i] = lanes[i];
-  }
+  channel_vectors<V, S>(C, channel, ninther);
   for (int64_t g = 0; g < p.G; ++g) {
     const T* const ch = channel + g * D;
     shift[g] = D < 3 ? ch[0] : median3(ch[0], ch[D / 2], ch[D - 1]);
   }
   if constexpr (kDotSums<V, S>) {
     if (D % 2 == 0) plain_sample_shifts<V>(p, row, channel, shift);
+  }
+}
+
+// out[g] = the sums of entries [g * per_group, (g + 1) * per_group) of sum and sq, in order, for g < G: the
+// channels-last statistics' per-channel (or per-pair) sums into group sums.
+inline void group_totals(const double* sum, const double* sq, int64_t G, int64_t per_group, ShiftedSums* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j) {
+      s1 += sum[j];
+      s2 += sq[j];
+    }
+    out[g] = {s1, s2};
   }
 }
 
@@ -962,14 +977,7 @@ void rows_dot_sums(const Problem& p, const S* sample, int64_t r0, int64_t r1, Ro
   for (int64_t j = 0; j < ceil_div(pairs, 16) * 16; ++j) sum_d[j] = sq_d[j] = 0.0;
   for (int64_t rb = r0; rb < r1; rb += kDotRows)
     V::dot_pair_sums_bf16(sample + rb * C, C, min_i64(kDotRows, r1 - rb), C, sum_d, sq_d);
-  for (int64_t g = 0; g < p.G; ++g) {
-    double s1 = 0.0, s2 = 0.0;
-    for (int64_t j = g * group_pairs; j < (g + 1) * group_pairs; ++j) {
-      s1 += sum_d[j];
-      s2 += sq_d[j];
-    }
-    out[g] = {s1, s2};
-  }
+  group_totals(sum_d, sq_d, p.G, group_pairs, out);
 }
 
 // Shifted sums of rows [r0, r1) of one sample, per group, into out[G]. Every channel of group g is shifted
@@ -1013,20 +1021,7 @@ void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scal
       b.sq_d[c] += double(b.sq[c]);
     }
   }
-  const double* const sum_d = b.sum_d;
-  const double* const sq_d = b.sq_d;
-  if (D == 1) {  // InstanceNorm: a channel is a group
-    for (int64_t c = 0; c < C; ++c) out[c] = {sum_d[c], sq_d[c]};
-    return;
-  }
-  for (int64_t g = 0; g < p.G; ++g) {
-    double s1 = 0.0, s2 = 0.0;
-    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-      s1 += sum_d[c];
-      s2 += sq_d[c];
-    }
-    out[g] = {s1, s2};
-  }
+  group_totals(b.sum_d, b.sq_d, p.G, D, out);
 }
 
 // a[0, n) rotated left by k, in place: a[j] takes a[(j + k) % n] (three reversals; no std template in an ISA TU).
@@ -1132,8 +1127,10 @@ inline void each_row(const S* x, S* y, int64_t C, int64_t c, int64_t r0, int64_t
 
 // Applies K vectors of channel coefficients to the columns starting at c of rows [r0, r1), the coefficients held
 // in registers; with kTail, one vector of which only `count` channels exist. `backwards` (apply_backwards): the
-// last row first, and each row's vectors from the last.
-template <class V, int K, bool kTail, bool kSilu, bool kStream, class S>
+// last row first, and each row's vectors from the last. With kSplit (K even, S with load_split), each pair of
+// vectors is read and written by load_split and store_split, the coefficients k in split_order (sample_coeffs'
+// split arrays, from a block start).
+template <class V, int K, bool kTail, bool kSilu, bool kStream, bool kSplit = false, bool kInputNaNs = true, class S>
 void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t r0, int64_t r1,
                   ColumnCoeffs<typename V::Scalar> k, bool backwards) {
   using T = typename V::Scalar;
@@ -1145,48 +1142,30 @@ void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t
     scale[i] = V::load(k.scale + i * W);
     shift[i] = V::load(k.shift + i * W);
   }
+  static_assert(!kSplit || (K % 2 == 0 && !kTail), "pairs of whole vectors");
+  auto value = [&](const V& v, int i) { return activate<V, kSilu>(fma(v - mean_hi[i], scale[i], shift[i])); };
   auto row = [&](const S* xr, S* yr) {
-    if (kTail) {
+    if constexpr (kSplit) {
+      auto pair = [&](int i) {
+        V a, b;
+        load_split(xr + i * W, a, b);
+        store_split<V, kStream, kInputNaNs>(yr + i * W, value(a, i), value(b, i + 1));
+      };
+      if (backwards) {
+#pragma GCC unroll 8
+        for (int i = K - 2; i >= 0; i -= 2) pair(i);
+      } else {
+#pragma GCC unroll 8
+        for (int i = 0; i < K; i += 2) pair(i);
+      }
+    } else if (kTail) {
       const V v = V::load_tail(xr, count, T(0)) - mean_hi[0];
       V::store_tail(yr, activate<V, kSilu>(fma(v, scale[0], shift[0])), count);
     } else {
-      apply_row_vectors<V, kStream>(yr, K, backwards, [&](int64_t i) {
-        return activate<V, kSilu>(fma(V::load(xr + i * W) - mean_hi[i], scale[i], shift[i]));
-      });
+      apply_row_vectors<V, kStream>(yr, K, backwards, [&](int64_t i) { return value(V::load(xr + i * W), int(i)); });
     }
   };
   each_row(x, y, C, c, r0, r1, backwards, row);
-}
-
-// column_apply's tile of K (even) whole vectors for S with load_split: each pair of vectors read and written by
-// load_split and store_split, the coefficients k in split_order (sample_coeffs' split arrays, from a block start).
-template <class V, int K, bool kSilu, bool kStream, bool kInputNaNs, class S>
-void column_apply_split(const S* x, S* y, int64_t C, int64_t c, int64_t r0, int64_t r1,
-                        ColumnCoeffs<typename V::Scalar> k, bool backwards) {
-  constexpr int64_t W = V::kWidth;
-  static_assert(K % 2 == 0, "pairs of vectors");
-  V mean_hi[K], scale[K], shift[K];
-#pragma GCC unroll 8
-  for (int i = 0; i < K; ++i) {
-    mean_hi[i] = V::load(k.mean_hi + i * W);
-    scale[i] = V::load(k.scale + i * W);
-    shift[i] = V::load(k.shift + i * W);
-  }
-  each_row(x, y, C, c, r0, r1, backwards, [&](const S* xr, S* yr) {
-    auto pair = [&](int i) {
-      V a, b;
-      load_split(xr + i * W, a, b);
-      store_split<V, kStream, kInputNaNs>(yr + i * W, activate<V, kSilu>(fma(a - mean_hi[i], scale[i], shift[i])),
-                                          activate<V, kSilu>(fma(b - mean_hi[i + 1], scale[i + 1], shift[i + 1])));
-    };
-    if (backwards) {
-#pragma GCC unroll 8
-      for (int i = K - 2; i >= 0; i -= 2) pair(i);
-    } else {
-#pragma GCC unroll 8
-      for (int i = 0; i < K; i += 2) pair(i);
-    }
-  });
 }
 
 // Applies `vectors` whole vectors of channels starting at c to rows [r0, r1) row by row, each vector's
@@ -1298,7 +1277,7 @@ void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, cons
           if constexpr (HasSplit<V, S>::value) {
             if (from_zero) {
               const ColumnCoeffs<T> split{b.split_mean_hi + c - a, b.split_scale + c - a, b.split_bias + c - a};
-              column_apply_split<V, K, kSilu, kStream, kInputNaNs>(xs, ys, C, c, rb, re, split, backwards);
+              column_apply<V, K, false, kSilu, kStream, true, kInputNaNs>(xs, ys, C, c, C, rb, re, split, backwards);
               continue;
             }
           }

@@ -278,20 +278,15 @@ struct VecF32 {
     };
     int64_t c = 0;
     for (; n - c > 12 * 32; c += 8 * 32) tile(std::integral_constant<int, 8>{}, c);
-    switch ((n - c + 31) / 32) {
-      case 1: tile(std::integral_constant<int, 1>{}, c); break;
-      case 2: tile(std::integral_constant<int, 2>{}, c); break;
-      case 3: tile(std::integral_constant<int, 3>{}, c); break;
-      case 4: tile(std::integral_constant<int, 4>{}, c); break;
-      case 5: tile(std::integral_constant<int, 5>{}, c); break;
-      case 6: tile(std::integral_constant<int, 6>{}, c); break;
-      case 7: tile(std::integral_constant<int, 7>{}, c); break;
-      case 8: tile(std::integral_constant<int, 8>{}, c); break;
-      case 9: tile(std::integral_constant<int, 9>{}, c); break;
-      case 10: tile(std::integral_constant<int, 10>{}, c); break;
-      case 11: tile(std::integral_constant<int, 11>{}, c); break;
-      case 12: tile(std::integral_constant<int, 12>{}, c); break;
-      default: break;  // n == c
+    if (c < n) with_vectors<12>((n - c + 31) / 32, [&](auto vectors) { tile(vectors, c); });
+  }
+  // f(std::integral_constant<int, v>{}) for v in [1, K]: a tile width known at run time, unrolled at compile time.
+  template <int K, class F>
+  static void with_vectors(int64_t v, F f) {
+    if (v == K) {
+      f(std::integral_constant<int, K>{});
+    } else if constexpr (K > 1) {
+      with_vectors<K - 1>(v, f);
     }
   }
 #endif
