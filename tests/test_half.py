@@ -126,7 +126,8 @@ def test_first_look_without_a_shift(isa, rng, dtype, layout, shape, G):
     from 0. Groups here: 1000 + N(0, 20^2) with -1, 0 and 1 at those three places (plain float32 sums of them
     lose a few bfloat16 ulps of the variance: only the second look gets it right); N(0, 1); tiny values
     (bfloat16: ~1e-38, subnormals among them, which vdpbf16ps takes as 0; float16: ~1e-6); 3 + N(0, 0.1^2),
-    whose samples keep their median as the shift. eps = 0, so every group's outputs are of order 1; 70000 values a group are summed in chunks."""
+    whose samples keep their median as the shift. eps = 0, so every group's outputs are of order 1; 70000 values a
+    group are summed in chunks."""
     N, C = shape[:2]
     L = C // G * int(np.prod(shape[2:]))
     tiny = 1e-6 if dtype == np.float16 else 1e-38

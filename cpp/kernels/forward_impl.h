@@ -324,9 +324,10 @@ ShiftedSums strided_shifted_sums(const S* x, int64_t n, int64_t stride, int64_t 
 // micro-benchmark from L1, a vector's shifted sums took 0.82 ns in float16, plain 0.54 ns, bfloat16 by vdpbf16ps
 // 0.19 ns; whole forwards, bench/NOTES.md (twenty-fourth session). A shift of 0 is judged as any other
 // (needs_refine): where the mean lies more than two standard deviations from it, or the sums left float's range
-// (vdpbf16ps's DAZ/FTZ included), the group is summed again the exact way, around its mean. So that such groups rarely pay for two looks, 0 is the shift only where the
-// group's three samples (run_median3's) straddle it or lie nearer to it than their range is wide
-// (plain_first_look); elsewhere their median is, as for float32 and float64, whose forward is bound by memory.
+// (vdpbf16ps's DAZ/FTZ included), the group is summed again the exact way, around its mean. So that such groups
+// rarely pay for two looks, 0 is the shift only where the group's three samples (run_median3's) straddle it or lie
+// nearer to it than their range is wide (plain_first_look); elsewhere their median is, as for float32 and float64,
+// whose forward is bound by memory.
 template <class S>
 constexpr bool kPlainSums = std::is_same<S, Half>::value || std::is_same<S, BFloat16>::value;
 
@@ -1159,8 +1160,7 @@ void column_apply(const S* x, S* y, int64_t C, int64_t c, int64_t count, int64_t
         for (int i = 0; i < K; i += 2) pair(i);
       }
     } else if (kTail) {
-      const V v = V::load_tail(xr, count, T(0)) - mean_hi[0];
-      V::store_tail(yr, activate<V, kSilu>(fma(v, scale[0], shift[0])), count);
+      V::store_tail(yr, value(V::load_tail(xr, count, T(0)), 0), count);
     } else {
       apply_row_vectors<V, kStream>(yr, K, backwards, [&](int64_t i) { return value(V::load(xr + i * W), int(i)); });
     }
@@ -1258,26 +1258,28 @@ void rows_apply(const Problem& p, const S* x, S* y, int64_t r0, int64_t r1, cons
     const int64_t a = c0 + lead;
     const int64_t tiles = (c1 - a) / (K * W), rest_at = a + tiles * K * W;
     const int64_t rest = (c1 - rest_at) / W, tail_at = rest_at + rest * W;
+    // From coefficient 0 (every span but a chunk's first row's piece), pairs go split (split_order from 0), their
+    // coefficients from split_at.
+    const bool from_zero = HasSplit<V, S>::value && k0 + a - c0 == 0;
+    auto split_at = [&](int64_t c) {
+      return ColumnCoeffs<T>{b.split_mean_hi + c - a, b.split_scale + c - a, b.split_bias + c - a};
+    };
     auto first = [&] {
       if (lead > 0) column_apply<V, 1, true, kSilu, false>(xs, ys, C, c0, lead, rb, re, at(c0), backwards);
     };
     auto tile = [&] {
       if constexpr (kRowMajor) {  // every whole vector, the rest tile's included
-        // From coefficient 0 (every span but a chunk's first row's piece), pairs go split (split_order from 0).
-        const ColumnCoeffs<T> split{b.split_mean_hi, b.split_scale, b.split_bias};
-        const bool from_zero = HasSplit<V, S>::value && k0 + a - c0 == 0;
+        const ColumnCoeffs<T> split = split_at(a);
         if (tail_at > a)
           row_major_apply<V, kSilu, kStream, kInputNaNs>(xs, ys, C, a, (tail_at - a) / W, rb, re, at(a),
                                                          from_zero ? &split : nullptr, backwards);
       } else {
-        // From coefficient 0, as above: pairs go split.
-        const bool from_zero = HasSplit<V, S>::value && k0 + a - c0 == 0;
         for (int64_t i = 0; i < tiles; ++i) {
           const int64_t c = a + (backwards ? tiles - 1 - i : i) * K * W;
           if constexpr (HasSplit<V, S>::value) {
             if (from_zero) {
-              const ColumnCoeffs<T> split{b.split_mean_hi + c - a, b.split_scale + c - a, b.split_bias + c - a};
-              column_apply<V, K, false, kSilu, kStream, true, kInputNaNs>(xs, ys, C, c, C, rb, re, split, backwards);
+              column_apply<V, K, false, kSilu, kStream, true, kInputNaNs>(xs, ys, C, c, C, rb, re, split_at(c),
+                                                                          backwards);
               continue;
             }
           }
