@@ -469,31 +469,33 @@ inline void store_two(S* p, const V& a, const V& b) {
 // (a channels-first run): V::load_split where V has one for S (bfloat16 on AVX2 and AVX-512: the values split by
 // parity, with no widening shuffle), else p[0, W) to a and p[W, 2W) to b. store_split puts them back in that order.
 template <class V, class S>
-auto load_split_of(const S* p, V& a, V& b, int) -> decltype(V::load_split(p, a, b)) {
+__attribute__((always_inline)) inline auto load_split_of(const S* p, V& a, V& b, int)
+    -> decltype(V::load_split(p, a, b)) {
   V::load_split(p, a, b);
 }
 template <class V, class S>
-void load_split_of(const S* p, V& a, V& b, long) {
+__attribute__((always_inline)) inline void load_split_of(const S* p, V& a, V& b, long) {
   a = V::load(p);
   b = V::load(p + V::kWidth);
 }
 template <class V, class S>
-void load_split(const S* p, V& a, V& b) {
+__attribute__((always_inline)) inline void load_split(const S* p, V& a, V& b) {
   load_split_of<V>(p, a, b, 0);
 }
 template <class V, bool kStream, bool kInputNaNs, class S>
-auto store_split_of(S* p, V a, V b, int) -> decltype(V::template store_split<kInputNaNs>(p, a, b)) {
+__attribute__((always_inline)) inline auto store_split_of(S* p, V a, V b, int)
+    -> decltype(V::template store_split<kInputNaNs>(p, a, b)) {
   if (kStream)
     V::template store_split_stream<kInputNaNs>(p, a, b);
   else
     V::template store_split<kInputNaNs>(p, a, b);
 }
 template <class V, bool kStream, bool kInputNaNs, class S>
-void store_split_of(S* p, V a, V b, long) {
+__attribute__((always_inline)) inline void store_split_of(S* p, V a, V b, long) {
   store_two<V, kStream, kInputNaNs>(p, a, b);
 }
 template <class V, bool kStream, bool kInputNaNs = true, class S>
-void store_split(S* p, V a, V b) {
+__attribute__((always_inline)) inline void store_split(S* p, V a, V b) {
   store_split_of<V, kStream, kInputNaNs>(p, a, b, 0);
 }
 

@@ -60,7 +60,7 @@ struct VecF32 {
   // parameters are finite), so any NaN is one arithmetic made, the default quiet NaN with a zero low half, which the
   // add leaves a quiet NaN: the test and blend go (a tenth of a bfloat16 apply on a Zen 3).
   template <bool kInputNaNs = true>
-  static __m256i bf16_rounded(VecF32 a) {
+  __attribute__((always_inline)) static __m256i bf16_rounded(VecF32 a) {
     const __m256i u = _mm256_castps_si256(a.v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
@@ -85,7 +85,7 @@ struct VecF32 {
   // and one shift or mask a vector, where load() zero-extends and shifts; store_split puts the lanes back with no
   // pack or permute. For lane-wise work with one coefficient for every lane (a channels-first run): the
   // [1,320,64,64] bfloat16 forward at 0.7x the time of load() and store_pair() on a Zen 3.
-  static void load_split(const BFloat16* p, VecF32& even, VecF32& odd) {
+  __attribute__((always_inline)) static void load_split(const BFloat16* p, VecF32& even, VecF32& odd) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     even.v = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
     odd.v = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))));
@@ -93,17 +93,17 @@ struct VecF32 {
   // even's bfloat16 shifted into the low halves, odd's left in the high halves, one 16-bit blend joining them (it
   // replaced a mask and an or: the [1,320,64,64] bfloat16 forward 4% faster on a Zen 3).
   template <bool kInputNaNs = true>
-  static __m256i split_bits(VecF32 even, VecF32 odd) {
+  __attribute__((always_inline)) static __m256i split_bits(VecF32 even, VecF32 odd) {
     return _mm256_blend_epi16(_mm256_srli_epi32(bf16_rounded<kInputNaNs>(even), 16), bf16_rounded<kInputNaNs>(odd),
                               0xAA);
   }
   template <bool kInputNaNs = true>
-  static void store_split(BFloat16* p, VecF32 even, VecF32 odd) {
+  __attribute__((always_inline)) static void store_split(BFloat16* p, VecF32 even, VecF32 odd) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), split_bits<kInputNaNs>(even, odd));
   }
   // Non-temporal, to a 16-byte aligned p (two 128-bit stores, as store_stream's alignment).
   template <bool kInputNaNs = true>
-  static void store_split_stream(BFloat16* p, VecF32 even, VecF32 odd) {
+  __attribute__((always_inline)) static void store_split_stream(BFloat16* p, VecF32 even, VecF32 odd) {
     const __m256i bits = split_bits<kInputNaNs>(even, odd);
     _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(bits));
     _mm_stream_si128(reinterpret_cast<__m128i*>(p + kWidth), _mm256_extracti128_si256(bits, 1));

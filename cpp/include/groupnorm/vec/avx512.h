@@ -84,7 +84,7 @@ struct VecF32 {
   // shift or mask a vector, where load() zero-extends (a lane-crossing shuffle) and shifts. store_split puts the
   // lanes back (split_bits): with integer rounding and one 16-bit blend, or on the avx512_bf16 level by
   // vcvtne2ps2bf16 and one word permute.
-  static void load_split(const BFloat16* p, VecF32& even, VecF32& odd) {
+  __attribute__((always_inline)) static void load_split(const BFloat16* p, VecF32& even, VecF32& odd) {
     const __m512i v = _mm512_loadu_si512(p);
     even.v = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
     odd.v = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u))));
@@ -93,7 +93,7 @@ struct VecF32 {
   // the kept part's lowest bit. A NaN keeps its sign and top payload bits and is made quiet. kInputNaNs false (vec/
   // avx2.h): no value carries the input's NaNs, and the default quiet NaN that arithmetic makes stays one.
   template <bool kInputNaNs = true>
-  static __m512i bf16_rounded(VecF32 a) {
+  __attribute__((always_inline)) static __m512i bf16_rounded(VecF32 a) {
     const __m512i u = _mm512_castps_si512(a.v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
@@ -102,7 +102,7 @@ struct VecF32 {
     return _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x400000));
   }
   template <bool kInputNaNs = true>
-  static __m512i split_bits_rounded(VecF32 even, VecF32 odd) {
+  __attribute__((always_inline)) static __m512i split_bits_rounded(VecF32 even, VecF32 odd) {
     return _mm512_mask_blend_epi16(__mmask32(0xAAAAAAAAu), _mm512_srli_epi32(bf16_rounded<kInputNaNs>(even), 16),
                                    bf16_rounded<kInputNaNs>(odd));
   }
@@ -112,7 +112,7 @@ struct VecF32 {
   // forward 0.86-0.88x the time, backward 0.92x; bench/NOTES.md). Its NaNs are bf16_rounded<true>'s; a subnormal
   // lane in either vector (rare) sends both the integer way.
   template <bool kInputNaNs = true>
-  static __m512i split_bits(VecF32 even, VecF32 odd) {
+  __attribute__((always_inline)) static __m512i split_bits(VecF32 even, VecF32 odd) {
     if (!_kortestz_mask16_u8(_mm512_fpclass_ps_mask(even.v, 0x20), _mm512_fpclass_ps_mask(odd.v, 0x20)))
       return split_bits_rounded<kInputNaNs>(even, odd);
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
@@ -121,17 +121,17 @@ struct VecF32 {
   }
 #else
   template <bool kInputNaNs = true>
-  static __m512i split_bits(VecF32 even, VecF32 odd) {
+  __attribute__((always_inline)) static __m512i split_bits(VecF32 even, VecF32 odd) {
     return split_bits_rounded<kInputNaNs>(even, odd);
   }
 #endif
   template <bool kInputNaNs = true>
-  static void store_split(BFloat16* p, VecF32 even, VecF32 odd) {
+  __attribute__((always_inline)) static void store_split(BFloat16* p, VecF32 even, VecF32 odd) {
     _mm512_storeu_si512(p, split_bits<kInputNaNs>(even, odd));
   }
   // Non-temporal, to a 32-byte aligned p (two 256-bit stores, as store_stream's alignment).
   template <bool kInputNaNs = true>
-  static void store_split_stream(BFloat16* p, VecF32 even, VecF32 odd) {
+  __attribute__((always_inline)) static void store_split_stream(BFloat16* p, VecF32 even, VecF32 odd) {
     const __m512i bits = split_bits<kInputNaNs>(even, odd);
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(bits));
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p + kWidth), _mm512_extracti64x4_epi64(bits, 1));
