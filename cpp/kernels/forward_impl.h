@@ -431,23 +431,27 @@ __attribute__((always_inline)) inline V activate(V y) {
 // Stores a to p[0, W) and b to p[W, 2W): V::store_pair where V has one for S (bfloat16 on x86: one narrowing, or
 // one pack, for both), else two stores. The int / long argument makes the first overload win where it exists.
 // kInputNaNs false: no value carries a NaN from the input (vec/avx2.h, bf16_rounded; values_clean says when).
+// These wrappers, and the vec headers' pair and split members under them, are always inlined: left to itself GCC
+// put VecF32::store_split out of line in one of apply_pairs' two loops once split_bits had its subnormal branch, a
+// call per vector pair with the coefficients spilled around it (bfloat16 NCHW forward at 1.8x the time).
 template <class V, bool kInputNaNs, class S>
-auto store_pair_of(S* p, V a, V b, int) -> decltype(V::template store_pair<kInputNaNs>(p, a, b)) {
+__attribute__((always_inline)) inline auto store_pair_of(S* p, V a, V b, int)
+    -> decltype(V::template store_pair<kInputNaNs>(p, a, b)) {
   V::template store_pair<kInputNaNs>(p, a, b);
 }
 template <class V, bool kInputNaNs, class S>
-void store_pair_of(S* p, V a, V b, long) {
+__attribute__((always_inline)) inline void store_pair_of(S* p, V a, V b, long) {
   V::store(p, a);
   V::store(p + V::kWidth, b);
 }
 template <class V, bool kInputNaNs = true, class S>
-void store_pair(S* p, V a, V b) {
+__attribute__((always_inline)) inline void store_pair(S* p, V a, V b) {
   store_pair_of<V, kInputNaNs>(p, a, b, 0);
 }
 
 // v to p[0, W): non-temporal with kStream.
 template <class V, bool kStream, class S>
-inline void store_vector(S* p, const V& v) {
+__attribute__((always_inline)) inline void store_vector(S* p, const V& v) {
   if (kStream)
     V::store_stream(p, v);
   else
@@ -456,7 +460,7 @@ inline void store_vector(S* p, const V& v) {
 
 // a to p[0, W) and b to p[W, 2W): non-temporal with kStream, else as one pair (store_pair).
 template <class V, bool kStream, bool kInputNaNs = true, class S>
-inline void store_two(S* p, const V& a, const V& b) {
+__attribute__((always_inline)) inline void store_two(S* p, const V& a, const V& b) {
   if (kStream) {
     V::store_stream(p, a);
     V::store_stream(p + V::kWidth, b);

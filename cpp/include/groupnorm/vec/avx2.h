@@ -76,7 +76,7 @@ struct VecF32 {
   }
   // Two vectors to p[0, 2W): one pack and one lane permute for both, where narrow() packs each alone.
   template <bool kInputNaNs = true>
-  static void store_pair(BFloat16* p, VecF32 a, VecF32 b) {
+  __attribute__((always_inline)) static void store_pair(BFloat16* p, VecF32 a, VecF32 b) {
     // 64-bit quarters: a0-3 b0-3 a4-7 b4-7
     const __m256i packed = _mm256_packus_epi32(bf16_lanes<kInputNaNs>(a), bf16_lanes<kInputNaNs>(b));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));

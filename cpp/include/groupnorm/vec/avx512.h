@@ -58,7 +58,7 @@ struct VecF32 {
   // Two vectors to p[0, 2W) with one vcvtne2ps2bf16 and one subnormal test for both: a sixth less time than two
   // store()s in an L1-resident apply. Two 256-bit stores, so that a pair 32 bytes off a line splits none.
   template <bool = true>  // kInputNaNs (vec/avx2.h): no cheaper path here
-  static void store_pair(BFloat16* p, VecF32 a, VecF32 b) {
+  __attribute__((always_inline)) static void store_pair(BFloat16* p, VecF32 a, VecF32 b) {
     if (!_kortestz_mask16_u8(_mm512_fpclass_ps_mask(a.v, 0x20), _mm512_fpclass_ps_mask(b.v, 0x20))) {
       store(p, a);
       store(p + kWidth, b);
@@ -72,7 +72,7 @@ struct VecF32 {
   static __m256i narrow(VecF32 a, const BFloat16* p) { return narrow_bf16_bits(a, p); }
   // Two vectors to p[0, 2W): one pack and one quarter permute for both, where narrow() packs each alone.
   template <bool = true>  // kInputNaNs (vec/avx2.h): no cheaper path here
-  static void store_pair(BFloat16* p, VecF32 a, VecF32 b) {
+  __attribute__((always_inline)) static void store_pair(BFloat16* p, VecF32 a, VecF32 b) {
     const __m512i packed = _mm512_packus_epi32(bf16_lanes(a), bf16_lanes(b));  // per 128 bits: a 4, b 4, a 4, b 4
     const __m512i bits = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), packed);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(bits));
