@@ -135,21 +135,23 @@ def test_prebuilt_core_only_a_fresh_release_wheel_build_of_this_tree(tmp_path, m
     assert prebuilt_core(tree) is None
 
 
-# Out-of-line copies the release build may keep: a tail runs once a run.
-INLINE_EXEMPT = {"load_tail", "store_tail"}
-# The vec headers' members, and forward_impl.h's wrappers over their pair and split loads and stores, as the function
-# an `nm -C` line names: the name, its template arguments (no parentheses in them), then its parameter list.
-VECTOR_HELPER = re.compile(r" (groupnorm::\w+::(?:Vec\w+::(\w+)|"
-                           r"(load_split|store_split|store_pair|store_two|store_vector))(?:<[^()]*>)?)\(")
+# The per-vector helpers of the vec headers (loads, stores, 16-bit widening and narrowing, and the pair and split forms
+# that load or store two vectors at once), and forward_impl.h's wrappers over them, as the function an `nm -C` line
+# names: the name, its template arguments (no parentheses in them), then its parameter list. The tails, which run
+# once a run, and the headers' loops (the bfloat16 dot products) may keep bodies of their own.
+PER_VECTOR = ("load|store|store_stream|widen|narrow|narrow_bf16_bits|bf16_lanes|bf16_rounded|load_split|store_split|"
+              "store_split_stream|split_bits|split_bits_rounded|store_pair")
+VECTOR_HELPER = re.compile(rf" (groupnorm::\w+::(?:Vec\w+::(?:{PER_VECTOR})|"
+                           r"(?:load_split|store_split|store_pair|store_two|store_vector))(?:<[^()]*>)?)\(")
 
 
 def out_of_line_vector_helpers(nm_output: str) -> list:
-    """The demangled names (`nm -C` lines) of vector helpers that have a body of their own, bar INLINE_EXEMPT."""
+    """The demangled names (`nm -C` lines) of per-vector helpers that have a body of their own."""
     found = []
     for line in nm_output.splitlines():
         parts = line.split(" ", 2)
         match = VECTOR_HELPER.search(line) if len(parts) == 3 and parts[1] in ("t", "T", "w", "W") else None
-        if match and (match.group(2) or match.group(3)) not in INLINE_EXEMPT:
+        if match:
             found.append(match.group(1))
     return found
 
@@ -162,10 +164,15 @@ def test_out_of_line_vector_helpers_found():
           "0000000000003000 W void groupnorm::avx2::VecF32::store_tail<groupnorm::BFloat16>(groupnorm::BFloat16*, "
           "groupnorm::avx2::VecF32, long)\n"
           "0000000000004000 W void groupnorm::avx512::column_apply<groupnorm::avx512::VecF32, 4>(float const*)\n"
+          "0000000000005000 W void groupnorm::avx512_bf16::VecF32::store_stream<groupnorm::BFloat16>(groupnorm::"
+          "BFloat16*, groupnorm::avx512_bf16::VecF32)\n"
+          "0000000000006000 W void groupnorm::avx512_bf16::VecF32::dot_pair_sums_bf16(groupnorm::BFloat16 const*, "
+          "long)\n"
           "                 U memcpy\n")
     assert out_of_line_vector_helpers(nm) == [
         "groupnorm::avx512_bf16::store_split<groupnorm::avx512_bf16::VecF32, false, false, groupnorm::BFloat16>",
-        "groupnorm::avx512_bf16::VecF32::split_bits<true>"]
+        "groupnorm::avx512_bf16::VecF32::split_bits<true>",
+        "groupnorm::avx512_bf16::VecF32::store_stream<groupnorm::BFloat16>"]
 
 
 def test_vector_helpers_inlined(tmp_path_factory):

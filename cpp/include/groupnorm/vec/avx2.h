@@ -45,12 +45,14 @@ struct VecF32 {
   }
 
   // 16-bit storage: W values are one 128-bit register; streamed stores need 16-byte alignment.
-  static VecF32 widen(__m128i bits, const Half*) { return {_mm256_cvtph_ps(bits)}; }
-  static VecF32 widen(__m128i bits, const BFloat16*) {
+  __attribute__((always_inline)) static VecF32 widen(__m128i bits, const Half*) { return {_mm256_cvtph_ps(bits)}; }
+  __attribute__((always_inline)) static VecF32 widen(__m128i bits, const BFloat16*) {
     return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16))};
   }
-  static __m128i narrow(VecF32 a, const Half*) { return _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT); }
-  static __m128i narrow(VecF32 a, const BFloat16*) {
+  __attribute__((always_inline)) static __m128i narrow(VecF32 a, const Half*) {
+    return _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT);
+  }
+  __attribute__((always_inline)) static __m128i narrow(VecF32 a, const BFloat16*) {
     const __m256i bits = bf16_lanes(a);
     return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
   }
@@ -71,7 +73,7 @@ struct VecF32 {
   }
   // The same, each bfloat16 in the low half of its lane (the high half zero).
   template <bool kInputNaNs = true>
-  static __m256i bf16_lanes(VecF32 a) {
+  __attribute__((always_inline)) static __m256i bf16_lanes(VecF32 a) {
     return _mm256_srli_epi32(bf16_rounded<kInputNaNs>(a), 16);
   }
   // Two vectors to p[0, 2W): one pack and one lane permute for both, where narrow() packs each alone.
@@ -109,15 +111,15 @@ struct VecF32 {
     _mm_stream_si128(reinterpret_cast<__m128i*>(p + kWidth), _mm256_extracti128_si256(bits, 1));
   }
   template <class H>
-  static VecF32 load(const H* p) {
+  __attribute__((always_inline)) static VecF32 load(const H* p) {
     return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), p);
   }
   template <class H>
-  static void store(H* p, VecF32 a) {
+  __attribute__((always_inline)) static void store(H* p, VecF32 a) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow(a, p));
   }
   template <class H>
-  static void store_stream(H* p, VecF32 a) {
+  __attribute__((always_inline)) static void store_stream(H* p, VecF32 a) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(p), narrow(a, p));
   }
   template <class H>

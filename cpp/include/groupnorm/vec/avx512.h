@@ -40,17 +40,17 @@ struct VecF32 {
   static void store_tail(float* p, VecF32 a, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), a.v); }
 
   // 16-bit storage: W values are one 256-bit half register; streamed stores need 32-byte alignment.
-  static VecF32 widen(__m256i bits, const Half*) { return {_mm512_cvtph_ps(bits)}; }
-  static VecF32 widen(__m256i bits, const BFloat16*) {
+  __attribute__((always_inline)) static VecF32 widen(__m256i bits, const Half*) { return {_mm512_cvtph_ps(bits)}; }
+  __attribute__((always_inline)) static VecF32 widen(__m256i bits, const BFloat16*) {
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))};
   }
-  static __m256i narrow(VecF32 a, const Half*) {
+  __attribute__((always_inline)) static __m256i narrow(VecF32 a, const Half*) {
     return _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
 #ifdef __AVX512BF16__
   // vcvtneps2bf16 rounds to nearest even and quiets NaNs as narrow_bf16_bits does, but takes a subnormal float as
   // zero: such lanes (rare: results below 2^-126) take the integer rounding.
-  static __m256i narrow(VecF32 a, const BFloat16* p) {
+  __attribute__((always_inline)) static __m256i narrow(VecF32 a, const BFloat16* p) {
     const __m256i bits = __m256i(_mm512_cvtneps_pbh(a.v));
     const __mmask16 subnormal = _mm512_fpclass_ps_mask(a.v, 0x20);
     return subnormal ? _mm256_mask_blend_epi16(subnormal, bits, narrow_bf16_bits(a, p)) : bits;
@@ -69,7 +69,7 @@ struct VecF32 {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + kWidth), _mm512_extracti64x4_epi64(bits, 1));
   }
 #else
-  static __m256i narrow(VecF32 a, const BFloat16* p) { return narrow_bf16_bits(a, p); }
+  __attribute__((always_inline)) static __m256i narrow(VecF32 a, const BFloat16* p) { return narrow_bf16_bits(a, p); }
   // Two vectors to p[0, 2W): one pack and one quarter permute for both, where narrow() packs each alone.
   template <bool = true>  // kInputNaNs (vec/avx2.h): no cheaper path here
   __attribute__((always_inline)) static void store_pair(BFloat16* p, VecF32 a, VecF32 b) {
@@ -79,7 +79,9 @@ struct VecF32 {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + kWidth), _mm512_extracti64x4_epi64(bits, 1));
   }
 #endif
-  static __m256i narrow_bf16_bits(VecF32 a, const BFloat16*) { return _mm512_cvtepi32_epi16(bf16_lanes(a)); }
+  __attribute__((always_inline)) static __m256i narrow_bf16_bits(VecF32 a, const BFloat16*) {
+    return _mm512_cvtepi32_epi16(bf16_lanes(a));
+  }
   // p[0, 2W) split by parity, as vec/avx2.h's: `even` gets p[0], p[2], ..., `odd` p[1], p[3], ...; one load and one
   // shift or mask a vector, where load() zero-extends (a lane-crossing shuffle) and shifts. store_split puts the
   // lanes back (split_bits): with integer rounding and one 16-bit blend, or on the avx512_bf16 level by
@@ -137,17 +139,17 @@ struct VecF32 {
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p + kWidth), _mm512_extracti64x4_epi64(bits, 1));
   }
   // bf16_rounded, each bfloat16 in the low half of its 32-bit lane (the high half zero).
-  static __m512i bf16_lanes(VecF32 a) { return _mm512_srli_epi32(bf16_rounded(a), 16); }
+  __attribute__((always_inline)) static __m512i bf16_lanes(VecF32 a) { return _mm512_srli_epi32(bf16_rounded(a), 16); }
   template <class H>
-  static VecF32 load(const H* p) {
+  __attribute__((always_inline)) static VecF32 load(const H* p) {
     return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), p);
   }
   template <class H>
-  static void store(H* p, VecF32 a) {
+  __attribute__((always_inline)) static void store(H* p, VecF32 a) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(a, p));
   }
   template <class H>
-  static void store_stream(H* p, VecF32 a) {
+  __attribute__((always_inline)) static void store_stream(H* p, VecF32 a) {
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow(a, p));
   }
   template <class H>
