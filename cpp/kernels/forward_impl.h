@@ -431,9 +431,10 @@ __attribute__((always_inline)) inline V activate(V y) {
 // Stores a to p[0, W) and b to p[W, 2W): V::store_pair where V has one for S (bfloat16 on x86: one narrowing, or
 // one pack, for both), else two stores. The int / long argument makes the first overload win where it exists.
 // kInputNaNs false: no value carries a NaN from the input (vec/avx2.h, bf16_rounded; values_clean says when).
-// These wrappers, and the vec headers' pair and split members under them, are always inlined: left to itself GCC
-// put VecF32::store_split out of line in one of apply_pairs' two loops once split_bits had its subnormal branch, a
-// call per vector pair with the coefficients spilled around it (bfloat16 NCHW forward at 1.8x the time).
+// These wrappers (and load_split's below), like the vec headers' per-vector members under them, are always inlined:
+// left to itself GCC put VecF32::store_split out of line in one of apply_pairs' two loops once split_bits had its
+// subnormal branch, a call per vector pair with the coefficients spilled around it (bfloat16 NCHW forward at 1.8x
+// the time). tests/test_cpp_kernels.py, test_vector_helpers_inlined, checks the release build's symbols for it.
 template <class V, bool kInputNaNs, class S>
 __attribute__((always_inline)) inline auto store_pair_of(S* p, V a, V b, int)
     -> decltype(V::template store_pair<kInputNaNs>(p, a, b)) {
