@@ -173,26 +173,6 @@ Isa current_isa() {
   return Isa(isa);
 }
 
-// Size of the last-level cache that CPU 0 sees, read once from sysfs (sysconf can report a whole
-// package's L3 inside a VM, ten times what one core reaches); 32 MiB where the system does not say.
-int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-    int64_t size = 0;
-    for (int index = 3; index >= 2 && size <= 0; --index) {
-      char path[64];
-      std::snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
-      if (std::FILE* f = std::fopen(path, "r")) {
-        long value = 0;
-        char unit = 0;
-        if (std::fscanf(f, "%ld%c", &value, &unit) >= 1)
-          size = int64_t(value) * (unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1);
-        std::fclose(f);
-      }
-    }
-    return size > 0 ? size : int64_t(32) << 20;
-  }();
-  return bytes;
-}
 
 // Largest element count a descriptor may describe: every size the kernels derive from it (at most 24 bytes
 // an element, a count of groups or of channels) then fits in int64_t and size_t.
@@ -215,6 +195,27 @@ bool valid(const Problem& p) {
 }
 
 }  // namespace
+
+// Size of the last-level cache that CPU 0 sees (kernel_table.h), read once from sysfs (sysconf can report a whole
+// package's L3 inside a VM, ten times what one core reaches); 32 MiB where the system does not say.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t size = 0;
+    for (int index = 3; index >= 2 && size <= 0; --index) {
+      char path[64];
+      std::snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
+      if (std::FILE* f = std::fopen(path, "r")) {
+        long value = 0;
+        char unit = 0;
+        if (std::fscanf(f, "%ld%c", &value, &unit) >= 1)
+          size = int64_t(value) * (unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1);
+        std::fclose(f);
+      }
+    }
+    return size > 0 ? size : int64_t(32) << 20;
+  }();
+  return bytes;
+}
 
 const char* isa_name(Isa isa) {
   switch (isa) {

@@ -29,6 +29,10 @@ struct KernelTable {
                           float* dbias);
 };
 
+// Bytes of the last-level cache one core reaches (dispatch.cpp; 32 MiB where the system does not say): the
+// forward's default stream threshold, and the backward's test of whether its passes share cached data.
+int64_t last_level_cache_bytes();
+
 namespace scalar { const KernelTable* kernel_table(); }
 namespace avx2 { const KernelTable* kernel_table(); }
 namespace avx512 { const KernelTable* kernel_table(); }
