@@ -4,7 +4,8 @@ Steps: a virtual environment (build-bench/venv, created or reused) with the opti
 from this working tree (``pip install --no-build-isolation .``, so that groupnorm.jax's custom calls are built and
 measured); the C++ groupnorm_bench built with CMake into build-bench; then every
 benchmark in turn, each writing JSON, markdown and a log under build-bench/results: bench_forward.py in float32
-and in float16/bfloat16, bench_training.py (alone and with ``--activation silu``), bench_compile.py,
+and in float16/bfloat16, bench_training.py (float32, float16 and bfloat16, and float32 with ``--activation silu``),
+bench_compile.py,
 ``python -m groupnorm.bench`` (every peer, with the plot
 bench/peers.png) and groupnorm_bench on every ISA level; last, RESULTS.md from their outputs: a header (machine,
 threads, load, date, commit, this command), every target's PASS/FAIL line, then one section per benchmark with
@@ -39,8 +40,8 @@ COMMAND_VARIABLE, STARTED_VARIABLE = "GROUPNORM_REGENERATE_COMMAND", "GROUPNORM_
 # Interleaved rounds per benchmark (repetitions for groupnorm_bench): the whole command took 11 minutes on the
 # 2-core development machine with the venv and the C++ build reused (about 2 more to create them); most of it
 # is calibration and JAX compilation, not rounds. --quick takes seconds per step instead.
-ROUNDS = {"forward": 25, "half": 25, "training": 15, "training-silu": 15, "compile": 15, "peers": 15,
-          "cpp_reps": 11}
+ROUNDS = {"forward": 25, "half": 25, "training": 15, "training-half": 15, "training-silu": 15, "compile": 15,
+          "peers": 15, "cpp_reps": 11}
 QUICK_CASES = "16x32-g4,1x64x32x32-g8"  # --quick: two small cases, one of them in both layouts
 NOISY_LOAD = 0.5  # a 1-minute load average above this during the run is called out in the header
 
@@ -106,7 +107,7 @@ def demoted(markdown: str) -> str:
 
 def python_benchmark(run, script: str, name: str, options: list) -> str:
     """bench/<script> with options, --json and --markdown into the results folder; its markdown, demoted."""
-    needs("torch", *(["ml_dtypes"] if "half" in options else []))
+    needs("torch", *(["ml_dtypes"] if "half" in options or "bfloat16" in options else []))
     markdown = run.results / f"{name}.md"
     command = [sys.executable, shown(BENCH_DIR / script), "--threads", str(run.threads), *options,
                "--json", shown(run.results / f"{name}.json"), "--markdown", shown(markdown)]
@@ -124,6 +125,12 @@ def step_half(run) -> str:
 
 def step_training(run) -> str:
     return python_benchmark(run, "bench_training.py", "training", run.benchmark_options("training"))
+
+
+def step_training_half(run, dtype: str) -> str:
+    """bench_training.py in float16 or bfloat16: issue 3's training targets on the 16-bit types too."""
+    return python_benchmark(run, "bench_training.py", f"training-{dtype}",
+                            ["--dtype", dtype] + run.benchmark_options("training-half"))
 
 
 def step_training_silu(run) -> str:
@@ -241,6 +248,10 @@ STEPS = [
     ("forward", "Forward, float32, against torch and the copy (bench/bench_forward.py)", step_forward),
     ("half", "Forward, float16 and bfloat16 (bench/bench_forward.py --dtype half)", step_half),
     ("training", "Training: forward+backward through groupnorm.torch (bench/bench_training.py)", step_training),
+    ("training-float16", "Training, float16 (bench/bench_training.py --dtype float16)",
+     functools.partial(step_training_half, dtype="float16")),
+    ("training-bfloat16", "Training, bfloat16 (bench/bench_training.py --dtype bfloat16)",
+     functools.partial(step_training_half, dtype="bfloat16")),
     ("training-silu", "Training, GroupNorm+SiLU: activation='silu' against torch's GroupNorm then SiLU "
                       "(bench/bench_training.py --activation silu)", step_training_silu),
     ("compile", "torch.compile: groupnorm.torch in compiled graphs against Inductor's group norm "
@@ -300,23 +311,25 @@ def versions() -> str:
 
 def target_lines(run) -> list:
     """Every target's PASS/FAIL/N/A line, as the benchmarks print them, from their JSON."""
-    if not run.done & {"forward", "half", "training"}:
+    judging = ("forward", "half", "training", "training-float16", "training-bfloat16")
+    if not run.done & set(judging):
         return ["- none: the benchmarks that judge targets (they need torch) did not run"]
     sys.path.insert(0, str(BENCH_DIR))
     import bench_forward
     import bench_training
 
     lines = []
-    for name in ("forward", "half", "training"):
+    for name in judging:
         if name not in run.done:
             continue
         data = json.loads((run.results / f"{name}.json").read_text(encoding="utf-8"))
-        if name == "training":
+        training = name.startswith("training")
+        if training:
             judged = [(data["header"]["dtype"], data["summary"], bench_training.TARGETS)]
         else:
             judged = [(dtype, summary, bench_forward.targets_of(dtype)) for dtype, summary in data["summaries"].items()]
         for dtype, summary, targets in judged:
-            script = "bench_training.py" if name == "training" else "bench_forward.py"
+            script = "bench_training.py" if training else "bench_forward.py"
             lines += [f"- {script}, {dtype}: {line}" for line in bench_forward.target_lines(summary, targets)]
     return lines
 

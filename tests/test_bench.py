@@ -331,16 +331,17 @@ def test_regenerate_quick(bench_exe, tmp_path):
     has_torch = importlib.util.find_spec("torch") is not None
     for name, heading, _step in regenerate.STEPS:
         body = sections[f"## {heading}"]
-        if name in ("forward", "half", "training", "training-silu", "compile") and not has_torch:
+        if name in ("forward", "half", "training", "training-float16", "training-bfloat16", "training-silu",
+                    "compile") and not has_torch:
             assert "Skipped: torch" in body
-        elif name == "peers-bfloat16" and importlib.util.find_spec("ml_dtypes") is None:
+        elif name in ("peers-bfloat16", "training-bfloat16") and importlib.util.find_spec("ml_dtypes") is None:
             assert "Skipped: ml_dtypes" in body
         else:
             assert "\n`" in body and "|---|" in body, body[:2000]  # its command, then its tables
     targets = sections["## Targets"]
     if has_torch:
         verdicts = [line for line in targets.splitlines() if line.startswith("- bench_")]
-        assert len(verdicts) == 4 + 2 + 2 + 4  # float32, float16, bfloat16 forward; training
+        assert len(verdicts) == 4 + 2 + 2 + 3 * 4  # float32, float16, bfloat16 forward; training in all three
         assert all(line.split(": ", 1)[1].split()[0] in ("PASS", "FAIL", "N/A") for line in verdicts)
     if importlib.util.find_spec("matplotlib") is not None:
         assert "](peers.png)" in text and (tmp_path / "out" / "peers.png").exists()
