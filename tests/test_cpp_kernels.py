@@ -2,6 +2,7 @@
 ISA level, both layouts, float and double, against a long double reference, with guard zones around the
 output."""
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from prebuilt_core import ROOT, prebuilt_core
+
+ARM64 = platform.machine().lower() in ("aarch64", "arm64")
 
 try:
     import fcntl
@@ -188,3 +191,54 @@ def test_vector_helpers_inlined(tmp_path_factory):
     listing = subprocess.run([nm, "-C", str(exe)], capture_output=True, text=True, check=True).stdout
     assert "groupnorm::" in listing, "the benchmark binary has no symbols to check"
     assert out_of_line_vector_helpers(listing) == []
+
+
+def _clang_cxx():
+    """A clang++ on PATH (plain, or with the version suffix Debian gives it), or None."""
+    names = ["clang++"] + [f"clang++-{v}" for v in range(30, 9, -1)]
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+def _host_include_dirs(clang) -> list:
+    """The host's #include <...> search list as clang prints it (libstdc++, clang's own headers, libc)."""
+    listing = subprocess.run([clang, "-xc++", "-E", "-v", os.devnull, "-o", os.devnull], capture_output=True,
+                             text=True).stderr.splitlines()
+    try:
+        begin = listing.index("#include <...> search starts here:") + 1
+        end = listing.index("End of search list.")
+    except ValueError:
+        return []
+    return [line.strip() for line in listing[begin:end]]
+
+
+@pytest.mark.parametrize("unit", ["neon", "scalar"])
+def test_aarch64_translation_units_compile(unit):
+    """The aarch64 build's kernel translation units (vec/neon.h under the shared templates, and the scalar level)
+    pass clang's front end for an aarch64 target: NEON code runs only on aarch64, so on x86 this is what catches a
+    template change that vec/neon.h does not follow. Without an aarch64 sysroot the host's C and C++ headers stand
+    in (the same LP64 types; __x86_64__ defined only so that glibc's x86 headers pick their 64-bit definitions:
+    these units test no architecture macro of their own), and every template the kernel table names is
+    instantiated, as in a real build."""
+    if ARM64:
+        pytest.skip("an aarch64 machine compiles these units in its own build")
+    clang = _clang_cxx()
+    if clang is None:
+        pytest.skip("clang++ is not available")
+    dirs = _host_include_dirs(clang)
+    if not dirs:
+        pytest.skip("clang++ printed no include search list")
+    source = ROOT / "cpp" / "kernels" / "isa" / f"{unit}.cpp"
+    if not source.exists():
+        pytest.skip("needs the source tree")
+    command = [clang, "--target=aarch64-linux-gnu", "-std=c++17", "-fsyntax-only", "-Werror", "-nostdinc",
+               "-nostdinc++", *[arg for d in dirs for arg in ("-isystem", d)], "-D__x86_64__",
+               "-I", str(ROOT / "cpp" / "include"), "-I", str(ROOT / "cpp"), str(source)]
+    probe = subprocess.run([clang, "--target=aarch64-linux-gnu", "-fsyntax-only", "-xc++", "-"], input="int x;\n",
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{clang} has no aarch64 target: {probe.stderr.strip()[:200]}")
+    with_openmp = subprocess.run(command + ["-fopenmp"], capture_output=True, text=True, timeout=300)
+    result = with_openmp
+    if with_openmp.returncode != 0 and "omp.h" in with_openmp.stderr:  # no OpenMP headers for clang here
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
