@@ -173,7 +173,6 @@ Isa current_isa() {
   return Isa(isa);
 }
 
-
 // Largest element count a descriptor may describe: every size the kernels derive from it (at most 24 bytes
 // an element, a count of groups or of channels) then fits in int64_t and size_t.
 constexpr int64_t kMaxElements = int64_t(1) << 57;

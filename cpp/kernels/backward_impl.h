@@ -729,14 +729,14 @@ Status backward_channels_last(const Problem& p, const S* dy, const S* x, const t
   // [1,320,16,16] channels-last took 0.81-0.96 of the time in float32 and bfloat16 on AVX-512 (AVX2: 0.95-1.0).
   // 16-bit data take 4 rows too where dy, x and dx of the whole call fit half the last-level cache: pass 2 then
   // reads from L3, and the four coefficient loads a vector (pair) bind it, not the memory. Back to back at 2 threads
-  // on AVX-512 (minima): bfloat16 [1,320,64,64] 0.78-0.90 of the time, float16 0.69-0.89, bfloat16
+  // on AVX-512 (minima): bfloat16 [1,320,64,64] 0.78-0.90 of the time, float16 0.69-0.94, bfloat16
   // [1,320,80,80] (12 MB) 0.79; past that, where pass 2 reads from DRAM, 1.0 at 17.7 MB and 1.35 at 31 MB.
   // float32 keeps one row from L3 (4 rows went 0.89-1.13x there, and up to 1.25x in earlier sessions), and so does
   // AVX2, whose 16 registers hold the four rows' coefficients and values with little room (1.04-1.09x in 16-bit).
   // Else one row at a time, in memory order: 2 read streams and 1 write stream where 4 rows are 8 and 4.
   const int64_t pending = whole_samples ? sample_len : ceil_div(units, nt) * chunk_rows * C;
-  const bool in_llc = sizeof(S) == 2 && V::kRegisters >= 32 && 3.0 * double(sizeof(S)) * double(p.N) * double(sample_len) <=
-                                            0.5 * double(last_level_cache_bytes());
+  const double call_bytes = 3.0 * double(sizeof(S)) * double(p.N) * double(sample_len);  // dy, x and dx
+  const bool in_llc = sizeof(S) == 2 && V::kRegisters >= 32 && call_bytes <= 0.5 * double(last_level_cache_bytes());
   const bool batched_rows = in_llc || 2 * pending * int64_t(sizeof(S)) <= kL2ResidentBytes;
 
   // b.mean_hi must hold sample unit / nchunks's means (and b.silu_* its SiLU coefficients: sample_silu).
