@@ -160,6 +160,11 @@ struct VecF32 {
     acc.hi = _mm256_add_pd(acc.hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a.v, 1)));
   }
   static double acc_sum(const Acc& acc) { return avx2::sum_lanes(_mm256_add_pd(acc.lo, acc.hi)); }
+  // The W lane sums to p[0, W), lane by lane.
+  __attribute__((always_inline)) static void acc_store(double* p, const Acc& acc) {
+    _mm256_storeu_pd(p, acc.lo);
+    _mm256_storeu_pd(p + 4, acc.hi);
+  }
   // The sum of the lanes, in float: for a short run, whose few terms the float sum holds well enough.
   static float sum_lanes(VecF32 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
@@ -234,6 +239,7 @@ struct VecF64 {
   static Acc acc_zero() { return {_mm256_setzero_pd()}; }
   static void acc_add(Acc& acc, VecF64 a) { acc.v = _mm256_add_pd(acc.v, a.v); }
   static double acc_sum(const Acc& acc) { return avx2::sum_lanes(acc.v); }
+  __attribute__((always_inline)) static void acc_store(double* p, const Acc& acc) { _mm256_storeu_pd(p, acc.v); }
   static double sum_lanes(VecF64 a) { return avx2::sum_lanes(a.v); }
   static VecF64 swap_lanes(VecF64 a, int stride) {  // stride 1 or 2
     return stride == 1 ? VecF64{_mm256_permute_pd(a.v, 0x5)} : VecF64{_mm256_permute2f128_pd(a.v, a.v, 0x01)};

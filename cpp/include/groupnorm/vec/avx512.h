@@ -184,6 +184,11 @@ struct VecF32 {
     acc.hi = _mm512_add_pd(acc.hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(a.v, 1)));
   }
   static double acc_sum(const Acc& acc) { return _mm512_reduce_add_pd(_mm512_add_pd(acc.lo, acc.hi)); }
+  // The W lane sums to p[0, W), lane by lane.
+  __attribute__((always_inline)) static void acc_store(double* p, const Acc& acc) {
+    _mm512_storeu_pd(p, acc.lo);
+    _mm512_storeu_pd(p + 8, acc.hi);
+  }
   // The sum of the lanes, in float: for a short run, whose few terms the float sum holds well enough.
   static float sum_lanes(VecF32 a) { return _mm512_reduce_add_ps(a.v); }
 #ifdef __AVX512BF16__
@@ -355,6 +360,7 @@ struct VecF64 {
   static Acc acc_zero() { return {_mm512_setzero_pd()}; }
   static void acc_add(Acc& acc, VecF64 a) { acc.v = _mm512_add_pd(acc.v, a.v); }
   static double acc_sum(const Acc& acc) { return _mm512_reduce_add_pd(acc.v); }
+  __attribute__((always_inline)) static void acc_store(double* p, const Acc& acc) { _mm512_storeu_pd(p, acc.v); }
   static double sum_lanes(VecF64 a) { return _mm512_reduce_add_pd(a.v); }
   static VecF64 swap_lanes(VecF64 a, int stride) {  // stride 1, 2 or 4
     switch (stride) {

@@ -96,6 +96,11 @@ struct VecF32 {
     acc.hi = vaddq_f64(acc.hi, vcvt_high_f64_f32(a.v));
   }
   static double acc_sum(const Acc& acc) { return vaddvq_f64(vaddq_f64(acc.lo, acc.hi)); }
+  // The W lane sums to p[0, W), lane by lane.
+  static void acc_store(double* p, const Acc& acc) {
+    vst1q_f64(p, acc.lo);
+    vst1q_f64(p + 2, acc.hi);
+  }
   // The sum of the lanes, in float: for a short run, whose few terms the float sum holds well enough.
   static float sum_lanes(VecF32 a) { return vaddvq_f32(a.v); }
   // Lane i of the result is lane i ^ stride of a (stride 1 or 2): a step of segment_sum's butterfly.
@@ -164,6 +169,7 @@ struct VecF64 {
   static Acc acc_zero() { return {vdupq_n_f64(0.0)}; }
   static void acc_add(Acc& acc, VecF64 a) { acc.v = vaddq_f64(acc.v, a.v); }
   static double acc_sum(const Acc& acc) { return vaddvq_f64(acc.v); }
+  static void acc_store(double* p, const Acc& acc) { vst1q_f64(p, acc.v); }
   static double sum_lanes(VecF64 a) { return vaddvq_f64(a.v); }
   static VecF64 swap_lanes(VecF64 a, int) { return {vextq_f64(a.v, a.v, 1)}; }  // stride 1
   static VecF64 segment_first(VecF64 a, int64_t len) { return len == 1 ? a : VecF64{vdupq_laneq_f64(a.v, 0)}; }

@@ -79,6 +79,7 @@ struct ScalarVec {
   static Acc acc_zero() { return {0.0}; }
   static void acc_add(Acc& acc, ScalarVec a) { acc.v += double(a.v); }
   static double acc_sum(const Acc& acc) { return acc.v; }
+  static void acc_store(double* p, const Acc& acc) { *p = acc.v; }  // the lane sum to p[0]
   static T sum_lanes(ScalarVec a) { return a.v; }
   // One lane: segment_sum never swaps (its runs are one lane), kept so the kernel templates compile unchanged.
   static ScalarVec swap_lanes(ScalarVec a, int) { return a; }
