@@ -824,39 +824,42 @@ template <class T>
 struct RowBuffers {
   int64_t padded;
   Scratch<double> block;
-  T *shift, *sum, *sq;           // per channel: shift K, short-run sums in T
-  double *sum_d, *sq_d;          // per channel: flushed sums in double
+  T* shift;                      // per channel: shift K
+  double *sum_d, *sq_d;          // per channel: sums in double
   T *mean_hi, *scale, *bias;     // per channel: apply coefficients of the current sample
   // The same in load_split's lane order (split_order), where V has load_split for S (sample_coeffs)
   T *split_mean_hi, *split_scale, *split_bias;
   bool clean = false;              // values_clean(the current sample's coefficients)
   const T* shifts_held = nullptr;  // the group shifts (one sample's) that `shift` holds per channel
-  explicit RowBuffers(int64_t c_padded) : padded(c_padded), block(11 * c_padded) {
+  explicit RowBuffers(int64_t c_padded) : padded(c_padded), block(9 * c_padded) {
     double* base = block.data;  // each array gets c_padded doubles of room, enough for any T
-    if (base) std::memset(base, 0, sizeof(double) * size_t(11 * c_padded));  // padding lanes stay 0
+    if (base) std::memset(base, 0, sizeof(double) * size_t(9 * c_padded));  // padding lanes stay 0
     shift = reinterpret_cast<T*>(base);
-    sum = reinterpret_cast<T*>(base + c_padded);
-    sq = reinterpret_cast<T*>(base + 2 * c_padded);
-    sum_d = base + 3 * c_padded;
-    sq_d = base + 4 * c_padded;
-    mean_hi = reinterpret_cast<T*>(base + 5 * c_padded);
-    scale = reinterpret_cast<T*>(base + 6 * c_padded);
-    bias = reinterpret_cast<T*>(base + 7 * c_padded);
-    split_mean_hi = reinterpret_cast<T*>(base + 8 * c_padded);
-    split_scale = reinterpret_cast<T*>(base + 9 * c_padded);
-    split_bias = reinterpret_cast<T*>(base + 10 * c_padded);
+    sum_d = base + c_padded;
+    sq_d = base + 2 * c_padded;
+    mean_hi = reinterpret_cast<T*>(base + 3 * c_padded);
+    scale = reinterpret_cast<T*>(base + 4 * c_padded);
+    bias = reinterpret_cast<T*>(base + 5 * c_padded);
+    split_mean_hi = reinterpret_cast<T*>(base + 6 * c_padded);
+    split_scale = reinterpret_cast<T*>(base + 7 * c_padded);
+    split_bias = reinterpret_cast<T*>(base + 8 * c_padded);
   }
   bool ok() const { return block.data != nullptr; }
 };
 
-// Shifted sums of K vectors of channels starting at c over rows [r0, r1), held in registers and stored to
-// b.sum / b.sq; with kTail, one vector of which only `count` channels exist (the rest read as 0 - 0).
+// Shifted sums of K vectors of channels starting at c over rows [r0, r1) into b.sum_d / b.sq_d (with kTail, one
+// vector of which only `count` channels exist, the rest read as 0 - 0, and only those written): runs of
+// kFlushIters rows in T in registers, each widened into lane-wise double accumulators (V::Acc), stored once. As
+// column_grad_sums (backward_impl.h): the same runs added in the same order as the flush through b's T arrays
+// that this replaced, so the sums are the same to the bit.
 template <class V, int K, bool kTail, class S>
 void column_sums(const S* sample, int64_t C, int64_t c, int64_t count, int64_t r0, int64_t r1,
                  RowBuffers<typename V::Scalar>& b) {
   using T = typename V::Scalar;
+  using Acc = typename V::Acc;
   constexpr int64_t W = V::kWidth;
-  V shift[K], sum[K], sq[K];
+  V shift[K];
+  Acc a_sum[K], a_sq[K];
   // The loops over K are unrolled by pragma: otherwise GCC first builds the arrays on the stack on every call
   // (rep stos, copies through xmm registers) and only then moves them to registers, a prologue that cost AVX2
   // channels-last forwards up to a quarter of their time (bench/NOTES.md, eleventh session). Likewise in
@@ -864,20 +867,41 @@ void column_sums(const S* sample, int64_t C, int64_t c, int64_t count, int64_t r
 #pragma GCC unroll 8
   for (int i = 0; i < K; ++i) {
     shift[i] = V::load(b.shift + c + i * W);
-    sum[i] = sq[i] = V::zero();
+    a_sum[i] = a_sq[i] = V::acc_zero();
   }
-  for (int64_t r = r0; r < r1; ++r) {
-    const S* row = sample + r * C + c;
+  for (int64_t rb = r0; rb < r1; rb += kFlushIters) {
+    const int64_t re = min_i64(r1, rb + kFlushIters);
+    V sum[K], sq[K];
+#pragma GCC unroll 8
+    for (int i = 0; i < K; ++i) sum[i] = sq[i] = V::zero();
+    for (int64_t r = rb; r < re; ++r) {
+      const S* row = sample + r * C + c;
+      for (int i = 0; i < K; ++i) {
+        const V d = (kTail ? V::load_tail(row, count, T(0)) : V::load(row + i * W)) - shift[i];
+        sum[i] = sum[i] + d;
+        sq[i] = fma(d, d, sq[i]);
+      }
+    }
+#pragma GCC unroll 8
     for (int i = 0; i < K; ++i) {
-      const V d = (kTail ? V::load_tail(row, count, T(0)) : V::load(row + i * W)) - shift[i];
-      sum[i] = sum[i] + d;
-      sq[i] = fma(d, d, sq[i]);
+      V::acc_add(a_sum[i], sum[i]);
+      V::acc_add(a_sq[i], sq[i]);
     }
   }
+  if (kTail) {
+    double lanes[2][W];
+    V::acc_store(lanes[0], a_sum[0]);
+    V::acc_store(lanes[1], a_sq[0]);
+    for (int64_t j = 0; j < count; ++j) {
+      b.sum_d[c + j] = lanes[0][j];
+      b.sq_d[c + j] = lanes[1][j];
+    }
+  } else {
 #pragma GCC unroll 8
-  for (int i = 0; i < K; ++i) {
-    V::store(b.sum + c + i * W, sum[i]);
-    V::store(b.sq + c + i * W, sq[i]);
+    for (int i = 0; i < K; ++i) {
+      V::acc_store(b.sum_d + c + i * W, a_sum[i]);
+      V::acc_store(b.sq_d + c + i * W, a_sq[i]);
+    }
   }
 }
 
@@ -1017,18 +1041,10 @@ void rows_shifted_sums(const Problem& p, const S* sample, const typename V::Scal
     }
     b.shifts_held = shifts;
   }
-  for (int64_t c = 0; c < C; ++c) b.sum_d[c] = b.sq_d[c] = 0.0;
-  for (int64_t rb = r0; rb < r1; rb += kFlushIters) {
-    const int64_t re = min_i64(r1, rb + kFlushIters);
-    int64_t c = 0;
-    for (; c + 4 * W <= c_full; c += 4 * W) column_sums<V, 4, false>(sample, C, c, C, rb, re, b);
-    for (; c < c_full; c += W) column_sums<V, 1, false>(sample, C, c, C, rb, re, b);
-    if (c < C) column_sums<V, 1, true>(sample, C, c, C - c, rb, re, b);
-    for (int64_t c = 0; c < C; ++c) {
-      b.sum_d[c] += double(b.sum[c]);
-      b.sq_d[c] += double(b.sq[c]);
-    }
-  }
+  int64_t c = 0;
+  for (; c + 4 * W <= c_full; c += 4 * W) column_sums<V, 4, false>(sample, C, c, C, r0, r1, b);
+  for (; c < c_full; c += W) column_sums<V, 1, false>(sample, C, c, C, r0, r1, b);
+  if (c < C) column_sums<V, 1, true>(sample, C, c, C - c, r0, r1, b);
   group_totals(b.sum_d, b.sq_d, p.G, D, out);
 }
 
