@@ -569,18 +569,9 @@ void column_grad_sums(const S* dy, const S* x, int64_t C, int64_t c, int64_t cou
       V::acc_add(a_xc[i], s_xc[i]);
     }
   }
-  double* const to[3] = {out.dy + c, out.dy_xc + c, out.xc + c};
-  const Acc* const from[3] = {a_dy, a_dy_xc, a_xc};
-  for (int a = 0; a < 3; ++a) {
-    if (kTail) {
-      double lanes[W];
-      V::acc_store(lanes, from[a][0]);
-      for (int64_t j = 0; j < count; ++j) to[a][j] = lanes[j];
-    } else {
-#pragma GCC unroll 8
-      for (int i = 0; i < K; ++i) V::acc_store(to[a] + i * W, from[a][i]);
-    }
-  }
+  store_accs<V, K, kTail>(out.dy + c, a_dy, count);
+  store_accs<V, K, kTail>(out.dy_xc + c, a_dy_xc, count);
+  store_accs<V, K, kTail>(out.xc + c, a_xc, count);
 }
 
 // Per-channel sums of rows [r0, r1) of one sample into out[0, C); b.mean_hi holds the sample's group means. Tiles

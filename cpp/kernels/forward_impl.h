@@ -847,6 +847,21 @@ struct RowBuffers {
   bool ok() const { return block.data != nullptr; }
 };
 
+// K lane-wise double accumulators to p[0, K*W); with kTail, the first `count` lanes of a[0] to p[0, count) (the
+// column tiles' stores, column_sums' and backward_impl.h's column_grad_sums').
+template <class V, int K, bool kTail>
+inline void store_accs(double* p, const typename V::Acc* a, int64_t count) {
+  constexpr int64_t W = V::kWidth;
+  if constexpr (kTail) {
+    double lanes[W];
+    V::acc_store(lanes, a[0]);
+    for (int64_t j = 0; j < count; ++j) p[j] = lanes[j];
+  } else {
+#pragma GCC unroll 8
+    for (int i = 0; i < K; ++i) V::acc_store(p + i * W, a[i]);
+  }
+}
+
 // Shifted sums of K vectors of channels starting at c over rows [r0, r1) into b.sum_d / b.sq_d (with kTail, one
 // vector of which only `count` channels exist, the rest read as 0 - 0, and only those written): runs of
 // kFlushIters rows in T in registers, each widened into lane-wise double accumulators (V::Acc), stored once. As
@@ -888,21 +903,8 @@ void column_sums(const S* sample, int64_t C, int64_t c, int64_t count, int64_t r
       V::acc_add(a_sq[i], sq[i]);
     }
   }
-  if (kTail) {
-    double lanes[2][W];
-    V::acc_store(lanes[0], a_sum[0]);
-    V::acc_store(lanes[1], a_sq[0]);
-    for (int64_t j = 0; j < count; ++j) {
-      b.sum_d[c + j] = lanes[0][j];
-      b.sq_d[c + j] = lanes[1][j];
-    }
-  } else {
-#pragma GCC unroll 8
-    for (int i = 0; i < K; ++i) {
-      V::acc_store(b.sum_d + c + i * W, a_sum[i]);
-      V::acc_store(b.sq_d + c + i * W, a_sq[i]);
-    }
-  }
+  store_accs<V, K, kTail>(b.sum_d + c, a_sum, count);
+  store_accs<V, K, kTail>(b.sq_d + c, a_sq, count);
 }
 
 // out[c] for every channel c of [0, C): lane c % W of f(load), where load(row) reads the vector of channels at
