@@ -59,6 +59,14 @@ X86Features detect_x86() {
     f.avx512_bf16 = eax & (1u << 5);
   return f;
 }
+
+// detect_x86() once per process: CPUID traps to the hypervisor in a VM (about 10 us an instruction on the
+// development VMs, three of them a detection), and isa_select asks on every call; kernel_check, which selects a
+// level before each case, spent 15% of its time there. A process's CPU features do not change.
+const X86Features& x86_features() {
+  static const X86Features features = detect_x86();
+  return features;
+}
 #endif
 
 bool cpu_has(Isa isa) {
@@ -67,11 +75,11 @@ bool cpu_has(Isa isa) {
       return true;
 #if defined(__x86_64__) || defined(_M_X64)
     case Isa::kAvx2:
-      return detect_x86().avx2;
+      return x86_features().avx2;
     case Isa::kAvx512:
-      return detect_x86().avx512;
+      return x86_features().avx512;
     case Isa::kAvx512Bf16:
-      return detect_x86().avx512_bf16;
+      return x86_features().avx512_bf16;
 #endif
 #if defined(__aarch64__)
     case Isa::kNeon:
