@@ -1236,9 +1236,10 @@ Levels detect_levels(Tally& tally) {
                    format("isa_select(%s) must give kUnsupported", groupnorm::isa_name(isa)));
     }
   }
-  auto tested = [&](Isa isa) { return std::find(levels.tested.begin(), levels.tested.end(), isa) != levels.tested.end(); };
+  const bool avx512_tested =
+      std::find(levels.tested.begin(), levels.tested.end(), Isa::kAvx512) != levels.tested.end();
   for (Isa isa : levels.tested)
-    if (isa != Isa::kAvx512Bf16 || !tested(Isa::kAvx512)) levels.besides_bfloat16.push_back(isa);
+    if (isa != Isa::kAvx512Bf16 || !avx512_tested) levels.besides_bfloat16.push_back(isa);
   if (levels.besides_bfloat16.size() < levels.tested.size())
     std::printf("level avx512_bf16 checked for bfloat16 only: its other dtypes run the avx512 level's functions\n");
   return levels;
